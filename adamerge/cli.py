@@ -1,0 +1,59 @@
+"""The ``adamerge`` command: a Hydra entry point over ``conf/``.
+
+``adamerge`` alone runs the embedded offline demo (``experiment=demo``); ``adamerge method=...``,
+``modelpool=...``, ``data=...`` point the same run at other methods, models and data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from adamerge.runner import CONF_DIR, run
+
+
+def _demo_zoo() -> str:
+    from adamerge.demo import build_demo_zoo
+
+    return str(build_demo_zoo())
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("demo_zoo"):
+        # Resolved lazily, so only configs that mention the demo zoo build (or reuse) it.
+        OmegaConf.register_new_resolver("demo_zoo", _demo_zoo, use_cache=True)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _main(cfg: DictConfig) -> None:
+    run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def quiet_framework_chatter() -> None:
+    """Hide Lightning notices that are expected here (frozen eval-mode backbone, endless stream)."""
+    for pattern in (
+        r".*module\(s\) in eval mode.*",
+        r".*LeafSpec.*",
+        r".*smaller than the logging interval.*",
+        r".*does not have many workers.*",
+        r".*validation_step.*no `val_dataloader`.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
+
+
+def main() -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    quiet_framework_chatter()
+    register_resolvers()
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,412 @@
+"""Concrete subspace learning (Tang et al. 2023): a shared relaxed-Bernoulli mask on the task vectors.
+
+One mask logit per element of the masked tensors is shared by every task, so a merge is
+``θ = θ0 + (m / mean(m)) ⊙ Σ_k λ_k τ_k`` (per tensor mean; unmasked tensors use m = 1). Three learned
+methods use it:
+
+- ``concrete_task_arithmetic``: λ frozen at 0.3, the mask logits learn by summed entropy with a fresh
+  mask sample every step.
+- ``concrete_adamerging_{task,layer}_wise``: stage 1 (``global_step < meta_steps``) meta-learns the mask
+  by a first-order bi-level step: reset λ to 0.3, one inner Adam step on λ (mask detached) on the first
+  half of each task's batch, then an outer Adam step on the logits with a fresh mask sample, the
+  updated λ held fixed and the second half of each batch as the fresh data. Stage 2 freezes the mask,
+  resets λ to 0.3 and runs ordinary AdaMerging for the remaining ``max_steps - meta_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from adamerge.merged import MergedModel
+from adamerge.methods.learned import register_learned
+from adamerge.module import AdaMergingModule, Batch
+
+EVAL_MASKS = ("continuous", "binary")
+STAGE2_MASKS = ("eval", "sample")
+MASK_FILE = "concrete_mask.safetensors"
+
+
+def select_tensors(names: Sequence[str], patterns: Sequence[str] | None) -> list[str]:
+    """Names matching any pattern (a glob, or a regular expression matching the whole name); all if None."""
+    if patterns is None:
+        return list(names)
+    if isinstance(patterns, str):
+        patterns = [patterns]
+
+    def matches(name: str, pattern: str) -> bool:
+        if fnmatch.fnmatchcase(name, pattern):
+            return True
+        try:
+            return re.fullmatch(pattern, name) is not None
+        except re.error:  # a glob such as "*.weight" is not a valid regular expression
+            return False
+
+    selected = [name for name in names if any(matches(name, p) for p in patterns)]
+    if not selected:
+        raise ValueError(f"mask_patterns {list(patterns)} match none of the merged tensors, e.g. {list(names)[:5]}")
+    return selected
+
+
+def rescale(mask: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``m / mean(m)`` per tensor; an all-zero tensor stays zero (its task vectors are dropped)."""
+    return {name: m / m.mean().clamp_min(torch.finfo(m.dtype).tiny) for name, m in mask.items()}
+
+
+class ConcreteMask(nn.Module):
+    """Mask logits for the tensors in ``shapes`` (restricted to ``patterns``), shared by all tasks."""
+
+    def __init__(
+        self,
+        shapes: Mapping[str, Sequence[int]],
+        *,
+        temperature: float = 0.5,
+        initial_logit: float = 0.0,
+        patterns: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+        self.names = select_tensors(list(shapes), patterns)
+        # A ParameterList, not a ParameterDict: tensor names contain dots.
+        self.logits = nn.ParameterList(
+            [nn.Parameter(torch.full(tuple(shapes[n]), float(initial_logit))) for n in self.names]
+        )
+
+    def logits_by_name(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.logits))
+
+    def probabilities(self) -> dict[str, Tensor]:
+        return {name: torch.sigmoid(logit) for name, logit in self.logits_by_name().items()}
+
+    def sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Relaxed-Bernoulli samples ``sigmoid((logit + log u − log(1−u)) / T)``, differentiable in the logits."""
+        samples = {}
+        for name, logit in self.logits_by_name().items():
+            u = torch.rand(logit.shape, generator=generator, device=logit.device, dtype=logit.dtype)
+            u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
+            samples[name] = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.temperature)
+        return samples
+
+    def rescaled_sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return rescale(self.sample(generator))
+
+    def expected_mask(self) -> dict[str, Tensor]:
+        """``sigmoid(logits)`` rescaled by its mean: the deterministic continuous mask."""
+        return rescale(self.probabilities())
+
+    def binary_mask(self) -> dict[str, Tensor]:
+        """``p > 0.5`` rescaled by its mean (the kept entries scaled up, the rest dropped)."""
+        return rescale({name: (p > 0.5).to(p.dtype) for name, p in self.probabilities().items()})
+
+    @torch.no_grad()
+    def kept_fraction(self) -> dict[str, float]:
+        return {name: float((p > 0.5).float().mean()) for name, p in self.probabilities().items()}
+
+    @torch.no_grad()
+    def kept_fraction_total(self) -> float:
+        kept = sum(int((p > 0.5).sum()) for p in self.probabilities().values())
+        return kept / max(self.numel(), 1)
+
+    def numel(self) -> int:
+        return sum(logit.numel() for logit in self.logits)
+
+    def memory_report(self) -> dict[str, int | float]:
+        logits_bytes = sum(logit.numel() * logit.element_size() for logit in self.logits)
+        return {"tensors": len(self.names), "elements": self.numel(), "logits_bytes": logits_bytes,
+                "logits_mb": logits_bytes / 2**20}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: logit.detach().cpu().contiguous() for name, logit in self.logits_by_name().items()}
+        save_file(tensors, str(path), metadata={"format": "adamerge.concrete_mask", "temperature": str(self.temperature)})
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | Path, shapes: Mapping[str, Sequence[int]] | None = None, *, temperature: float | None = None
+    ) -> ConcreteMask:
+        """Logits saved by :meth:`save`; with ``shapes``, every saved tensor must be one of them, same shape."""
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+        if shapes is not None:
+            for name, logit in tensors.items():
+                if name not in shapes:
+                    raise ValueError(f"mask file {path} has logits for {name!r}, which is not a merged tensor")
+                if tuple(logit.shape) != tuple(shapes[name]):
+                    raise ValueError(
+                        f"mask file {path}: tensor {name!r} has shape {tuple(logit.shape)}, "
+                        f"the model's has {tuple(shapes[name])}"
+                    )
+            order = [name for name in shapes if name in tensors]
+        else:
+            order = list(tensors)
+        if temperature is None:
+            temperature = float(metadata.get("temperature", 0.5))
+        mask = cls({name: tensors[name].shape for name in order}, temperature=temperature)
+        with torch.no_grad():
+            for name, logit in mask.logits_by_name().items():
+                logit.copy_(tensors[name])
+        return mask
+
+
+def split_batch(batch: Mapping[str, Batch]) -> tuple[dict[str, Batch], dict[str, Batch]]:
+    """Each task's batch cut in two halves along the example dimension: (inner-step, outer-step) data."""
+
+    def halves(value: Any) -> tuple[Any, Any]:
+        if isinstance(value, Mapping):
+            pairs = {key: halves(item) for key, item in value.items()}
+            return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+        if isinstance(value, (Tensor, list, tuple)):
+            if len(value) < 2:
+                raise ValueError("Concrete AdaMerging's meta step needs at least 2 examples per task batch")
+            return value[: len(value) // 2], value[len(value) // 2 :]
+        return value, value
+
+    first, second = halves({task: dict(task_batch) for task, task_batch in batch.items()})
+    return first, second
+
+
+class ConcreteMaskModule(AdaMergingModule):
+    """What every Concrete method shares: the mask, the evaluation mask and the exported artifacts."""
+
+    def __init__(self, merged: MergedModel, heads: Mapping[str, nn.Module], mask: ConcreteMask, *,
+                 eval_mask: str, **kwargs: Any) -> None:
+        super().__init__(merged, heads, **kwargs)
+        if eval_mask not in EVAL_MASKS:
+            raise ValueError(f"eval_mask must be one of {EVAL_MASKS}, got {eval_mask!r}")
+        self.mask = mask
+        self.eval_mask = eval_mask
+
+    def evaluation_mask(self) -> dict[str, Tensor]:
+        return self.mask.expected_mask() if self.eval_mask == "continuous" else self.mask.binary_mask()
+
+    def eval_weights(self) -> dict[str, Tensor]:
+        return self.merged.merged_weights(mask=self.evaluation_mask())
+
+    def mask_description(self) -> str:
+        return self.eval_mask
+
+    def export_extras(self) -> dict[str, Any]:
+        """Mask statistics for merge_config.json."""
+        return {"mask": {
+            "eval_mask": self.mask_description(),
+            "temperature": self.mask.temperature,
+            "kept_fraction": self.mask.kept_fraction(),
+            "kept_fraction_total": self.mask.kept_fraction_total(),
+        }}
+
+    def save_artifacts(self, directory: str | Path) -> list[Path]:
+        """Write the learned mask logits (``concrete_mask.safetensors``) into ``directory``."""
+        return [self.mask.save(Path(directory) / MASK_FILE)]
+
+    def _log_entropies(self, entropies: Mapping[str, float]) -> torch.Tensor:
+        total = sum(entropies.values())
+        self.log("train/entropy", total, prog_bar=True, batch_size=1)
+        for task, value in entropies.items():
+            self.log(f"train/entropy/{task}", value, batch_size=1)
+        self.history.append({"step": self.global_step, "entropy": total})
+        return torch.tensor(total)
+
+
+class ConcreteTaskArithmeticModule(ConcreteMaskModule):
+    """λ frozen; the base training step learns the mask logits with a fresh sample every step."""
+
+    def __init__(self, merged: MergedModel, heads: Mapping[str, nn.Module], mask: ConcreteMask, **kwargs: Any) -> None:
+        super().__init__(merged, heads, mask, **kwargs)
+        merged.coefficients.requires_grad_(False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.mask.parameters())
+
+    def merged_weights(self) -> dict[str, Tensor]:
+        return self.merged.merged_weights(mask=self.mask.rescaled_sample())
+
+    def after_optimizer_step(self) -> None:
+        """Nothing to clamp: λ does not train."""
+
+
+class ConcreteAdaMergingModule(ConcreteMaskModule):
+    """Stage 1 meta-learns the mask (first-order bi-level), stage 2 is AdaMerging under the frozen mask.
+
+    The stage follows ``global_step``: stage 1 while it is below ``meta_steps``. ``stage2_mask`` is
+    ``"eval"`` (freeze the deterministic ``eval_mask``, so learning and evaluation see one merge) or
+    ``"sample"`` (one relaxed sample, as the reference code; evaluation and export then use it too).
+    """
+
+    def __init__(self, merged: MergedModel, heads: Mapping[str, nn.Module], mask: ConcreteMask, *,
+                 mask_lr: float, inner_lr: float, meta_steps: int, stage2_mask: str, **kwargs: Any) -> None:
+        super().__init__(merged, heads, mask, **kwargs)
+        if stage2_mask not in STAGE2_MASKS:
+            raise ValueError(f"stage2_mask must be one of {STAGE2_MASKS}, got {stage2_mask!r}")
+        if meta_steps < 0:
+            raise ValueError(f"meta_steps must be >= 0, got {meta_steps}")
+        self.mask_lr, self.inner_lr, self.meta_steps, self.stage2_mask = mask_lr, inner_lr, int(meta_steps), stage2_mask
+        self.register_buffer("initial_coefficients", merged.coefficients.detach().clone())
+        self.frozen_mask: dict[str, Tensor] | None = None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.merged.coefficients, *self.mask.parameters()]
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """[outer (mask logits), inner (λ, lr=inner_lr), stage 2 (λ, lr)]; Adam state persists as in the reference."""
+        super().configure_optimizers()  # the check that nothing else trains
+        adam = {"betas": self.betas, "weight_decay": self.weight_decay}
+        return [
+            torch.optim.Adam(self.mask.parameters(), lr=self.mask_lr, **adam),
+            torch.optim.Adam([self.merged.coefficients], lr=self.inner_lr, **adam),
+            torch.optim.Adam([self.merged.coefficients], lr=self.lr, **adam),
+        ]
+
+    def in_meta_stage(self) -> bool:
+        return self.frozen_mask is None and self.global_step < self.meta_steps
+
+    @torch.no_grad()
+    def reset_coefficients(self) -> None:
+        self.merged.coefficients.copy_(self.initial_coefficients)
+
+    @torch.no_grad()
+    def freeze_mask(self) -> None:
+        """Enter stage 2: fix the mask, stop its gradient and restart λ from its initial value."""
+        self.mask.requires_grad_(False)
+        mask = self.mask.rescaled_sample() if self.stage2_mask == "sample" else self.evaluation_mask()
+        self.frozen_mask = {name: m.detach() for name, m in mask.items()}
+        self.reset_coefficients()
+
+    def merged_weights(self) -> dict[str, Tensor]:
+        return self.merged.merged_weights(mask=self.frozen_mask if self.frozen_mask is not None else self.evaluation_mask())
+
+    def eval_weights(self) -> dict[str, Tensor]:
+        return self.merged_weights()
+
+    def mask_description(self) -> str:
+        return "relaxed_sample" if self.frozen_mask is not None and self.stage2_mask == "sample" else self.eval_mask
+
+    def on_train_start(self) -> None:
+        max_steps = self.trainer.max_steps
+        if self.frozen_mask is None and 0 <= max_steps <= self.meta_steps:
+            warnings.warn(f"max_steps={max_steps} <= meta_steps={self.meta_steps}: Concrete AdaMerging will "
+                          "only meta-learn the mask; set max_steps = meta_steps + AdaMerging steps", stacklevel=2)
+
+    def meta_step(self, batch: Mapping[str, Batch], outer: Any, inner: torch.optim.Optimizer) -> dict[str, float]:
+        """One first-order bi-level step; returns the outer (fresh-data) entropies."""
+        inner_batch, outer_batch = split_batch(batch)
+        self.reset_coefficients()
+        inner.zero_grad(set_to_none=True)
+        with torch.no_grad():  # the inner step must not reach the mask logits
+            inner_mask = self.mask.rescaled_sample()
+        self.accumulate_gradients(inner_batch, self.merged.merged_weights(mask=inner_mask))
+        inner.step()
+
+        outer.zero_grad(set_to_none=True)
+        adapted = self.merged.coefficients.detach()  # no differentiation through the inner step
+        weights = self.merged.merged_weights(mask=self.mask.rescaled_sample(), coefficients=adapted)
+        entropies = self.accumulate_gradients(outer_batch, weights)
+        outer.step()
+        # Between meta steps (and for evaluation during stage 1) λ is its initial value.
+        self.reset_coefficients()
+        self.merged.coefficients.grad = None
+        return entropies
+
+    def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor:
+        outer, inner, adamerging = self.optimizers()
+        if self.in_meta_stage():
+            # The inner step uses the plain torch optimizer: Lightning counts every LightningOptimizer
+            # step as a global step, and one meta step must be one step of max_steps.
+            entropies = self.meta_step(batch, outer, inner.optimizer)
+        else:
+            if self.frozen_mask is None:
+                self.freeze_mask()
+            adamerging.zero_grad(set_to_none=True)
+            entropies = self.accumulate_gradients(batch, self.merged_weights())
+            adamerging.step()
+            self.after_optimizer_step()
+        self.log("train/stage", 1.0 if self.frozen_mask is None else 2.0, batch_size=1)
+        return self._log_entropies(entropies)
+
+
+def build_mask(merged: MergedModel, *, temperature: float, initial_logit: float,
+               mask_patterns: Sequence[str] | None, mask_path: str | None = None) -> ConcreteMask:
+    """A fresh mask over the merged tensors, or the logits saved at ``mask_path`` (checked against them)."""
+    shapes = {name: tensor.shape for name, tensor in merged.pretrained_tensors().items()}
+    if mask_path is None:
+        return ConcreteMask(shapes, temperature=temperature, initial_logit=initial_logit, patterns=mask_patterns)
+    mask = ConcreteMask.load(mask_path, shapes, temperature=temperature)
+    if mask_patterns is not None and set(select_tensors(list(shapes), mask_patterns)) != set(mask.names):
+        raise ValueError(f"mask_path {mask_path} masks other tensors than mask_patterns {list(mask_patterns)} select")
+    return mask
+
+
+def build_concrete_task_arithmetic(
+    backbone: nn.Module, task_vectors: Any, heads: Mapping[str, nn.Module], *, init_value: float | Sequence[float],
+    temperature: float, initial_logit: float, mask_lr: float, betas: Sequence[float], mask_patterns: Sequence[str] | None,
+    eval_mask: str, autocast_dtype: str | None,
+) -> ConcreteTaskArithmeticModule:
+    merged = MergedModel(backbone, task_vectors, granularity="task_wise", init_value=init_value, clamp=None)
+    mask = build_mask(merged, temperature=temperature, initial_logit=initial_logit, mask_patterns=mask_patterns)
+    return ConcreteTaskArithmeticModule(merged, heads, mask, eval_mask=eval_mask, lr=mask_lr, betas=tuple(betas),
+                                        autocast_dtype=autocast_dtype)
+
+
+def _concrete_adamerging_builder(granularity: str) -> Any:
+    def build(
+        backbone: nn.Module, task_vectors: Any, heads: Mapping[str, nn.Module], *, init_value: float | Sequence[float],
+        lr: float, betas: Sequence[float], clamp: bool, temperature: float, initial_logit: float, mask_lr: float,
+        inner_lr: float, meta_steps: int, stage2_mask: str, eval_mask: str, mask_patterns: Sequence[str] | None,
+        mask_path: str | None, autocast_dtype: str | None,
+    ) -> ConcreteAdaMergingModule:
+        merged = MergedModel(backbone, task_vectors, granularity=granularity, init_value=init_value,
+                             clamp=(0.0, 1.0) if clamp else None)
+        mask = build_mask(merged, temperature=temperature, initial_logit=initial_logit, mask_patterns=mask_patterns,
+                          mask_path=mask_path)
+        return ConcreteAdaMergingModule(
+            merged, heads, mask, mask_lr=mask_lr, inner_lr=inner_lr, stage2_mask=stage2_mask, eval_mask=eval_mask,
+            meta_steps=0 if mask_path is not None else meta_steps, lr=lr, betas=tuple(betas),
+            autocast_dtype=autocast_dtype,
+        )
+
+    return build
+
+
+MASK_DEFAULTS: dict[str, Any] = {
+    "temperature": 0.5,
+    "initial_logit": 0.0,  # p = 0.5 for every element
+    "mask_lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "mask_patterns": None,  # globs / regexes of the tensors to mask; None = every merged tensor
+    "eval_mask": "continuous",  # continuous: sigmoid(logits) / mean; binary: (p > 0.5) / mean
+    "autocast_dtype": None,
+}
+CONCRETE_TA_DEFAULTS: dict[str, Any] = {"init_value": 0.3, **MASK_DEFAULTS}
+CONCRETE_AM_DEFAULTS: dict[str, Any] = {
+    "init_value": 0.3,
+    "lr": 1e-3,  # stage 2 (AdaMerging)
+    "clamp": True,  # stage 2 clamps λ to [0, 1]; the inner step of stage 1 does not
+    **MASK_DEFAULTS,
+    "inner_lr": 1.0,
+    "meta_steps": 1000,  # stage 1 length; trainer.max_steps = meta_steps + AdaMerging steps
+    "stage2_mask": "eval",
+    "mask_path": None,  # saved logits: skip stage 1 (all max_steps are AdaMerging steps)
+}
+
+register_learned(
+    "concrete_task_arithmetic", build_concrete_task_arithmetic, CONCRETE_TA_DEFAULTS,
+    "Concrete task arithmetic: a shared Concrete mask on the task vectors learned by entropy, λ fixed",
+)
+for _granularity in ("task_wise", "layer_wise"):
+    register_learned(
+        f"concrete_adamerging_{_granularity}", _concrete_adamerging_builder(_granularity), CONCRETE_AM_DEFAULTS,
+        f"Concrete AdaMerging: meta-learned shared mask, then {_granularity.replace('_', '-')} AdaMerging under it",
+    )

@@ -1,0 +1,389 @@
+"""Multi-task data for test-time adaptation (AdaMerging).
+
+Every optimisation step sees one *unlabeled* batch from each task's test split; validation
+measures per-task accuracy on the labelled split. Preprocessing is lazy (``with_transform``),
+so nothing is materialised beyond what a batch needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import Dataset as TorchDataset
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "disk", "hub", "imagefolder", "parquet")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class TaskDataError(RuntimeError):
+    """A task's data cannot be loaded or used; the message names the task and its path."""
+
+
+@dataclass
+class TaskData:
+    name: str
+    path: str
+    format: str = "auto"
+    subset: str | None = None
+    split: str = "test"  # AdaMerging adapts on the very split it evaluates on (labels unused)
+    eval_split: str | None = None
+    label_column: str = "label"
+    max_eval_samples: int | None = None
+    preprocessor: Callable | None = None
+    revision: str | None = None
+    data_files: Any = None
+    trust_remote_code: bool = False
+    # Lets one shared preprocessor serve datasets with different column names (CIFAR's "img").
+    rename_columns: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise TaskDataError(f"task {self.name!r}: format must be one of {FORMATS}, got {self.format!r}")
+
+
+def _to_rgb_uint8(img: Any):
+    from PIL import Image
+
+    if isinstance(img, dict):  # undecoded datasets Image: {"bytes", "path"}
+        import io
+
+        img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
+    if not isinstance(img, Image.Image):
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:  # float images in [0, 1] are common in numpy pipelines
+            arr = arr * 255.0 if arr.dtype.kind == "f" and arr.max() <= 1.0 else arr
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    return img.convert("RGB")
+
+
+def _labels(batch: Mapping[str, Any], column: str) -> torch.Tensor | None:
+    return torch.as_tensor(np.asarray(batch[column])) if column in batch else None
+
+
+class ImagePreprocessor:
+    """PIL/ndarray batch → float NCHW ``(x/255 − mean)/std``; defaults give EfficientNet-Lite's (x−127)/128."""
+
+    def __init__(self, image_size: int, mean: Sequence[float] = (127 / 255,) * 3,
+                 std: Sequence[float] = (128 / 255,) * 3, image_column: str = "image",
+                 label_column: str = "label", resize: str = "resize", interpolation: str = "bicubic"):
+        if resize not in ("resize", "center_crop"):
+            raise ValueError(f"resize must be 'resize' or 'center_crop', got {resize!r}")
+        self.image_size, self.resize, self.interpolation = int(image_size), resize, interpolation
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.image_column, self.label_column = image_column, label_column
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.image_column,)
+
+    @classmethod
+    def from_pretrained_processor(cls, path_or_id: str | os.PathLike, **kw: Any) -> ImagePreprocessor:
+        """Size/mean/std from a transformers ``preprocessor_config.json`` (file, dir or hub id)."""
+        p = Path(path_or_id)
+        if p.is_dir():
+            p = p / "preprocessor_config.json"
+        if not p.is_file():
+            from transformers.utils import cached_file
+
+            p = Path(cached_file(str(path_or_id), "preprocessor_config.json"))
+        cfg = json.loads(p.read_text())
+
+        def edge(s: Any) -> int | None:
+            if s is None or isinstance(s, int):
+                return s
+            return s.get("shortest_edge") or s.get("height")
+
+        crop = cfg.get("do_center_crop", False) and cfg.get("crop_size") is not None
+        args = {"image_size": edge(cfg["crop_size"] if crop else cfg.get("size")),
+                "resize": "center_crop" if crop else "resize"}
+        for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
+            if cfg.get(theirs) is not None:
+                args[ours] = cfg[theirs]
+        return cls(**{**args, **kw})
+
+    def _pixels(self, img: Any) -> np.ndarray:
+        from PIL import Image
+
+        img, n = _to_rgb_uint8(img), self.image_size
+        resample = getattr(Image.Resampling, self.interpolation.upper())
+        if self.resize == "resize":
+            img = img.resize((n, n), resample)
+        else:  # shortest edge to n, then centre crop: the CLIP recipe
+            w, h = img.size
+            s = n / min(w, h)
+            img = img.resize((max(n, round(w * s)), max(n, round(h * s))), resample)
+            w, h = img.size
+            left, top = (w - n) // 2, (h - n) // 2
+            img = img.crop((left, top, left + n, top + n))
+        return np.asarray(img)
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        x = torch.from_numpy(np.stack([self._pixels(im) for im in batch[self.image_column]]))
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
+        out: dict[str, Any] = {"inputs": x.contiguous()}
+        if (y := _labels(batch, self.label_column)) is not None:
+            out["labels"] = y
+        return out
+
+
+class TextPreprocessor:
+    """Tokenises one text column (or a sentence pair); the tokenizer loads lazily so the object pickles cheaply."""
+
+    def __init__(self, tokenizer: str, text_columns: str | Sequence[str] = "sentence",
+                 label_column: str = "label", max_length: int = 128, padding: str | bool = "longest"):
+        self.tokenizer = str(tokenizer)
+        self.text_columns = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
+        if len(self.text_columns) not in (1, 2):
+            raise ValueError(f"text_columns must name one or two columns, got {self.text_columns}")
+        self.label_column, self.max_length, self.padding = label_column, max_length, padding
+        self._tok = None
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        return self.text_columns
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tok": None}
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.tokenizer)
+        texts = [list(batch[c]) for c in self.text_columns]
+        enc = self._tok(*texts, padding=self.padding, truncation=True, max_length=self.max_length,
+                        return_tensors="pt")
+        out: dict[str, Any] = {"inputs": dict(enc)}
+        if (y := _labels(batch, self.label_column)) is not None:
+            out["labels"] = y
+        return out
+
+
+def _detect_format(path: str) -> str:
+    p = Path(path).expanduser()
+    if p.is_file():
+        return "parquet" if p.suffix == ".parquet" else "unknown"
+    if p.is_dir():
+        if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+            return "disk"
+        for f in p.rglob("*"):  # first recognisable file decides: image dirs can be huge
+            if f.suffix.lower() == ".parquet":
+                return "parquet"
+            if f.suffix.lower() in _IMAGE_SUFFIXES:
+                return "imagefolder"
+        return "unknown"
+    return "hub"
+
+
+class _Transformed:
+    """Applies a task's preprocessor to a raw batch; the task's label column is authoritative."""
+
+    def __init__(self, preprocessor: Callable, label_column: str):
+        self.preprocessor, self.label_column = preprocessor, label_column
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(self.preprocessor(batch))
+        if (y := _labels(batch, self.label_column)) is not None:
+            out["labels"] = y
+        return out
+
+
+class _AdaptationStream(IterableDataset):
+    """Yields ``{task: batch}`` forever. Each task walks seeded permutations back to back, so every
+    example appears once per pass and every batch is full. Worker ``w`` of ``W`` yields steps
+    ``w, w+W, ...``; the DataLoader's round-robin then restores the single-process order exactly."""
+
+    def __init__(self, datasets: Mapping[str, Any], batch_size: int, seed: int):
+        self.datasets, self.batch_size, self.seed = dict(datasets), batch_size, seed
+
+    def _indices(self, t: int, n: int) -> Iterator[int]:
+        epoch = 0
+        while True:
+            yield from np.random.default_rng([self.seed, t, epoch]).permutation(n).tolist()
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        streams = {k: self._indices(t, len(d)) for t, (k, d) in enumerate(self.datasets.items())}
+        step = 0
+        while True:
+            idx = {k: [next(s) for _ in range(self.batch_size)] for k, s in streams.items()}
+            if step % nw == wid:
+                yield {k: self.datasets[k][i] for k, i in idx.items()}
+            step += 1
+
+
+class _Batches(TorchDataset):
+    """Map-style view whose items are whole batches, so the transform runs once per batch."""
+
+    def __init__(self, ds: Any, batch_size: int):
+        self.ds, self.batch_size = ds, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.ds) // self.batch_size)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.ds[i * self.batch_size: min((i + 1) * self.batch_size, len(self.ds))]
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    def __init__(self, tasks: Sequence[TaskData] | Mapping[str, TaskData | Mapping], batch_size: int = 16,
+                 eval_batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                 preprocessor: Callable | None = None):
+        super().__init__()
+        self.tasks = self._as_tasks(tasks)
+        self.task_names: list[str] = list(self.tasks)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.seed, self.preprocessor = num_workers, seed, preprocessor
+        self._raw: dict[str, tuple[Any, Any]] = {}  # task → (adaptation split, eval split), untransformed
+
+    @staticmethod
+    def _as_tasks(tasks: Any) -> dict[str, TaskData]:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(tasks, (DictConfig, ListConfig)):
+            tasks = OmegaConf.to_container(tasks, resolve=True)
+        items = tasks.items() if isinstance(tasks, Mapping) else [(None, t) for t in tasks]
+        out: dict[str, TaskData] = {}
+        for key, t in items:
+            if isinstance(t, Mapping):
+                known = {f.name for f in fields(TaskData)}
+                if unknown := set(t) - known:
+                    raise TaskDataError(f"task {key or t.get('name')!r}: unknown fields {sorted(unknown)}")
+                t = TaskData(**{"name": key, **t} if key is not None else t)
+            if key is not None and t.name != key:
+                raise TaskDataError(f"task key {key!r} does not match its name {t.name!r}")
+            if t.name in out:
+                raise TaskDataError(f"duplicate task name {t.name!r}")
+            out[t.name] = t
+        if not out:
+            raise TaskDataError("no tasks given")
+        return out
+
+    # --- loading -------------------------------------------------------------------------------
+    def _load_split(self, task: TaskData, fmt: str, split: str):
+        import datasets
+
+        where = f"task {task.name!r} ({fmt} dataset at {task.path!r})"
+        if fmt == "hub":
+            # datasets>=4 dropped loading scripts and logs an error for trust_remote_code=True: pass it only if asked
+            extra = {"trust_remote_code": True} if task.trust_remote_code else {}
+            return datasets.load_dataset(task.path, task.subset, split=split, revision=task.revision,
+                                         data_files=task.data_files, **extra)
+        if fmt == "disk":
+            ds = datasets.load_from_disk(task.path)
+        elif fmt == "imagefolder":
+            ds = datasets.load_dataset("imagefolder", data_dir=task.path, data_files=task.data_files)
+        else:
+            is_file = Path(task.path).is_file()
+            ds = datasets.load_dataset("parquet", data_files=task.data_files or (task.path if is_file else None),
+                                       data_dir=None if is_file else task.path)
+        if isinstance(ds, datasets.Dataset):  # a single saved split: nothing to choose
+            return ds
+        if split in ds:
+            return ds[split]
+        if fmt != "disk" and list(ds) == ["train"]:  # imagefolder/parquet without split structure
+            log.warning("%s has no split %r; using its only split", where, split)
+            return ds["train"]
+        raise TaskDataError(f"{where}: no split {split!r}; available splits: {list(ds)}")
+
+    def _load(self, task: TaskData) -> tuple[Any, Any]:
+        fmt = task.format if task.format != "auto" else _detect_format(task.path)
+        exists = os.path.exists(os.path.expanduser(task.path))
+        # An absolute/relative-looking path that is missing is a typo, not a hub id: say so.
+        if (fmt != "hub" or task.format == "auto" and task.path.startswith(("/", "./", "../", "~"))) and not exists:
+            raise TaskDataError(f"task {task.name!r}: path {task.path!r} does not exist")
+        if fmt == "unknown":
+            raise TaskDataError(f"task {task.name!r}: path {task.path!r} is not a save_to_disk dir, "
+                                "an image folder or a parquet file/dir (set `format` explicitly)")
+        try:
+            train = self._load_split(task, fmt, task.split)
+            ev = train if task.eval_split in (None, task.split) else self._load_split(task, fmt, task.eval_split)
+        except TaskDataError:
+            raise
+        except Exception as e:  # re-raised naming the task: a bare datasets error doesn't say which one
+            hint = (" If offline, load it where the Hub is reachable, save_to_disk, and pass that local "
+                    "path instead." if fmt == "hub" else "")
+            what = f"hub dataset {task.path!r} (subset={task.subset!r})" if fmt == "hub" else f"{fmt} dataset at {task.path!r}"
+            raise TaskDataError(f"task {task.name!r}: could not load {what}: {type(e).__name__}: {e}.{hint}") from e
+        if task.rename_columns:
+            train, ev = (d.rename_columns(dict(task.rename_columns)) for d in (train, ev))
+        return train, ev
+
+    def setup(self, stage: str | None = None) -> None:
+        for name, task in self.tasks.items():
+            if name in self._raw:
+                continue  # Lightning calls setup once per stage; load each dataset once
+            train, ev = self._load(task)
+            pre = self._preprocessor(task)
+            for d in (train, ev):
+                if missing := [c for c in getattr(pre, "required_columns", ()) if c not in d.column_names]:
+                    raise TaskDataError(f"task {name!r} ({task.path!r}): missing column(s) {missing}; "
+                                        f"available columns: {d.column_names}")
+            if task.max_eval_samples is not None and task.max_eval_samples < len(ev):
+                perm = np.random.default_rng(self.seed).permutation(len(ev))[: task.max_eval_samples]
+                ev = ev.select(np.sort(perm).tolist())
+            self._raw[name] = (train, ev)
+
+    def _preprocessor(self, task: TaskData) -> Callable:
+        pre = task.preprocessor or self.preprocessor
+        if pre is None:
+            raise TaskDataError(f"task {task.name!r}: no preprocessor (set one on the task or the DataModule)")
+        return pre
+
+    def _ensure_setup(self, name: str) -> None:
+        if name not in self.tasks:
+            raise KeyError(f"unknown task {name!r}; tasks: {self.task_names}")
+        if name not in self._raw:
+            self.setup()
+
+    def _transformed(self, name: str, which: int):
+        self._ensure_setup(name)
+        task = self.tasks[name]
+        return self._raw[name][which].with_transform(_Transformed(self._preprocessor(task), task.label_column))
+
+    # --- loaders -------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        stream = _AdaptationStream({k: self._transformed(k, 0) for k in self.task_names}, self.batch_size, self.seed)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def has_labels(self, task: str) -> bool:
+        self._ensure_setup(task)
+        return self.tasks[task].label_column in self._raw[task][1].column_names
+
+    def eval_dataloader(self, task: str) -> DataLoader:
+        if not self.has_labels(task):
+            t = self.tasks[task]
+            raise TaskDataError(f"task {task!r} ({t.path!r}): evaluation needs labels but column "
+                                f"{t.label_column!r} is missing; available columns: {self._raw[task][1].column_names}")
+        return DataLoader(_Batches(self._transformed(task, 1), self.eval_batch_size), batch_size=None,
+                          shuffle=False, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.eval_dataloader(k) for k in self.task_names]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    def num_classes(self, task: str) -> int | None:
+        self._ensure_setup(task)
+        feat = self._raw[task][1].features.get(self.tasks[task].label_column)
+        return getattr(feat, "num_classes", None)

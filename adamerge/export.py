@@ -1,0 +1,283 @@
+"""Exporting a fused model as a self-describing directory, and loading it back.
+
+An export holds the weights (``model.safetensors``), ``merge_config.json`` (how the model was made
+and how to rebuild its architecture) and, for transformers models, everything ``save_pretrained``
+writes, so the result also opens with plain ``AutoModel.from_pretrained``. Exports are written to a
+temporary sibling directory and renamed into place: a crash leaves either the old export or the
+new one, never a half-written directory.
+
+Loading an export whose architecture is a ``_target_`` imports and calls that target: only load
+exports you trust, or pass ``model=`` to load the weights into a module you built yourself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_model
+from torch import nn
+
+__all__ = ["MERGE_CONFIG", "WEIGHTS", "ExportError", "export_merged", "load_merged", "read_merge_config"]
+
+MERGE_CONFIG = "merge_config.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained shards models above 50GB
+RECORDED_VERSIONS = ("torch", "transformers", "lightning", "safetensors", "adamerge")
+
+
+class ExportError(RuntimeError):
+    """An export could not be written, or a directory is not a loadable export."""
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    # Checked by MRO name so that exporting a plain module never pays for importing transformers.
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in RECORDED_VERSIONS:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """Strict-JSON copy of ``value``; non-finite floats become null (``allow_nan`` JSON is not JSON)."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.detach().cpu().tolist(), where)
+    if hasattr(value, "tolist") and type(value).__module__ == "numpy":  # arrays and numpy scalars
+        return _jsonable(value.tolist(), where)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return _jsonable(value.value, where)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value), where)
+    if isinstance(value, Mapping):  # includes OmegaConf's DictConfig
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (Sequence, set, frozenset)) and not isinstance(value, (bytes, bytearray)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ExportError(f"{where} is a {type(value).__name__}, which cannot be written to {MERGE_CONFIG}")
+
+
+def _architecture(model: nn.Module, architecture: Mapping[str, Any] | None) -> dict[str, Any]:
+    if _is_transformers_model(model):
+        return {**_jsonable(architecture or {}, "architecture"), "transformers_class": type(model).__name__}
+    if architecture is not None:
+        recorded = _jsonable(architecture, "architecture")
+        if not isinstance(recorded.get("_target_"), str):
+            raise ExportError("architecture must be a Hydra-style dict with a '_target_' naming the class to build")
+        return recorded
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "rebuildable": False}
+
+
+def _check_extra_name(name: str) -> None:
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts:
+        raise ExportError(f"extra file name {name!r} must be a relative path inside the export")
+    if parts and parts[0] in (MERGE_CONFIG, WEIGHTS, WEIGHTS_INDEX):
+        raise ExportError(f"extra file name {name!r} would replace the export's own {parts[0]}")
+
+
+def _copy_extra(source: Path | bytes, target: Path) -> None:
+    """Copy one extra file (or a directory's contents) without ever replacing a file already written."""
+    if isinstance(source, (bytes, bytearray)):
+        pairs = [(None, target)]
+    elif source.is_dir():
+        pairs = [(f, target / f.relative_to(source)) for f in sorted(source.rglob("*")) if f.is_file()]
+    else:
+        pairs = [(source, target)]
+    for src, dst in pairs:
+        if dst.exists():
+            raise ExportError(f"extra file {dst.name!r} collides with a file the export already has")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src is None:
+            dst.write_bytes(bytes(source))
+        else:
+            shutil.copyfile(src, dst)
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*sorted(root.rglob("*"), reverse=True), root]:  # files before the directories naming them
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    if path.is_dir() and not hasattr(os, "O_DIRECTORY"):
+        return  # directories cannot be opened for fsync on Windows
+    fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def export_merged(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    merge_config: Mapping[str, Any],
+    architecture: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    extra_files: Mapping[str, Path | bytes] | None = None,
+) -> Path:
+    """Write ``model`` and its ``merge_config`` to ``directory`` atomically; returns the directory."""
+    from adamerge.merged import MergedModel
+
+    directory = Path(directory).expanduser().absolute()
+    if isinstance(model, MergedModel):
+        raise ExportError("export the fused module from merge_and_unload(), not the MergedModel wrapper")
+    if directory.exists():
+        if not overwrite:
+            raise ExportError(f"{directory} already exists; pass overwrite=True to replace it")
+        if not directory.is_dir() or (any(directory.iterdir()) and not (directory / MERGE_CONFIG).is_file()):
+            raise ExportError(f"{directory} exists and is not an export (no {MERGE_CONFIG}); refusing to replace it")
+    # Everything that can fail on bad arguments fails here, before a byte is written.
+    extras = {name: src if isinstance(src, (bytes, bytearray)) else Path(src) for name, src in (extra_files or {}).items()}
+    for name, source in extras.items():
+        _check_extra_name(name)
+        if isinstance(source, Path) and not source.exists():
+            raise ExportError(f"extra file {name!r}: {source} does not exist")
+    config = {
+        **_jsonable(dict(merge_config), "merge_config"),
+        "architecture": _architecture(model, architecture),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        if _is_transformers_model(model):
+            model.save_pretrained(staging)  # owns model.safetensors (and drops tied copies itself)
+            if not (staging / WEIGHTS).is_file() and not (staging / WEIGHTS_INDEX).is_file():
+                raise ExportError(f"save_pretrained wrote no {WEIGHTS} for {type(model).__name__}")
+        else:
+            save_model(model, str(staging / WEIGHTS), metadata={"format": "pt"})
+        _write_json(staging / MERGE_CONFIG, config)
+        for name, source in extras.items():  # after the export's own files, so a clash is caught, not lost
+            _copy_extra(source, staging / name)
+        _fsync_tree(staging)
+        _swap_into_place(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _swap_into_place(staging: Path, directory: Path) -> None:
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(directory, old)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        if old is not None:
+            os.replace(old, directory)
+        raise
+    _fsync(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_merge_config(path: str | Path) -> dict[str, Any]:
+    """The ``merge_config.json`` of an export directory (or the file itself)."""
+    path = Path(path).expanduser()
+    file = path / MERGE_CONFIG if path.is_dir() else path
+    if not path.exists():
+        raise ExportError(f"no export at {path}: the path does not exist")
+    if not file.is_file():
+        raise ExportError(f"{path} is not an export: it has no {MERGE_CONFIG}")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{file} is not valid JSON: {exc}") from exc
+
+
+def load_merged(path: str | Path, model: nn.Module | None = None, *, map_location: str = "cpu") -> nn.Module:
+    """Rebuild an exported model (or fill ``model`` with its weights), in eval mode on ``map_location``."""
+    path = Path(path).expanduser()
+    config = read_merge_config(path)
+    architecture = config.get("architecture") or {}
+    if not (path / WEIGHTS).is_file() and not (path / WEIGHTS_INDEX).is_file():
+        raise ExportError(f"{path} has no weights: {WEIGHTS} is missing")
+    if model is None and "transformers_class" in architecture:
+        import transformers
+
+        # Only concrete classes of transformers itself: never an Auto class that could pull remote code.
+        cls = getattr(transformers, architecture["transformers_class"], None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise ExportError(f"{path}: transformers has no model class {architecture['transformers_class']!r}")
+        return cls.from_pretrained(path).to(map_location).eval()
+    if model is None and "_target_" in architecture:
+        from hydra.utils import instantiate
+
+        try:
+            model = instantiate(architecture)
+        except Exception as exc:
+            raise ExportError(f"{path}: could not build {architecture['_target_']}; pass model= instead") from exc
+    if model is None:
+        raise ExportError(
+            f"{path}: architecture {architecture.get('class', '<unknown>')} was not recorded in a rebuildable "
+            "form; build the module yourself and pass it as model="
+        )
+    _load_weights(model, path, map_location)
+    return model.to(map_location).eval()
+
+
+def _load_weights(model: nn.Module, path: Path, map_location: str) -> None:
+    try:
+        if (path / WEIGHTS).is_file():
+            load_model(model, path / WEIGHTS, strict=True, device=map_location)
+        else:
+            _load_sharded(model, path, map_location)
+    except (RuntimeError, KeyError) as exc:
+        if isinstance(exc, ExportError):
+            raise
+        raise ExportError(f"the weights in {path} do not fit {type(model).__name__}: {exc}") from exc
+
+
+def _load_sharded(model: nn.Module, path: Path, map_location: str) -> None:
+    from adamerge.task_vectors import tied_aliases
+
+    shards = sorted(set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(load_file(path / shard, device=map_location))
+    own = model.state_dict()
+    aliases = tied_aliases(own)
+    canonical = {name: aliases.get(name, name) for name in own}
+    present = {canonical[k] for k in state if k in canonical}  # save_pretrained keeps one name per tied group
+    missing = [k for k in own if k not in state and canonical[k] not in present]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ExportError(f"the weights in {path} do not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)

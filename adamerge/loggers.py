@@ -1,0 +1,79 @@
+"""Experiment loggers; wandb falls back to offline mode so a run never prompts or blocks."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+
+
+def wandb_credentials_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_logger(
+    save_dir: str | Path,
+    project: str = "adamerge",
+    name: str | None = None,
+    group: str | None = None,
+    offline: bool | str = "auto",
+    **kwargs: Any,
+) -> WandbLogger:
+    """A WandbLogger that is offline unless credentials exist (or ``WANDB_MODE`` says otherwise)."""
+    if offline == "auto":
+        mode = os.environ.get("WANDB_MODE")
+        offline = mode in ("offline", "disabled", "dryrun") if mode else not wandb_credentials_available()
+    os.environ.setdefault("WANDB_SILENT", "true")
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        save_dir=str(save_dir), project=project, name=name, group=group, offline=bool(offline),
+        settings={"console": "off", "silent": True}, **kwargs,
+    )
+
+
+def csv_logger(save_dir: str | Path, name: str | None = None, **kwargs: Any) -> CSVLogger:
+    return CSVLogger(save_dir=str(save_dir), name=name or "csv", **kwargs)
+
+
+def tensorboard_logger(save_dir: str | Path, name: str | None = None, **kwargs: Any) -> TensorBoardLogger:
+    return TensorBoardLogger(save_dir=str(save_dir), name=name or "tensorboard", **kwargs)
+
+
+def finish(logger: Logger | None) -> None:
+    """Close a run so the next method of a comparison starts its own (wandb allows one at a time)."""
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    elif logger is not None:
+        logger.finalize("success")
+
+
+def log_coefficients(logger: Logger | None, coefficients: list, task_names: list[str], layer_names: list[str], heatmap: Path | None) -> None:
+    """The coefficient matrix as a table and as an image, in whatever form the logger supports."""
+    if logger is None:
+        return
+    rows = coefficients if coefficients and isinstance(coefficients[0], list) else [coefficients]
+    labels = layer_names if len(rows) == len(layer_names) else ["all"]
+    if isinstance(logger, WandbLogger):
+        logger.log_table(key="coefficients", columns=["layer", *task_names], data=[[l, *r] for l, r in zip(labels, rows)])
+        if heatmap is not None:
+            logger.log_image(key="coefficients_heatmap", images=[str(heatmap)])
+    elif isinstance(logger, TensorBoardLogger) and heatmap is not None:
+        import numpy as np
+        from PIL import Image
+
+        image = np.asarray(Image.open(heatmap).convert("RGB"))
+        logger.experiment.add_image("coefficients_heatmap", image, dataformats="HWC")
+    elif isinstance(logger, CSVLogger):
+        for label, row in zip(labels, rows):
+            logger.log_metrics({f"coefficient/{label}/{t}": float(v) for t, v in zip(task_names, row)})

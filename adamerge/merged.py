@@ -1,0 +1,173 @@
+"""Differentiable merged models: a frozen module whose merged weights depend on learnable coefficients.
+
+``θ_l = θ0_l + m_l ⊙ Σ_k λ_{g(l),k} τ_{k,l}`` where ``g(l)`` maps tensor ``l`` to its coefficient row
+(task-wise: a single row; layer-wise: one row per tensor or per group of tensors) and ``m_l`` is an
+optional shared mask (Concrete subspace). The module's own parameters hold θ0 and never train.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from adamerge.task_vectors import TaskVectors
+
+Granularity = Literal["task_wise", "layer_wise"]
+
+
+class _WeightedTaskSum(torch.autograd.Function):
+    """``Σ_k w_k τ_k`` computed in float32 while autograd keeps only the stored (maybe bf16) τ.
+
+    A plain ``tensordot(w, τ.float())`` would save the float32 copy of every stacked tensor for
+    backward, doubling the task-vector memory for bf16 storage.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weights: Tensor, stacked: Tensor) -> Tensor:
+        ctx.save_for_backward(weights, stacked)
+        return torch.tensordot(weights, stacked.to(weights.dtype), dims=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        weights, stacked = ctx.saved_tensors
+        flat = stacked.reshape(weights.shape[0], -1).to(grad.dtype)
+        return flat @ grad.reshape(-1), None
+
+
+def weighted_task_sum(weights: Tensor, stacked: Tensor) -> Tensor:
+    return _WeightedTaskSum.apply(weights, stacked)
+
+
+class MergedModel(nn.Module):
+    """A frozen ``module`` merged from ``task_vectors`` with learnable coefficients.
+
+    The merged weights are computed once per call of :meth:`merged_weights` (once per optimisation
+    step in the trainer) with one batched operation per tensor; :meth:`forward` accepts precomputed
+    ``weights`` so several forwards can share one merge.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        task_vectors: TaskVectors,
+        *,
+        granularity: Granularity = "layer_wise",
+        init_value: float | Sequence[float] = 0.3,
+        clamp: tuple[float, float] | None = (0.0, 1.0),
+        layer_groups: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if granularity not in ("task_wise", "layer_wise"):
+            raise ValueError(f"granularity must be 'task_wise' or 'layer_wise', got {granularity!r}")
+        self.module = module.requires_grad_(False)
+        self.task_names = list(task_vectors.task_names)
+        self.names = task_vectors.names
+        self.granularity = granularity
+        self.clamp = tuple(clamp) if clamp is not None else None
+        self._load_pretrained(task_vectors)
+        for index, name in enumerate(self.names):
+            # Buffers follow the module across devices; they are constants, never saved twice.
+            self.register_buffer(f"_task_vector_{index}", task_vectors.vectors[name], persistent=False)
+
+        if granularity == "task_wise":
+            groups = [0] * len(self.names)
+        elif layer_groups is None:
+            groups = list(range(len(self.names)))
+        else:
+            groups = list(layer_groups)
+            if len(groups) != len(self.names):
+                raise ValueError(f"layer_groups has {len(groups)} entries for {len(self.names)} merged tensors")
+        self.layer_groups = groups
+        rows = max(groups) + 1 if granularity == "layer_wise" else None
+        shape = (task_vectors.num_tasks,) if rows is None else (rows, task_vectors.num_tasks)
+        initial = torch.as_tensor(init_value, dtype=torch.float32)
+        if initial.ndim == 1 and initial.shape[0] != task_vectors.num_tasks:
+            raise ValueError(f"init_value has {initial.shape[0]} entries for {task_vectors.num_tasks} tasks")
+        self.coefficients = nn.Parameter(initial.expand(shape).clone())
+
+    def _load_pretrained(self, task_vectors: TaskVectors) -> None:
+        own = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        for name in self.names:
+            if name not in own:
+                raise KeyError(f"merged tensor {name!r} is not a parameter or buffer of {type(self.module).__name__}")
+            if own[name].shape != task_vectors.pretrained[name].shape:
+                raise ValueError(
+                    f"parameter {name!r}: module has shape {tuple(own[name].shape)} but the task vectors "
+                    f"have {tuple(task_vectors.pretrained[name].shape)}"
+                )
+        with torch.no_grad():
+            for name, tensor in own.items():
+                if name in task_vectors.pretrained:
+                    tensor.copy_(task_vectors.pretrained[name])
+
+    def task_vector(self, index: int) -> Tensor:
+        return getattr(self, f"_task_vector_{index}")
+
+    def pretrained_tensors(self) -> dict[str, Tensor]:
+        own = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        return {name: own[name] for name in self.names}
+
+    def coefficient_rows(self) -> Tensor:
+        """Coefficients as ``[num_tensors, K]``, whatever the granularity."""
+        if self.granularity == "task_wise":
+            return self.coefficients.unsqueeze(0).expand(len(self.names), -1)
+        return self.coefficients[torch.as_tensor(self.layer_groups, device=self.coefficients.device)]
+
+    def merged_weights(
+        self, mask: Mapping[str, Tensor] | None = None, coefficients: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """θ0 + (mask ⊙) Σ_k λ_k τ_k for every merged tensor; differentiable in the coefficients.
+
+        ``coefficients`` overrides the module's own (Concrete AM's inner step uses fresh ones).
+        """
+        rows = self.coefficient_rows() if coefficients is None else self._rows_of(coefficients)
+        compute = torch.promote_types(rows.dtype, torch.float32)
+        weights = {}
+        for index, (name, base) in enumerate(self.pretrained_tensors().items()):
+            delta = weighted_task_sum(rows[index].to(compute), self.task_vector(index))
+            if mask is not None and name in mask:
+                delta = delta * mask[name]
+            weights[name] = (base.to(compute) + delta).to(base.dtype)
+        return weights
+
+    def _rows_of(self, coefficients: Tensor) -> Tensor:
+        if coefficients.shape != self.coefficients.shape:
+            raise ValueError(f"coefficients of shape {tuple(coefficients.shape)}, expected {tuple(self.coefficients.shape)}")
+        if self.granularity == "task_wise":
+            return coefficients.unsqueeze(0).expand(len(self.names), -1)
+        return coefficients[torch.as_tensor(self.layer_groups, device=coefficients.device)]
+
+    def forward(self, *args: Any, weights: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
+        if weights is None:
+            weights = self.merged_weights()
+        return functional_call(self.module, dict(weights), args, kwargs)
+
+    @torch.no_grad()
+    def clamp_coefficients_(self) -> None:
+        if self.clamp is not None:
+            self.coefficients.clamp_(*self.clamp)
+
+    @torch.no_grad()
+    def merge_and_unload(self, mask: Mapping[str, Tensor] | None = None) -> nn.Module:
+        """A plain copy of the module with the merged weights baked in (no wrapper, no task vectors)."""
+        return self.merge_and_unload_with(self.merged_weights(mask))
+
+    @torch.no_grad()
+    def merge_and_unload_with(self, weights: Mapping[str, Tensor]) -> nn.Module:
+        merged = copy.deepcopy(self.module)
+        own = dict(merged.named_parameters()) | dict(merged.named_buffers())
+        for name, value in weights.items():
+            own[name].copy_(value)
+        return merged
+
+    def coefficients_as_list(self) -> list:
+        """Nested ``[layer][task]`` (layer-wise) or ``[task]`` (task-wise) list for results files."""
+        return self.coefficients.detach().cpu().tolist()
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [name for name, p in self.named_parameters() if p.requires_grad]

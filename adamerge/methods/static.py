@@ -1,0 +1,220 @@
+"""Data-free merge methods, each a composition of :mod:`adamerge.methods.steps`.
+
+Every method is ``fn(task_vectors, **hparams) -> deltas`` with float32 deltas per tensor, so
+that the merged model is ``θ = θ0 + delta``. Hyperparameter defaults are the keyword defaults
+of the function (the registry reads them from the signature); ``conf/method/<name>.yaml``
+repeats them for Hydra and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adamerge.methods import steps
+from adamerge.methods.registry import get_method, register_method
+from adamerge.task_vectors import TaskVectors
+
+Deltas = dict[str, Tensor]
+COMBINES: tuple[str, ...] = ("task_arithmetic", "ties")
+
+
+# ------------------------------------------------------------------------- hyperparameter checks
+
+
+def _fail(method: str, name: str, value: Any, requirement: str) -> ValueError:
+    return ValueError(f"method {method!r}: hyperparameter {name}={value!r} is invalid: {requirement}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_range(
+    method: str, name: str, value: Any, *, low_open: bool, high_open: bool, hint: str = ""
+) -> None:
+    interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+    ok = (
+        _is_number(value)
+        and (value > 0 if low_open else value >= 0)
+        and (value < 1 if high_open else value <= 1)
+    )
+    if not ok:
+        raise _fail(method, name, value, f"must be a number in {interval}{hint}")
+
+
+def _check_choice(method: str, name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise _fail(method, name, value, f"must be one of {', '.join(choices)}")
+
+
+def _check_top_k(method: str, value: Any) -> None:
+    _check_range(
+        method, "top_k", value, low_open=True, high_open=False, hint=" (a fraction: 0.2 keeps the top 20%)"
+    )
+
+
+def _check_scaling(method: str, value: Any, num_tasks: int, *, per_task: bool) -> None:
+    if _is_number(value):
+        return
+    if per_task and isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != num_tasks:
+            raise _fail(
+                method,
+                "scaling_coefficient",
+                value,
+                f"needs one value per task, {num_tasks}, got {len(value)}",
+            )
+        if all(_is_number(v) for v in value):
+            return
+    form = f"a number or a list of {num_tasks} numbers (one per task)" if per_task else "a number"
+    raise _fail(method, "scaling_coefficient", value, f"must be {form}")
+
+
+def _validate_weight_average(num_tasks: int, hparams: Mapping[str, Any]) -> None:
+    """Weight averaging has no hyperparameters."""
+
+
+def _validate_task_arithmetic(num_tasks: int, hparams: Mapping[str, Any]) -> None:
+    _check_scaling("task_arithmetic", hparams["scaling_coefficient"], num_tasks, per_task=True)
+
+
+def _validate_ties(num_tasks: int, hparams: Mapping[str, Any]) -> None:
+    _check_top_k("ties", hparams["top_k"])
+    _check_scaling("ties", hparams["scaling_coefficient"], num_tasks, per_task=False)
+    _check_choice("ties", "scope", hparams["scope"], steps.SCOPES)
+
+
+def _validate_dare(num_tasks: int, hparams: Mapping[str, Any]) -> None:
+    _check_range("dare", "drop_rate", hparams["drop_rate"], low_open=False, high_open=True)
+    if not isinstance(hparams["seed"], int) or isinstance(hparams["seed"], bool):
+        raise _fail("dare", "seed", hparams["seed"], "must be an integer")
+    if not isinstance(hparams["rescale"], bool):
+        raise _fail("dare", "rescale", hparams["rescale"], "must be true or false")
+    _check_choice("dare", "combine", hparams["combine"], COMBINES)
+    per_task = hparams["combine"] == "task_arithmetic"
+    _check_scaling("dare", hparams["scaling_coefficient"], num_tasks, per_task=per_task)
+    _check_top_k("dare", hparams["top_k"])
+    _check_choice("dare", "scope", hparams["scope"], steps.SCOPES)
+
+
+def _validate_breadcrumbs(num_tasks: int, hparams: Mapping[str, Any]) -> None:
+    beta, gamma = hparams["top_beta"], hparams["bottom_gamma"]
+    _check_range("breadcrumbs", "top_beta", beta, low_open=False, high_open=True)
+    _check_range("breadcrumbs", "bottom_gamma", gamma, low_open=False, high_open=True)
+    if beta + gamma >= 1:
+        raise _fail(
+            "breadcrumbs", "top_beta + bottom_gamma", beta + gamma, "must be < 1 (some band must remain)"
+        )
+    _check_scaling("breadcrumbs", hparams["scaling_coefficient"], num_tasks, per_task=True)
+
+
+def _static_method(name: str, validate: Callable[[int, Mapping[str, Any]], None]) -> Callable:
+    """Register ``fn`` as a static method whose hyperparameters are checked on every call."""
+
+    def decorator(fn: Callable[..., Deltas]) -> Callable[..., Deltas]:
+        @functools.wraps(fn)  # keeps fn's signature, from which the registry reads the defaults
+        def checked(task_vectors: TaskVectors, **hparams: Any) -> Deltas:
+            resolved = spec.resolve_hparams(hparams)
+            validate(task_vectors.num_tasks, resolved)
+            return fn(task_vectors, **resolved)
+
+        register_method(name, kind="static", validate=validate)(checked)
+        spec = get_method(name)
+        return checked
+
+    return decorator
+
+
+# ------------------------------------------------------------------------------------ the methods
+
+
+def _scaled_sum(vectors: Mapping[str, Tensor], scaling_coefficient: float | Sequence[float]) -> Deltas:
+    """``Σ_k λ_k x_k`` per tensor, with one λ for all tasks or one per task."""
+    if _is_number(scaling_coefficient):
+        return {name: float(scaling_coefficient) * x.float().sum(dim=0) for name, x in vectors.items()}
+    weights = torch.tensor([float(v) for v in scaling_coefficient], dtype=torch.float32)
+    return {name: torch.tensordot(weights.to(x.device), x.float(), dims=1) for name, x in vectors.items()}
+
+
+def _ties_combine(
+    vectors: Mapping[str, Tensor], top_k: float, scaling_coefficient: float, scope: str
+) -> Deltas:
+    masks = steps.topk_masks(vectors, top_k, scope)
+    trimmed = {name: torch.where(masks.pop(name), x.float(), 0.0) for name, x in vectors.items()}
+    signs = steps.elect_signs(trimmed, scope)
+    return {name: scaling_coefficient * steps.disjoint_mean(x, signs[name]) for name, x in trimmed.items()}
+
+
+@_static_method("weight_average", _validate_weight_average)
+def weight_average(task_vectors: TaskVectors) -> Deltas:
+    """Weight averaging: θ = mean_k θ_k, i.e. delta = mean_k τ_k."""
+    return {name: x.float().mean(dim=0) for name, x in task_vectors.vectors.items()}
+
+
+@_static_method("task_arithmetic", _validate_task_arithmetic)
+def task_arithmetic(
+    task_vectors: TaskVectors, *, scaling_coefficient: float | Sequence[float] = 0.3
+) -> Deltas:
+    """Task arithmetic (Ilharco et al. 2023): θ = θ0 + λ Σ_k τ_k; λ may be one value per task."""
+    return _scaled_sum(task_vectors.vectors, scaling_coefficient)
+
+
+@_static_method("ties", _validate_ties)
+def ties(
+    task_vectors: TaskVectors, *, top_k: float = 0.2, scaling_coefficient: float = 0.3, scope: str = "model"
+) -> Deltas:
+    """TIES (Yadav et al. 2023): trim to the top-k by magnitude, elect signs, disjoint mean, × λ."""
+    return _ties_combine(task_vectors.vectors, top_k, scaling_coefficient, scope)
+
+
+@_static_method("dare", _validate_dare)
+def dare(
+    task_vectors: TaskVectors,
+    *,
+    drop_rate: float = 0.5,
+    seed: int = 0,
+    rescale: bool = True,
+    combine: str = "task_arithmetic",
+    scaling_coefficient: float | Sequence[float] = 0.3,
+    top_k: float = 0.2,
+    scope: str = "model",
+) -> Deltas:
+    """DARE (Yu et al. 2024): random drop with rescale, then task arithmetic or TIES (top_k, scope).
+
+    One CPU generator seeded with ``seed`` draws the masks of all tensors in order, so a merge
+    is reproducible whatever device the task vectors are on.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    dropped = {
+        name: steps.dare_drop(x, drop_rate, generator, rescale=rescale)
+        for name, x in task_vectors.vectors.items()
+    }
+    if combine == "ties":
+        return _ties_combine(dropped, top_k, scaling_coefficient, scope)
+    return _scaled_sum(dropped, scaling_coefficient)
+
+
+@_static_method("breadcrumbs", _validate_breadcrumbs)
+def breadcrumbs(
+    task_vectors: TaskVectors,
+    *,
+    top_beta: float = 0.01,
+    bottom_gamma: float = 0.9,
+    scaling_coefficient: float | Sequence[float] = 0.3,
+) -> Deltas:
+    """Model Breadcrumbs (Davari & Belilovsky 2023): keep a magnitude band, then task arithmetic.
+
+    Per tensor and task, the top β fraction by magnitude (outliers) and the bottom γ are zeroed.
+    """
+    masked = {
+        name: torch.where(steps.breadcrumbs_mask(x, top_beta, bottom_gamma), x.float(), 0.0)
+        for name, x in task_vectors.vectors.items()
+    }
+    return _scaled_sum(masked, scaling_coefficient)

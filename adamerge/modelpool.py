@@ -1,0 +1,99 @@
+"""A model pool: the backbone architecture, its pretrained weights, K fine-tuned checkpoints and heads."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from adamerge.checkpoints import CheckpointError, describe_source, load_state_dict, sha256_of
+from adamerge.task_vectors import TaskVectors, tied_aliases
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+class ModelPool:
+    """Everything needed to merge: built from Hydra config or from Python objects.
+
+    ``backbone`` is a module or a ``{"_target_": ...}`` config (kept so the export can rebuild it);
+    ``pretrained`` is any checkpoint source of θ0 (default: the backbone's own weights);
+    ``finetuned`` maps task name → checkpoint source; ``heads`` maps task name → module or config.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | Mapping[str, Any],
+        finetuned: Mapping[str, Any],
+        heads: Mapping[str, nn.Module | Mapping[str, Any]],
+        pretrained: Any | None = None,
+        storage_dtype: str = "float32",
+        merge_batchnorm_statistics: bool = False,
+    ) -> None:
+        backbone, finetuned, heads = _plain(backbone), _plain(finetuned), _plain(heads)
+        if isinstance(backbone, Mapping):
+            self.architecture: dict[str, Any] | None = dict(backbone)
+            backbone = instantiate(backbone)
+        else:
+            self.architecture = None
+        if not finetuned:
+            raise ValueError("modelpool.finetuned is empty: give one checkpoint per task")
+        missing = sorted(set(finetuned) - set(heads))
+        if missing:
+            raise ValueError(f"modelpool.heads has no head for tasks {missing} (heads given: {sorted(heads)})")
+        self.backbone = backbone.eval()
+        self.pretrained_source = pretrained
+        self.finetuned_sources = dict(finetuned)
+        self.heads = {task: (instantiate(h) if isinstance(h, Mapping) else h) for task, h in heads.items()}
+        self.storage_dtype = storage_dtype
+        self.merge_batchnorm_statistics = merge_batchnorm_statistics
+        if pretrained is not None:
+            self._load_pretrained(pretrained)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.finetuned_sources)
+
+    def _load_pretrained(self, source: Any) -> None:
+        state = load_state_dict(source)
+        result = self.backbone.load_state_dict(state, strict=False)
+        # save_pretrained files omit tied copies; anything else missing would silently keep random init.
+        tied = set(tied_aliases(self.backbone.state_dict()))
+        missing = [name for name in result.missing_keys if name not in tied]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"pretrained checkpoint {describe_source(source)!r} does not fit the backbone "
+                f"{type(self.backbone).__name__}: missing {missing[:5]} ({len(missing)}), "
+                f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)})"
+            )
+
+    def task_vectors(self, tasks: list[str] | None = None) -> TaskVectors:
+        """Load and validate every fine-tuned checkpoint, then stack τ_k = θ_k − θ0."""
+        tasks = tasks or self.task_names
+        pretrained = self.backbone.state_dict()
+        finetuned = {task: load_state_dict(self.finetuned_sources[task]) for task in tasks}
+        return TaskVectors.from_state_dicts(
+            pretrained,
+            finetuned,
+            storage_dtype=self.storage_dtype,
+            merge_batchnorm_statistics=self.merge_batchnorm_statistics,
+            sources={task: describe_source(self.finetuned_sources[task]) for task in tasks},
+            pretrained_source=describe_source(self.pretrained_source or self.backbone),
+        )
+
+    def fresh_backbone(self) -> nn.Module:
+        """An independent copy of the pretrained backbone (merges must not touch the pool's own)."""
+        return copy.deepcopy(self.backbone)
+
+    def sources(self) -> dict[str, Any]:
+        """Where every checkpoint came from, with content hashes, for merge_config.json."""
+        entries = {"pretrained": self.pretrained_source or self.backbone, **self.finetuned_sources}
+        return {
+            role: {"source": describe_source(source), "sha256": sha256_of(source)}
+            for role, source in entries.items()
+        }

@@ -1,0 +1,202 @@
+"""The AdaMerging learning step as a LightningModule.
+
+Only the merge coefficients (and, for Concrete methods, mask logits) train. One step:
+
+1. merge once: ``θ(λ)`` for every merged tensor (graph to λ kept);
+2. detach ``θ`` into leaf tensors and run forward + backward one task at a time, so only one task's
+   activations are alive and ``dL/dθ`` accumulates in the leaves' ``.grad``;
+3. one backward through the merge: ``dL/dλ = ⟨τ, dL/dθ⟩`` -- the merge graph is traversed once per
+   step, not once per task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from adamerge.merged import MergedModel
+
+Batch = Mapping[str, Any]
+
+
+def prediction_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean Shannon entropy of ``softmax(logits)`` over the batch (and valid positions, given a mask)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    if mask is None:
+        return entropy.mean()
+    mask = mask.to(entropy.dtype)
+    return (entropy * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def run_backbone(backbone: nn.Module, inputs: Any, weights: Mapping[str, Tensor] | None = None) -> Any:
+    """Call ``backbone`` on a tensor or on keyword inputs (tokenised text), optionally merged."""
+    if isinstance(backbone, MergedModel):
+        if isinstance(inputs, Mapping):
+            return backbone(weights=weights, **inputs)
+        return backbone(inputs, weights=weights)
+    return backbone(**inputs) if isinstance(inputs, Mapping) else backbone(inputs)
+
+
+def entropy_mask(inputs: Any, logits: Tensor) -> Tensor | None:
+    """Padding mask for per-token logits (causal LMs); ``None`` for one prediction per example."""
+    if logits.ndim == 3 and isinstance(inputs, Mapping) and "attention_mask" in inputs:
+        return inputs["attention_mask"]
+    return None
+
+
+class AdaMergingModule(L.LightningModule):
+    """Learns merge coefficients of ``merged`` by summed per-task prediction entropy.
+
+    ``heads[task]`` maps backbone outputs to that task's logits and stays frozen.
+    """
+
+    def __init__(
+        self,
+        merged: MergedModel,
+        heads: Mapping[str, nn.Module],
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        autocast_dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        missing = [task for task in merged.task_names if task not in heads]
+        if missing:
+            raise ValueError(f"no classification head for tasks {missing}; heads given for {sorted(heads)}")
+        self.merged = merged
+        self.heads = nn.ModuleDict({task: heads[task] for task in merged.task_names}).requires_grad_(False)
+        self.lr = lr
+        self.betas = tuple(betas)
+        self.weight_decay = weight_decay
+        self.autocast_dtype = autocast_dtype
+        self.automatic_optimization = False
+        self.task_names = list(merged.task_names)
+        self.last_accuracy: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self._eval_weights: dict[str, Tensor] | None = None
+        self._correct: dict[str, int] = {}
+        self._seen: dict[str, int] = {}
+
+    def train(self, mode: bool = True) -> AdaMergingModule:
+        """Keep the frozen backbone and heads in eval mode even while Lightning 'trains'.
+
+        The entropy objective is defined on the deterministic model (BatchNorm running statistics,
+        no dropout); train-mode BatchNorm would also overwrite the pretrained statistics.
+        """
+        super().train(mode)
+        self.merged.module.eval()
+        self.heads.eval()
+        return self
+
+    # -- what trains ---------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.merged.coefficients]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = {id(p) for p in self.trainable_parameters()}
+        extra = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in trainable]
+        if extra:
+            raise RuntimeError(f"only merge coefficients may train, but these require grad: {extra[:5]}")
+        return torch.optim.Adam(self.trainable_parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    def merged_weights(self) -> dict[str, Tensor]:
+        """The merge used by the learning step; Concrete methods add their sampled mask here."""
+        return self.merged.merged_weights()
+
+    def eval_weights(self) -> dict[str, Tensor]:
+        """The merge used for evaluation and export (Concrete methods choose their eval mask)."""
+        return self.merged.merged_weights()
+
+    def after_optimizer_step(self) -> None:
+        self.merged.clamp_coefficients_()
+
+    # -- the learning step ------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.autocast_dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.autocast_dtype))
+
+    def task_logits(self, task: str, inputs: Any, weights: Mapping[str, Tensor] | None) -> Tensor:
+        return self.heads[task](run_backbone(self.merged, inputs, weights))
+
+    def _backward(self, loss: Tensor) -> None:
+        if self._trainer is not None:
+            self.manual_backward(loss)
+        else:
+            loss.backward()
+
+    def accumulate_gradients(self, batch: Mapping[str, Batch], weights: Mapping[str, Tensor]) -> dict[str, float]:
+        """Steps 2 and 3 of the module docstring for one merge ``weights`` (graph to what trains).
+
+        Returns the entropy of every task's batch.
+        """
+        leaves = {name: w.detach().requires_grad_(True) for name, w in weights.items()}
+        entropies = {}
+        for task in self.task_names:
+            inputs = batch[task]["inputs"]
+            with self._autocast():
+                logits = self.task_logits(task, inputs, leaves)
+            loss = prediction_entropy(logits, entropy_mask(inputs, logits))
+            self._backward(loss)
+            entropies[task] = loss.item()
+            del logits, loss
+        used = [name for name, leaf in leaves.items() if leaf.grad is not None]
+        if used:
+            torch.autograd.backward([weights[n] for n in used], [leaves[n].grad for n in used])
+        return entropies
+
+    def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        entropies = self.accumulate_gradients(batch, self.merged_weights())
+        optimizer.step()
+        self.after_optimizer_step()
+        total = sum(entropies.values())
+        self.log("train/entropy", total, prog_bar=True, batch_size=1)
+        for task, value in entropies.items():
+            self.log(f"train/entropy/{task}", value, batch_size=1)
+        self.history.append({"step": self.global_step, "entropy": total})
+        return torch.tensor(total)
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        with torch.no_grad():
+            self._eval_weights = {n: w.detach() for n, w in self.eval_weights().items()}
+        self._correct = {task: 0 for task in self.task_names}
+        self._seen = {task: 0 for task in self.task_names}
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        task = self.task_names[dataloader_idx]
+        with torch.no_grad(), self._autocast():
+            logits = self.task_logits(task, batch["inputs"], self._eval_weights)
+        self._correct[task] += int((logits.argmax(-1) == batch["labels"]).sum())
+        self._seen[task] += int(batch["labels"].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        accuracy = {task: self._correct[task] / max(self._seen[task], 1) for task in self.task_names}
+        self._eval_weights = None
+        if self.trainer.sanity_checking:
+            return
+        self.last_accuracy = accuracy
+        for task, value in accuracy.items():
+            self.log(f"val/accuracy/{task}", value, add_dataloader_idx=False)
+        self.log("val/average_accuracy", sum(accuracy.values()) / len(accuracy), add_dataloader_idx=False, prog_bar=True)
+
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """The fused model (frozen backbone with the evaluation merge baked in)."""
+        return self.merged.merge_and_unload_with(self.eval_weights())
+
+    def coefficients(self) -> list:
+        return self.merged.coefficients_as_list()

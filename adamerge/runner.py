@@ -1,0 +1,238 @@
+"""One adamerge run: load the pool and data once, then evaluate / learn each requested method."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from adamerge.loggers import finish, log_coefficients
+from adamerge.methods.learned import build_learned
+from adamerge.methods.registry import get_method
+from adamerge.modelpool import ModelPool
+from adamerge.module import run_backbone
+from adamerge.reporting import average, coefficient_heatmap, write_json, write_summary
+from adamerge.task_vectors import TaskVectors
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Not merges but reference rows of a comparison: each fine-tuned model on its own task.
+EVALUATION_ONLY = ("individual",)
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_dir: Path
+    pool: ModelPool
+    datamodule: L.LightningDataModule
+    task_vectors: TaskVectors
+    device: torch.device
+
+
+def pick_device(accelerator: str) -> torch.device:
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _to(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, Mapping):
+        return {k: _to(v, device) for k, v in inputs.items()}
+    return inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
+
+
+@torch.no_grad()
+def evaluate(
+    backbone: nn.Module, heads: Mapping[str, nn.Module], datamodule: Any, tasks: list[str], device: torch.device
+) -> dict[str, float]:
+    """Accuracy of ``backbone`` + each task's head on that task's labelled evaluation split."""
+    backbone = backbone.to(device).eval()
+    accuracy = {}
+    for task in tasks:
+        head = heads[task].to(device).eval()
+        correct = seen = 0
+        for batch in datamodule.eval_dataloader(task):
+            logits = head(run_backbone(backbone, _to(batch["inputs"], device)))
+            labels = batch["labels"].to(device)
+            correct += int((logits.argmax(-1) == labels).sum())
+            seen += labels.numel()
+        accuracy[task] = correct / max(seen, 1)
+    return accuracy
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory of the method on GPU; the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def method_config(cfg: DictConfig, name: str) -> dict[str, Any]:
+    """Hyperparameters of ``name``: conf/method/<name>.yaml ← ``method_overrides[name]`` ← command line.
+
+    ``method_overrides`` lets an experiment retune methods it compares; values the user changed on
+    the command line (``method.lr=...``) win over it.
+    """
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config for method {name!r}: expected {path}")
+    defaults = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    node = dict(defaults)
+    overrides = (cfg.get("method_overrides") or {}).get(name)
+    if overrides:
+        node.update(OmegaConf.to_container(overrides, resolve=True))
+    if cfg.method.name == name:
+        selected = OmegaConf.to_container(cfg.method, resolve=True)
+        node.update({k: v for k, v in selected.items() if k not in defaults or v != defaults[k]})
+    node.pop("name", None)
+    return node
+
+
+def run_static(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple[dict, nn.Module]:
+    spec = get_method(name)
+    deltas = spec.fn(ctx.task_vectors, **spec.resolve_hparams(hparams))
+    model = ctx.pool.fresh_backbone()
+    model.load_state_dict(ctx.task_vectors.state_dict_from_deltas(deltas), strict=False)
+    tasks = ctx.task_vectors.task_names
+    return {"accuracy": evaluate(model, ctx.pool.heads, ctx.datamodule, tasks, ctx.device)}, model
+
+
+def run_individual(ctx: RunContext) -> dict:
+    accuracy = {}
+    for task in ctx.task_vectors.task_names:
+        model = ctx.pool.fresh_backbone()
+        model.load_state_dict(ctx.task_vectors.state_dict_from_deltas(ctx.task_vectors.task_vector(task)), strict=False)
+        accuracy.update(evaluate(model, ctx.pool.heads, ctx.datamodule, [task], ctx.device))
+    return {"accuracy": accuracy}
+
+
+def make_trainer(ctx: RunContext, name: str, logger: Any) -> L.Trainer:
+    trainer_cfg = OmegaConf.to_container(ctx.cfg.trainer, resolve=True)
+    max_steps = trainer_cfg.get("max_steps", -1)
+    if max_steps and max_steps > 0 and trainer_cfg.get("limit_train_batches") is None:
+        # The unlabeled stream is endless; one 'epoch' of max_steps batches gives the bar a total.
+        trainer_cfg["limit_train_batches"] = max_steps
+        trainer_cfg["max_epochs"] = 1
+    return instantiate(trainer_cfg, logger=logger if logger is not None else False, default_root_dir=str(ctx.run_dir / name))
+
+
+def make_logger(ctx: RunContext, name: str) -> Any:
+    if ctx.cfg.get("logger") is None:
+        return None
+    return instantiate(ctx.cfg.logger, save_dir=str(ctx.run_dir / name), name=name)
+
+
+def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple[dict, nn.Module, Any]:
+    module = build_learned(name, ctx.pool.fresh_backbone(), ctx.task_vectors, ctx.pool.heads, **hparams)
+    logger = make_logger(ctx, name)
+    trainer = make_trainer(ctx, name, logger)
+    try:
+        trainer.fit(module, datamodule=ctx.datamodule)
+        trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
+        coefficients = module.coefficients()
+        heatmap = coefficient_heatmap(coefficients, module.task_names, ctx.run_dir / name / "coefficients.png", title=name)
+        log_coefficients(logger, coefficients, module.task_names, module.merged.names, heatmap)
+    finally:
+        finish(logger)
+    result = {
+        "accuracy": dict(module.last_accuracy),
+        "coefficients": coefficients,
+        "entropy_history": [h["entropy"] for h in module.history],
+        "heatmap": str(heatmap),
+    }
+    return result, module.merge_and_unload(), module
+
+
+def export_model(ctx: RunContext, name: str, model: nn.Module, hparams: Mapping, result: Mapping, module: Any) -> Path:
+    from adamerge.export import export_merged
+
+    merge_config = {
+        "method": name,
+        "hyperparameters": dict(hparams),
+        "tasks": ctx.task_vectors.task_names,
+        "sources": ctx.pool.sources(),
+        "coefficients": result.get("coefficients"),
+        "merged_tensors": ctx.task_vectors.names,
+        "accuracy": result["accuracy"],
+    }
+    if module is not None and hasattr(module, "export_extras"):
+        merge_config.update(module.export_extras())
+    return export_merged(
+        model.cpu(),
+        ctx.run_dir / name / "merged_model" if ctx.cfg.method.name == "compare" else ctx.run_dir / "merged_model",
+        merge_config=merge_config,
+        architecture=ctx.pool.architecture,
+        overwrite=bool(ctx.cfg.export.overwrite),
+    )
+
+
+def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
+    hparams = method_config(ctx.cfg, name) if name not in EVALUATION_ONLY else {}
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    start = time.perf_counter()
+    model = module = None
+    if name == "individual":
+        result = run_individual(ctx)
+    elif get_method(name).kind == "static":
+        result, model = run_static(ctx, name, hparams)
+    else:
+        result, model, module = run_learned(ctx, name, hparams)
+    result = {
+        "method": name,
+        "config": hparams,
+        "tasks": ctx.task_vectors.task_names,
+        "accuracy": result["accuracy"],
+        "average_accuracy": average(result["accuracy"]),
+        "coefficients": result.get("coefficients"),
+        "seconds": time.perf_counter() - start,
+        "peak_memory_mb": peak_memory_mb(ctx.device),
+        **{k: v for k, v in result.items() if k not in ("accuracy", "coefficients")},
+    }
+    exported = ctx.cfg.export.enabled and model is not None and (module is not None or ctx.cfg.export.static)
+    if exported:
+        result["export"] = str(export_model(ctx, name, model, hparams, result, module))
+    return result
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Execute the configured method (or comparison) and write results.json / summary files."""
+    run_dir = Path(run_dir)
+    torch.set_num_threads(int(cfg.num_threads)) if cfg.get("num_threads") else None
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    names = list(cfg.method.methods) if cfg.method.name == "compare" else [cfg.method.name]
+    for name in names:  # fail on a typo before loading any checkpoint
+        if name not in EVALUATION_ONLY:
+            get_method(name)
+    pool: ModelPool = instantiate(cfg.modelpool, _recursive_=False)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    if sorted(datamodule.task_names) != sorted(pool.task_names):
+        raise ValueError(f"data tasks {datamodule.task_names} differ from modelpool tasks {pool.task_names}")
+    task_vectors = pool.task_vectors(list(datamodule.task_names))
+    print(f"task vectors: {task_vectors.memory_report()}")
+    ctx = RunContext(cfg, run_dir, pool, datamodule, task_vectors, pick_device(cfg.trainer.get("accelerator", "auto")))
+
+    rows = []
+    for name in names:
+        result = run_method(ctx, name)
+        rows.append(result)
+        target = run_dir / name / "results.json" if len(names) > 1 else run_dir / "results.json"
+        write_json(target, result)
+        print(f"{name}: average accuracy {100 * result['average_accuracy']:.2f}% ({result['seconds']:.1f} s)")
+    if len(names) > 1:
+        table = write_summary(run_dir, rows, task_vectors.task_names)
+        print("\n" + table)
+    return {"rows": rows, "run_dir": str(run_dir)}

@@ -1,0 +1,42 @@
+"""Tiny models and zoos shared by tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyConvNet(nn.Module):
+    """Conv + BatchNorm + linear features, with an int buffer, like a real CNN backbone."""
+
+    def __init__(self, features: int = 6) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, features)
+        self.register_buffer("position_ids", torch.arange(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        return torch.tanh(self.fc(h.mean(dim=(2, 3))))
+
+
+def finetuned_states(module: nn.Module, num_tasks: int, scale: float = 0.1, seed: int = 0) -> dict[str, dict]:
+    """Random 'fine-tuned' copies of ``module``: floating entries perturbed, the rest copied."""
+    generator = torch.Generator().manual_seed(seed)
+    states = {}
+    for k in range(num_tasks):
+        state = {}
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+                state[name] = tensor + scale * noise
+            else:
+                state[name] = tensor.clone()
+        states[f"task{k}"] = state
+    return states
+
+
+def make_heads(task_names, features: int = 6, classes: int = 5, seed: int = 1) -> dict[str, nn.Module]:
+    torch.manual_seed(seed)
+    return {task: nn.Linear(features, classes) for task in task_names}

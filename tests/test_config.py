@@ -1,0 +1,64 @@
+"""The Hydra tree mirrors the code: one conf/method file per registered method, same defaults."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from adamerge.methods.registry import available_methods, get_method
+from adamerge.runner import CONF_DIR, EVALUATION_ONLY, method_config
+
+COMPOSITE = ("compare",)
+
+
+def _yaml_methods() -> dict[str, dict]:
+    return {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in sorted((CONF_DIR / "method").glob("*.yaml"))}
+
+
+def test_method_group_mirrors_registry():
+    files = _yaml_methods()
+    assert set(files) - set(EVALUATION_ONLY) - set(COMPOSITE) == set(available_methods())
+    for name, node in files.items():
+        assert node["name"] == name
+        if name in EVALUATION_ONLY or name in COMPOSITE:
+            continue
+        spec = get_method(name)
+        hparams = {k: v for k, v in node.items() if k != "name"}
+        assert set(hparams) == set(spec.defaults), name
+        for key, value in spec.defaults.items():
+            expected = list(value) if isinstance(value, tuple) else value
+            assert hparams[key] == expected, f"{name}.{key}: yaml {hparams[key]!r} != code {expected!r}"
+
+
+def test_compare_lists_only_known_methods():
+    compare = OmegaConf.load(CONF_DIR / "method" / "compare.yaml")
+    for name in compare.methods:
+        assert name in EVALUATION_ONLY or get_method(name)
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_default_is_demo_comparison_and_method_override_wins():
+    cfg = _compose([])
+    assert cfg.method.name == "compare" and cfg.modelpool.backbone._target_.endswith("EfficientNetLite0")
+    cfg = _compose(["method=adamerging_layer_wise", "trainer.max_steps=7", "logger=none", "method.lr=0.5"])
+    assert cfg.method.name == "adamerging_layer_wise" and cfg.trainer.max_steps == 7
+    assert cfg.get("logger") is None
+    assert method_config(cfg, "adamerging_layer_wise")["lr"] == 0.5
+
+
+def test_method_overrides_apply_but_command_line_wins():
+    cfg = _compose(["method=adamerging_task_wise", "+method_overrides={adamerging_task_wise: {lr: 0.02, init_value: 0.4}}", "method.lr=0.5"])
+    hparams = method_config(cfg, "adamerging_task_wise")
+    assert hparams["lr"] == 0.5 and hparams["init_value"] == 0.4
+
+
+@pytest.mark.parametrize("group", ["trainer", "logger", "data", "modelpool", "experiment", "method"])
+def test_every_group_option_composes(group):
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        cfg = _compose([f"{group}={path.stem}"])
+        assert cfg is not None

@@ -1,0 +1,217 @@
+"""Offline tests for adamerge.data: tiny datasets built in tmp_path in every supported format."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adamerge.data import ImagePreprocessor, MultiTaskDataModule, TaskData, TaskDataError, TextPreprocessor
+
+N = 10  # examples per task
+
+
+def image_ds(n: int = N, value=None, with_label: bool = True) -> datasets.Dataset:
+    imgs = [np.full((6, 5, 3), i * 20 if value is None else value, dtype=np.uint8) for i in range(n)]
+    cols = {"image": imgs, "idx": list(range(n))}
+    feats = {"image": datasets.Image(), "idx": datasets.Value("int64")}
+    if with_label:
+        cols["label"], feats["label"] = [i % 3 for i in range(n)], datasets.ClassLabel(names=["a", "b", "c"])
+    return datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
+
+
+def idx_preprocessor(batch):  # identifies examples so ordering/coverage can be checked
+    return {"inputs": torch.tensor(batch["idx"])}
+
+
+def stream_indices(dm: MultiTaskDataModule, task: str, steps: int) -> list[int]:
+    batches = itertools.islice(iter(dm.train_dataloader()), steps)
+    return [i for b in batches for i in b[task]["inputs"].tolist()]
+
+
+@pytest.fixture
+def disk_dir(tmp_path):
+    path = tmp_path / "disk"
+    image_ds().save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def two_tasks(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    image_ds().save_to_disk(str(a))
+    datasets.DatasetDict({"test": image_ds(7), "train": image_ds(3)}).save_to_disk(str(b))
+    return {"a": {"path": str(a)}, "b": {"path": str(b), "split": "test"}}
+
+
+def test_formats_load(tmp_path, disk_dir):
+    folder = tmp_path / "folder"
+    for i in range(4):
+        (folder / "test" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((9, 7, 3), 40 * i, np.uint8)).save(folder / "test" / f"c{i % 2}" / f"{i}.png")
+    image_ds().to_parquet(str(tmp_path / "t.parquet"))
+    dd = tmp_path / "dd"
+    datasets.DatasetDict({"test": image_ds(4), "validation": image_ds(2)}).save_to_disk(str(dd))
+    tasks = {
+        "disk": {"path": disk_dir},
+        "dict": {"path": str(dd), "eval_split": "validation"},
+        "folder": {"path": str(folder)},
+        "parquet": {"path": str(tmp_path / "t.parquet")},
+        "explicit": {"path": disk_dir, "format": "disk"},
+    }
+    dm = MultiTaskDataModule(tasks, batch_size=2, eval_batch_size=3, preprocessor=ImagePreprocessor(4))
+    dm.setup()
+    sizes = {k: sum(len(b["labels"]) for b in dm.eval_dataloader(k)) for k in dm.task_names}
+    assert sizes == {"disk": N, "dict": 2, "folder": 4, "parquet": N, "explicit": N}
+    assert dm.num_classes("disk") == 3 and dm.num_classes("folder") == 2 and dm.num_classes("parquet") == 3
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == set(tasks) and all(b["inputs"].shape == (2, 3, 4, 4) for b in batch.values())
+
+
+def test_stream_shapes_dtypes_and_normalisation(tmp_path):
+    white = tmp_path / "white"
+    image_ds(value=255).save_to_disk(str(white))
+    dm = MultiTaskDataModule({"w": {"path": str(white)}}, batch_size=4, preprocessor=ImagePreprocessor(8))
+    dm.setup("fit")
+    b = next(iter(dm.train_dataloader()))["w"]
+    assert b["inputs"].shape == (4, 3, 8, 8) and b["inputs"].dtype == torch.float32
+    assert b["labels"].dtype == torch.int64 and b["labels"].shape == (4,)
+    torch.testing.assert_close(b["inputs"], torch.full_like(b["inputs"], (255 - 127) / 128))
+
+
+def test_image_modes_resize_and_processor_config(tmp_path):
+    pre = ImagePreprocessor(4, mean=(0, 0, 0), std=(1, 1, 1))
+    imgs = [Image.new("L", (3, 5), 255), Image.new("RGBA", (6, 6), (0, 255, 0, 10)),
+            np.zeros((7, 7), np.uint8), np.ones((5, 5, 3), np.float32)]
+    x = pre({"image": imgs})["inputs"]
+    assert x.shape == (4, 3, 4, 4) and "labels" not in pre({"image": imgs})
+    assert torch.allclose(x[0], torch.ones(3, 4, 4)) and torch.allclose(x[1, 1], torch.ones(4, 4))
+    assert x[1, 0].abs().max() == 0 and x[2].abs().max() == 0 and torch.allclose(x[3], torch.ones(3, 4, 4))
+    half = np.zeros((4, 8, 3), np.uint8)
+    half[:, 2:6] = 255  # centre crop of a wide image keeps only the white middle
+    crop = ImagePreprocessor(4, mean=(0,) * 3, std=(1,) * 3, resize="center_crop", interpolation="nearest")
+    assert torch.allclose(crop({"image": [half]})["inputs"], torch.ones(1, 3, 4, 4))
+    cfg = {"crop_size": {"height": 12, "width": 12}, "do_center_crop": True, "size": {"shortest_edge": 12},
+           "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.2, 0.2]}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+    clip = ImagePreprocessor.from_pretrained_processor(tmp_path, image_column="img")
+    assert (clip.image_size, clip.resize, clip.mean, clip.image_column) == (12, "center_crop", (0.5, 0.4, 0.3), "img")
+    assert pickle.loads(pickle.dumps(clip)).std == (0.2,) * 3
+
+
+def test_stream_reshuffles_reproducibly_and_covers_each_pass(disk_dir):
+    def make(seed):
+        return MultiTaskDataModule({"t": {"path": disk_dir}}, batch_size=4, seed=seed, preprocessor=idx_preprocessor)
+
+    seq = stream_indices(make(0), "t", 10)  # 40 indices = 4 passes over 10 examples, batches straddle passes
+    passes = [seq[i:i + N] for i in range(0, 40, N)]
+    assert all(sorted(p) == list(range(N)) for p in passes)
+    assert passes[0] != passes[1] and passes[0] != list(range(N))
+    assert stream_indices(make(0), "t", 10) == seq
+    assert stream_indices(make(1), "t", 10) != seq
+
+
+def test_tasks_shuffle_independently_and_val_in_task_order(two_tasks):
+    dm = MultiTaskDataModule(two_tasks, batch_size=3, eval_batch_size=4, preprocessor=idx_preprocessor)
+    a, b = stream_indices(dm, "a", 3), stream_indices(dm, "b", 3)
+    assert sorted(b[:7]) == list(range(7)) and a[:7] != b[:7]
+    loaders = dm.val_dataloader()
+    assert [len(dl) for dl in loaders] == [3, 2]
+    assert [torch.cat([x["inputs"] for x in dl]).tolist() for dl in loaders] == [list(range(N)), list(range(7))]
+    assert [torch.cat([x["labels"] for x in dl]).tolist() for dl in dm.test_dataloader()][1] == [i % 3 for i in range(7)]
+
+
+def test_max_eval_samples_is_deterministic(two_tasks):
+    two_tasks["a"]["max_eval_samples"] = 4
+    subsets = []
+    for _ in range(2):
+        dm = MultiTaskDataModule(two_tasks, eval_batch_size=10, preprocessor=idx_preprocessor)
+        subsets.append(next(iter(dm.eval_dataloader("a")))["inputs"].tolist())
+    assert subsets[0] == subsets[1] and len(subsets[0]) == 4 and subsets[0] != [0, 1, 2, 3]
+    assert sorted(stream_indices(dm, "a", 5)[:N]) == list(range(N))  # the adaptation stream keeps every example
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "good", "bad", "movie"]
+    path = tmp_path / "tok"  # transformers 5 takes `vocab=`; a `vocab_file=` kwarg is silently ignored
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(str(path))
+    return str(path)
+
+
+def test_text_single_and_pair(tmp_path, tokenizer_dir):
+    ds = datasets.Dataset.from_dict({"sentence": ["hello world", "good movie", "bad"], "premise": ["good"] * 3,
+                                     "hypothesis": ["bad movie", "hello", "x"], "label": [1, 0, 1]})
+    ds.save_to_disk(str(tmp_path / "text"))
+    single = TextPreprocessor(tokenizer_dir, max_length=8)
+    pair = pickle.loads(pickle.dumps(TextPreprocessor(tokenizer_dir, text_columns=["premise", "hypothesis"])))
+    dm = MultiTaskDataModule({"sst": {"path": str(tmp_path / "text")},
+                              "nli": {"path": str(tmp_path / "text"), "preprocessor": pair}},
+                             batch_size=2, eval_batch_size=3, preprocessor=single)
+    out = next(iter(dm.eval_dataloader("sst")))
+    ids = out["inputs"]["input_ids"]
+    assert ids.shape == (3, 4) and ids[0].tolist() == [2, 5, 6, 3] and ids[2].tolist() == [2, 8, 3, 0]
+    assert out["inputs"]["attention_mask"][2].tolist() == [1, 1, 1, 0] and out["labels"].tolist() == [1, 0, 1]
+    nli = next(iter(dm.eval_dataloader("nli")))["inputs"]
+    assert nli["input_ids"][0].tolist() == [2, 7, 3, 8, 9, 3] and nli["token_type_ids"][0].tolist() == [0, 0, 0, 1, 1, 1]
+    assert set(next(iter(dm.train_dataloader()))) == {"sst", "nli"}
+
+
+def test_error_messages(tmp_path, disk_dir, monkeypatch):
+    pre = ImagePreprocessor(4, image_column="img")
+    with pytest.raises(TaskDataError, match=r"task 'x'.*disk.*missing column.*'img'.*available columns.*'image'"):
+        MultiTaskDataModule({"x": {"path": disk_dir}}, preprocessor=pre).setup()
+    missing = str(tmp_path / "nope")
+    with pytest.raises(TaskDataError, match=r"task 'y'.*nope.*does not exist"):
+        MultiTaskDataModule({"y": {"path": missing}}, preprocessor=pre).setup()
+    with pytest.raises(TaskDataError, match=r"task 'y'.*nope.*does not exist"):
+        MultiTaskDataModule({"y": {"path": missing, "format": "imagefolder"}}, preprocessor=pre).setup()
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail fast instead of retrying the network
+    with pytest.raises(TaskDataError, match=r"task 'z'.*hub dataset 'someone/svhn'.*offline.*local path"):
+        MultiTaskDataModule({"z": {"path": "someone/svhn"}}, preprocessor=pre).setup()
+    with pytest.raises(TaskDataError, match=r"unknown fields \['pth'\]"):
+        MultiTaskDataModule({"w": {"pth": disk_dir}})
+    with pytest.raises(TaskDataError, match=r"task 'v'.*no split 'nope'.*\['test'\]"):
+        datasets.DatasetDict({"test": image_ds(2)}).save_to_disk(str(tmp_path / "dd"))
+        MultiTaskDataModule({"v": {"path": str(tmp_path / "dd"), "split": "nope"}}, preprocessor=pre).setup()
+
+
+def test_unlabelled_dataset_streams_but_cannot_evaluate(tmp_path):
+    image_ds(with_label=False).save_to_disk(str(tmp_path / "u"))
+    dm = MultiTaskDataModule([TaskData(name="u", path=str(tmp_path / "u"))], batch_size=3,
+                             preprocessor=ImagePreprocessor(4))
+    b = next(iter(dm.train_dataloader()))["u"]
+    assert b["inputs"].shape == (3, 3, 4, 4) and "labels" not in b
+    assert not dm.has_labels("u") and dm.num_classes("u") is None
+    with pytest.raises(TaskDataError, match=r"task 'u'.*needs labels.*'label' is missing"):
+        dm.val_dataloader()
+
+
+def test_stream_with_worker_matches_single_process(two_tasks):
+    dms = [MultiTaskDataModule(two_tasks, batch_size=3, num_workers=w, preprocessor=idx_preprocessor) for w in (0, 1)]
+    assert stream_indices(dms[1], "b", 4) == stream_indices(dms[0], "b", 4)
+    # Two workers interleave their steps; the DataLoader's round-robin must restore the same order.
+    dm2 = MultiTaskDataModule(two_tasks, batch_size=3, num_workers=2, preprocessor=idx_preprocessor)
+    assert stream_indices(dm2, "a", 4) == stream_indices(dms[0], "a", 4)
+
+
+def test_hydra_instantiate(two_tasks):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"_target_": "adamerge.data.MultiTaskDataModule", "batch_size": 2, "eval_batch_size": 5,
+                            "tasks": two_tasks, "preprocessor": {"_target_": "adamerge.data.ImagePreprocessor",
+                                                                 "image_size": 4}})
+    cfg.tasks.b.preprocessor = {"_target_": "adamerge.data.ImagePreprocessor", "image_size": 6}
+    dm = instantiate(cfg)
+    assert dm.task_names == ["a", "b"] and dm.tasks["a"].split == "test"
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["a"]["inputs"].shape == (2, 3, 4, 4) and batch["b"]["inputs"].shape == (2, 3, 6, 6)

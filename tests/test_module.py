@@ -1,0 +1,99 @@
+import lightning as L
+import pytest
+import torch
+from torch.func import functional_call
+
+from adamerge.merged import MergedModel
+from adamerge.module import AdaMergingModule, prediction_entropy
+from adamerge.task_vectors import TaskVectors
+from tests.helpers import TinyConvNet, finetuned_states, make_heads
+
+
+def build_module(granularity="layer_wise", num_tasks=3, **kwargs):
+    module = TinyConvNet()
+    vectors = TaskVectors.from_state_dicts(module.state_dict(), finetuned_states(module, num_tasks, scale=0.3))
+    merged = MergedModel(module.eval(), vectors, granularity=granularity)
+    return AdaMergingModule(merged, make_heads(vectors.task_names), **kwargs)
+
+
+def random_batch(tasks, n=4):
+    return {task: {"inputs": torch.randn(n, 3, 8, 8), "labels": torch.zeros(n, dtype=torch.long)} for task in tasks}
+
+
+def test_prediction_entropy_reference_and_mask():
+    logits = torch.randn(3, 5, 7)
+    p = logits.softmax(-1)
+    reference = -(p * p.log()).sum(-1)
+    torch.testing.assert_close(prediction_entropy(logits), reference.mean())
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    torch.testing.assert_close(prediction_entropy(logits, mask), reference[mask.bool()].mean())
+    uniform = torch.zeros(2, 4)
+    torch.testing.assert_close(prediction_entropy(uniform), torch.log(torch.tensor(4.0)))
+
+
+@pytest.mark.parametrize("granularity", ["task_wise", "layer_wise"])
+def test_per_task_accumulation_equals_single_graph(granularity):
+    model = build_module(granularity)
+    batch = random_batch(model.task_names)
+    model.accumulate_gradients(batch, model.merged.merged_weights())
+    accumulated = model.merged.coefficients.grad.clone()
+
+    model.merged.coefficients.grad = None
+    weights = model.merged.merged_weights()
+    total = sum(
+        prediction_entropy(model.heads[t](functional_call(model.merged.module, weights, (batch[t]["inputs"],))))
+        for t in model.task_names
+    )
+    total.backward()
+    torch.testing.assert_close(accumulated, model.merged.coefficients.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_graph_traversed_once_per_step(monkeypatch):
+    from adamerge import merged as merged_module
+
+    calls = {"backward": 0}
+    original = merged_module._WeightedTaskSum.backward
+
+    def counting(ctx, grad):
+        calls["backward"] += 1
+        return original(ctx, grad)
+
+    monkeypatch.setattr(merged_module._WeightedTaskSum, "backward", staticmethod(counting))
+    model = build_module(num_tasks=4)
+    model.accumulate_gradients(random_batch(model.task_names), model.merged.merged_weights())
+    assert calls["backward"] == len(model.merged.names)  # once per tensor, not once per task
+
+
+def test_only_coefficients_train():
+    model = build_module()
+    optimizer = model.configure_optimizers()
+    assert [p for g in optimizer.param_groups for p in g["params"]] == [model.merged.coefficients]
+    list(model.heads.values())[0].weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="only merge coefficients"):
+        model.configure_optimizers()
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, tasks, steps):
+        self.tasks, self.steps = tasks, steps
+        self.data = {t: torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(tasks)}
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield {t: {"inputs": x, "labels": torch.zeros(16, dtype=torch.long)} for t, x in self.data.items()}
+
+
+def test_trainer_lowers_entropy_and_clamps():
+    model = build_module(lr=5e-2)
+    loader = torch.utils.data.DataLoader(_Stream(model.task_names, 40), batch_size=None)
+    trainer = L.Trainer(
+        max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, loader)
+    entropies = [h["entropy"] for h in model.history]
+    assert len(entropies) == 40
+    assert sum(entropies[-5:]) / 5 < sum(entropies[:5]) / 5 - 1e-3
+    c = model.merged.coefficients.detach()
+    assert c.min() >= 0 and c.max() <= 1
+    assert not torch.allclose(c, torch.full_like(c, 0.3))
