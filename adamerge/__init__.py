@@ -1,11 +1,11 @@
 """adamerge: model merging by task vectors, data-free or learned at test time (AdaMerging).
 
-``adamerge.merge("ties", pretrained, [ft_a, ft_b])`` returns a merged state dict.
+``adamerge.merge("ties", pretrained, [ft_a, ft_b])`` returns a merged state dict;
+``adamerge.load_merged(run_dir / "merged_model")`` rebuilds a model exported by the trainer.
 """
 
+from adamerge.export import load_merged
 from adamerge.methods import merge
 from adamerge.task_vectors import TaskVectors
 
-# --- lead: export load_merged (adamerge.export) here --------------------------------------------
-
-__all__ = ["TaskVectors", "merge"]
+__all__ = ["TaskVectors", "load_merged", "merge"]

@@ -28,8 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from adamerge.merged import MergedModel
-from adamerge.methods.learned import register_learned
+from adamerge.methods.learned import LearnedBuilder, register_learned
 from adamerge.module import AdaMergingModule, Batch
+from adamerge.task_vectors import TaskVectors
 
 EVAL_MASKS = ("continuous", "binary")
 STAGE2_MASKS = ("eval", "sample")
@@ -130,7 +131,8 @@ class ConcreteMask(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: logit.detach().cpu().contiguous() for name, logit in self.logits_by_name().items()}
-        save_file(tensors, str(path), metadata={"format": "adamerge.concrete_mask", "temperature": str(self.temperature)})
+        metadata = {"format": "adamerge.concrete_mask", "temperature": str(self.temperature)}
+        save_file(tensors, str(path), metadata=metadata)
         return path
 
     @classmethod
@@ -212,14 +214,6 @@ class ConcreteMaskModule(AdaMergingModule):
         """Write the learned mask logits (``concrete_mask.safetensors``) into ``directory``."""
         return [self.mask.save(Path(directory) / MASK_FILE)]
 
-    def _log_entropies(self, entropies: Mapping[str, float]) -> torch.Tensor:
-        total = sum(entropies.values())
-        self.log("train/entropy", total, prog_bar=True, batch_size=1)
-        for task, value in entropies.items():
-            self.log(f"train/entropy/{task}", value, batch_size=1)
-        self.history.append({"step": self.global_step, "entropy": total})
-        return torch.tensor(total)
-
 
 class ConcreteTaskArithmeticModule(ConcreteMaskModule):
     """λ frozen; the base training step learns the mask logits with a fresh sample every step."""
@@ -286,7 +280,9 @@ class ConcreteAdaMergingModule(ConcreteMaskModule):
         self.reset_coefficients()
 
     def merged_weights(self) -> dict[str, Tensor]:
-        return self.merged.merged_weights(mask=self.frozen_mask if self.frozen_mask is not None else self.evaluation_mask())
+        """The stage-2 merge under the frozen mask (before stage 2: under the current eval mask)."""
+        mask = self.frozen_mask if self.frozen_mask is not None else self.evaluation_mask()
+        return self.merged.merged_weights(mask=mask)
 
     def eval_weights(self) -> dict[str, Tensor]:
         return self.merged_weights()
@@ -334,7 +330,7 @@ class ConcreteAdaMergingModule(ConcreteMaskModule):
             adamerging.step()
             self.after_optimizer_step()
         self.log("train/stage", 1.0 if self.frozen_mask is None else 2.0, batch_size=1)
-        return self._log_entropies(entropies)
+        return self.log_entropies(entropies)
 
 
 def build_mask(merged: MergedModel, *, temperature: float, initial_logit: float,
@@ -350,9 +346,9 @@ def build_mask(merged: MergedModel, *, temperature: float, initial_logit: float,
 
 
 def build_concrete_task_arithmetic(
-    backbone: nn.Module, task_vectors: Any, heads: Mapping[str, nn.Module], *, init_value: float | Sequence[float],
-    temperature: float, initial_logit: float, mask_lr: float, betas: Sequence[float], mask_patterns: Sequence[str] | None,
-    eval_mask: str, autocast_dtype: str | None,
+    backbone: nn.Module, task_vectors: TaskVectors, heads: Mapping[str, nn.Module], *,
+    init_value: float | Sequence[float], temperature: float, initial_logit: float, mask_lr: float,
+    betas: Sequence[float], mask_patterns: Sequence[str] | None, eval_mask: str, autocast_dtype: str | None,
 ) -> ConcreteTaskArithmeticModule:
     merged = MergedModel(backbone, task_vectors, granularity="task_wise", init_value=init_value, clamp=None)
     mask = build_mask(merged, temperature=temperature, initial_logit=initial_logit, mask_patterns=mask_patterns)
@@ -360,12 +356,12 @@ def build_concrete_task_arithmetic(
                                         autocast_dtype=autocast_dtype)
 
 
-def _concrete_adamerging_builder(granularity: str) -> Any:
+def _concrete_adamerging_builder(granularity: str) -> LearnedBuilder:
     def build(
-        backbone: nn.Module, task_vectors: Any, heads: Mapping[str, nn.Module], *, init_value: float | Sequence[float],
-        lr: float, betas: Sequence[float], clamp: bool, temperature: float, initial_logit: float, mask_lr: float,
-        inner_lr: float, meta_steps: int, stage2_mask: str, eval_mask: str, mask_patterns: Sequence[str] | None,
-        mask_path: str | None, autocast_dtype: str | None,
+        backbone: nn.Module, task_vectors: TaskVectors, heads: Mapping[str, nn.Module], *,
+        init_value: float | Sequence[float], lr: float, betas: Sequence[float], clamp: bool, temperature: float,
+        initial_logit: float, mask_lr: float, inner_lr: float, meta_steps: int, stage2_mask: str, eval_mask: str,
+        mask_patterns: Sequence[str] | None, mask_path: str | None, autocast_dtype: str | None,
     ) -> ConcreteAdaMergingModule:
         merged = MergedModel(backbone, task_vectors, granularity=granularity, init_value=init_value,
                              clamp=(0.0, 1.0) if clamp else None)

@@ -8,6 +8,7 @@ optional shared mask (Concrete subspace). The module's own parameters hold θ0 a
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -171,3 +172,57 @@ class MergedModel(nn.Module):
 
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, p in self.named_parameters() if p.requires_grad]
+
+
+BLOCK_PATTERN = r"\.(?:layers?|h|blocks?)\.(\d+)\."
+
+
+def block_layer_groups(names: Sequence[str], pattern: str = BLOCK_PATTERN, other: str = "each") -> list[int]:
+    """Coefficient row of every merged tensor: one row per block, the rest after them.
+
+    Tensors whose name matches ``pattern`` (its first group is the block index) share the row of
+    their block; blocks are numbered densely in index order. The others (embeddings, final norm,
+    LM head) get one row each (``other="each"``) or one row together (``other="shared"``), after the
+    blocks, in name order of first appearance.
+    """
+    if other not in ("each", "shared"):
+        raise ValueError(f"other must be 'each' or 'shared', got {other!r}")
+    regex = re.compile(pattern)
+    blocks: list[int | None] = []
+    for name in names:
+        match = regex.search(name)
+        blocks.append(int(match.group(1)) if match else None)
+    order = {index: row for row, index in enumerate(sorted({b for b in blocks if b is not None}))}
+    if not order:
+        raise ValueError(f"no tensor name matches the block pattern {pattern!r}; names look like {list(names)[:3]}")
+    groups, next_row = [], len(order)
+    for block in blocks:
+        if block is not None:
+            groups.append(order[block])
+        elif other == "shared":
+            groups.append(len(order))
+        else:
+            groups.append(next_row)
+            next_row += 1
+    return groups
+
+
+def resolve_layer_groups(spec: Any, names: Sequence[str]) -> list[int] | None:
+    """A method config's ``layer_groups`` turned into one row index per merged tensor.
+
+    ``null``/``"tensor"``: one row per tensor (None); ``"block"``: :func:`block_layer_groups`;
+    a mapping: keyword arguments of :func:`block_layer_groups` (``pattern``, ``other``);
+    a list: used as is.
+    """
+    if spec is None or spec == "tensor":
+        return None
+    if spec == "block":
+        return block_layer_groups(names)
+    if isinstance(spec, Mapping):
+        return block_layer_groups(names, **dict(spec))
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        return [int(g) for g in spec]
+    raise ValueError(f"layer_groups must be null, 'tensor', 'block', a mapping or a list, got {spec!r}")
+
+
+# --- unlabeled prompts for causal LMs -------------------------------------------------------------

@@ -34,6 +34,15 @@ def prediction_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     return (entropy * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+IGNORE_INDEX = -100  # the Hugging Face convention for positions without a target
+
+
+def count_correct(logits: Tensor, labels: Tensor) -> tuple[int, int]:
+    """Correct arg-max predictions and the number of labels counted (``-100`` entries skipped)."""
+    valid = labels != IGNORE_INDEX
+    return int(((logits.argmax(-1) == labels) & valid).sum()), int(valid.sum())
+
+
 def run_backbone(backbone: nn.Module, inputs: Any, weights: Mapping[str, Tensor] | None = None) -> Any:
     """Call ``backbone`` on a tensor or on keyword inputs (tokenised text), optionally merged."""
     if isinstance(backbone, MergedModel):
@@ -158,6 +167,9 @@ class AdaMergingModule(L.LightningModule):
         entropies = self.accumulate_gradients(batch, self.merged_weights())
         optimizer.step()
         self.after_optimizer_step()
+        return self.log_entropies(entropies)
+
+    def log_entropies(self, entropies: Mapping[str, float]) -> Tensor:
         total = sum(entropies.values())
         self.log("train/entropy", total, prog_bar=True, batch_size=1)
         for task, value in entropies.items():
@@ -176,8 +188,9 @@ class AdaMergingModule(L.LightningModule):
         task = self.task_names[dataloader_idx]
         with torch.no_grad(), self._autocast():
             logits = self.task_logits(task, batch["inputs"], self._eval_weights)
-        self._correct[task] += int((logits.argmax(-1) == batch["labels"]).sum())
-        self._seen[task] += int(batch["labels"].numel())
+        correct, seen = count_correct(logits, batch["labels"])
+        self._correct[task] += correct
+        self._seen[task] += seen
 
     def on_validation_epoch_end(self) -> None:
         accuracy = {task: self._correct[task] / max(self._seen[task], 1) for task in self.task_names}

@@ -71,6 +71,7 @@ def coefficient_heatmap(
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -20,7 +20,7 @@ from adamerge.loggers import finish, log_coefficients
 from adamerge.methods.learned import build_learned
 from adamerge.methods.registry import get_method
 from adamerge.modelpool import ModelPool
-from adamerge.module import run_backbone
+from adamerge.module import count_correct, run_backbone
 from adamerge.reporting import average, coefficient_heatmap, write_json, write_summary
 from adamerge.task_vectors import TaskVectors
 
@@ -64,9 +64,9 @@ def evaluate(
         correct = seen = 0
         for batch in datamodule.eval_dataloader(task):
             logits = head(run_backbone(backbone, _to(batch["inputs"], device)))
-            labels = batch["labels"].to(device)
-            correct += int((logits.argmax(-1) == labels).sum())
-            seen += labels.numel()
+            batch_correct, batch_seen = count_correct(logits, batch["labels"].to(device))
+            correct += batch_correct
+            seen += batch_seen
         accuracy[task] = correct / max(seen, 1)
     return accuracy
 
@@ -118,6 +118,11 @@ def run_individual(ctx: RunContext) -> dict:
     return {"accuracy": accuracy}
 
 
+def method_dir(ctx: RunContext, name: str) -> Path:
+    """Where a method's files go: the run dir itself, or a sub-dir per method in a comparison."""
+    return ctx.run_dir / name if ctx.cfg.method.name == "compare" else ctx.run_dir
+
+
 def make_trainer(ctx: RunContext, name: str, logger: Any) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(ctx.cfg.trainer, resolve=True)
     max_steps = trainer_cfg.get("max_steps", -1)
@@ -125,13 +130,13 @@ def make_trainer(ctx: RunContext, name: str, logger: Any) -> L.Trainer:
         # The unlabeled stream is endless; one 'epoch' of max_steps batches gives the bar a total.
         trainer_cfg["limit_train_batches"] = max_steps
         trainer_cfg["max_epochs"] = 1
-    return instantiate(trainer_cfg, logger=logger if logger is not None else False, default_root_dir=str(ctx.run_dir / name))
+    return instantiate(trainer_cfg, logger=logger if logger is not None else False, default_root_dir=str(method_dir(ctx, name)))
 
 
 def make_logger(ctx: RunContext, name: str) -> Any:
     if ctx.cfg.get("logger") is None:
         return None
-    return instantiate(ctx.cfg.logger, save_dir=str(ctx.run_dir / name), name=name)
+    return instantiate(ctx.cfg.logger, save_dir=str(method_dir(ctx, name)), name=name)
 
 
 def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple[dict, nn.Module, Any]:
@@ -140,9 +145,11 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple
     trainer = make_trainer(ctx, name, logger)
     try:
         trainer.fit(module, datamodule=ctx.datamodule)
+        if hasattr(module, "save_artifacts"):
+            module.save_artifacts(method_dir(ctx, name))
         trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
         coefficients = module.coefficients()
-        heatmap = coefficient_heatmap(coefficients, module.task_names, ctx.run_dir / name / "coefficients.png", title=name)
+        heatmap = coefficient_heatmap(coefficients, module.task_names, method_dir(ctx, name) / "coefficients.png", title=name)
         log_coefficients(logger, coefficients, module.task_names, module.merged.names, heatmap)
     finally:
         finish(logger)
@@ -157,6 +164,7 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple
 
 def export_model(ctx: RunContext, name: str, model: nn.Module, hparams: Mapping, result: Mapping, module: Any) -> Path:
     from adamerge.export import export_merged
+    from adamerge.models.hf import export_extra_files
 
     merge_config = {
         "method": name,
@@ -171,10 +179,11 @@ def export_model(ctx: RunContext, name: str, model: nn.Module, hparams: Mapping,
         merge_config.update(module.export_extras())
     return export_merged(
         model.cpu(),
-        ctx.run_dir / name / "merged_model" if ctx.cfg.method.name == "compare" else ctx.run_dir / "merged_model",
+        method_dir(ctx, name) / "merged_model",
         merge_config=merge_config,
         architecture=ctx.pool.architecture,
         overwrite=bool(ctx.cfg.export.overwrite),
+        extra_files=export_extra_files(model),
     )
 
 
@@ -210,6 +219,7 @@ def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Execute the configured method (or comparison) and write results.json / summary files."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(cfg.num_threads)) if cfg.get("num_threads") else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     names = list(cfg.method.methods) if cfg.method.name == "compare" else [cfg.method.name]
@@ -229,8 +239,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     for name in names:
         result = run_method(ctx, name)
         rows.append(result)
-        target = run_dir / name / "results.json" if len(names) > 1 else run_dir / "results.json"
-        write_json(target, result)
+        write_json(method_dir(ctx, name) / "results.json", result)
         print(f"{name}: average accuracy {100 * result['average_accuracy']:.2f}% ({result['seconds']:.1f} s)")
     if len(names) > 1:
         table = write_summary(run_dir, rows, task_vectors.task_names)

@@ -1,6 +1,5 @@
 """The Hydra tree mirrors the code: one conf/method file per registered method, same defaults."""
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -1,7 +1,5 @@
 import pytest
 import torch
-from torch import nn
-from torch.func import functional_call
 
 from adamerge.merged import MergedModel
 from adamerge.task_vectors import TaskVectors

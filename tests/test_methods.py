@@ -544,7 +544,7 @@ def test_conf_method_mirrors_the_registry(method):
         (
             "task_arithmetic",
             {"scaling_coefficient": [0.1, 0.2, 0.3]},
-            r"'task_arithmetic'.*one value per task, 2, got 3",
+            r"'task_arithmetic'.*one value per task: 2 values, got 3",
         ),
         ("task_arithmetic", {"scaling_coefficient": "0.3"}, r"scaling_coefficient='0.3'"),
     ],

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from adamerge.merged import MergedModel
+from adamerge.merged import MergedModel, resolve_layer_groups
 from adamerge.methods.registry import get_method, register_method
 from adamerge.methods.steps import ties_trim
 from adamerge.module import AdaMergingModule
@@ -26,6 +26,9 @@ ADAMERGING_DEFAULTS: dict[str, Any] = {
     "ties_top_k": None,  # a fraction → AdaMerging++ (TIES-trim the task vectors first)
     "ties_scope": "model",
     "autocast_dtype": None,  # "bfloat16" / "float16" for autocast on the forward passes
+    # Layer-wise rows: null/"tensor" = one per tensor, "block" = one per transformer block,
+    # {pattern, other} = custom block regex, or an explicit list of row indices.
+    "layer_groups": None,
 }
 
 LearnedBuilder = Callable[..., AdaMergingModule]
@@ -52,7 +55,7 @@ def _adamerging_builder(granularity: str) -> LearnedBuilder:
         ties_top_k: float | None,
         ties_scope: str,
         autocast_dtype: str | None,
-        layer_groups: Sequence[int] | None = None,
+        layer_groups: Any = None,
     ) -> AdaMergingModule:
         if ties_top_k is not None:
             task_vectors = trim_task_vectors(task_vectors, ties_top_k, ties_scope)
@@ -62,7 +65,7 @@ def _adamerging_builder(granularity: str) -> LearnedBuilder:
             granularity=granularity,
             init_value=init_value,
             clamp=(0.0, 1.0) if clamp else None,
-            layer_groups=layer_groups,
+            layer_groups=resolve_layer_groups(layer_groups, task_vectors.names),
         )
         return AdaMergingModule(
             merged, heads, lr=lr, betas=tuple(betas), weight_decay=weight_decay, autocast_dtype=autocast_dtype

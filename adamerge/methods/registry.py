@@ -126,6 +126,7 @@ BUILTIN_METHOD_MODULES: tuple[str, ...] = (
     "adamerge.methods.static",
     "adamerge.methods.reference",
     "adamerge.methods.learned",
+    "adamerge.concrete",
 )
 
 

