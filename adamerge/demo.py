@@ -71,7 +71,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "test_size": 480,
     "seed": 0,
     "probe": {"C": 1.0, "max_iter": 1000},
-    "finetune": {"steps": 150, "batch_size": 32, "lr": 3e-4, "optimizer": "adam"},
+    "finetune": {"steps": 200, "batch_size": 32, "lr": 1e-4, "optimizer": "adam", "schedule": "cosine"},
 }
 
 
@@ -227,7 +227,7 @@ def _photos(resolution: int, train_size: int, test_size: int, rng: np.random.Gen
 
 _SCALE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "brick", "grass",
                  "gravel", "camera")
-_SCALE_SIZES = (24, 56, 128)
+_SCALE_SIZES = (16, 48, 144)
 
 
 def _scale(resolution: int, train_size: int, test_size: int, rng: np.random.Generator):
@@ -296,6 +296,12 @@ def _finetune(train: TaskSplit, head: tuple[Tensor, Tensor], settings: Mapping[s
     if settings["optimizer"] != "adam":
         raise ValueError(f"unsupported fine-tuning optimizer {settings['optimizer']!r}")
     opt = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+    if settings["schedule"] not in ("cosine", "constant"):
+        raise ValueError(f"unsupported fine-tuning schedule {settings['schedule']!r}")
+    # Cosine decay to zero: the last steps are small, so the saved model is not a noisy mid-oscillation snapshot.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / settings["steps"])) if settings["schedule"] == "cosine" else 1.0
+    )
     weight, bias = head
     images, labels = train
     gen = torch.Generator().manual_seed(seed)
@@ -306,6 +312,7 @@ def _finetune(train: TaskSplit, head: tuple[Tensor, Tensor], settings: Mapping[s
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
     model.eval()
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
@@ -350,6 +357,10 @@ def _build_into(target: Path, recipe: Mapping[str, Any], progress: bool) -> None
     (target / "finetuned").mkdir(parents=True)
     (target / "heads").mkdir()
     (target / "data").mkdir()
+    import datasets
+
+    if progress is False or datasets.is_progress_bar_enabled():
+        datasets.disable_progress_bars()  # per-split bars drown the one-line-per-task log
     (target / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True))
 
     pretrained = efficientnet_lite0(pretrained=True, num_classes=None).eval()

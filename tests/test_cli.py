@@ -1,0 +1,135 @@
+"""End to end: the `adamerge` command on a reduced demo zoo (same code path as the real demo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adamerge import load_merged
+from adamerge.demo import build_demo_zoo
+from adamerge.merged import MergedModel
+from adamerge.models.heads import linear_head
+from adamerge.task_vectors import TaskVectors
+from adamerge.checkpoints import load_state_dict
+
+REDUCED_RECIPE = {
+    "train_size": 48,
+    "test_size": 32,
+    "probe": {"C": 1.0, "max_iter": 50},
+    "finetune": {"steps": 3, "batch_size": 8, "lr": 1e-3, "optimizer": "adam", "schedule": "cosine"},
+}
+RESULT_KEYS = {"method", "config", "tasks", "accuracy", "average_accuracy", "coefficients", "seconds", "peak_memory_mb"}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Path:
+    return build_demo_zoo(tmp_path_factory.mktemp("cache"), recipe=REDUCED_RECIPE, progress=False, num_threads=1)
+
+
+def adamerge(run_dir: Path, zoo: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    flags = [o for o in overrides if o.startswith("--")]
+    overrides = tuple(o for o in overrides if not o.startswith("--"))
+    command = [sys.executable, "-m", "adamerge.cli", *flags, f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
+               "data.eval_batch_size=64", "data.batch_size=8", *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise AssertionError(f"adamerge failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def test_comparison_run_learns_writes_schema_and_exports(zoo, tmp_path):
+    run_dir = tmp_path / "run"
+    adamerge(
+        run_dir, zoo,
+        "method.methods=[pretrained,individual,task_arithmetic,ties,adamerging_layer_wise]",
+        "trainer.max_steps=12", "+method_overrides={adamerging_layer_wise: {lr: 0.05}}", "logger=wandb",
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tasks = json.loads((zoo / "zoo.json").read_text())["tasks"]
+    assert summary["tasks"] == tasks
+    assert [r["method"] for r in summary["rows"]] == ["pretrained", "individual", "task_arithmetic", "ties", "adamerging_layer_wise"]
+    for row in summary["rows"]:
+        assert set(row) == {"method", "accuracy", "average_accuracy"} and set(row["accuracy"]) == set(tasks)
+        assert abs(row["average_accuracy"] - sum(row["accuracy"].values()) / len(tasks)) < 1e-9
+    assert "| adamerging_layer_wise |" in (run_dir / "summary.md").read_text()
+
+    result = json.loads((run_dir / "adamerging_layer_wise" / "results.json").read_text())
+    assert RESULT_KEYS <= set(result)
+    coefficients = torch.tensor(result["coefficients"])
+    assert coefficients.shape[1] == len(tasks) and coefficients.shape[0] > 100  # [layer][task]
+    assert coefficients.min() >= 0 and coefficients.max() <= 1
+    history = result["entropy_history"]
+    assert len(history) == 12 and sum(history[-3:]) / 3 < sum(history[:3]) / 3  # entropy decreases
+    assert (run_dir / "adamerging_layer_wise" / "coefficients.png").stat().st_size > 1000
+    assert any((run_dir / "adamerging_layer_wise" / "wandb").glob("offline-run-*"))
+
+    # The export reloads, and equals the merge rebuilt from the recorded coefficients.
+    export = run_dir / "adamerging_layer_wise" / "merged_model"
+    config = json.loads((export / "merge_config.json").read_text())
+    assert config["method"] == "adamerging_layer_wise" and config["coefficients"] == result["coefficients"]
+    assert len(config["sources"]["digits"]["sha256"]) == 64 and "torch" in config["versions"]
+    reloaded = load_merged(export)
+    backbone = load_merged(export)  # a second copy to hold θ0
+    backbone.load_state_dict(load_state_dict(zoo / "pretrained.safetensors"))
+    finetuned = {t: load_state_dict(zoo / "finetuned" / f"{t}.safetensors") for t in tasks}
+    vectors = TaskVectors.from_state_dicts(backbone.state_dict(), finetuned)
+    merged = MergedModel(backbone, vectors, granularity="layer_wise", init_value=0.0).eval()
+    with torch.no_grad():
+        merged.coefficients.copy_(coefficients)
+        images = torch.randn(4, 3, 32, 32)
+        torch.testing.assert_close(reloaded(images), merged(images), atol=1e-5, rtol=1e-5)
+        head = linear_head(zoo / "heads" / "digits.safetensors")
+        assert torch.equal(head(reloaded(images)).argmax(-1), head(merged(images)).argmax(-1))
+
+    for row in ("pretrained", "task_arithmetic"):
+        assert set(json.loads((run_dir / row / "results.json").read_text())) >= RESULT_KEYS
+
+
+def test_multirun_sweep_writes_results_per_run(zoo, tmp_path):
+    sweep = tmp_path / "sweep"
+    adamerge(tmp_path / "unused", zoo, "--multirun", "method=task_arithmetic,adamerging_task_wise",
+             "trainer.max_steps=3", "logger=csv", f"hydra.sweep.dir={sweep}")
+    runs = sorted(sweep.glob("*/results.json"))
+    assert [json.loads(p.read_text())["method"] for p in runs] == ["task_arithmetic", "adamerging_task_wise"]
+    task_wise = json.loads(runs[1].read_text())
+    assert len(task_wise["coefficients"]) == 4 and (runs[1].parent / "merged_model" / "model.safetensors").exists()
+
+
+def test_concrete_methods_run_and_save_masks(zoo, tmp_path):
+    adamerge(tmp_path / "ta", zoo, "method=concrete_task_arithmetic", "trainer.max_steps=3", "logger=none")
+    config = json.loads((tmp_path / "ta" / "merged_model" / "merge_config.json").read_text())
+    assert 0 <= config["mask"]["kept_fraction_total"] <= 1
+    assert (tmp_path / "ta" / "concrete_mask.safetensors").exists()
+
+    adamerge(tmp_path / "am", zoo, "method=concrete_adamerging_layer_wise", "method.meta_steps=2",
+             "trainer.max_steps=4", "logger=none")
+    result = json.loads((tmp_path / "am" / "results.json").read_text())
+    assert len(result["entropy_history"]) == 4
+    mask = tmp_path / "am" / "concrete_mask.safetensors"
+    assert mask.exists()
+    # Stage 2 alone, starting from the saved mask.
+    adamerge(tmp_path / "am2", zoo, "method=concrete_adamerging_layer_wise", f"method.mask_path={mask}",
+             "trainer.max_steps=2", "logger=none")
+    assert json.loads((tmp_path / "am2" / "results.json").read_text())["method"] == "concrete_adamerging_layer_wise"
+
+
+def test_bad_checkpoint_fails_clearly_and_writes_no_export(zoo, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    state = load_state_dict(zoo / "finetuned" / "digits.safetensors")
+    state["_conv_stem.weight"] = state["_conv_stem.weight"][:, :2].contiguous()
+    from safetensors.torch import save_file
+
+    save_file(state, str(broken))
+    result = adamerge(tmp_path / "bad", zoo, "method=adamerging_task_wise", f"modelpool.finetuned.digits={broken}",
+                      "logger=none", check=False)
+    assert result.returncode != 0
+    message = result.stderr + result.stdout
+    assert "broken.safetensors" in message and "_conv_stem.weight" in message
+    assert not (tmp_path / "bad" / "merged_model").exists() and not (tmp_path / "bad" / "results.json").exists()
