@@ -208,6 +208,7 @@ class ConcreteMaskModule(AdaMergingModule):
             "temperature": self.mask.temperature,
             "kept_fraction": self.mask.kept_fraction(),
             "kept_fraction_total": self.mask.kept_fraction_total(),
+            "memory": self.mask.memory_report(),
         }}
 
     def save_artifacts(self, directory: str | Path) -> list[Path]:

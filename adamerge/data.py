@@ -361,7 +361,11 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     # --- loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        stream = _AdaptationStream({k: self._transformed(k, 0) for k in self.task_names}, self.batch_size, self.seed)
+        # Under DDP every rank must draw different unlabeled batches, or the extra ranks add nothing.
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        stream = _AdaptationStream(
+            {k: self._transformed(k, 0) for k in self.task_names}, self.batch_size, self.seed + 100_003 * rank
+        )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 

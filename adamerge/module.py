@@ -193,7 +193,10 @@ class AdaMergingModule(L.LightningModule):
         self._seen[task] += seen
 
     def on_validation_epoch_end(self) -> None:
-        accuracy = {task: self._correct[task] / max(self._seen[task], 1) for task in self.task_names}
+        counts = torch.tensor([[self._correct[t], self._seen[t]] for t in self.task_names], dtype=torch.float64)
+        if self.trainer.world_size > 1:  # each rank saw its shard of the evaluation split
+            counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
+        accuracy = {t: float(c / max(n, 1)) for t, (c, n) in zip(self.task_names, counts.tolist())}
         self._eval_weights = None
         if self.trainer.sanity_checking:
             return

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -95,9 +96,24 @@ def method_config(cfg: DictConfig, name: str) -> dict[str, Any]:
         node.update(OmegaConf.to_container(overrides, resolve=True))
     if cfg.method.name == name:
         selected = OmegaConf.to_container(cfg.method, resolve=True)
-        node.update({k: v for k, v in selected.items() if k not in defaults or v != defaults[k]})
+        typed = command_line_method_keys()
+        node.update({k: v for k, v in selected.items() if k in typed or k not in defaults or v != defaults[k]})
     node.pop("name", None)
     return node
+
+
+def command_line_method_keys() -> set[str]:
+    """``method.*`` keys set on the command line, which win even when equal to the file default."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    keys = set()
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("method."):
+            keys.add(key.removeprefix("method.").split(".", 1)[0])
+    return keys
 
 
 def run_static(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple[dict, nn.Module]:
@@ -210,7 +226,12 @@ def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
         "peak_memory_mb": peak_memory_mb(ctx.device),
         **{k: v for k, v in result.items() if k not in ("accuracy", "coefficients")},
     }
-    exported = ctx.cfg.export.enabled and model is not None and (module is not None or ctx.cfg.export.static)
+    exported = (
+        ctx.cfg.export.enabled
+        and model is not None
+        and (module is not None or ctx.cfg.export.static)
+        and rank_zero_only.rank == 0
+    )
     if exported:
         result["export"] = str(export_model(ctx, name, model, hparams, result, module))
     return result
@@ -238,10 +259,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     rows = []
     for name in names:
         result = run_method(ctx, name)
+        if rank_zero_only.rank != 0:  # DDP workers only help learning; rank 0 reports and exports
+            continue
         rows.append(result)
         write_json(method_dir(ctx, name) / "results.json", result)
         print(f"{name}: average accuracy {100 * result['average_accuracy']:.2f}% ({result['seconds']:.1f} s)")
-    if len(names) > 1:
+    if len(names) > 1 and rows:
         table = write_summary(run_dir, rows, task_vectors.task_names)
         print("\n" + table)
     return {"rows": rows, "run_dir": str(run_dir)}

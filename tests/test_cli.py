@@ -49,7 +49,7 @@ def test_comparison_run_learns_writes_schema_and_exports(zoo, tmp_path):
     adamerge(
         run_dir, zoo,
         "method.methods=[pretrained,individual,task_arithmetic,ties,adamerging_layer_wise]",
-        "trainer.max_steps=12", "+method_overrides={adamerging_layer_wise: {lr: 0.05}}", "logger=wandb",
+        "trainer.max_steps=12", "++method_overrides.adamerging_layer_wise.lr=0.05", "logger=wandb",
     )
     summary = json.loads((run_dir / "summary.json").read_text())
     tasks = json.loads((zoo / "zoo.json").read_text())["tasks"]
@@ -103,9 +103,11 @@ def test_multirun_sweep_writes_results_per_run(zoo, tmp_path):
 
 
 def test_concrete_methods_run_and_save_masks(zoo, tmp_path):
-    adamerge(tmp_path / "ta", zoo, "method=concrete_task_arithmetic", "trainer.max_steps=3", "logger=none")
+    adamerge(tmp_path / "ta", zoo, "method=concrete_task_arithmetic", "trainer.max_steps=3", "logger=tensorboard")
     config = json.loads((tmp_path / "ta" / "merged_model" / "merge_config.json").read_text())
     assert 0 <= config["mask"]["kept_fraction_total"] <= 1
+    assert config["mask"]["memory"]["logits_mb"] > 0
+    assert any((tmp_path / "ta").rglob("events.out.tfevents.*"))  # the TensorBoard logger wrote its run
     assert (tmp_path / "ta" / "concrete_mask.safetensors").exists()
 
     adamerge(tmp_path / "am", zoo, "method=concrete_adamerging_layer_wise", "method.meta_steps=2",
@@ -115,9 +117,12 @@ def test_concrete_methods_run_and_save_masks(zoo, tmp_path):
     mask = tmp_path / "am" / "concrete_mask.safetensors"
     assert mask.exists()
     # Stage 2 alone, starting from the saved mask.
+    # A value typed on the command line wins over an experiment's method_overrides, even the file default.
     adamerge(tmp_path / "am2", zoo, "method=concrete_adamerging_layer_wise", f"method.mask_path={mask}",
-             "trainer.max_steps=2", "logger=none")
-    assert json.loads((tmp_path / "am2" / "results.json").read_text())["method"] == "concrete_adamerging_layer_wise"
+             "trainer.max_steps=2", "logger=none", "++method_overrides.concrete_adamerging_layer_wise.mask_lr=0.5",
+             "method.mask_lr=0.001")
+    result = json.loads((tmp_path / "am2" / "results.json").read_text())
+    assert result["method"] == "concrete_adamerging_layer_wise" and result["config"]["mask_lr"] == 0.001
 
 
 def test_bad_checkpoint_fails_clearly_and_writes_no_export(zoo, tmp_path):
@@ -133,3 +138,12 @@ def test_bad_checkpoint_fails_clearly_and_writes_no_export(zoo, tmp_path):
     message = result.stderr + result.stdout
     assert "broken.safetensors" in message and "_conv_stem.weight" in message
     assert not (tmp_path / "bad" / "merged_model").exists() and not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_ddp_on_two_cpu_processes(zoo, tmp_path):
+    run_dir = tmp_path / "ddp"
+    adamerge(run_dir, zoo, "method=adamerging_task_wise", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+             "trainer.max_steps=2", "logger=none")
+    result = json.loads((run_dir / "results.json").read_text())
+    assert len(result["coefficients"]) == 4 and 0 <= result["average_accuracy"] <= 1
+    assert (run_dir / "merged_model" / "model.safetensors").exists()

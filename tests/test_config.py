@@ -51,7 +51,7 @@ def test_default_is_demo_comparison_and_method_override_wins():
 
 
 def test_method_overrides_apply_but_command_line_wins():
-    cfg = _compose(["method=adamerging_task_wise", "+method_overrides={adamerging_task_wise: {lr: 0.02, init_value: 0.4}}", "method.lr=0.5"])
+    cfg = _compose(["method=adamerging_task_wise", "++method_overrides.adamerging_task_wise.init_value=0.4", "method.lr=0.5"])
     hparams = method_config(cfg, "adamerging_task_wise")
     assert hparams["lr"] == 0.5 and hparams["init_value"] == 0.4
 

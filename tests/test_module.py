@@ -97,3 +97,27 @@ def test_trainer_lowers_entropy_and_clamps():
     c = model.merged.coefficients.detach()
     assert c.min() >= 0 and c.max() <= 1
     assert not torch.allclose(c, torch.full_like(c, 0.3))
+
+
+def test_bfloat16_autocast_gradients_close_to_float32():
+    torch.manual_seed(0)
+    full = build_module()
+    torch.manual_seed(0)
+    half = build_module(autocast_dtype="bfloat16")
+    batch = random_batch(full.task_names, n=8)
+    for model in (full, half):
+        model.accumulate_gradients(batch, model.merged.merged_weights())
+    assert half.merged.coefficients.grad.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(
+        half.merged.coefficients.grad.flatten(), full.merged.coefficients.grad.flatten(), dim=0
+    )
+    assert cosine > 0.95
+
+
+def test_backbone_stays_in_eval_mode_during_fit():
+    model = build_module()
+    model.train()
+    assert not model.merged.module.training and not any(h.training for h in model.heads.values())
+    running_mean = model.merged.module.bn.running_mean.clone()
+    model.accumulate_gradients(random_batch(model.task_names), model.merged.merged_weights())
+    torch.testing.assert_close(model.merged.module.bn.running_mean, running_mean)
