@@ -206,13 +206,18 @@ def _digits(resolution: int, train_size: int, test_size: int, rng: np.random.Gen
 _TEXTURE_IMAGES = ("brick", "grass", "gravel", "moon", "coins", "clock", "text", "camera")
 
 
-def _textures(resolution: int, train_size: int, test_size: int, rng: np.random.Generator):
-    # Small crops (20-48 px) keep little context, which is what makes this hard for pretrained features.
-    sources = [_skimage(n) for n in _TEXTURE_IMAGES]
-    sizes = (20, 48)
+def _named_patch_task(names: tuple[str, ...], sizes: tuple[int, int], resolution: int, train_size: int,
+                      test_size: int, rng: np.random.Generator):
+    """Which skimage image a patch comes from; train patches from the left, test from the right."""
+    sources = [_skimage(n) for n in names]
     train = _patch_source_task(sources, train_size, _LEFT, rng, resolution, sizes)
     test = _patch_source_task(sources, test_size, _RIGHT, rng, resolution, sizes)
-    return train, test, list(_TEXTURE_IMAGES)
+    return train, test, list(names)
+
+
+def _textures(resolution: int, train_size: int, test_size: int, rng: np.random.Generator):
+    # Small crops (20-48 px) keep little context, which is what makes this hard for pretrained features.
+    return _named_patch_task(_TEXTURE_IMAGES, (20, 48), resolution, train_size, test_size, rng)
 
 
 _PHOTO_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
@@ -251,11 +256,7 @@ _SCIENCE_IMAGES = ("hubble_deep_field", "immunohistochemistry", "retina", "cell"
 
 def _science(resolution: int, train_size: int, test_size: int, rng: np.random.Generator):
     # Astronomy, histology, ophthalmology, microscopy: small crops, far from ImageNet's photos.
-    sources = [_skimage(n) for n in _SCIENCE_IMAGES]
-    sizes = (16, 40)
-    train = _patch_source_task(sources, train_size, _LEFT, rng, resolution, sizes)
-    test = _patch_source_task(sources, test_size, _RIGHT, rng, resolution, sizes)
-    return train, test, list(_SCIENCE_IMAGES)
+    return _named_patch_task(_SCIENCE_IMAGES, (16, 40), resolution, train_size, test_size, rng)
 
 
 _TASK_BUILDERS = {"digits": _digits, "textures": _textures, "photos": _photos, "science": _science, "scale": _scale}

@@ -72,11 +72,15 @@ class ModelPool:
                 f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)})"
             )
 
+    def load_checkpoint(self, source: Any) -> dict:
+        """A fine-tuned checkpoint's state, keyed like the backbone (subclasses align other layouts)."""
+        return load_state_dict(source)
+
     def task_vectors(self, tasks: list[str] | None = None) -> TaskVectors:
         """Load and validate every fine-tuned checkpoint, then stack τ_k = θ_k − θ0."""
         tasks = tasks or self.task_names
         pretrained = self.backbone.state_dict()
-        finetuned = {task: load_state_dict(self.finetuned_sources[task]) for task in tasks}
+        finetuned = {task: self.load_checkpoint(self.finetuned_sources[task]) for task in tasks}
         return TaskVectors.from_state_dicts(
             pretrained,
             finetuned,

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from adamerge.checkpoints import CheckpointError, describe_source, load_hf_model, load_state_dict
 from adamerge.merged import block_layer_groups, resolve_layer_groups
 from adamerge.modelpool import ModelPool
-from adamerge.task_vectors import TaskVectors, tied_aliases
+from adamerge.task_vectors import tied_aliases
 
 log = logging.getLogger(__name__)
 
@@ -224,19 +224,6 @@ class HFModelPool(ModelPool):
         missing = [name for name in result.missing_keys if name not in aliases]
         if missing:  # align_state_dict already guarantees this; kept as a last line of defence
             raise CheckpointError(f"pretrained checkpoint {describe_source(source)!r} lacks {missing[:5]}")
-
-    def task_vectors(self, tasks: list[str] | None = None) -> TaskVectors:
-        tasks = tasks or self.task_names
-        pretrained = self.backbone.state_dict()
-        finetuned = {task: self.load_checkpoint(self.finetuned_sources[task]) for task in tasks}
-        return TaskVectors.from_state_dicts(
-            pretrained,
-            finetuned,
-            storage_dtype=self.storage_dtype,
-            merge_batchnorm_statistics=self.merge_batchnorm_statistics,
-            sources={task: describe_source(self.finetuned_sources[task]) for task in tasks},
-            pretrained_source=describe_source(self.pretrained_source or self.backbone),
-        )
 
 
 def _same_source(a: Any, b: Any) -> bool:
