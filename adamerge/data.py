@@ -283,7 +283,7 @@ class MultiTaskDataModule(L.LightningDataModule):
 
         where = f"task {task.name!r} ({fmt} dataset at {task.path!r})"
         if fmt == "hub":
-            # datasets>=4 dropped loading scripts and logs an error for trust_remote_code=True: pass it only if asked
+            # datasets>=4 dropped loading scripts and logs an error when remote code is trusted: pass the flag only if the task asks
             extra = {"trust_remote_code": True} if task.trust_remote_code else {}
             return datasets.load_dataset(task.path, task.subset, split=split, revision=task.revision,
                                          data_files=task.data_files, **extra)
