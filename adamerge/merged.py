@@ -84,6 +84,8 @@ class MergedModel(nn.Module):
             if len(groups) != len(self.names):
                 raise ValueError(f"layer_groups has {len(groups)} entries for {len(self.names)} merged tensors")
         self.layer_groups = groups
+        # The row of each tensor, kept on the coefficients' device so the per-step gather copies nothing.
+        self.register_buffer("_layer_index", torch.as_tensor(groups, dtype=torch.long), persistent=False)
         rows = max(groups) + 1 if granularity == "layer_wise" else None
         shape = (task_vectors.num_tasks,) if rows is None else (rows, task_vectors.num_tasks)
         initial = torch.as_tensor(init_value, dtype=torch.float32)
@@ -113,11 +115,15 @@ class MergedModel(nn.Module):
         own = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
         return {name: own[name] for name in self.names}
 
-    def coefficient_rows(self) -> Tensor:
-        """Coefficients as ``[num_tensors, K]``, whatever the granularity."""
+    def coefficient_rows(self, coefficients: Tensor | None = None) -> Tensor:
+        """Coefficients (the module's own, or ``coefficients`` of the same shape) as ``[num_tensors, K]``."""
+        if coefficients is None:
+            coefficients = self.coefficients
+        elif coefficients.shape != self.coefficients.shape:
+            raise ValueError(f"coefficients of shape {tuple(coefficients.shape)}, expected {tuple(self.coefficients.shape)}")
         if self.granularity == "task_wise":
-            return self.coefficients.unsqueeze(0).expand(len(self.names), -1)
-        return self.coefficients[torch.as_tensor(self.layer_groups, device=self.coefficients.device)]
+            return coefficients.unsqueeze(0).expand(len(self.names), -1)
+        return coefficients[self._layer_index]
 
     def merged_weights(
         self, mask: Mapping[str, Tensor] | None = None, coefficients: Tensor | None = None
@@ -126,7 +132,7 @@ class MergedModel(nn.Module):
 
         ``coefficients`` overrides the module's own (Concrete AM's inner step uses fresh ones).
         """
-        rows = self.coefficient_rows() if coefficients is None else self._rows_of(coefficients)
+        rows = self.coefficient_rows(coefficients)
         compute = torch.promote_types(rows.dtype, torch.float32)
         weights = {}
         for index, (name, base) in enumerate(self.pretrained_tensors().items()):
@@ -135,13 +141,6 @@ class MergedModel(nn.Module):
                 delta = delta * mask[name]
             weights[name] = (base.to(compute) + delta).to(base.dtype)
         return weights
-
-    def _rows_of(self, coefficients: Tensor) -> Tensor:
-        if coefficients.shape != self.coefficients.shape:
-            raise ValueError(f"coefficients of shape {tuple(coefficients.shape)}, expected {tuple(self.coefficients.shape)}")
-        if self.granularity == "task_wise":
-            return coefficients.unsqueeze(0).expand(len(self.names), -1)
-        return coefficients[torch.as_tensor(self.layer_groups, device=coefficients.device)]
 
     def forward(self, *args: Any, weights: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
         if weights is None:

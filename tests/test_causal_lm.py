@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
-
-from adamerge.checkpoints import CheckpointError  # noqa: E402
-from adamerge.export import export_merged  # noqa: E402
-from adamerge.methods.learned import build_learned  # noqa: E402
-from adamerge.models.heads import Identity  # noqa: E402
-from adamerge.models.hf import (  # noqa: E402
+from adamerge.checkpoints import CheckpointError
+from adamerge.export import export_merged
+from adamerge.methods.learned import build_learned
+from adamerge.models.heads import Identity
+from adamerge.models.hf import (
     HFModelPool,
     PromptDataModule,
     PromptPreprocessor,

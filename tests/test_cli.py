@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from adamerge import load_merged
+from adamerge.checkpoints import load_state_dict
 from adamerge.demo import build_demo_zoo
 from adamerge.merged import MergedModel
 from adamerge.models.heads import linear_head
 from adamerge.task_vectors import TaskVectors
-from adamerge.checkpoints import load_state_dict
 
 REDUCED_RECIPE = {
     "train_size": 48,

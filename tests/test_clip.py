@@ -6,23 +6,22 @@ import json
 import os
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
-
-from adamerge.checkpoints import CheckpointError  # noqa: E402
-from adamerge.models import clip as clip_module  # noqa: E402
-from adamerge.models.clip import (  # noqa: E402
+from adamerge.checkpoints import CheckpointError
+from adamerge.models import clip as clip_module
+from adamerge.models.clip import (
     CLIP_EIGHT_TASKS,
     ZeroShotHead,
     clip_task,
     clip_vision_model,
     zero_shot_head,
 )
-from adamerge.models.hf import HFModelPool, align_state_dict  # noqa: E402
+from adamerge.models.hf import HFModelPool, align_state_dict
 
 TASKS = ("eurosat", "mnist")  # real class names and templates from the shipped resources
 IMAGE_SIZE = 30

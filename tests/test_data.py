@@ -12,7 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from adamerge.data import ImagePreprocessor, MultiTaskDataModule, TaskData, TaskDataError, TextPreprocessor
+from adamerge.data import (
+    ImagePreprocessor,
+    MultiTaskDataModule,
+    TaskData,
+    TaskDataError,
+    TextPreprocessor,
+)
 
 N = 10  # examples per task
 

@@ -9,7 +9,14 @@ from safetensors import safe_open
 from torch import nn
 
 from adamerge import export
-from adamerge.export import MERGE_CONFIG, WEIGHTS, ExportError, export_merged, load_merged, read_merge_config
+from adamerge.export import (
+    MERGE_CONFIG,
+    WEIGHTS,
+    ExportError,
+    export_merged,
+    load_merged,
+    read_merge_config,
+)
 from adamerge.merged import MergedModel
 from adamerge.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states
@@ -40,7 +47,11 @@ def test_plain_module_round_trip_and_merge_config(tmp_path):
         "mask": {"sparsity": np.float32(0.5)},
         "sources": [{"path": tmp_path / "a.pt", "sha256": "ab" * 32}],
     }
+    # The stamp is the export's own UTC time (whole seconds), so it lies between these two readings.
+    utc = datetime.timezone.utc
+    before = datetime.datetime.now(utc).replace(microsecond=0)
     out = export_merged(net, tmp_path / "merged", merge_config=config, architecture=ARCH)
+    after = datetime.datetime.now(utc)
     assert out == tmp_path / "merged"
     assert sorted(p.name for p in out.iterdir()) == [MERGE_CONFIG, WEIGHTS]
     assert siblings(out) == []
@@ -68,8 +79,8 @@ def test_plain_module_round_trip_and_merge_config(tmp_path):
     assert written["sources"][0]["path"] == str(tmp_path / "a.pt")
     assert written["architecture"] == ARCH
     created = datetime.datetime.fromisoformat(written["created"])
-    assert created.utcoffset() == datetime.timedelta(0)
-    assert abs(datetime.datetime.now(datetime.timezone.utc) - created) < datetime.timedelta(minutes=5)
+    assert created.tzinfo is not None and created.utcoffset() == after.utcoffset()
+    assert before <= created <= after
     versions = written["versions"]
     assert set(versions) == {"python", "torch", "transformers", "lightning", "safetensors", "adamerge"}
     assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"] == torch.__version__

