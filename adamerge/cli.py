@@ -17,10 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from adamerge.runner import CONF_DIR, run
 
 
-def _demo_zoo() -> str:
-    from adamerge.demo import build_demo_zoo
+def _demo_zoo(which: str = "") -> str:
+    """``${demo_zoo:}``: the default demo zoo; ``${demo_zoo:second}``: the second zoo (other tasks)."""
+    from adamerge.demo import SECOND_ZOO_TASKS, build_demo_zoo
 
-    return str(build_demo_zoo())
+    if which not in ("", "default", "second"):
+        raise ValueError(f"unknown demo zoo {which!r}: use ${{demo_zoo:}} or ${{demo_zoo:second}}")
+    return str(build_demo_zoo(recipe={"tasks": list(SECOND_ZOO_TASKS)} if which == "second" else None))
 
 
 def register_resolvers() -> None:

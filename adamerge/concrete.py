@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from adamerge.merged import MergedModel
 from adamerge.methods.learned import LearnedBuilder, register_learned
 from adamerge.module import AdaMergingModule, Batch
+from adamerge.objectives import Objective
 from adamerge.task_vectors import TaskVectors
 
 EVAL_MASKS = ("continuous", "binary")
@@ -298,7 +299,7 @@ class ConcreteAdaMergingModule(ConcreteMaskModule):
                           "only meta-learn the mask; set max_steps = meta_steps + AdaMerging steps", stacklevel=2)
 
     def meta_step(self, batch: Mapping[str, Batch], outer: Any, inner: torch.optim.Optimizer) -> dict[str, float]:
-        """One first-order bi-level step; returns the outer (fresh-data) entropies."""
+        """One first-order bi-level step; returns the outer (fresh-data) objective per task."""
         inner_batch, outer_batch = split_batch(batch)
         self.reset_coefficients()
         inner.zero_grad(set_to_none=True)
@@ -310,28 +311,28 @@ class ConcreteAdaMergingModule(ConcreteMaskModule):
         outer.zero_grad(set_to_none=True)
         adapted = self.merged.coefficients.detach()  # no differentiation through the inner step
         weights = self.merged.merged_weights(mask=self.mask.rescaled_sample(), coefficients=adapted)
-        entropies = self.accumulate_gradients(outer_batch, weights)
+        objectives = self.accumulate_gradients(outer_batch, weights)
         outer.step()
         # Between meta steps (and for evaluation during stage 1) λ is its initial value.
         self.reset_coefficients()
         self.merged.coefficients.grad = None
-        return entropies
+        return objectives
 
     def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor:
         outer, inner, adamerging = self.optimizers()
         if self.in_meta_stage():
             # The inner step uses the plain torch optimizer: Lightning counts every LightningOptimizer
             # step as a global step, and one meta step must be one step of max_steps.
-            entropies = self.meta_step(batch, outer, inner.optimizer)
+            objectives = self.meta_step(batch, outer, inner.optimizer)
         else:
             if self.frozen_mask is None:
                 self.freeze_mask()
             adamerging.zero_grad(set_to_none=True)
-            entropies = self.accumulate_gradients(batch, self.merged_weights())
+            objectives = self.accumulate_gradients(batch, self.merged_weights())
             adamerging.step()
             self.after_optimizer_step()
         self.log("train/stage", 1.0 if self.frozen_mask is None else 2.0, batch_size=1)
-        return self.log_entropies(entropies)
+        return self.log_step(objectives)
 
 
 def build_mask(merged: MergedModel, *, temperature: float, initial_logit: float,
@@ -350,11 +351,12 @@ def build_concrete_task_arithmetic(
     backbone: nn.Module, task_vectors: TaskVectors, heads: Mapping[str, nn.Module], *,
     init_value: float | Sequence[float], temperature: float, initial_logit: float, mask_lr: float,
     betas: Sequence[float], mask_patterns: Sequence[str] | None, eval_mask: str, autocast_dtype: str | None,
+    objective: Objective | None = None,
 ) -> ConcreteTaskArithmeticModule:
     merged = MergedModel(backbone, task_vectors, granularity="task_wise", init_value=init_value, clamp=None)
     mask = build_mask(merged, temperature=temperature, initial_logit=initial_logit, mask_patterns=mask_patterns)
     return ConcreteTaskArithmeticModule(merged, heads, mask, eval_mask=eval_mask, lr=mask_lr, betas=tuple(betas),
-                                        autocast_dtype=autocast_dtype)
+                                        autocast_dtype=autocast_dtype, objective=objective)
 
 
 def _concrete_adamerging_builder(granularity: str) -> LearnedBuilder:
@@ -363,6 +365,7 @@ def _concrete_adamerging_builder(granularity: str) -> LearnedBuilder:
         init_value: float | Sequence[float], lr: float, betas: Sequence[float], clamp: bool, temperature: float,
         initial_logit: float, mask_lr: float, inner_lr: float, meta_steps: int, stage2_mask: str, eval_mask: str,
         mask_patterns: Sequence[str] | None, mask_path: str | None, autocast_dtype: str | None,
+        objective: Objective | None = None,
     ) -> ConcreteAdaMergingModule:
         merged = MergedModel(backbone, task_vectors, granularity=granularity, init_value=init_value,
                              clamp=(0.0, 1.0) if clamp else None)
@@ -371,7 +374,7 @@ def _concrete_adamerging_builder(granularity: str) -> LearnedBuilder:
         return ConcreteAdaMergingModule(
             merged, heads, mask, mask_lr=mask_lr, inner_lr=inner_lr, stage2_mask=stage2_mask, eval_mask=eval_mask,
             meta_steps=0 if mask_path is not None else meta_steps, lr=lr, betas=tuple(betas),
-            autocast_dtype=autocast_dtype,
+            autocast_dtype=autocast_dtype, objective=objective,
         )
 
     return build

@@ -18,6 +18,11 @@ Tasks (each distinct, each on real pixels, train/test split so no test pixel is 
 - ``scale`` (optional, not in the default recipe): how far zoomed a patch is (crop side 16, 48 or 144 pixels
   before resizing); dropped from the default because prediction entropy is a poor signal for it: entropy
   minimisation lowers its accuracy (66.9 → 61.3 % under layer-wise AdaMerging in our measurement).
+- ``rotation`` (second zoo): which way up a colour-photo patch is (0/90/180/270 degrees).
+- ``fashion`` (second zoo): Fashion-MNIST clothing classes (10), read from Debian's ``dataset-fashion-mnist``.
+
+The second zoo (``SECOND_ZOO_TASKS``: fashion, scale, rotation; ``adamerge experiment=demo_second``) exists so that
+defaults are chosen on more than one set of tasks (``bench/objectives.py``).
 
 Heads are linear probes fitted on the *pretrained* features and then frozen; each backbone is fine-tuned under
 its frozen head with BatchNorm in eval mode, exactly the AdaMerging setting (per-task frozen heads, merged
@@ -28,13 +33,14 @@ something to lose.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,7 @@ from adamerge.models.efficientnet import efficientnet_lite0, normalize_images
 
 __all__ = [
     "DEMO_TASKS",
+    "SECOND_ZOO_TASKS",
     "DEMO_RECIPE",
     "CACHE_ENV_VAR",
     "demo_recipe",
@@ -61,9 +68,11 @@ __all__ = [
 
 CACHE_ENV_VAR = "ADAMERGE_CACHE_DIR"
 DEMO_TASKS: tuple[str, ...] = ("digits", "textures", "photos", "science")
+# A second zoo with other tasks, for studies that must not be tuned to one zoo (needs Fashion-MNIST, see _fashion).
+SECOND_ZOO_TASKS: tuple[str, ...] = ("fashion", "scale", "rotation")
 
 # Bump when the builder's behaviour changes: it is part of the recipe, so stale zoos are rebuilt, not reused.
-_CODE_VERSION = 2
+_CODE_VERSION = 3
 
 # Every setting that changes the zoo's contents. The cache directory name is a hash of this dict.
 DEMO_RECIPE: dict[str, Any] = {
@@ -73,6 +82,9 @@ DEMO_RECIPE: dict[str, Any] = {
     "train_size": 1600,
     "test_size": 480,
     "seed": 0,
+    # torch/BLAS threads of the build: float reductions are split by thread, so the thread count is part of
+    # what makes two builds bit-identical (as are deterministic algorithms, always on for the build).
+    "threads": 2,
     "probe": {"C": 1.0, "max_iter": 1000},
     "finetune": {"steps": 200, "batch_size": 32, "lr": 1e-4, "optimizer": "adam", "schedule": "cosine"},
 }
@@ -259,7 +271,60 @@ def _science(resolution: int, train_size: int, test_size: int, rng: np.random.Ge
     return _named_patch_task(_SCIENCE_IMAGES, (16, 40), resolution, train_size, test_size, rng)
 
 
-_TASK_BUILDERS = {"digits": _digits, "textures": _textures, "photos": _photos, "science": _science, "scale": _scale}
+def _rotation(resolution: int, train_size: int, test_size: int, rng: np.random.Generator):
+    """Which way up a photo patch is (0, 90, 180 or 270 degrees); train from the top, test from the bottom."""
+    extra = _sklearn_photos()
+    sources = [_skimage(n) for n in _PHOTO_IMAGES] + list(extra.values())
+    angles = (0, 90, 180, 270)
+
+    def split(n: int, region: tuple[float, float, float, float]) -> TaskSplit:
+        labels = np.arange(n, dtype=np.int64) % len(angles)  # balanced classes
+        images = [
+            np.rot90(_crop(sources[int(rng.integers(len(sources)))], int(rng.integers(48, 129)), region, rng,
+                           resolution), k=int(c))
+            for c in labels
+        ]
+        return np.ascontiguousarray(np.stack(images)), labels
+
+    return split(train_size, _TOP), split(test_size, _BOTTOM), [f"{a}deg" for a in angles]
+
+
+# Fashion-MNIST ships in Debian's `dataset-fashion-mnist` package (IDX files); the hubs are not reachable here.
+FASHION_MNIST_DIR = Path(os.environ.get("ADAMERGE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+_FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format, gzipped): magic with the number of dimensions, the sizes, uint8 data."""
+    import gzip
+
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion(resolution: int, train_size: int, test_size: int, rng: np.random.Generator):
+    files = {split: (FASHION_MNIST_DIR / f"{split}-images-idx3-ubyte.gz", FASHION_MNIST_DIR / f"{split}-labels-idx1-ubyte.gz")
+             for split in ("train", "t10k")}
+    missing = [str(f) for pair in files.values() for f in pair if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"demo task 'fashion' needs Fashion-MNIST, missing {missing}: install Debian's dataset-fashion-mnist "
+            "(apt-get install dataset-fashion-mnist) or set ADAMERGE_FASHION_MNIST_DIR to a folder with its IDX files"
+        )
+
+    def split(name: str, n: int) -> TaskSplit:
+        images, labels = (_read_idx(f) for f in files[name])
+        chosen = np.sort(rng.choice(len(labels), size=min(n, len(labels)), replace=False))
+        return _resize(np.stack([images[chosen]] * 3, -1), resolution), labels[chosen].astype(np.int64)
+
+    return split("train", train_size), split("t10k", test_size), list(_FASHION_CLASSES)
+
+
+_TASK_BUILDERS = {"digits": _digits, "textures": _textures, "photos": _photos, "science": _science, "scale": _scale,
+                  "rotation": _rotation, "fashion": _fashion}
 
 
 def make_task_data(task: str, resolution: int, train_size: int, test_size: int, seed: int
@@ -412,19 +477,21 @@ def _build_into(target: Path, recipe: Mapping[str, Any], progress: bool) -> None
         manifest["individual_test_accuracy"][task] = acc1
         _log(progress, f"{task}: {len(names)} classes, {len(train[1])} train / {len(test[1])} test images; "
                        f"pretrained+head {acc0:.1%} -> fine-tuned {acc1:.1%} ({time.perf_counter() - t0:.0f}s)")
-    manifest["build_seconds"] = round(time.perf_counter() - start, 2)
-    # Written last: its presence is what marks the zoo complete.
+    # Written last: its presence is what marks the zoo complete. No timings in it: every file of a build is
+    # a pure function of the recipe (and the package versions), so two builds compare equal byte for byte.
     (target / "zoo.json").write_text(json.dumps(manifest, indent=2))
+    _log(progress, f"built in {time.perf_counter() - start:.0f}s")
 
 
 def build_demo_zoo(cache_dir: str | Path | None = None, *, force: bool = False, progress: bool = True,
-                   recipe: Mapping[str, Any] | None = None, num_threads: int | None = 2) -> Path:
+                   recipe: Mapping[str, Any] | None = None) -> Path:
     """Build (first time) or reuse the cached demo zoo and return its directory.
 
     The directory name carries the recipe hash, so a changed recipe gets a fresh zoo while old ones stay
     valid for whoever still asks for them. The build happens in a temporary sibling directory that is renamed
-    into place only when complete, so an interrupted build never leaves a half zoo behind. ``num_threads``
-    caps torch's threads for the build (two cores: more threads only contend); ``None`` leaves it alone.
+    into place only when complete, so an interrupted build never leaves a half zoo behind. It runs with the
+    recipe's thread count and deterministic algorithms, so the same recipe on the same software gives the same
+    bytes; the caller's torch settings are restored afterwards.
     """
     recipe = demo_recipe() if recipe is None else demo_recipe(**recipe)
     target = zoo_path(recipe, cache_dir)
@@ -432,12 +499,10 @@ def build_demo_zoo(cache_dir: str | Path | None = None, *, force: bool = False, 
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    previous_threads = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
     _log(progress, f"building {target} (first run only; recipe {recipe_hash(recipe)})")
     try:
-        _build_into(staging, recipe, progress)
+        with _deterministic_torch(int(recipe["threads"])):
+            _build_into(staging, recipe, progress)
         if target.exists():
             if is_complete_zoo(target) and not force:  # another process finished first: keep theirs
                 shutil.rmtree(staging)
@@ -447,7 +512,20 @@ def build_demo_zoo(cache_dir: str | Path | None = None, *, force: bool = False, 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        torch.set_num_threads(previous_threads)
-    _log(progress, f"done in {json.loads((target / 'zoo.json').read_text())['build_seconds']:.0f}s")
     return target
+
+
+@contextlib.contextmanager
+def _deterministic_torch(threads: int) -> Iterator[None]:
+    """Fixed torch and BLAS thread counts and deterministic kernels for the duration of a build."""
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with threadpool_limits(limits=threads):  # numpy / scikit-learn BLAS in the probe fits
+            yield
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1])

@@ -77,3 +77,10 @@ def log_coefficients(logger: Logger | None, coefficients: list, task_names: list
     elif isinstance(logger, CSVLogger):
         for label, row in zip(labels, rows):
             logger.log_metrics({f"coefficient/{label}/{t}": float(v) for t, v in zip(task_names, row)})
+
+
+def log_label_free(logger: Logger | None, report: dict[str, dict[str, float]]) -> None:
+    """Per task: objective before / after learning and the fraction of predictions changed."""
+    if logger is None or not report:
+        return
+    logger.log_metrics({f"label_free/{task}/{key}": float(v) for task, signals in report.items() for key, v in signals.items()})

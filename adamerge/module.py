@@ -20,18 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.merged import MergedModel
+from adamerge.objectives import Entropy, Objective, masked_mean, token_entropy
 
 Batch = Mapping[str, Any]
-
-
-def prediction_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean Shannon entropy of ``softmax(logits)`` over the batch (and valid positions, given a mask)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    if mask is None:
-        return entropy.mean()
-    mask = mask.to(entropy.dtype)
-    return (entropy * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 IGNORE_INDEX = -100  # the Hugging Face convention for positions without a target
@@ -59,10 +50,20 @@ def entropy_mask(inputs: Any, logits: Tensor) -> Tensor | None:
     return None
 
 
-class AdaMergingModule(L.LightningModule):
-    """Learns merge coefficients of ``merged`` by summed per-task prediction entropy.
+def valid_predictions(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """Arg-max predictions at the valid positions (all examples, or the unpadded tokens), flat, on CPU."""
+    predictions = logits.argmax(-1)
+    if mask is not None:
+        predictions = predictions[mask.bool()]
+    return predictions.flatten().to("cpu", torch.int32)
 
-    ``heads[task]`` maps backbone outputs to that task's logits and stays frozen.
+
+class AdaMergingModule(L.LightningModule):
+    """Learns merge coefficients of ``merged`` by the summed per-task label-free ``objective``.
+
+    ``heads[task]`` maps backbone outputs to that task's logits and stays frozen. Every evaluation also
+    measures the objective on each task's evaluation inputs and the predictions; the first evaluation (the
+    runner's, before learning) is the reference that later ones report prediction changes against.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class AdaMergingModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         autocast_dtype: str | None = None,
+        objective: Objective | None = None,
     ) -> None:
         super().__init__()
         missing = [task for task in merged.task_names if task not in heads]
@@ -85,13 +87,18 @@ class AdaMergingModule(L.LightningModule):
         self.betas = tuple(betas)
         self.weight_decay = weight_decay
         self.autocast_dtype = autocast_dtype
+        self.objective = objective if objective is not None else Entropy()
         self.automatic_optimization = False
         self.task_names = list(merged.task_names)
         self.last_accuracy: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        # One entry per evaluation: per-task accuracy, objective and fraction of predictions changed.
+        self.evaluations: list[dict[str, dict[str, float]]] = []
+        self.last_step_entropy: dict[str, float] = {}
         self._eval_weights: dict[str, Tensor] | None = None
-        self._correct: dict[str, int] = {}
-        self._seen: dict[str, int] = {}
+        self._first_predictions: dict[tuple[str, int], Tensor] | None = None
+        self._predictions: dict[tuple[str, int], Tensor] = {}
+        self._totals: dict[str, list[float]] = {}
 
     def train(self, mode: bool = True) -> AdaMergingModule:
         """Keep the frozen backbone and heads in eval mode even while Lightning 'trains'.
@@ -144,66 +151,113 @@ class AdaMergingModule(L.LightningModule):
     def accumulate_gradients(self, batch: Mapping[str, Batch], weights: Mapping[str, Tensor]) -> dict[str, float]:
         """Steps 2 and 3 of the module docstring for one merge ``weights`` (graph to what trains).
 
-        Returns the entropy of every task's batch.
+        Returns the objective of every task's batch (their mean prediction entropies go to
+        ``last_step_entropy``).
         """
         leaves = {name: w.detach().requires_grad_(True) for name, w in weights.items()}
-        entropies = {}
+        objectives, self.last_step_entropy = {}, {}
         for task in self.task_names:
             inputs = batch[task]["inputs"]
             with self._autocast():
                 logits = self.task_logits(task, inputs, leaves)
-            loss = prediction_entropy(logits, entropy_mask(inputs, logits))
+            mask = entropy_mask(inputs, logits)
+            loss = self.objective(logits, mask)
             self._backward(loss)
-            entropies[task] = loss.item()
+            objectives[task] = loss.item()
+            with torch.no_grad():
+                self.last_step_entropy[task] = masked_mean(token_entropy(logits), mask).item()
             del logits, loss
         used = [name for name, leaf in leaves.items() if leaf.grad is not None]
         if used:
             torch.autograd.backward([weights[n] for n in used], [leaves[n].grad for n in used])
-        return entropies
+        return objectives
 
     def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        entropies = self.accumulate_gradients(batch, self.merged_weights())
+        objectives = self.accumulate_gradients(batch, self.merged_weights())
         optimizer.step()
         self.after_optimizer_step()
-        return self.log_entropies(entropies)
+        return self.log_step(objectives)
 
-    def log_entropies(self, entropies: Mapping[str, float]) -> Tensor:
-        total = sum(entropies.values())
-        self.log("train/entropy", total, prog_bar=True, batch_size=1)
-        for task, value in entropies.items():
+    def log_step(self, objectives: Mapping[str, float]) -> Tensor:
+        """Log the step's summed objective and per-task objective and entropy; keep them in ``history``."""
+        total, entropy = sum(objectives.values()), sum(self.last_step_entropy.values())
+        self.log("train/objective", total, prog_bar=True, batch_size=1)
+        self.log("train/entropy", entropy, batch_size=1)
+        for task, value in objectives.items():
+            self.log(f"train/objective/{task}", value, batch_size=1)
+        for task, value in self.last_step_entropy.items():
             self.log(f"train/entropy/{task}", value, batch_size=1)
-        self.history.append({"step": self.global_step, "entropy": total})
+        self.history.append({"step": self.global_step, "objective": total, "entropy": entropy})
         return torch.tensor(total)
 
     # -- evaluation -------------------------------------------------------------------------------
+    _COUNTS = ("correct", "seen", "objective", "batches", "changed", "compared")
+
     def on_validation_epoch_start(self) -> None:
         with torch.no_grad():
             self._eval_weights = {n: w.detach() for n, w in self.eval_weights().items()}
-        self._correct = {task: 0 for task in self.task_names}
-        self._seen = {task: 0 for task in self.task_names}
+        self._totals = {task: [0.0] * len(self._COUNTS) for task in self.task_names}
+        self._predictions = {}
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         task = self.task_names[dataloader_idx]
         with torch.no_grad(), self._autocast():
             logits = self.task_logits(task, batch["inputs"], self._eval_weights)
         correct, seen = count_correct(logits, batch["labels"])
-        self._correct[task] += correct
-        self._seen[task] += seen
+        mask = entropy_mask(batch["inputs"], logits)
+        predictions = valid_predictions(logits, mask)
+        # The label-free signals: the objective on the evaluation inputs, and predictions that moved since
+        # the first evaluation (the runner's, before learning). Labels are not used for either.
+        changed = compared = 0
+        if self._first_predictions is not None and (task, batch_idx) in self._first_predictions:
+            before = self._first_predictions[task, batch_idx]
+            changed, compared = int((before != predictions).sum()), predictions.numel()
+        self._predictions[task, batch_idx] = predictions
+        objective = float(self.objective(logits, mask))
+        totals = self._totals[task]
+        for index, value in enumerate((correct, seen, objective, 1, changed, compared)):
+            totals[index] += value
 
     def on_validation_epoch_end(self) -> None:
-        counts = torch.tensor([[self._correct[t], self._seen[t]] for t in self.task_names], dtype=torch.float64)
+        counts = torch.tensor([self._totals[t] for t in self.task_names], dtype=torch.float64)
         if self.trainer.world_size > 1:  # each rank saw its shard of the evaluation split
             counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
-        accuracy = {t: float(c / max(n, 1)) for t, (c, n) in zip(self.task_names, counts.tolist())}
         self._eval_weights = None
         if self.trainer.sanity_checking:
             return
-        self.last_accuracy = accuracy
-        for task, value in accuracy.items():
+        columns = {name: counts[:, i].tolist() for i, name in enumerate(self._COUNTS)}
+        evaluation: dict[str, dict[str, float]] = {"accuracy": {}, "objective": {}, "prediction_changed": {}}
+        for i, task in enumerate(self.task_names):
+            evaluation["accuracy"][task] = columns["correct"][i] / max(columns["seen"][i], 1)
+            evaluation["objective"][task] = columns["objective"][i] / max(columns["batches"][i], 1)
+            if self._first_predictions is not None:
+                evaluation["prediction_changed"][task] = columns["changed"][i] / max(columns["compared"][i], 1)
+        if self._first_predictions is None:
+            self._first_predictions = self._predictions
+        self._predictions = {}
+        self.evaluations.append(evaluation)
+        self.last_accuracy = evaluation["accuracy"]
+        for task, value in self.last_accuracy.items():
             self.log(f"val/accuracy/{task}", value, add_dataloader_idx=False)
-        self.log("val/average_accuracy", sum(accuracy.values()) / len(accuracy), add_dataloader_idx=False, prog_bar=True)
+        self.log("val/average_accuracy", sum(self.last_accuracy.values()) / len(self.last_accuracy),
+                 add_dataloader_idx=False, prog_bar=True)
+
+    def label_free_report(self) -> dict[str, dict[str, float]]:
+        """Per task: the objective on its evaluation inputs at the first and last evaluation, and the
+        fraction of predictions the learning changed -- what a user can judge a merge by without labels."""
+        if len(self.evaluations) < 2:
+            return {}
+        first, last = self.evaluations[0], self.evaluations[-1]
+        return {
+            task: {
+                "objective_start": first["objective"][task],
+                "objective_end": last["objective"][task],
+                "prediction_changed": last["prediction_changed"][task],
+            }
+            for task in self.task_names
+        }
 
     on_test_epoch_start = on_validation_epoch_start
     test_step = validation_step

@@ -17,11 +17,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from adamerge.loggers import finish, log_coefficients
+from adamerge.loggers import finish, log_coefficients, log_label_free
 from adamerge.methods.learned import build_learned
 from adamerge.methods.registry import get_method
 from adamerge.modelpool import ModelPool
 from adamerge.module import count_correct, run_backbone
+from adamerge.objectives import Objective, build_objective
 from adamerge.reporting import average, coefficient_heatmap, write_json, write_summary
 from adamerge.task_vectors import TaskVectors
 
@@ -39,6 +40,7 @@ class RunContext:
     datamodule: L.LightningDataModule
     task_vectors: TaskVectors
     device: torch.device
+    objective: Objective
 
 
 def pick_device(accelerator: str) -> torch.device:
@@ -156,14 +158,21 @@ def make_logger(ctx: RunContext, name: str) -> Any:
 
 
 def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple[dict, nn.Module, Any]:
-    module = build_learned(name, ctx.pool.fresh_backbone(), ctx.task_vectors, ctx.pool.heads, **hparams)
+    module = build_learned(
+        name, ctx.pool.fresh_backbone(), ctx.task_vectors, ctx.pool.heads, objective=ctx.objective, **hparams
+    )
     logger = make_logger(ctx, name)
     trainer = make_trainer(ctx, name, logger)
     try:
+        # The starting merge is evaluated first: the reference for the label-free report (objective and
+        # predictions before learning), not a labelled score anything is selected by.
+        trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
         trainer.fit(module, datamodule=ctx.datamodule)
         if hasattr(module, "save_artifacts"):
             module.save_artifacts(method_dir(ctx, name))
         trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
+        label_free = module.label_free_report()
+        log_label_free(logger, label_free)
         coefficients = module.coefficients()
         heatmap = coefficient_heatmap(coefficients, module.task_names, method_dir(ctx, name) / "coefficients.png", title=name)
         log_coefficients(logger, coefficients, module.task_names, module.merged.names, heatmap)
@@ -172,6 +181,10 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple
     result = {
         "accuracy": dict(module.last_accuracy),
         "coefficients": coefficients,
+        "objective": module.objective.config(),
+        "label_free": label_free,
+        "start_accuracy": module.evaluations[0]["accuracy"],
+        "objective_history": [h["objective"] for h in module.history],
         "entropy_history": [h["entropy"] for h in module.history],
         "heatmap": str(heatmap),
     }
@@ -188,6 +201,7 @@ def export_model(ctx: RunContext, name: str, model: nn.Module, hparams: Mapping,
         "tasks": ctx.task_vectors.task_names,
         "sources": ctx.pool.sources(),
         "coefficients": result.get("coefficients"),
+        "objective": result.get("objective"),
         "merged_tensors": ctx.task_vectors.names,
         "accuracy": result["accuracy"],
     }
@@ -247,6 +261,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     for name in names:  # fail on a typo before loading any checkpoint
         if name not in EVALUATION_ONLY:
             get_method(name)
+    objective = build_objective(**OmegaConf.to_container(cfg.objective, resolve=True))
     pool: ModelPool = instantiate(cfg.modelpool, _recursive_=False)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
@@ -254,7 +269,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"data tasks {datamodule.task_names} differ from modelpool tasks {pool.task_names}")
     task_vectors = pool.task_vectors(list(datamodule.task_names))
     print(f"task vectors: {task_vectors.memory_report()}")
-    ctx = RunContext(cfg, run_dir, pool, datamodule, task_vectors, pick_device(cfg.trainer.get("accelerator", "auto")))
+    device = pick_device(cfg.trainer.get("accelerator", "auto"))
+    ctx = RunContext(cfg, run_dir, pool, datamodule, task_vectors, device, objective)
 
     rows = []
     for name in names:
@@ -264,6 +280,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         rows.append(result)
         write_json(method_dir(ctx, name) / "results.json", result)
         print(f"{name}: average accuracy {100 * result['average_accuracy']:.2f}% ({result['seconds']:.1f} s)")
+        for task, signals in (result.get("label_free") or {}).items():
+            print(f"  {task}: {ctx.objective.name} {signals['objective_start']:.4f} -> {signals['objective_end']:.4f}, "
+                  f"{100 * signals['prediction_changed']:.1f}% of predictions changed")
     if len(names) > 1 and rows:
         table = write_summary(run_dir, rows, task_vectors.task_names)
         print("\n" + table)

@@ -14,7 +14,8 @@ from torch.func import functional_call
 
 from adamerge.merged import MergedModel
 from adamerge.models.efficientnet import efficientnet_lite0
-from adamerge.module import AdaMergingModule, prediction_entropy
+from adamerge.module import AdaMergingModule
+from adamerge.objectives import prediction_entropy
 from adamerge.task_vectors import TaskVectors
 
 

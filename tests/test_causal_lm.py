@@ -13,6 +13,7 @@ from adamerge.checkpoints import CheckpointError
 from adamerge.export import export_merged
 from adamerge.methods.learned import build_learned
 from adamerge.models.heads import Identity
+from adamerge.objectives import ObjectiveError, build_objective
 from adamerge.models.hf import (
     HFModelPool,
     PromptDataModule,
@@ -130,6 +131,12 @@ def test_blockwise_adamerging_learns_and_exports(lm_zoo, tmp_path):
         optimizer.step()
         module.after_optimizer_step()
     assert history[-1] < history[0], history
+    # Per-token objectives: confident_entropy has a per-token form; information maximisation says it has none.
+    module.objective = build_objective("confident_entropy", threshold=1.0)
+    assert all(v >= 0 for v in module.accumulate_gradients(batch, module.merged_weights()).values())
+    module.objective = build_objective("information_maximization")
+    with pytest.raises(ObjectiveError, match="information_maximization.*per-token.*causal language model"):
+        module.accumulate_gradients(batch, module.merged_weights())
     assert data.has_labels("math") and next(iter(data.eval_dataloader("math")))["labels"].min() == -100
 
     merged = module.merge_and_unload()

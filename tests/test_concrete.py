@@ -17,7 +17,7 @@ from adamerge.concrete import (
 )
 from adamerge.methods.learned import build_learned
 from adamerge.methods.registry import get_method
-from adamerge.module import prediction_entropy
+from adamerge.objectives import prediction_entropy
 from adamerge.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states, make_heads
 from tests.test_module import _Stream, random_batch

@@ -4,7 +4,8 @@ import torch
 from torch.func import functional_call
 
 from adamerge.merged import MergedModel
-from adamerge.module import AdaMergingModule, prediction_entropy
+from adamerge.module import AdaMergingModule
+from adamerge.objectives import prediction_entropy
 from adamerge.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states, make_heads
 

@@ -15,6 +15,7 @@ from adamerge.merged import MergedModel, resolve_layer_groups
 from adamerge.methods.registry import get_method, register_method
 from adamerge.methods.steps import ties_trim
 from adamerge.module import AdaMergingModule
+from adamerge.objectives import Objective
 from adamerge.task_vectors import TaskVectors
 
 ADAMERGING_DEFAULTS: dict[str, Any] = {
@@ -56,6 +57,7 @@ def _adamerging_builder(granularity: str) -> LearnedBuilder:
         ties_scope: str,
         autocast_dtype: str | None,
         layer_groups: Any = None,
+        objective: Objective | None = None,
     ) -> AdaMergingModule:
         if ties_top_k is not None:
             task_vectors = trim_task_vectors(task_vectors, ties_top_k, ties_scope)
@@ -68,7 +70,8 @@ def _adamerging_builder(granularity: str) -> LearnedBuilder:
             layer_groups=resolve_layer_groups(layer_groups, task_vectors.names),
         )
         return AdaMergingModule(
-            merged, heads, lr=lr, betas=tuple(betas), weight_decay=weight_decay, autocast_dtype=autocast_dtype
+            merged, heads, lr=lr, betas=tuple(betas), weight_decay=weight_decay, autocast_dtype=autocast_dtype,
+            objective=objective,
         )
 
     return build
@@ -99,10 +102,15 @@ def build_learned(
     backbone: nn.Module,
     task_vectors: TaskVectors,
     heads: Mapping[str, nn.Module],
+    objective: Objective | None = None,
     **hparams: Any,
 ) -> AdaMergingModule:
-    """The LightningModule that learns method ``name`` (hyperparameters checked against the registry)."""
+    """The LightningModule that learns method ``name`` (hyperparameters checked against the registry).
+
+    ``objective`` is what it minimises on the unlabeled batches (default: the paper's entropy); any
+    objective composes with any learned method.
+    """
     spec = get_method(name)
     if spec.kind != "learned":
         raise ValueError(f"method {name!r} is data-free; use adamerge.merge() for it")
-    return LEARNED_BUILDERS[name](backbone, task_vectors, heads, **spec.resolve_hparams(hparams))
+    return LEARNED_BUILDERS[name](backbone, task_vectors, heads, objective=objective, **spec.resolve_hparams(hparams))

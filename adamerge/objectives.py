@@ -1,0 +1,149 @@
+"""Label-free test-time objectives: what a learned merge minimises on each task's unlabeled batch.
+
+Every objective maps one task's logits (``[N, C]``, or ``[N, T, V]`` per token for causal LMs with a padding
+mask) to a scalar loss; learned methods sum it over tasks. ``p = softmax(logits)``, ``H`` is Shannon entropy
+in nats, ``C`` the number of classes.
+
+- ``entropy`` (AdaMerging, Yang et al. 2024): mean ``H(p(x))``. Rewards confidence, right or wrong, so it
+  can make a task confidently wrong (confirmation bias).
+- ``information_maximization`` (SHOT, Liang et al. 2020): mean ``H(p(x)) − w · H(mean_x p(x))``; the second
+  term wants the batch's predictions spread over the classes, so a merge cannot lower the loss by pushing a
+  task into a few classes. Undefined per token (the batch mean over a whole vocabulary is no class prior).
+- ``confident_entropy`` (EATA, Niu et al. 2022; SAR, 2023): mean ``H`` over the examples with
+  ``H < threshold · ln C`` only (optionally weighted by ``exp(E0 − H)``, EATA); high-entropy examples carry
+  the noisiest gradients. A batch with no confident example contributes zero.
+
+``normalize=True`` divides every entropy by ``ln C`` so a 10-class and a 397-class task weigh alike in the sum.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+class ObjectiveError(ValueError):
+    """An objective cannot be used as configured or on these logits; the message names both."""
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """``H(softmax(logits))`` along the last dimension, in float32 (one value per example or token)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``values``, over the positions where ``mask`` is non-zero when one is given."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def prediction_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean Shannon entropy of ``softmax(logits)`` over the batch (and valid positions, given a mask)."""
+    return masked_mean(token_entropy(logits), mask)
+
+
+def entropy_scale(num_classes: int, normalize: bool) -> float:
+    """``ln C`` when normalising (1 for a one-class head, whose entropy is always 0), else 1."""
+    return math.log(num_classes) if normalize and num_classes > 1 else 1.0
+
+
+class Objective(ABC):
+    """A label-free loss over one task's logits. Subclasses register under ``name``."""
+
+    name: ClassVar[str]
+    per_token: ClassVar[bool] = True  # defined for [N, T, V] logits of causal LMs
+
+    def __init__(self, normalize: bool = False) -> None:
+        self.normalize = bool(normalize)
+
+    def __call__(self, logits: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The loss of one task's batch; ``mask`` marks the valid positions of per-token logits."""
+        if logits.ndim < 2:
+            raise ObjectiveError(f"objective {self.name!r} needs logits of shape [N, C] or [N, T, V], got {tuple(logits.shape)}")
+        if logits.ndim > 2 and not self.per_token:
+            raise ObjectiveError(
+                f"objective {self.name!r} is not defined for per-token logits {tuple(logits.shape)} "
+                "(a causal language model): use objective=entropy or objective=confident_entropy"
+            )
+        return self.loss(logits, mask)
+
+    @abstractmethod
+    def loss(self, logits: Tensor, mask: Tensor | None) -> Tensor: ...
+
+    def config(self) -> dict[str, Any]:
+        """Name and settings, for results files and the export's merge_config.json."""
+        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({settings})"
+
+
+class Entropy(Objective):
+    name = "entropy"
+
+    def loss(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+        return prediction_entropy(logits, mask) / entropy_scale(logits.shape[-1], self.normalize)
+
+
+class InformationMaximization(Objective):
+    name = "information_maximization"
+    per_token = False
+
+    def __init__(self, diversity_weight: float = 1.0, normalize: bool = False) -> None:
+        super().__init__(normalize)
+        if not diversity_weight >= 0:
+            raise ObjectiveError(f"objective 'information_maximization': diversity_weight must be >= 0, got {diversity_weight}")
+        self.diversity_weight = float(diversity_weight)
+
+    def loss(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+        probs = torch.softmax(logits.float(), dim=-1)
+        mean_entropy = token_entropy(logits).mean()
+        marginal = probs.mean(0)
+        diversity = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum()
+        return (mean_entropy - self.diversity_weight * diversity) / entropy_scale(logits.shape[-1], self.normalize)
+
+
+class ConfidentEntropy(Objective):
+    name = "confident_entropy"
+    WEIGHTINGS = ("none", "eata")
+
+    def __init__(self, threshold: float = 0.4, weighting: str = "none", normalize: bool = False) -> None:
+        super().__init__(normalize)
+        if not 0 < threshold <= 1:
+            raise ObjectiveError(f"objective 'confident_entropy': threshold is a fraction of ln C in (0, 1], got {threshold}")
+        if weighting not in self.WEIGHTINGS:
+            raise ObjectiveError(f"objective 'confident_entropy': weighting must be one of {self.WEIGHTINGS}, got {weighting!r}")
+        self.threshold, self.weighting = float(threshold), weighting
+
+    def loss(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+        entropy = token_entropy(logits)
+        margin = self.threshold * math.log(logits.shape[-1]) if logits.shape[-1] > 1 else 0.0
+        selected = entropy < margin
+        if mask is not None:
+            selected = selected & mask.bool()
+        weight = selected.to(entropy.dtype)
+        if self.weighting == "eata":
+            weight = weight * torch.exp(margin - entropy.detach())
+        loss = (weight * entropy).sum() / selected.sum().clamp_min(1).to(entropy.dtype)
+        return loss / entropy_scale(logits.shape[-1], self.normalize)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Entropy, InformationMaximization, ConfidentEntropy)}
+
+
+def build_objective(name: str = "entropy", **settings: Any) -> Objective:
+    """The objective registered as ``name`` with ``settings``; unknown names or settings raise ObjectiveError."""
+    if name not in OBJECTIVES:
+        raise ObjectiveError(f"unknown objective {name!r}; registered: {sorted(OBJECTIVES)}")
+    try:
+        return OBJECTIVES[name](**settings)
+    except TypeError as error:
+        raise ObjectiveError(f"objective {name!r}: {error}") from None
