@@ -84,17 +84,21 @@ class _Stream(torch.utils.data.IterableDataset):
             yield {t: {"inputs": x, "labels": torch.zeros(16, dtype=torch.long)} for t, x in self.data.items()}
 
 
-def test_trainer_lowers_entropy_and_clamps():
-    model = build_module(lr=5e-2)
+@pytest.mark.parametrize("objective", [{"name": "entropy"}, {"name": "information_maximization"},
+                                       {"name": "confident_entropy", "threshold": 1.0}])
+def test_trainer_lowers_the_objective_and_clamps(objective):
+    from adamerge.objectives import build_objective
+
+    model = build_module(lr=5e-2, objective=build_objective(**objective))
     loader = torch.utils.data.DataLoader(_Stream(model.task_names, 40), batch_size=None)
     trainer = L.Trainer(
         max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(model, loader)
-    entropies = [h["entropy"] for h in model.history]
-    assert len(entropies) == 40
-    assert sum(entropies[-5:]) / 5 < sum(entropies[:5]) / 5 - 1e-3
+    values = [h["objective"] for h in model.history]
+    assert len(values) == 40
+    assert sum(values[-5:]) / 5 < sum(values[:5]) / 5 - 1e-3
     c = model.merged.coefficients.detach()
     assert c.min() >= 0 and c.max() <= 1
     assert not torch.allclose(c, torch.full_like(c, 0.3))
@@ -122,3 +126,34 @@ def test_backbone_stays_in_eval_mode_during_fit():
     running_mean = model.merged.module.bn.running_mean.clone()
     model.accumulate_gradients(random_batch(model.task_names), model.merged.merged_weights())
     torch.testing.assert_close(model.merged.module.bn.running_mean, running_mean)
+
+
+def test_label_free_report_compares_the_first_and_last_evaluation():
+    model = build_module(lr=5e-2)
+    generator = torch.Generator().manual_seed(5)
+    eval_batches = {t: {"inputs": torch.randn(32, 3, 8, 8, generator=generator), "labels": torch.zeros(32, dtype=torch.long)}
+                    for t in model.task_names}
+    loaders = [torch.utils.data.DataLoader([eval_batches[t]], batch_size=None) for t in model.task_names]
+    with torch.no_grad():
+        weights = model.merged.merged_weights()
+        start = {t: model.objective(model.heads[t](functional_call(model.merged.module, weights, (b["inputs"],)))).item()
+                 for t, b in eval_batches.items()}
+        start_predictions = {t: model.heads[t](functional_call(model.merged.module, weights, (b["inputs"],))).argmax(-1)
+                             for t, b in eval_batches.items()}
+    trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, dataloaders=loaders, verbose=False)
+    assert model.label_free_report() == {}  # nothing to compare with yet
+    trainer.fit(model, torch.utils.data.DataLoader(_Stream(model.task_names, 30), batch_size=None))
+    trainer.validate(model, dataloaders=loaders, verbose=False)
+    report = model.label_free_report()
+    assert set(report) == set(model.task_names)
+    with torch.no_grad():
+        weights = model.merged.merged_weights()
+        for task, batch in eval_batches.items():
+            logits = model.heads[task](functional_call(model.merged.module, weights, (batch["inputs"],)))
+            assert report[task]["objective_start"] == pytest.approx(start[task], abs=1e-5)
+            assert report[task]["objective_end"] == pytest.approx(model.objective(logits).item(), abs=1e-5)
+            changed = (logits.argmax(-1) != start_predictions[task]).float().mean().item()
+            assert report[task]["prediction_changed"] == pytest.approx(changed)
+    assert sum(r["objective_end"] for r in report.values()) < sum(r["objective_start"] for r in report.values())

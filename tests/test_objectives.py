@@ -202,3 +202,32 @@ def test_entropy_collapses_where_information_maximization_does_not():
     before, after, history, coefficients = _learn("information_maximization")
     assert history[-1] < history[0]
     assert coefficients[1] < 0.25 and coefficients[0] > 0.9 and after >= before  # sharpened, not collapsed
+
+
+# --- composition: any objective with any learned method ---------------------------------------------------
+
+SETTINGS = {"entropy": {}, "information_maximization": {}, "confident_entropy": {"threshold": 1.0}}
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize("method", [
+    "adamerging_task_wise", "adamerging_layer_wise", "adamerging_layer_wise_plus_plus",
+    "concrete_task_arithmetic", "concrete_adamerging_task_wise", "concrete_adamerging_layer_wise",
+])
+def test_every_objective_drives_every_learned_method(method, objective):
+    from adamerge.methods.learned import build_learned
+    from tests.helpers import TinyConvNet, finetuned_states, make_heads
+
+    backbone = TinyConvNet()
+    vectors = TaskVectors.from_state_dicts(backbone.state_dict(), finetuned_states(backbone, 3, scale=0.3))
+    extra = {"meta_steps": 0} if method.startswith("concrete_adamerging") else {}
+    module = build_learned(method, backbone.eval(), vectors, make_heads(vectors.task_names),
+                           objective=build_objective(objective, **SETTINGS[objective]), **extra)
+    assert module.objective.name == objective
+    batch = {t: {"inputs": torch.randn(6, 3, 8, 8), "labels": torch.zeros(6, dtype=torch.long)} for t in vectors.task_names}
+    values = module.accumulate_gradients(batch, module.merged_weights())
+    assert set(values) == set(vectors.task_names) and all(math.isfinite(v) for v in values.values())
+    # The objective's gradient reaches what the method trains (coefficients, or the mask logits).
+    grads = [p.grad for p in module.trainable_parameters() if p.grad is not None]
+    assert grads and any(torch.count_nonzero(g) > 0 for g in grads)
+    assert set(module.last_step_entropy) == set(vectors.task_names)
