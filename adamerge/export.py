@@ -6,8 +6,8 @@ writes, so the result also opens with plain ``AutoModel.from_pretrained``. Expor
 temporary sibling directory and renamed into place: a crash leaves either the old export or the
 new one, never a half-written directory.
 
-Loading an export whose architecture is a ``_target_`` imports and calls that target: only load
-exports you trust, or pass ``model=`` to load the weights into a module you built yourself.
+``merge_config.json`` records the sha256 of every other file of the export, so that
+:func:`adamerge.loading.load_merged` can refuse one that was modified, truncated or corrupted.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
-__all__ = ["MERGE_CONFIG", "WEIGHTS", "ExportError", "export_merged", "load_merged", "read_merge_config"]
+from adamerge.checkpoints import sha256_of
+
+__all__ = ["MERGE_CONFIG", "WEIGHTS", "ExportError", "export_merged", "export_file_hashes"]
 
 MERGE_CONFIG = "merge_config.json"
 WEIGHTS = "model.safetensors"
@@ -120,6 +122,15 @@ def _copy_extra(source: Path | bytes, target: Path) -> None:
             shutil.copyfile(src, dst)
 
 
+def export_file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file of an export directory but ``merge_config.json``, by relative POSIX path."""
+    return {
+        file.relative_to(directory).as_posix(): sha256_of(file)
+        for file in sorted(directory.rglob("*"))
+        if file.is_file() and file.relative_to(directory).as_posix() != MERGE_CONFIG
+    }
+
+
 def _write_json(path: Path, content: dict[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
@@ -181,9 +192,12 @@ def export_merged(
                 raise ExportError(f"save_pretrained wrote no {WEIGHTS} for {type(model).__name__}")
         else:
             save_model(model, str(staging / WEIGHTS), metadata={"format": "pt"})
-        _write_json(staging / MERGE_CONFIG, config)
         for name, source in extras.items():  # after the export's own files, so a clash is caught, not lost
             _copy_extra(source, staging / name)
+        if (staging / MERGE_CONFIG).exists():
+            raise ExportError(f"an extra file collides with the export's own {MERGE_CONFIG}")
+        # Written last, over the bytes actually on disk: the loader checks every file against these.
+        _write_json(staging / MERGE_CONFIG, {**config, "files": export_file_hashes(staging)})
         _fsync_tree(staging)
         _swap_into_place(staging, directory)
     except BaseException:
@@ -206,78 +220,3 @@ def _swap_into_place(staging: Path, directory: Path) -> None:
     _fsync(directory.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def read_merge_config(path: str | Path) -> dict[str, Any]:
-    """The ``merge_config.json`` of an export directory (or the file itself)."""
-    path = Path(path).expanduser()
-    file = path / MERGE_CONFIG if path.is_dir() else path
-    if not path.exists():
-        raise ExportError(f"no export at {path}: the path does not exist")
-    if not file.is_file():
-        raise ExportError(f"{path} is not an export: it has no {MERGE_CONFIG}")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{file} is not valid JSON: {exc}") from exc
-
-
-def load_merged(path: str | Path, model: nn.Module | None = None, *, map_location: str = "cpu") -> nn.Module:
-    """Rebuild an exported model (or fill ``model`` with its weights), in eval mode on ``map_location``."""
-    path = Path(path).expanduser()
-    config = read_merge_config(path)
-    architecture = config.get("architecture") or {}
-    if not (path / WEIGHTS).is_file() and not (path / WEIGHTS_INDEX).is_file():
-        raise ExportError(f"{path} has no weights: {WEIGHTS} is missing")
-    if model is None and "transformers_class" in architecture:
-        import transformers
-
-        # Only concrete classes of transformers itself: never an Auto class that could pull remote code.
-        cls = getattr(transformers, architecture["transformers_class"], None)
-        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-            raise ExportError(f"{path}: transformers has no model class {architecture['transformers_class']!r}")
-        return cls.from_pretrained(path).to(map_location).eval()
-    if model is None and "_target_" in architecture:
-        from hydra.utils import instantiate
-
-        try:
-            model = instantiate(architecture)
-        except Exception as exc:
-            raise ExportError(f"{path}: could not build {architecture['_target_']}; pass model= instead") from exc
-    if model is None:
-        raise ExportError(
-            f"{path}: architecture {architecture.get('class', '<unknown>')} was not recorded in a rebuildable "
-            "form; build the module yourself and pass it as model="
-        )
-    _load_weights(model, path, map_location)
-    return model.to(map_location).eval()
-
-
-def _load_weights(model: nn.Module, path: Path, map_location: str) -> None:
-    try:
-        if (path / WEIGHTS).is_file():
-            load_model(model, path / WEIGHTS, strict=True, device=map_location)
-        else:
-            _load_sharded(model, path, map_location)
-    except (RuntimeError, KeyError) as exc:
-        if isinstance(exc, ExportError):
-            raise
-        raise ExportError(f"the weights in {path} do not fit {type(model).__name__}: {exc}") from exc
-
-
-def _load_sharded(model: nn.Module, path: Path, map_location: str) -> None:
-    from adamerge.task_vectors import tied_aliases
-
-    shards = sorted(set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
-    state = {}
-    for shard in shards:
-        state.update(load_file(path / shard, device=map_location))
-    own = model.state_dict()
-    aliases = tied_aliases(own)
-    canonical = {name: aliases.get(name, name) for name in own}
-    present = {canonical[k] for k in state if k in canonical}  # save_pretrained keeps one name per tied group
-    missing = [k for k in own if k not in state and canonical[k] not in present]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ExportError(f"the weights in {path} do not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(state, strict=False)

@@ -9,19 +9,14 @@ from safetensors import safe_open
 from torch import nn
 
 from adamerge import export
-from adamerge.export import (
-    MERGE_CONFIG,
-    WEIGHTS,
-    ExportError,
-    export_merged,
-    load_merged,
-    read_merge_config,
-)
+from adamerge.export import MERGE_CONFIG, WEIGHTS, ExportError, export_merged
+from adamerge.loading import TRUSTED_ARCHITECTURES, load_merged, read_merge_config
 from adamerge.merged import MergedModel
 from adamerge.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states
 
 ARCH = {"_target_": "tests.helpers.TinyConvNet", "features": 5}
+TRUST = ["tests.helpers.TinyConvNet"]  # not one of adamerge's own architectures: the tests trust it explicitly
 
 
 def trained_net(features=5):
@@ -56,7 +51,7 @@ def test_plain_module_round_trip_and_merge_config(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [MERGE_CONFIG, WEIGHTS]
     assert siblings(out) == []
 
-    loaded = load_merged(out)
+    loaded = load_merged(out, trust=TRUST)
     assert isinstance(loaded, TinyConvNet) and not loaded.training
     x = torch.randn(4, 3, 8, 8)
     assert torch.equal(loaded(x), net(x))
@@ -169,12 +164,15 @@ def test_sharded_transformers_weights_load(tmp_path):
     model.save_pretrained(out, max_shard_size="20KB")  # the layout save_pretrained uses above 50GB
     assert (out / "model.safetensors.index.json").is_file() and not (out / WEIGHTS).exists()
     ids = torch.randint(0, 50, (1, 5))
+    # The files were rewritten by hand after the export, so their recorded checksums no longer hold.
+    with pytest.raises(ExportError, match="is missing"):
+        load_merged(out)
     with torch.no_grad():
         expected = model(ids).logits
-        assert torch.equal(load_merged(out)(ids).logits, expected)
-        assert torch.equal(load_merged(out, type(model)(model.config))(ids).logits, expected)
+        assert torch.equal(load_merged(out, verify=False)(ids).logits, expected)
+        assert torch.equal(load_merged(out, type(model)(model.config), verify=False)(ids).logits, expected)
         with pytest.raises(ExportError, match="do not fit"):
-            load_merged(out, nn.Linear(2, 2))
+            load_merged(out, nn.Linear(2, 2), verify=False)
 
 
 def test_end_to_end_through_merged_model(tmp_path):
@@ -195,7 +193,7 @@ def test_end_to_end_through_merged_model(tmp_path):
         architecture={"_target_": "tests.helpers.TinyConvNet", "features": 6},
     )
     assert read_merge_config(out)["coefficients"] == merged.coefficients_as_list()
-    loaded = load_merged(out)
+    loaded = load_merged(out, trust=TRUST)
     x = torch.randn(3, 3, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), merged(x), atol=1e-6, rtol=0)
@@ -251,7 +249,7 @@ def test_overwrite_replaces_contents(tmp_path):
     assert not (first / "old.txt").exists()
     assert siblings(first) == []
     x = torch.randn(1, 3, 4, 4)
-    assert torch.equal(load_merged(first)(x), net(x))
+    assert torch.equal(load_merged(first, trust=TRUST)(x), net(x))
 
 
 def test_overwrite_refuses_a_directory_that_is_not_an_export(tmp_path):
@@ -336,7 +334,7 @@ def test_load_errors_name_the_path(tmp_path):
     bad_target = export_merged(
         trained_net(), tmp_path / "target", merge_config={}, architecture={"_target_": "nowhere.Nothing"}
     )
-    with pytest.raises(ExportError, match="could not build nowhere.Nothing") as info:
+    with pytest.raises(ExportError, match="refusing to build architecture 'nowhere.Nothing'") as info:
         load_merged(bad_target)
     assert str(bad_target) in str(info.value)
 
@@ -346,3 +344,103 @@ def test_strict_json_never_writes_nan(tmp_path):
         trained_net(), tmp_path / "m", merge_config={"loss": math.inf, "x": np.array([np.nan, 1.0])}, architecture=ARCH
     )
     assert json.loads((out / MERGE_CONFIG).read_text(), parse_constant=pytest.fail)["x"] == [None, 1.0]
+
+
+# --- loading is safe: verified bytes, no code chosen by the export -------------------------------------------
+
+
+def test_export_records_the_sha256_of_every_file(tmp_path):
+    import hashlib
+
+    out = export_merged(trained_net(), tmp_path / "m", merge_config={}, architecture=ARCH,
+                        extra_files={"notes/readme.txt": b"hello"})
+    files = read_merge_config(out)["files"]
+    assert set(files) == {WEIGHTS, "notes/readme.txt"}
+    for name, digest in files.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove_extra"])
+def test_tampered_or_truncated_export_is_refused(tmp_path, damage):
+    out = export_merged(trained_net(), tmp_path / "m", merge_config={}, architecture=ARCH,
+                        extra_files={"tokenizer.json": b"{}"})
+    weights = out / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    if damage == "flip":
+        data[-3] ^= 0x01  # one bit of the last weight: still a valid safetensors file
+        weights.write_bytes(bytes(data))
+        match = f"{WEIGHTS} does not match the sha256"
+    elif damage == "truncate":
+        weights.write_bytes(bytes(data[: len(data) - 4096]))
+        match = f"{WEIGHTS} does not match the sha256"
+    else:
+        (out / "tokenizer.json").unlink()
+        match = "tokenizer.json is missing"
+    with pytest.raises(ExportError, match=match) as info:
+        load_merged(out, trust=TRUST)
+    assert str(out) in str(info.value) and (damage == "remove_extra" or "verify=False" in str(info.value))
+    if damage == "flip":  # the explicit opt-out loads the (modified) bytes
+        assert isinstance(load_merged(out, trust=TRUST, verify=False), TinyConvNet)
+
+
+def test_edited_checksum_is_refused(tmp_path):
+    out = export_merged(trained_net(), tmp_path / "m", merge_config={}, architecture=ARCH)
+    config = json.loads((out / MERGE_CONFIG).read_text())
+    config["files"][WEIGHTS] = "0" * 64
+    (out / MERGE_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="does not match the sha256"):
+        load_merged(out, trust=TRUST)
+    del config["files"]
+    (out / MERGE_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="records no file checksums"):
+        load_merged(out, trust=TRUST)
+
+
+def _pickle_that_writes(marker):
+    import io
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    buffer = io.BytesIO()
+    pickle.dump(Payload(), buffer)
+    return list(buffer.getvalue())
+
+
+@pytest.mark.parametrize("where", ["target", "nested", "hydra_key"])
+def test_an_export_never_chooses_code_to_run(tmp_path, where):
+    marker = tmp_path / "pwned"
+    payload = {"_target_": "torch.load", "weights_only": False, "f": {"_target_": "io.BytesIO",
+               "initial_bytes": _pickle_that_writes(marker)}}
+    out = export_merged(trained_net(), tmp_path / "m", merge_config={}, architecture=ARCH)
+    config = json.loads((out / MERGE_CONFIG).read_text())
+    trusted = sorted(TRUSTED_ARCHITECTURES)[0]
+    if where == "target":
+        config["architecture"] = payload
+        match = "refusing to build architecture 'torch.load'"
+    elif where == "nested":
+        config["architecture"] = {"_target_": trusted, "num_classes": payload}
+        match = r"architecture\.num_classes\._target_.* would name code to run"
+    else:
+        config["architecture"] = {"_target_": trusted, "_args_": [payload]}
+        match = r"architecture\._args_.* would name code to run"
+    (out / MERGE_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=match):
+        load_merged(out)
+    with pytest.raises(ExportError):
+        load_merged(out, trust=["torch.load"], verify=False) if where == "target" else load_merged(out)
+    assert not marker.exists()
+
+
+def test_own_architectures_rebuild_without_trust(tmp_path):
+    from adamerge.models.efficientnet import EfficientNetLite0
+
+    net = EfficientNetLite0(num_classes=None).eval()
+    out = export_merged(net, tmp_path / "e", merge_config={},
+                        architecture={"_target_": "adamerge.models.efficientnet.EfficientNetLite0", "num_classes": None})
+    loaded = load_merged(out)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))

@@ -1,0 +1,178 @@
+"""Loading an export back, safely: the bytes are the ones exported, and the export chooses no code to run.
+
+An export is made to be shared, so loading one must be as safe as loading a safetensors file:
+
+- every file is checked against the sha256 that ``merge_config.json`` records (``verify=False`` opts out);
+- the architecture is rebuilt only from an allow-list: adamerge's own backbones (``TRUSTED_ARCHITECTURES``),
+  or concrete ``transformers`` model classes (``from_pretrained``, never remote code). Anything else is
+  refused with its name; pass ``model=`` (a module you built) or ``trust=[name]`` to load it anyway;
+- architecture arguments must be plain values: a nested ``_target_`` (a callable hidden in an argument) or
+  Hydra's ``_args_`` / ``_partial_`` keys are refused, so nothing in the file is ever called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, load_model
+from torch import nn
+
+from adamerge.checkpoints import sha256_of
+from adamerge.export import MERGE_CONFIG, WEIGHTS, WEIGHTS_INDEX, ExportError
+
+__all__ = ["TRUSTED_ARCHITECTURES", "load_merged", "read_merge_config", "verify_export"]
+
+# The backbones adamerge itself defines and exports with a ``_target_`` record.
+TRUSTED_ARCHITECTURES = frozenset({
+    "adamerge.models.efficientnet.EfficientNetLite0",
+    "adamerge.models.efficientnet.efficientnet_lite0",
+})
+
+
+def read_merge_config(path: str | Path) -> dict[str, Any]:
+    """The ``merge_config.json`` of an export directory (or the file itself)."""
+    path = Path(path).expanduser()
+    file = path / MERGE_CONFIG if path.is_dir() else path
+    if not path.exists():
+        raise ExportError(f"no export at {path}: the path does not exist")
+    if not file.is_file():
+        raise ExportError(f"{path} is not an export: it has no {MERGE_CONFIG}")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{file} is not valid JSON: {exc}") from exc
+
+
+def verify_export(path: str | Path, config: Mapping[str, Any] | None = None) -> None:
+    """Check every file recorded in ``merge_config.json`` exists with its recorded sha256."""
+    path = Path(path).expanduser()
+    config = read_merge_config(path) if config is None else config
+    recorded = config.get("files")
+    if not isinstance(recorded, Mapping) or not recorded:
+        raise ExportError(f"{path / MERGE_CONFIG} records no file checksums, so the export cannot be verified "
+                          "(written by adamerge < 0.2?); pass verify=False to load it anyway")
+    for name, expected in recorded.items():
+        file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ExportError(f"{path / MERGE_CONFIG} records a file outside the export: {name!r}")
+        if not file.is_file():
+            raise ExportError(f"{file} is missing: {MERGE_CONFIG} records it as part of the export")
+        actual = sha256_of(file)
+        if actual != expected:
+            raise ExportError(
+                f"{file} does not match the sha256 recorded in {MERGE_CONFIG} (recorded {str(expected)[:16]}…, "
+                f"found {actual[:16]}…): it was modified, truncated or corrupted after export; "
+                "pass verify=False to load it anyway"
+            )
+
+
+def load_merged(
+    path: str | Path,
+    model: nn.Module | None = None,
+    *,
+    map_location: str = "cpu",
+    verify: bool = True,
+    trust: Iterable[str] = (),
+) -> nn.Module:
+    """Rebuild an exported model (or fill ``model`` with its weights), in eval mode on ``map_location``.
+
+    ``verify`` checks every file against its recorded sha256 first. ``trust`` names extra architecture
+    targets (``"my_package.MyBackbone"``) you allow this export to build, beyond ``TRUSTED_ARCHITECTURES``.
+    """
+    path = Path(path).expanduser()
+    config = read_merge_config(path)
+    architecture = config.get("architecture") or {}
+    if not (path / WEIGHTS).is_file() and not (path / WEIGHTS_INDEX).is_file():
+        raise ExportError(f"{path} has no weights: {WEIGHTS} is missing")
+    if verify:
+        verify_export(path, config)
+    if model is None and "transformers_class" in architecture:
+        import transformers
+
+        # Only concrete classes of transformers itself: never an Auto class that could pull remote code.
+        cls = getattr(transformers, str(architecture["transformers_class"]), None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise ExportError(f"{path}: transformers has no model class {architecture['transformers_class']!r}")
+        return cls.from_pretrained(path).to(map_location).eval()
+    if model is None and "_target_" in architecture:
+        model = _build_architecture(path, architecture, frozenset(trust))
+    if model is None:
+        raise ExportError(
+            f"{path}: architecture {architecture.get('class', '<unknown>')} was not recorded in a rebuildable "
+            "form; build the module yourself and pass it as model="
+        )
+    _load_weights(model, path, map_location)
+    return model.to(map_location).eval()
+
+
+def _callables_in(value: Any, where: str) -> list[str]:
+    """Where ``value`` holds something that would name code to run (a ``_target_`` or a Hydra control key)."""
+    found = []
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if str(key).startswith("_"):
+                found.append(f"{where}.{key}")
+            found += _callables_in(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += _callables_in(item, f"{where}[{index}]")
+    return found
+
+
+def _build_architecture(path: Path, architecture: Mapping[str, Any], trust: frozenset[str]) -> nn.Module:
+    """Call an allow-listed target with plain keyword arguments; no other code is ever resolved."""
+    target = str(architecture["_target_"])
+    if target not in TRUSTED_ARCHITECTURES | trust:
+        raise ExportError(
+            f"{path}: refusing to build architecture {target!r} recorded in {MERGE_CONFIG}: it is not one of "
+            f"adamerge's architectures {sorted(TRUSTED_ARCHITECTURES)}. Pass model= (a module you built), or "
+            f"trust=[{target!r}] if you trust this export"
+        )
+    arguments = {key: value for key, value in architecture.items() if key != "_target_"}
+    hidden = _callables_in(arguments, "architecture")
+    if hidden:
+        raise ExportError(f"{path}: {MERGE_CONFIG} architecture arguments may only be plain values, but "
+                          f"{', '.join(hidden)} would name code to run; refusing to load")
+    module_name, _, attribute = target.rpartition(".")
+    try:
+        builder = getattr(importlib.import_module(module_name), attribute)
+        model = builder(**arguments)
+    except Exception as exc:
+        raise ExportError(f"{path}: could not build {target}; pass model= instead ({exc})") from exc
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"{path}: {target} built a {type(model).__name__}, not a torch module")
+    return model
+
+
+def _load_weights(model: nn.Module, path: Path, map_location: str) -> None:
+    try:
+        if (path / WEIGHTS).is_file():
+            load_model(model, path / WEIGHTS, strict=True, device=map_location)
+        else:
+            _load_sharded(model, path, map_location)
+    except (RuntimeError, KeyError) as exc:
+        if isinstance(exc, ExportError):
+            raise
+        raise ExportError(f"the weights in {path} do not fit {type(model).__name__}: {exc}") from exc
+
+
+def _load_sharded(model: nn.Module, path: Path, map_location: str) -> None:
+    from adamerge.task_vectors import tied_aliases
+
+    shards = sorted(set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(load_file(path / shard, device=map_location))
+    own = model.state_dict()
+    aliases = tied_aliases(own)
+    canonical = {name: aliases.get(name, name) for name in own}
+    present = {canonical[k] for k in state if k in canonical}  # save_pretrained keeps one name per tied group
+    missing = [k for k in own if k not in state and canonical[k] not in present]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ExportError(f"the weights in {path} do not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
