@@ -12,6 +12,7 @@ Only the merge coefficients (and, for Concrete methods, mask logits) train. One 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,10 @@ from adamerge.merged import MergedModel
 from adamerge.objectives import Entropy, Objective, masked_mean, token_entropy
 
 Batch = Mapping[str, Any]
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/Inf objective or gradient: learning stops before it can reach the coefficients or an export."""
 
 
 IGNORE_INDEX = -100  # the Hugging Face convention for positions without a target
@@ -162,14 +167,23 @@ class AdaMergingModule(L.LightningModule):
                 logits = self.task_logits(task, inputs, leaves)
             mask = entropy_mask(inputs, logits)
             loss = self.objective(logits, mask)
-            self._backward(loss)
             objectives[task] = loss.item()
+            if not math.isfinite(objectives[task]):  # before backward: a NaN must never reach the coefficients
+                raise NonFiniteError(
+                    f"the {self.objective.name} objective is {objectives[task]} on task {task!r} at step "
+                    f"{self.global_step}; stopping before it reaches the merge coefficients"
+                )
+            self._backward(loss)
             with torch.no_grad():
                 self.last_step_entropy[task] = masked_mean(token_entropy(logits), mask).item()
             del logits, loss
         used = [name for name, leaf in leaves.items() if leaf.grad is not None]
         if used:
             torch.autograd.backward([weights[n] for n in used], [leaves[n].grad for n in used])
+        for parameter in self.trainable_parameters():
+            if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
+                raise NonFiniteError(f"non-finite gradient of what trains at step {self.global_step} "
+                                     f"(objectives {objectives}); stopping before the optimizer step")
         return objectives
 
     def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor:

@@ -157,3 +157,15 @@ def test_label_free_report_compares_the_first_and_last_evaluation():
             changed = (logits.argmax(-1) != start_predictions[task]).float().mean().item()
             assert report[task]["prediction_changed"] == pytest.approx(changed)
     assert sum(r["objective_end"] for r in report.values()) < sum(r["objective_start"] for r in report.values())
+
+
+def test_non_finite_objective_stops_before_the_coefficients_change():
+    from adamerge.module import NonFiniteError
+
+    model = build_module()
+    batch = random_batch(model.task_names)
+    batch[model.task_names[1]]["inputs"][0, 0, 0, 0] = float("nan")
+    before = model.merged.coefficients.detach().clone()
+    with pytest.raises(NonFiniteError, match=f"objective is nan on task '{model.task_names[1]}' at step 0"):
+        model.accumulate_gradients(batch, model.merged.merged_weights())
+    assert torch.equal(model.merged.coefficients.detach(), before) and torch.isfinite(before).all()
