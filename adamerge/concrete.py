@@ -15,8 +15,6 @@ methods use it:
 
 from __future__ import annotations
 
-import fnmatch
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from adamerge.key_filters import select_tensors
 from adamerge.merged import MergedModel
 from adamerge.methods.learned import LearnedBuilder, register_learned
 from adamerge.module import AdaMergingModule, Batch
@@ -36,27 +35,6 @@ from adamerge.task_vectors import TaskVectors
 EVAL_MASKS = ("continuous", "binary")
 STAGE2_MASKS = ("eval", "sample")
 MASK_FILE = "concrete_mask.safetensors"
-
-
-def select_tensors(names: Sequence[str], patterns: Sequence[str] | None) -> list[str]:
-    """Names matching any pattern (a glob, or a regular expression matching the whole name); all if None."""
-    if patterns is None:
-        return list(names)
-    if isinstance(patterns, str):
-        patterns = [patterns]
-
-    def matches(name: str, pattern: str) -> bool:
-        if fnmatch.fnmatchcase(name, pattern):
-            return True
-        try:
-            return re.fullmatch(pattern, name) is not None
-        except re.error:  # a glob such as "*.weight" is not a valid regular expression
-            return False
-
-    selected = [name for name in names if any(matches(name, p) for p in patterns)]
-    if not selected:
-        raise ValueError(f"mask_patterns {list(patterns)} match none of the merged tensors, e.g. {list(names)[:5]}")
-    return selected
 
 
 def rescale(mask: Mapping[str, Tensor]) -> dict[str, Tensor]:

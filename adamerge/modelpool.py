@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hydra.utils import instantiate
@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adamerge.checkpoints import CheckpointError, describe_source, load_state_dict, sha256_of
+from adamerge.key_filters import drop_excluded
 from adamerge.task_vectors import TaskVectors, tied_aliases
 
 
@@ -24,6 +25,9 @@ class ModelPool:
     ``backbone`` is a module or a ``{"_target_": ...}`` config (kept so the export can rebuild it);
     ``pretrained`` is any checkpoint source of θ0 (default: the backbone's own weights);
     ``finetuned`` maps task name → checkpoint source; ``heads`` maps task name → module or config.
+    ``exclude`` patterns drop entries from every checkpoint (and the backbone's state) before validation, so a
+    full classification checkpoint can give its backbone (``exclude: ["_fc.*"]``); ``include`` patterns choose
+    the tensors that are merged, the others stay pretrained (see :mod:`adamerge.key_filters`).
     """
 
     def __init__(
@@ -34,8 +38,11 @@ class ModelPool:
         pretrained: Any | None = None,
         storage_dtype: str = "float32",
         merge_batchnorm_statistics: bool = False,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
     ) -> None:
         backbone, finetuned, heads = _plain(backbone), _plain(finetuned), _plain(heads)
+        self.include, self.exclude = _plain(include), _plain(exclude)
         if isinstance(backbone, Mapping):
             self.architecture: dict[str, Any] | None = dict(backbone)
             backbone = instantiate(backbone)
@@ -60,7 +67,7 @@ class ModelPool:
         return list(self.finetuned_sources)
 
     def _load_pretrained(self, source: Any) -> None:
-        state = load_state_dict(source)
+        state = drop_excluded(load_state_dict(source), self.exclude)
         result = self.backbone.load_state_dict(state, strict=False)
         # save_pretrained files omit tied copies; anything else missing would silently keep random init.
         tied = set(tied_aliases(self.backbone.state_dict()))
@@ -79,13 +86,15 @@ class ModelPool:
     def task_vectors(self, tasks: list[str] | None = None) -> TaskVectors:
         """Load and validate every fine-tuned checkpoint, then stack τ_k = θ_k − θ0."""
         tasks = tasks or self.task_names
-        pretrained = self.backbone.state_dict()
-        finetuned = {task: self.load_checkpoint(self.finetuned_sources[task]) for task in tasks}
+        pretrained = drop_excluded(self.backbone.state_dict(), self.exclude)
+        finetuned = {task: drop_excluded(self.load_checkpoint(self.finetuned_sources[task]), self.exclude)
+                     for task in tasks}
         return TaskVectors.from_state_dicts(
             pretrained,
             finetuned,
             storage_dtype=self.storage_dtype,
             merge_batchnorm_statistics=self.merge_batchnorm_statistics,
+            include=self.include,
             sources={task: describe_source(self.finetuned_sources[task]) for task in tasks},
             pretrained_source=describe_source(self.pretrained_source or self.backbone),
         )

