@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 import hydra
@@ -34,7 +35,21 @@ def register_resolvers() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except Exception as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # One clean message, not a traceback: the errors a user can act on name the file / parameter / value.
+        print(f"adamerge: error: {user_message(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+def user_message(error: BaseException) -> str:
+    """The innermost cause's message: Hydra wraps errors raised while building objects from config."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
 
 
 def quiet_framework_chatter() -> None:

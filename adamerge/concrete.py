@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from adamerge.key_filters import select_tensors
 from adamerge.merged import MergedModel
-from adamerge.methods.learned import LearnedBuilder, register_learned
+from adamerge.methods import checks
+from adamerge.methods.learned import LearnedBuilder, check_coefficient_learning, register_learned
 from adamerge.module import AdaMergingModule, Batch
 from adamerge.objectives import Objective
 from adamerge.task_vectors import TaskVectors
@@ -379,12 +380,38 @@ CONCRETE_AM_DEFAULTS: dict[str, Any] = {
     "mask_path": None,  # saved logits: skip stage 1 (all max_steps are AdaMerging steps)
 }
 
+def _check_mask(method: str, num_tasks: int, hparams: Mapping[str, Any]) -> None:
+    checks.check_scaling(method, "init_value", hparams["init_value"], num_tasks, per_task=True)
+    checks.check_positive(method, "temperature", hparams["temperature"])
+    if not checks.is_number(hparams["initial_logit"]):
+        raise checks.fail(method, "initial_logit", hparams["initial_logit"], "must be a finite number")
+    checks.check_positive(method, "mask_lr", hparams["mask_lr"])
+    checks.check_betas(method, hparams["betas"])
+    checks.check_patterns(method, "mask_patterns", hparams["mask_patterns"])
+    checks.check_choice(method, "eval_mask", hparams["eval_mask"], EVAL_MASKS)
+    checks.check_choice(method, "autocast_dtype", hparams["autocast_dtype"], checks.AUTOCAST_DTYPES)
+
+
+def _concrete_am_validator(method: str) -> Any:
+    def validate(num_tasks: int, hparams: Mapping[str, Any]) -> None:
+        _check_mask(method, num_tasks, hparams)
+        check_coefficient_learning(method, num_tasks, hparams)
+        checks.check_positive(method, "inner_lr", hparams["inner_lr"])
+        checks.check_int(method, "meta_steps", hparams["meta_steps"])
+        checks.check_choice(method, "stage2_mask", hparams["stage2_mask"], STAGE2_MASKS)
+        checks.check_file(method, "mask_path", hparams["mask_path"])
+
+    return validate
+
+
 register_learned(
     "concrete_task_arithmetic", build_concrete_task_arithmetic, CONCRETE_TA_DEFAULTS,
-    "Concrete task arithmetic: a shared Concrete mask on the task vectors learned by entropy, λ fixed",
+    "Concrete task arithmetic: a shared Concrete mask on the task vectors learned by the objective, λ fixed",
+    lambda num_tasks, hparams: _check_mask("concrete_task_arithmetic", num_tasks, hparams),
 )
 for _granularity in ("task_wise", "layer_wise"):
     register_learned(
         f"concrete_adamerging_{_granularity}", _concrete_adamerging_builder(_granularity), CONCRETE_AM_DEFAULTS,
         f"Concrete AdaMerging: meta-learned shared mask, then {_granularity.replace('_', '-')} AdaMerging under it",
+        _concrete_am_validator(f"concrete_adamerging_{_granularity}"),
     )

@@ -118,6 +118,22 @@ def command_line_method_keys() -> set[str]:
     return keys
 
 
+def check_methods(cfg: DictConfig, names: list[str]) -> None:
+    """Every method's name and hyperparameters, and the step budget of learned ones, checked up front."""
+    num_tasks = len(cfg.modelpool.finetuned)
+    for name in names:
+        if name in EVALUATION_ONLY:
+            continue
+        spec = get_method(name)
+        hparams = spec.resolve_hparams(method_config(cfg, name))
+        if spec.validate is not None:
+            spec.validate(num_tasks, hparams)
+        max_steps = cfg.trainer.get("max_steps", -1)
+        if spec.kind == "learned" and not (isinstance(max_steps, int) and max_steps >= 1):
+            raise ValueError(f"trainer.max_steps={max_steps!r} is invalid for learned method {name!r}: "
+                             "it must be an integer >= 1 (the number of learning steps)")
+
+
 def run_static(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple[dict, nn.Module]:
     spec = get_method(name)
     deltas = spec.fn(ctx.task_vectors, **spec.resolve_hparams(hparams))
@@ -258,9 +274,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     torch.set_num_threads(int(cfg.num_threads)) if cfg.get("num_threads") else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     names = list(cfg.method.methods) if cfg.method.name == "compare" else [cfg.method.name]
-    for name in names:  # fail on a typo before loading any checkpoint
-        if name not in EVALUATION_ONLY:
-            get_method(name)
+    check_methods(cfg, names)  # a typo or a bad value fails here, before any checkpoint is read
     objective = build_objective(**OmegaConf.to_container(cfg.objective, resolve=True))
     pool: ModelPool = instantiate(cfg.modelpool, _recursive_=False)
     datamodule = instantiate(cfg.data)

@@ -182,3 +182,18 @@ def test_default_settings_learned_merging_beats_static(tmp_path):
     assert sum(s["objective_end"] for s in result["label_free"].values()) < sum(
         s["objective_start"] for s in result["label_free"].values())
     assert len(result["objective_history"]) == 50
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["method=adamerging_layer_wise", "method.lr=abc"], "hyperparameter lr='abc' is invalid"),
+    (["method=adamerging_layer_wise", "trainer.max_steps=0"], "trainer.max_steps=0 is invalid"),
+    (["method=concrete_adamerging_layer_wise", "method.mask_path=/nowhere/mask.safetensors"], "mask_path"),
+    (["method=ties", "method.top_k=1.5"], "top_k=1.5 is invalid"),
+    (["objective=entropie"], "objective/entropie"),  # Hydra's own message lists the available objectives
+    (["objective=confident_entropy", "objective.threshold=2"], "threshold"),
+])
+def test_bad_settings_fail_before_loading_with_one_clean_message(zoo, tmp_path, overrides, message):
+    result = adamerge(tmp_path / "run", zoo, *overrides, "logger=none", check=False)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "results.json").exists() and "task vectors:" not in result.stdout

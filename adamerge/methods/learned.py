@@ -12,8 +12,9 @@ from typing import Any
 from torch import nn
 
 from adamerge.merged import MergedModel, resolve_layer_groups
-from adamerge.methods.registry import get_method, register_method
-from adamerge.methods.steps import ties_trim
+from adamerge.methods import checks
+from adamerge.methods.registry import HparamValidator, get_method, register_method
+from adamerge.methods.steps import SCOPES, ties_trim
 from adamerge.module import AdaMergingModule
 from adamerge.objectives import Objective
 from adamerge.task_vectors import TaskVectors
@@ -77,9 +78,32 @@ def _adamerging_builder(granularity: str) -> LearnedBuilder:
     return build
 
 
-def register_learned(name: str, builder: LearnedBuilder, defaults: Mapping[str, Any], description: str) -> None:
-    register_method(name, kind="learned", defaults=defaults, description=description)
+def register_learned(name: str, builder: LearnedBuilder, defaults: Mapping[str, Any], description: str,
+                     validate: HparamValidator | None = None) -> None:
+    register_method(name, kind="learned", defaults=defaults, description=description, validate=validate)
     LEARNED_BUILDERS[name] = builder
+
+
+def check_coefficient_learning(method: str, num_tasks: int, hparams: Mapping[str, Any]) -> None:
+    """What every method that learns λ with Adam shares: init, step size, betas, clamp, autocast."""
+    checks.check_scaling(method, "init_value", hparams["init_value"], num_tasks, per_task=True)
+    checks.check_positive(method, "lr", hparams["lr"])
+    checks.check_betas(method, hparams["betas"])
+    checks.check_bool(method, "clamp", hparams["clamp"])
+    checks.check_choice(method, "autocast_dtype", hparams["autocast_dtype"], checks.AUTOCAST_DTYPES)
+
+
+def _adamerging_validator(name: str) -> HparamValidator:
+    def validate(num_tasks: int, hparams: Mapping[str, Any]) -> None:
+        check_coefficient_learning(name, num_tasks, hparams)
+        checks.check_positive(name, "weight_decay", hparams["weight_decay"], allow_zero=True)
+        if hparams["ties_top_k"] is not None:
+            checks.check_range(name, "ties_top_k", hparams["ties_top_k"], low_open=True, high_open=False,
+                               hint=" or null (a fraction: 0.2 keeps the top 20%)")
+        checks.check_choice(name, "ties_scope", hparams["ties_scope"], SCOPES)
+        checks.check_layer_groups(name, hparams["layer_groups"])
+
+    return validate
 
 
 for _granularity in ("task_wise", "layer_wise"):
@@ -87,13 +111,15 @@ for _granularity in ("task_wise", "layer_wise"):
         f"adamerging_{_granularity}",
         _adamerging_builder(_granularity),
         ADAMERGING_DEFAULTS,
-        f"AdaMerging with {_granularity.replace('_', '-')} coefficients learned by test-time entropy minimisation",
+        f"AdaMerging with {_granularity.replace('_', '-')} coefficients learned by a test-time objective",
+        _adamerging_validator(f"adamerging_{_granularity}"),
     )
     register_learned(
         f"adamerging_{_granularity}_plus_plus",
         _adamerging_builder(_granularity),
         {**ADAMERGING_DEFAULTS, "ties_top_k": 0.2},
         f"AdaMerging++: {_granularity.replace('_', '-')} AdaMerging over TIES-trimmed task vectors",
+        _adamerging_validator(f"adamerging_{_granularity}_plus_plus"),
     )
 
 

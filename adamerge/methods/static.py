@@ -9,15 +9,14 @@ repeats them for Hydra and a test keeps the two equal.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from adamerge.methods import steps
+from adamerge.methods.checks import check_choice, check_range, check_scaling, fail, is_number
 from adamerge.methods.registry import get_method, register_method
 from adamerge.task_vectors import TaskVectors
 
@@ -28,53 +27,14 @@ COMBINES: tuple[str, ...] = ("task_arithmetic", "ties")
 # ------------------------------------------------------------------------- hyperparameter checks
 
 
-def _fail(method: str, name: str, value: Any, requirement: str) -> ValueError:
-    return ValueError(f"method {method!r}: hyperparameter {name}={value!r} is invalid: {requirement}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_range(
-    method: str, name: str, value: Any, *, low_open: bool, high_open: bool, hint: str = ""
-) -> None:
-    interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-    ok = (
-        _is_number(value)
-        and (value > 0 if low_open else value >= 0)
-        and (value < 1 if high_open else value <= 1)
-    )
-    if not ok:
-        raise _fail(method, name, value, f"must be a number in {interval}{hint}")
-
-
-def _check_choice(method: str, name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise _fail(method, name, value, f"must be one of {', '.join(choices)}")
-
-
 def _check_top_k(method: str, value: Any) -> None:
-    _check_range(
+    check_range(
         method, "top_k", value, low_open=True, high_open=False, hint=" (a fraction: 0.2 keeps the top 20%)"
     )
 
 
 def _check_scaling(method: str, value: Any, num_tasks: int, *, per_task: bool) -> None:
-    if _is_number(value):
-        return
-    if per_task and isinstance(value, Sequence) and not isinstance(value, str):
-        if len(value) != num_tasks:
-            raise _fail(
-                method,
-                "scaling_coefficient",
-                value,
-                f"needs one value per task: {num_tasks} values, got {len(value)}",
-            )
-        if all(_is_number(v) for v in value):
-            return
-    form = f"a number or a list of {num_tasks} numbers (one per task)" if per_task else "a number"
-    raise _fail(method, "scaling_coefficient", value, f"must be {form}")
+    check_scaling(method, "scaling_coefficient", value, num_tasks, per_task=per_task)
 
 
 def _validate_weight_average(num_tasks: int, hparams: Mapping[str, Any]) -> None:
@@ -88,28 +48,28 @@ def _validate_task_arithmetic(num_tasks: int, hparams: Mapping[str, Any]) -> Non
 def _validate_ties(num_tasks: int, hparams: Mapping[str, Any]) -> None:
     _check_top_k("ties", hparams["top_k"])
     _check_scaling("ties", hparams["scaling_coefficient"], num_tasks, per_task=False)
-    _check_choice("ties", "scope", hparams["scope"], steps.SCOPES)
+    check_choice("ties", "scope", hparams["scope"], steps.SCOPES)
 
 
 def _validate_dare(num_tasks: int, hparams: Mapping[str, Any]) -> None:
-    _check_range("dare", "drop_rate", hparams["drop_rate"], low_open=False, high_open=True)
+    check_range("dare", "drop_rate", hparams["drop_rate"], low_open=False, high_open=True)
     if not isinstance(hparams["seed"], int) or isinstance(hparams["seed"], bool):
-        raise _fail("dare", "seed", hparams["seed"], "must be an integer")
+        raise fail("dare", "seed", hparams["seed"], "must be an integer")
     if not isinstance(hparams["rescale"], bool):
-        raise _fail("dare", "rescale", hparams["rescale"], "must be true or false")
-    _check_choice("dare", "combine", hparams["combine"], COMBINES)
+        raise fail("dare", "rescale", hparams["rescale"], "must be true or false")
+    check_choice("dare", "combine", hparams["combine"], COMBINES)
     per_task = hparams["combine"] == "task_arithmetic"
     _check_scaling("dare", hparams["scaling_coefficient"], num_tasks, per_task=per_task)
     _check_top_k("dare", hparams["top_k"])
-    _check_choice("dare", "scope", hparams["scope"], steps.SCOPES)
+    check_choice("dare", "scope", hparams["scope"], steps.SCOPES)
 
 
 def _validate_breadcrumbs(num_tasks: int, hparams: Mapping[str, Any]) -> None:
     beta, gamma = hparams["top_beta"], hparams["bottom_gamma"]
-    _check_range("breadcrumbs", "top_beta", beta, low_open=False, high_open=True)
-    _check_range("breadcrumbs", "bottom_gamma", gamma, low_open=False, high_open=True)
+    check_range("breadcrumbs", "top_beta", beta, low_open=False, high_open=True)
+    check_range("breadcrumbs", "bottom_gamma", gamma, low_open=False, high_open=True)
     if beta + gamma >= 1:
-        raise _fail(
+        raise fail(
             "breadcrumbs", "top_beta + bottom_gamma", beta + gamma, "must be < 1 (some band must remain)"
         )
     _check_scaling("breadcrumbs", hparams["scaling_coefficient"], num_tasks, per_task=True)
@@ -137,7 +97,7 @@ def _static_method(name: str, validate: Callable[[int, Mapping[str, Any]], None]
 
 def _scaled_sum(vectors: Mapping[str, Tensor], scaling_coefficient: float | Sequence[float]) -> Deltas:
     """``Σ_k λ_k x_k`` per tensor, with one λ for all tasks or one per task."""
-    if _is_number(scaling_coefficient):
+    if is_number(scaling_coefficient):
         return {name: float(scaling_coefficient) * x.float().sum(dim=0) for name, x in vectors.items()}
     weights = torch.tensor([float(v) for v in scaling_coefficient], dtype=torch.float32)
     return {name: torch.tensordot(weights.to(x.device), x.float(), dims=1) for name, x in vectors.items()}
