@@ -19,7 +19,7 @@ from adamerge.runner import CONF_DIR, run
 
 
 def _demo_zoo(which: str = "") -> str:
-    """``${demo_zoo:}``: the default demo zoo; ``${demo_zoo:second}``: the second zoo (other tasks)."""
+    """``${demo_zoo:default}`` (or ``${demo_zoo:}``): the default demo zoo; ``${demo_zoo:second}``: the second zoo."""
     from adamerge.demo import SECOND_ZOO_TASKS, build_demo_zoo
 
     if which not in ("", "default", "second"):

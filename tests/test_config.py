@@ -61,3 +61,17 @@ def test_every_group_option_composes(group):
     for path in sorted((CONF_DIR / group).glob("*.yaml")):
         cfg = _compose([f"{group}={path.stem}"])
         assert cfg is not None
+
+
+def test_composing_an_experiment_never_builds_a_zoo(monkeypatch):
+    """Zoos are built when a run reads zoo_dir, never while Hydra composes (merging over an interpolation
+    makes OmegaConf evaluate it: an experiment that replaced zoo_dir would build the default zoo first)."""
+    from adamerge import demo
+    from adamerge.cli import register_resolvers
+
+    register_resolvers()
+    built = []
+    monkeypatch.setattr(demo, "build_demo_zoo", lambda *args, **kwargs: built.append(kwargs) or "/zoo")
+    for path in sorted((CONF_DIR / "experiment").glob("demo*.yaml")):
+        _compose([f"experiment={path.stem}"])
+    assert built == []
