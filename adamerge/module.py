@@ -174,8 +174,11 @@ class AdaMergingModule(L.LightningModule):
                     f"{self.global_step}; stopping before it reaches the merge coefficients"
                 )
             self._backward(loss)
-            with torch.no_grad():
-                self.last_step_entropy[task] = masked_mean(token_entropy(logits), mask).item()
+            if type(self.objective) is Entropy and not self.objective.normalize:
+                self.last_step_entropy[task] = objectives[task]  # the objective is the entropy: no second pass
+            else:
+                with torch.no_grad():
+                    self.last_step_entropy[task] = masked_mean(token_entropy(logits), mask).item()
             del logits, loss
         used = [name for name, leaf in leaves.items() if leaf.grad is not None]
         if used:
