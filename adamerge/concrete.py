@@ -29,6 +29,7 @@ from adamerge.key_filters import select_tensors
 from adamerge.merged import MergedModel
 from adamerge.methods import checks
 from adamerge.methods.learned import LearnedBuilder, check_coefficient_learning, register_learned
+from adamerge.methods.registry import HparamValidator
 from adamerge.module import AdaMergingModule, Batch
 from adamerge.objectives import Objective
 from adamerge.task_vectors import TaskVectors
@@ -392,7 +393,7 @@ def _check_mask(method: str, num_tasks: int, hparams: Mapping[str, Any]) -> None
     checks.check_choice(method, "autocast_dtype", hparams["autocast_dtype"], checks.AUTOCAST_DTYPES)
 
 
-def _concrete_am_validator(method: str) -> Any:
+def _concrete_am_validator(method: str) -> HparamValidator:
     def validate(num_tasks: int, hparams: Mapping[str, Any]) -> None:
         _check_mask(method, num_tasks, hparams)
         check_coefficient_learning(method, num_tasks, hparams)

@@ -106,10 +106,14 @@ def _textures(resolution: int, train_size: int, test_size: int, rng: np.random.G
 _PHOTO_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
 
 
+def _photo_sources() -> dict[str, np.ndarray]:
+    """The six colour photos (four from scikit-image, two from scikit-learn), by name."""
+    return {**{n: _skimage(n) for n in _PHOTO_IMAGES}, **_sklearn_photos()}
+
+
 def _photos(resolution: int, train_size: int, test_size: int, rng: np.random.Generator):
-    extra = _sklearn_photos()
-    names = list(_PHOTO_IMAGES) + list(extra)
-    sources = [_skimage(n) for n in _PHOTO_IMAGES] + list(extra.values())
+    photos = _photo_sources()
+    names, sources = list(photos), list(photos.values())
     sizes = (48, 128)
     train = _patch_source_task(sources, train_size, _TOP, rng, resolution, sizes)
     test = _patch_source_task(sources, test_size, _BOTTOM, rng, resolution, sizes)
@@ -152,7 +156,7 @@ def _blur(resolution: int, train_size: int, test_size: int, rng: np.random.Gener
     """
     from scipy.ndimage import gaussian_filter
 
-    sources = [_skimage(n) for n in _PHOTO_IMAGES] + list(_sklearn_photos().values())
+    sources = list(_photo_sources().values())
 
     def split(n: int, region: tuple[float, float, float, float]) -> TaskSplit:
         labels = np.arange(n, dtype=np.int64) % len(_BLUR_SIGMAS)  # balanced classes

@@ -25,6 +25,17 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def replace_marked_block(path: str | Path, name: str, block: str) -> None:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path`` (generated docs)."""
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise ValueError(f"{path} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])
+
+
 def average(accuracy: Mapping[str, float]) -> float:
     return sum(accuracy.values()) / len(accuracy) if accuracy else math.nan
 

@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from adamerge.reporting import replace_marked_block
+
 ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
-
-
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -81,11 +80,7 @@ def main() -> None:
     if done.returncode != 0:
         sys.exit(f"adamerge failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     block = render(args.run_dir, seconds, args.cache is None, done.stdout)
-    readme = args.readme.read_text()
-    if START not in readme or END not in readme:
-        sys.exit(f"{args.readme} has no {START} ... {END} markers")
-    head, rest = readme.split(START, 1)
-    args.readme.write_text(head + START + "\n" + block + "\n" + END + rest.split(END, 1)[1])
+    replace_marked_block(args.readme, "demo-table", block)
     print(block)
 
 

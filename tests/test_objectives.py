@@ -231,3 +231,4 @@ def test_every_objective_drives_every_learned_method(method, objective):
     grads = [p.grad for p in module.trainable_parameters() if p.grad is not None]
     assert grads and any(torch.count_nonzero(g) > 0 for g in grads)
     assert set(module.last_step_entropy) == set(vectors.task_names)
+
