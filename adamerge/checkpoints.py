@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from adamerge.errors import AdamergeError
+
 if TYPE_CHECKING:  # transformers is slow to import; only pay for it when a model is needed
     import transformers
 
@@ -49,7 +51,7 @@ HF_WEIGHT_FILES = (
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AdamergeError, ValueError):
     """A checkpoint could not be loaded or does not fit the pretrained model."""
 
 
@@ -305,9 +307,14 @@ def validate_finetuned(
                 f"{where}: parameter {key!r} has dtype {ft.dtype} but {theirs} has {pre.dtype} "
                 f"(floating-point and non-floating-point entries cannot be merged)"
             )
-        if ft.is_floating_point() and ft.numel() and not bool(torch.isfinite(ft).all()):
-            bad = int((~torch.isfinite(ft)).sum())
-            raise CheckpointError(
-                f"{where}: parameter {key!r} has {bad} non-finite (NaN/Inf) "
-                f"value{'s' if bad != 1 else ''} out of {ft.numel()}"
-            )
+        check_finite(key, ft, where)
+
+
+def check_finite(key: str, tensor: torch.Tensor, where: str) -> None:
+    """A NaN/Inf in a checkpoint would spread into every merge that uses it: refuse it, naming the entry."""
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(
+            f"{where}: parameter {key!r} has {bad} non-finite (NaN/Inf) "
+            f"value{'s' if bad != 1 else ''} out of {tensor.numel()}"
+        )

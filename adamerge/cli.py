@@ -10,9 +10,12 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from adamerge.runner import CONF_DIR, run
@@ -35,14 +38,43 @@ def register_resolvers() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig) -> None:
+    status = execute(cfg, HydraConfig.get().runtime.output_dir)
+    if status:
+        sys.exit(status)
+
+
+def execute(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
+    """Run one composed configuration the way the command does: 0 on success; on an error, one clean line
+    on stderr and 1 (the traceback only with ``HYDRA_FULL_ERROR=1``)."""
     try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
+        run(cfg, run_dir)
     except Exception as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         # One clean message, not a traceback: the errors a user can act on name the file / parameter / value.
         print(f"adamerge: error: {user_message(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+class RunDirectoryGuard(Callback):
+    """Refuses a run whose directory would lose something *before* Hydra writes ``.hydra/`` into it.
+
+    Hydra saves the job's config into the run directory before the job starts, so a check made only inside
+    the job would already have rewritten the neighbours of an export it then refuses to overwrite.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from adamerge.errors import AdamergeError
+        from adamerge.runner import check_outputs
+
+        try:
+            check_outputs(config, Path(str(config.hydra.run.dir)))
+        except AdamergeError as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"adamerge: error: {user_message(error)}", file=sys.stderr)
+            sys.exit(1)
 
 
 def user_message(error: BaseException) -> str:

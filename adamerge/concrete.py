@@ -30,7 +30,7 @@ from adamerge.merged import MergedModel
 from adamerge.methods import checks
 from adamerge.methods.learned import LearnedBuilder, check_coefficient_learning, register_learned
 from adamerge.methods.registry import HparamValidator
-from adamerge.module import AdaMergingModule, Batch
+from adamerge.module import AdaMergingModule, Batch, NonFiniteError
 from adamerge.objectives import Objective
 from adamerge.task_vectors import TaskVectors
 
@@ -261,6 +261,15 @@ class ConcreteAdaMergingModule(ConcreteMaskModule):
         self.frozen_mask = {name: m.detach() for name, m in mask.items()}
         self.reset_coefficients()
 
+    def extra_resume_state(self) -> dict[str, Any]:
+        """Stage 2's frozen mask (with ``stage2_mask=sample`` a random draw, so it is kept, not recomputed)."""
+        return {"frozen_mask": dict(self.frozen_mask) if self.frozen_mask is not None else None}
+
+    def load_extra_resume_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("frozen_mask") is not None:
+            self.mask.requires_grad_(False)
+            self.frozen_mask = dict(state["frozen_mask"])  # moved to the module's device in on_train_start
+
     def merged_weights(self) -> dict[str, Tensor]:
         """The stage-2 merge under the frozen mask (before stage 2: under the current eval mask)."""
         mask = self.frozen_mask if self.frozen_mask is not None else self.evaluation_mask()
@@ -273,6 +282,8 @@ class ConcreteAdaMergingModule(ConcreteMaskModule):
         return "relaxed_sample" if self.frozen_mask is not None and self.stage2_mask == "sample" else self.eval_mask
 
     def on_train_start(self) -> None:
+        if self.frozen_mask is not None:
+            self.frozen_mask = {name: m.to(self.device) for name, m in self.frozen_mask.items()}
         max_steps = self.trainer.max_steps
         if self.frozen_mask is None and 0 <= max_steps <= self.meta_steps:
             warnings.warn(f"max_steps={max_steps} <= meta_steps={self.meta_steps}: Concrete AdaMerging will "
@@ -303,12 +314,19 @@ class ConcreteAdaMergingModule(ConcreteMaskModule):
         if self.in_meta_stage():
             # The inner step uses the plain torch optimizer: Lightning counts every LightningOptimizer
             # step as a global step, and one meta step must be one step of max_steps.
-            objectives = self.meta_step(batch, outer, inner.optimizer)
+            try:
+                objectives = self.meta_step(batch, outer, inner.optimizer)
+            except NonFiniteError as error:
+                self.reset_coefficients()  # the inner step may have moved λ before the outer pass failed
+                return self.skip_step(error, outer)
         else:
             if self.frozen_mask is None:
                 self.freeze_mask()
             adamerging.zero_grad(set_to_none=True)
-            objectives = self.accumulate_gradients(batch, self.merged_weights())
+            try:
+                objectives = self.accumulate_gradients(batch, self.merged_weights())
+            except NonFiniteError as error:
+                return self.skip_step(error, adamerging)
             adamerging.step()
             self.after_optimizer_step()
         self.log("train/stage", 1.0 if self.frozen_mask is None else 2.0, batch_size=1)

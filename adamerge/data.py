@@ -21,13 +21,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
+from adamerge.errors import AdamergeError
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "disk", "hub", "imagefolder", "parquet")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-class TaskDataError(RuntimeError):
+class TaskDataError(AdamergeError, RuntimeError):
     """A task's data cannot be loaded or used; the message names the task and its path."""
 
 
@@ -189,6 +191,18 @@ def _detect_format(path: str) -> str:
     return "hub"
 
 
+def _check_not_empty(task: TaskData, adaptation: Any, evaluation: Any) -> None:
+    """An empty adaptation split would make the endless stream spin forever; an empty evaluation split would
+    score the task 0 % and average that in."""
+    for role, split, name in (("unlabeled adaptation", adaptation, task.split),
+                              ("evaluation", evaluation, task.eval_split or task.split)):
+        if len(split) == 0:
+            limited = role == "evaluation" and task.max_eval_samples is not None
+            limit = f" after max_eval_samples={task.max_eval_samples}" if limited else ""
+            raise TaskDataError(f"task {task.name!r} ({task.path!r}): the {role} split {name!r} is empty "
+                                f"(0 examples{limit})")
+
+
 class _Transformed:
     """Applies a task's preprocessor to a raw batch; the task's label column is authoritative."""
 
@@ -208,7 +222,10 @@ class _AdaptationStream(IterableDataset):
     ``w, w+W, ...``; the DataLoader's round-robin then restores the single-process order exactly."""
 
     def __init__(self, datasets: Mapping[str, Any], batch_size: int, seed: int):
+        if empty := [name for name, dataset in datasets.items() if len(dataset) == 0]:
+            raise TaskDataError(f"no unlabeled examples to draw batches from for tasks {empty}")
         self.datasets, self.batch_size, self.seed = dict(datasets), batch_size, seed
+        self.start_step = 0  # a resumed run continues the same sequence after the steps already taken
 
     def _indices(self, t: int, n: int) -> Iterator[int]:
         epoch = 0
@@ -223,9 +240,27 @@ class _AdaptationStream(IterableDataset):
         step = 0
         while True:
             idx = {k: [next(s) for _ in range(self.batch_size)] for k, s in streams.items()}
-            if step % nw == wid:
+            if step >= self.start_step and step % nw == wid:
                 yield {k: self.datasets[k][i] for k, i in idx.items()}
             step += 1
+
+
+class _AdaptationLoader(DataLoader):
+    """The stream's loader, resumable the Lightning way (``state_dict`` / ``load_state_dict``).
+
+    Its state is the number of learning steps taken, read from the trainer rather than counted here: the
+    trainer fetches a batch ahead, so batches drawn from the stream run one past the steps that used them.
+    """
+
+    def __init__(self, stream: _AdaptationStream, steps_taken: Callable[[], int], **kwargs: Any):
+        super().__init__(stream, batch_size=None, **kwargs)
+        self.steps_taken = steps_taken
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps_taken": int(self.steps_taken())}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.dataset.start_step = int(state["steps_taken"])
 
 
 class _Batches(TorchDataset):
@@ -340,7 +375,13 @@ class MultiTaskDataModule(L.LightningDataModule):
             if task.max_eval_samples is not None and task.max_eval_samples < len(ev):
                 perm = np.random.default_rng(self.seed).permutation(len(ev))[: task.max_eval_samples]
                 ev = ev.select(np.sort(perm).tolist())
+            _check_not_empty(task, train, ev)
             self._raw[name] = (train, ev)
+
+    def raw_splits(self, name: str) -> tuple[Any, Any]:
+        """(unlabeled adaptation split, evaluation split) of a task, before preprocessing."""
+        self._ensure_setup(name)
+        return self._raw[name]
 
     def _preprocessor(self, task: TaskData) -> Callable:
         pre = task.preprocessor or self.preprocessor
@@ -366,19 +407,22 @@ class MultiTaskDataModule(L.LightningDataModule):
         stream = _AdaptationStream(
             {k: self._transformed(k, 0) for k in self.task_names}, self.batch_size, self.seed + 100_003 * rank
         )
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return _AdaptationLoader(stream, self._steps_taken, num_workers=self.num_workers,
+                                 persistent_workers=self.num_workers > 0)
+
+    def _steps_taken(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
 
     def has_labels(self, task: str) -> bool:
         self._ensure_setup(task)
         return self.tasks[task].label_column in self._raw[task][1].column_names
 
-    def eval_dataloader(self, task: str) -> DataLoader:
+    def eval_dataloader(self, task: str, batch_size: int | None = None) -> DataLoader:
         if not self.has_labels(task):
             t = self.tasks[task]
             raise TaskDataError(f"task {task!r} ({t.path!r}): evaluation needs labels but column "
                                 f"{t.label_column!r} is missing; available columns: {self._raw[task][1].column_names}")
-        return DataLoader(_Batches(self._transformed(task, 1), self.eval_batch_size), batch_size=None,
+        return DataLoader(_Batches(self._transformed(task, 1), batch_size or self.eval_batch_size), batch_size=None,
                           shuffle=False, num_workers=self.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:

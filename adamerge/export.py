@@ -32,6 +32,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from adamerge.checkpoints import sha256_of
+from adamerge.errors import AdamergeError
 
 __all__ = ["MERGE_CONFIG", "WEIGHTS", "ExportError", "export_merged", "export_file_hashes"]
 
@@ -41,7 +42,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained shards models 
 RECORDED_VERSIONS = ("torch", "transformers", "lightning", "safetensors", "adamerge")
 
 
-class ExportError(RuntimeError):
+class ExportError(AdamergeError, RuntimeError):
     """An export could not be written, or a directory is not a loadable export."""
 
 

@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from adamerge.errors import AdamergeError
 from adamerge.merged import MergedModel
 from adamerge.objectives import Entropy, Objective, masked_mean, token_entropy
 
 Batch = Mapping[str, Any]
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(AdamergeError, FloatingPointError):
     """A NaN/Inf objective or gradient: learning stops before it can reach the coefficients or an export."""
 
 
@@ -61,6 +64,32 @@ def valid_predictions(logits: Tensor, mask: Tensor | None) -> Tensor:
     if mask is not None:
         predictions = predictions[mask.bool()]
     return predictions.flatten().to("cpu", torch.int32)
+
+
+class ResumeError(AdamergeError, RuntimeError):
+    """A checkpoint cannot continue this run (another method, another configuration, a damaged file)."""
+
+
+def capture_rng() -> dict[str, Any]:
+    """torch's CPU and CUDA generators, numpy's and Python's: every source a learning step may draw from."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Plain lists and tuples: the checkpoint loads with torch.load(weights_only=True).
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 class AdaMergingModule(L.LightningModule):
@@ -104,6 +133,14 @@ class AdaMergingModule(L.LightningModule):
         self._first_predictions: dict[tuple[str, int], Tensor] | None = None
         self._predictions: dict[tuple[str, int], Tensor] = {}
         self._totals: dict[str, list[float]] = {}
+        # Checkpoints hold only what learns (the frozen backbone and heads are rebuilt from the pool), so
+        # loading one is not strict about the frozen keys; resumable_state_keys() checks the rest.
+        self.strict_loading = False
+        # "stop": a NaN/Inf objective or gradient ends the run with NonFiniteError; "skip": that step makes no
+        # update (recorded in skipped_steps) and learning goes on.
+        self.on_nonfinite = "stop"
+        self.skipped_steps: list[dict[str, Any]] = []
+        self._rng_to_restore: dict[str, Any] | None = None
 
     def train(self, mode: bool = True) -> AdaMergingModule:
         """Keep the frozen backbone and heads in eval mode even while Lightning 'trains'.
@@ -189,13 +226,33 @@ class AdaMergingModule(L.LightningModule):
                                      f"(objectives {objectives}); stopping before the optimizer step")
         return objectives
 
-    def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor | None:
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        objectives = self.accumulate_gradients(batch, self.merged_weights())
+        try:
+            objectives = self.accumulate_gradients(batch, self.merged_weights())
+        except NonFiniteError as error:
+            return self.skip_step(error, optimizer)
         optimizer.step()
         self.after_optimizer_step()
         return self.log_step(objectives)
+
+    def skip_step(self, error: NonFiniteError, optimizer: Any) -> None:
+        """Under ``on_nonfinite="skip"``: drop the step's gradients and count the step without an update.
+
+        ``optimizer.step()`` still runs, with no gradients (Adam leaves such parameters untouched), so the
+        step counts toward ``max_steps`` and the unlabeled stream stays aligned with the step for resume.
+        """
+        if self.on_nonfinite != "skip":
+            raise error
+        step = self.global_step
+        for parameter in self.trainable_parameters():
+            parameter.grad = None
+        optimizer.step()
+        self.skipped_steps.append({"step": step, "reason": str(error)})
+        self.history.append({"step": step, "objective": None, "entropy": None})
+        self.log("train/skipped_steps", float(len(self.skipped_steps)), batch_size=1)
+        return None
 
     def log_step(self, objectives: Mapping[str, float]) -> Tensor:
         """Log the step's summed objective and per-task objective and entropy; keep them in ``history``."""
@@ -208,6 +265,41 @@ class AdaMergingModule(L.LightningModule):
             self.log(f"train/entropy/{task}", value, batch_size=1)
         self.history.append({"step": self.global_step, "objective": total, "entropy": entropy})
         return torch.tensor(total)
+
+    # -- checkpoints (resume) ----------------------------------------------------------------------
+    FROZEN_PREFIXES = ("merged.module.", "heads.")
+
+    def resumable_state_keys(self) -> list[str]:
+        """State entries a checkpoint must hold: coefficients, mask logits and their reset values."""
+        return [key for key in self.state_dict() if not key.startswith(self.FROZEN_PREFIXES)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keys = set(self.resumable_state_keys())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint["adamerge"] = {"history": list(self.history), "skipped_steps": list(self.skipped_steps),
+                                  "rng": capture_rng(), **self.extra_resume_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(set(self.resumable_state_keys()) - set(checkpoint.get("state_dict", {})))
+        if missing or "adamerge" not in checkpoint:
+            raise ResumeError(f"the checkpoint is not one of this method's: it lacks {missing[:5] or ['adamerge']}")
+        state = checkpoint["adamerge"]
+        self.history, self.skipped_steps = list(state["history"]), list(state["skipped_steps"])
+        # Applied just before the next step: creating the data iterator in between draws from torch's RNG.
+        self._rng_to_restore = state["rng"]
+        self.load_extra_resume_state(state)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def extra_resume_state(self) -> dict[str, Any]:
+        """What a subclass keeps across a resume beyond the state dict (the Concrete stage's frozen mask)."""
+        return {}
+
+    def load_extra_resume_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`extra_resume_state` saved."""
 
     # -- evaluation -------------------------------------------------------------------------------
     _COUNTS = ("correct", "seen", "objective", "batches", "changed", "compared")

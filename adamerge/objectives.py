@@ -25,8 +25,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from adamerge.errors import AdamergeError
 
-class ObjectiveError(ValueError):
+
+class ObjectiveError(AdamergeError, ValueError):
     """An objective cannot be used as configured or on these logits; the message names both."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
@@ -23,13 +24,12 @@ from adamerge.methods.registry import get_method
 from adamerge.modelpool import ModelPool
 from adamerge.module import count_correct, run_backbone
 from adamerge.objectives import Objective, build_objective
+from adamerge.preflight import EVALUATION_ONLY, check_pool_and_data, check_run_dir, check_settings
 from adamerge.reporting import average, coefficient_heatmap, write_json, write_summary
+from adamerge.resume import StepCheckpoint, checkpoint_path, remove_checkpoints, write_run_record
 from adamerge.task_vectors import TaskVectors
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-# Not merges but reference rows of a comparison: each fine-tuned model on its own task.
-EVALUATION_ONLY = ("individual",)
 
 
 @dataclass
@@ -118,22 +118,6 @@ def command_line_method_keys() -> set[str]:
     return keys
 
 
-def check_methods(cfg: DictConfig, names: list[str]) -> None:
-    """Every method's name and hyperparameters, and the step budget of learned ones, checked up front."""
-    num_tasks = len(cfg.modelpool.finetuned)
-    for name in names:
-        if name in EVALUATION_ONLY:
-            continue
-        spec = get_method(name)
-        hparams = spec.resolve_hparams(method_config(cfg, name))
-        if spec.validate is not None:
-            spec.validate(num_tasks, hparams)
-        max_steps = cfg.trainer.get("max_steps", -1)
-        if spec.kind == "learned" and not (isinstance(max_steps, int) and max_steps >= 1):
-            raise ValueError(f"trainer.max_steps={max_steps!r} is invalid for learned method {name!r}: "
-                             "it must be an integer >= 1 (the number of learning steps)")
-
-
 def run_static(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple[dict, nn.Module]:
     spec = get_method(name)
     deltas = spec.fn(ctx.task_vectors, **spec.resolve_hparams(hparams))
@@ -153,18 +137,23 @@ def run_individual(ctx: RunContext) -> dict:
 
 
 def method_dir(ctx: RunContext, name: str) -> Path:
+    return method_dir_of(ctx.cfg, ctx.run_dir, name)
+
+
+def method_dir_of(cfg: DictConfig, run_dir: Path, name: str) -> Path:
     """Where a method's files go: the run dir itself, or a sub-dir per method in a comparison."""
-    return ctx.run_dir / name if ctx.cfg.method.name == "compare" else ctx.run_dir
+    return run_dir / name if cfg.method.name == "compare" else run_dir
 
 
-def make_trainer(ctx: RunContext, name: str, logger: Any) -> L.Trainer:
+def make_trainer(ctx: RunContext, name: str, logger: Any, callbacks: list[L.Callback] | None = None) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(ctx.cfg.trainer, resolve=True)
     max_steps = trainer_cfg.get("max_steps", -1)
     if max_steps and max_steps > 0 and trainer_cfg.get("limit_train_batches") is None:
         # The unlabeled stream is endless; one 'epoch' of max_steps batches gives the bar a total.
         trainer_cfg["limit_train_batches"] = max_steps
         trainer_cfg["max_epochs"] = 1
-    return instantiate(trainer_cfg, logger=logger if logger is not None else False, default_root_dir=str(method_dir(ctx, name)))
+    return instantiate(trainer_cfg, logger=logger if logger is not None else False, callbacks=callbacks or [],
+                       default_root_dir=str(method_dir(ctx, name)))
 
 
 def make_logger(ctx: RunContext, name: str) -> Any:
@@ -177,13 +166,19 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple
     module = build_learned(
         name, ctx.pool.fresh_backbone(), ctx.task_vectors, ctx.pool.heads, objective=ctx.objective, **hparams
     )
+    module.on_nonfinite = ctx.cfg.get("on_nonfinite", "stop")
+    every = int((ctx.cfg.get("checkpoint") or {}).get("every_n_steps", 0))
+    saved = checkpoint_path(method_dir(ctx, name))
+    resume_from = str(saved) if ctx.cfg.get("resume", False) and saved.is_file() else None
     logger = make_logger(ctx, name)
-    trainer = make_trainer(ctx, name, logger)
+    trainer = make_trainer(ctx, name, logger, [StepCheckpoint(saved.parent, every)] if every else [])
     try:
         # The starting merge is evaluated first: the reference for the label-free report (objective and
         # predictions before learning), not a labelled score anything is selected by.
         trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
-        trainer.fit(module, datamodule=ctx.datamodule)
+        if resume_from:
+            print(f"{name}: resuming from {resume_from}")
+        trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=resume_from, weights_only=True)
         if hasattr(module, "save_artifacts"):
             module.save_artifacts(method_dir(ctx, name))
         trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
@@ -202,6 +197,7 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple
         "start_accuracy": module.evaluations[0]["accuracy"],
         "objective_history": [h["objective"] for h in module.history],
         "entropy_history": [h["entropy"] for h in module.history],
+        "skipped_steps": list(module.skipped_steps),
         "heatmap": str(heatmap),
     }
     return result, module.merge_and_unload(), module
@@ -228,7 +224,8 @@ def export_model(ctx: RunContext, name: str, model: nn.Module, hparams: Mapping,
         method_dir(ctx, name) / "merged_model",
         merge_config=merge_config,
         architecture=ctx.pool.architecture,
-        overwrite=bool(ctx.cfg.export.overwrite),
+        # A resumed run may replace the export its interrupted self wrote before it could record results.json.
+        overwrite=bool(ctx.cfg.export.overwrite) or bool(ctx.cfg.get("resume", False)),
         extra_files=export_extra_files(model),
     )
 
@@ -267,20 +264,35 @@ def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
     return result
 
 
+def method_names(cfg: DictConfig) -> list[str]:
+    return list(cfg.method.methods) if cfg.method.name == "compare" else [cfg.method.name]
+
+
+def check_outputs(cfg: DictConfig, run_dir: Path) -> None:
+    """The run directory is writable and the run would overwrite nothing (see preflight.check_run_dir)."""
+    check_run_dir(cfg, run_dir, method_names(cfg), lambda name: method_dir_of(cfg, run_dir, name))
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Execute the configured method (or comparison) and write results.json / summary files."""
+    """Execute the configured method (or comparison) and write results.json / summary files.
+
+    With ``resume=true`` the run continues in ``run_dir``: finished methods (their results.json) are kept,
+    an interrupted learned method continues from its checkpoint, and the summary covers them all.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    names = method_names(cfg)
+    # A typo, a bad value or a directory that would lose results fails here, before any checkpoint is read.
+    check_settings(cfg, names, method_config)
+    check_outputs(cfg, run_dir)
+    objective = build_objective(**OmegaConf.to_container(cfg.objective, resolve=True))
+    if not cfg.get("resume", False):
+        write_run_record(run_dir, cfg)
     torch.set_num_threads(int(cfg.num_threads)) if cfg.get("num_threads") else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    names = list(cfg.method.methods) if cfg.method.name == "compare" else [cfg.method.name]
-    check_methods(cfg, names)  # a typo or a bad value fails here, before any checkpoint is read
-    objective = build_objective(**OmegaConf.to_container(cfg.objective, resolve=True))
     pool: ModelPool = instantiate(cfg.modelpool, _recursive_=False)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    if sorted(datamodule.task_names) != sorted(pool.task_names):
-        raise ValueError(f"data tasks {datamodule.task_names} differ from modelpool tasks {pool.task_names}")
+    check_pool_and_data(pool, datamodule)
     task_vectors = pool.task_vectors(list(datamodule.task_names))
     print(f"task vectors: {task_vectors.memory_report()}")
     device = pick_device(cfg.trainer.get("accelerator", "auto"))
@@ -288,12 +300,21 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     rows = []
     for name in names:
+        finished = method_dir(ctx, name) / "results.json"
+        if cfg.get("resume", False) and finished.is_file():
+            rows.append(json.loads(finished.read_text()))
+            print(f"{name}: finished before the interruption; kept {finished}")
+            continue
         result = run_method(ctx, name)
         if rank_zero_only.rank != 0:  # DDP workers only help learning; rank 0 reports and exports
             continue
         rows.append(result)
-        write_json(method_dir(ctx, name) / "results.json", result)
+        write_json(finished, result)
+        if not (cfg.get("checkpoint") or {}).get("keep", False):
+            remove_checkpoints(method_dir(ctx, name))
         print(f"{name}: average accuracy {100 * result['average_accuracy']:.2f}% ({result['seconds']:.1f} s)")
+        if result.get("skipped_steps"):
+            print(f"  warning: {len(result['skipped_steps'])} step(s) skipped for non-finite values (on_nonfinite=skip)")
         for task, signals in (result.get("label_free") or {}).items():
             print(f"  {task}: {ctx.objective.name} {signals['objective_start']:.4f} -> {signals['objective_end']:.4f}, "
                   f"{100 * signals['prediction_changed']:.1f}% of predictions changed")

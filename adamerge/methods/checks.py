@@ -1,6 +1,6 @@
 """Hyperparameter checks shared by every method's validator.
 
-Each raises ValueError naming the method, the hyperparameter and the value, so a bad setting fails in
+Each raises ConfigError (a ValueError) naming the method, the hyperparameter and the value, so a bad setting fails in
 milliseconds -- before a checkpoint is read -- with a message that says what to change.
 """
 
@@ -12,9 +12,11 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+from adamerge.errors import ConfigError
 
-def fail(method: str, name: str, value: Any, requirement: str) -> ValueError:
-    return ValueError(f"method {method!r}: hyperparameter {name}={value!r} is invalid: {requirement}")
+
+def fail(method: str, name: str, value: Any, requirement: str) -> ConfigError:
+    return ConfigError(f"method {method!r}: hyperparameter {name}={value!r} is invalid: {requirement}")
 
 
 def is_number(value: Any) -> bool:

@@ -16,6 +16,13 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from adamerge.errors import ConfigError
+
+
+class UnknownHyperparameterError(ConfigError, TypeError):
+    """A method was given a hyperparameter it does not have (a ``TypeError`` too, like a bad keyword)."""
+
+
 MethodKind = Literal["static", "learned"]
 METHOD_KINDS: tuple[str, ...] = ("static", "learned")
 
@@ -43,7 +50,7 @@ class MethodSpec:
         unknown = sorted(set(hparams) - set(self.defaults))
         if unknown:
             allowed = ", ".join(sorted(self.defaults)) or "none"
-            raise TypeError(
+            raise UnknownHyperparameterError(
                 f"method {self.name!r} got unknown hyperparameter(s) {', '.join(unknown)}; "
                 f"allowed: {allowed}"
             )
@@ -109,7 +116,7 @@ def get_method(name: str) -> MethodSpec:
     if name not in _REGISTRY:  # only a miss pays for importing every method module
         _ensure_builtin_methods()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown merge method {name!r}; available: {', '.join(available_methods())}")
+        raise ConfigError(f"unknown merge method {name!r}; available: {', '.join(available_methods())}")
     return _REGISTRY[name]
 
 

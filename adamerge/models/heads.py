@@ -8,16 +8,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adamerge.checkpoints import CheckpointError
+
 
 def linear_head(path: str | Path) -> nn.Linear:
     """A linear head from a safetensors file holding ``weight`` ``[C, D]`` and ``bias`` ``[C]``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"classification head file not found: {path}")
-    state = load_file(str(path))
+        raise CheckpointError(f"classification head file not found: {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # a truncated or foreign file: safetensors says only "invalid header"
+        raise CheckpointError(f"head file {path} is not a readable safetensors file: {error}") from error
     if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
         shapes = {k: tuple(v.shape) for k, v in state.items()}
-        raise ValueError(f"head file {path} must hold 'weight' [C, D] and 'bias' [C], found {shapes}")
+        raise CheckpointError(f"head file {path} must hold 'weight' [C, D] and 'bias' [C], found {shapes}")
     head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
     head.load_state_dict(state)
     return head.requires_grad_(False).eval()

@@ -1,0 +1,25 @@
+"""The exceptions a user can act on: one base class, one subclass per kind of mistake.
+
+Every error adamerge raises for bad input derives from :class:`AdamergeError` and names the file, parameter
+or value to change. The CLI prints such a message on one line and exits 1; the Python API raises it as is.
+Each subclass also derives from the builtin a caller would have caught before (``ValueError`` for settings,
+``RuntimeError`` for data and exports), so existing ``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+
+class AdamergeError(Exception):
+    """Base of every error that reports a user's input or a run's state, not a bug in adamerge."""
+
+
+class ConfigError(AdamergeError, ValueError):
+    """A setting (method hyperparameter, trainer budget, run option) is out of range or of the wrong type."""
+
+
+class PoolDataMismatchError(AdamergeError, ValueError):
+    """The model pool and the data disagree: task names, class counts or feature sizes."""
+
+
+class RunDirectoryError(AdamergeError, RuntimeError):
+    """The run directory cannot be written, or would overwrite (or resume) something it must not."""

@@ -1,0 +1,145 @@
+"""Resuming a killed run: periodic atomic checkpoints of what learns, and the record that ties a run
+directory to the configuration that made it.
+
+A learned method saves ``<method dir>/checkpoints/last.ckpt`` every ``checkpoint.every_n_steps`` steps and
+when learning ends: its coefficients or mask logits, the optimisers' state, the step (hence the Concrete
+stage), the frozen stage-2 mask, the RNG states and the unlabeled stream's position (see
+``AdaMergingModule.on_save_checkpoint`` and the data module's resumable loader). ``resume=true`` reruns the
+command in the same directory: methods whose ``results.json`` exists are kept, the one that was learning
+continues from its checkpoint, the rest run, and the summary is rebuilt from every method's results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from adamerge.errors import RunDirectoryError
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+RUN_RECORD = "run_config.json"
+# Settings that change how a run is shown or how often it is saved, not what it computes: a resumed run may
+# change them. Every other difference would splice two different runs into one result.
+RESUMABLE_CHANGES = ("resume", "logger", "num_threads", "checkpoint", "trainer.enable_progress_bar",
+                     "trainer.log_every_n_steps", "trainer.enable_model_summary")
+
+
+class StepCheckpoint(L.Callback):
+    """Saves the trainer state to ``directory/last.ckpt`` every ``every_n_steps`` steps and at the end.
+
+    Atomic: written to a temporary file in the same directory, then renamed over the previous one, so a kill
+    at any moment leaves either the old checkpoint or the new one, never a torn file.
+    """
+
+    def __init__(self, directory: str | Path, every_n_steps: int) -> None:
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        self.directory = Path(directory)
+        self.every_n_steps = every_n_steps
+
+    @property
+    def path(self) -> Path:
+        return self.directory / LAST_CHECKPOINT
+
+    def save(self, trainer: L.Trainer) -> None:
+        partial = self.directory / (LAST_CHECKPOINT + ".partial")
+        if trainer.is_global_zero:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(partial, weights_only=False)  # with optimiser state; every rank takes part, rank 0 writes
+        if trainer.is_global_zero:
+            _fsync(partial)
+            os.replace(partial, self.path)
+        trainer.strategy.barrier("adamerge.StepCheckpoint")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step % self.every_n_steps != 0:  # else the last step was just saved
+            self.save(trainer)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def checkpoint_path(method_dir: Path) -> Path:
+    return method_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def remove_checkpoints(method_dir: Path) -> None:
+    """Once a method's results.json is written its checkpoint has no further use (it can be large)."""
+    shutil.rmtree(method_dir / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def run_record(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved configuration, without Hydra's own node: what the run directory was made by."""
+    task = {key: cfg[key] for key in cfg if key != "hydra"}  # Hydra's node may not resolve outside a job
+    return OmegaConf.to_container(OmegaConf.create(task), resolve=True)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: value}
+
+
+def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, leaving out the settings a resume may change."""
+    old, new = _flatten(recorded), _flatten(json.loads(json.dumps(current)))
+
+    def free(key: str) -> bool:
+        return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES)
+
+    return sorted(key for key in set(old) | set(new) if not free(key) and old.get(key) != new.get(key))
+
+
+def write_run_record(run_dir: Path, cfg: DictConfig) -> None:
+    path = run_dir / RUN_RECORD
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(run_record(cfg), indent=2, default=str))
+    os.replace(partial, path)
+
+
+def check_resume(run_dir: Path, cfg: DictConfig) -> None:
+    """``resume=true`` needs the record of the run to continue, made by the same settings."""
+    path = run_dir / RUN_RECORD
+    if not path.is_file():
+        raise RunDirectoryError(
+            f"resume=true but there is nothing to resume in {run_dir}: it has no {RUN_RECORD}. Point the command "
+            "at the killed run's directory (hydra.run.dir=<that directory>)"
+        )
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise RunDirectoryError(f"cannot resume from {run_dir}: {path} is unreadable ({error})") from error
+    differences = config_differences(recorded, run_record(cfg))
+    if differences:
+        shown = ", ".join(f"{key} (was {_flatten(recorded).get(key)!r})" for key in differences[:5])
+        raise RunDirectoryError(
+            f"cannot resume the run in {run_dir} with other settings: {shown}"
+            f"{' …' if len(differences) > 5 else ''}. Resume with the original settings, or start a new run"
+        )
+
+
+def check_no_unfinished_learning(method_dirs: Sequence[Path]) -> None:
+    """Without ``resume=true``, a directory holding an interrupted run's checkpoints is not reused."""
+    for directory in method_dirs:
+        if checkpoint_path(directory).is_file():
+            raise RunDirectoryError(
+                f"{checkpoint_path(directory)} holds an interrupted run's progress; pass resume=true to continue it, "
+                "or choose another run directory"
+            )
