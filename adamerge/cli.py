@@ -78,8 +78,11 @@ class RunDirectoryGuard(Callback):
 
 
 def user_message(error: BaseException) -> str:
-    """The innermost cause's message: Hydra wraps errors raised while building objects from config."""
-    while error.__cause__ is not None:
+    """The message of the first adamerge error in the cause chain (it names what to change), else of the
+    innermost cause: Hydra wraps errors raised while building objects from config."""
+    from adamerge.errors import AdamergeError
+
+    while not isinstance(error, AdamergeError) and error.__cause__ is not None:
         error = error.__cause__
     return f"{type(error).__name__}: {error}"
 

@@ -6,17 +6,29 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adamerge.checkpoints import CheckpointError, describe_source, load_state_dict, sha256_of
+from adamerge.errors import AdamergeError, ConfigError
 from adamerge.key_filters import drop_excluded
 from adamerge.task_vectors import TaskVectors, tied_aliases
 
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def _build_head(task: str, head: nn.Module | Mapping[str, Any]) -> nn.Module:
+    if not isinstance(head, Mapping):
+        return head
+    try:
+        return instantiate(head)
+    except InstantiationException as error:  # say which setting: the head's own message names only its file
+        cause = error.__cause__ if isinstance(error.__cause__, AdamergeError) else error
+        raise CheckpointError(f"modelpool.heads.{task}: {cause}") from error
 
 
 class ModelPool:
@@ -49,14 +61,14 @@ class ModelPool:
         else:
             self.architecture = None
         if not finetuned:
-            raise ValueError("modelpool.finetuned is empty: give one checkpoint per task")
+            raise ConfigError("modelpool.finetuned is empty: give one checkpoint per task")
         missing = sorted(set(finetuned) - set(heads))
         if missing:
-            raise ValueError(f"modelpool.heads has no head for tasks {missing} (heads given: {sorted(heads)})")
+            raise ConfigError(f"modelpool.heads has no head for tasks {missing} (heads given: {sorted(heads)})")
         self.backbone = backbone.eval()
         self.pretrained_source = pretrained
         self.finetuned_sources = dict(finetuned)
-        self.heads = {task: (instantiate(h) if isinstance(h, Mapping) else h) for task, h in heads.items()}
+        self.heads = {task: _build_head(task, h) for task, h in heads.items()}
         self.storage_dtype = storage_dtype
         self.merge_batchnorm_statistics = merge_batchnorm_statistics
         if pretrained is not None:

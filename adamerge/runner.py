@@ -14,10 +14,12 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from adamerge.errors import AdamergeError
 from adamerge.loggers import finish, log_coefficients, log_label_free
 from adamerge.methods.learned import build_learned
 from adamerge.methods.registry import get_method
@@ -264,6 +266,20 @@ def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
     return result
 
 
+def build_from_config(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate``, re-raising an adamerge error from inside as itself rather than Hydra's wrapper, so
+    Python callers can catch it by type."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, AdamergeError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from error
+
+
 def method_names(cfg: DictConfig) -> list[str]:
     return list(cfg.method.methods) if cfg.method.name == "compare" else [cfg.method.name]
 
@@ -289,8 +305,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         write_run_record(run_dir, cfg)
     torch.set_num_threads(int(cfg.num_threads)) if cfg.get("num_threads") else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    pool: ModelPool = instantiate(cfg.modelpool, _recursive_=False)
-    datamodule = instantiate(cfg.data)
+    pool: ModelPool = build_from_config(cfg.modelpool, _recursive_=False)
+    datamodule = build_from_config(cfg.data)
     datamodule.setup("fit")
     check_pool_and_data(pool, datamodule)
     task_vectors = pool.task_vectors(list(datamodule.task_names))

@@ -14,3 +14,12 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """The reduced demo zoo (tests.helpers.REDUCED_RECIPE), built once for every end-to-end test."""
+    from adamerge.demo import build_demo_zoo
+    from tests.helpers import REDUCED_RECIPE
+
+    return build_demo_zoo(tmp_path_factory.mktemp("cache"), recipe=REDUCED_RECIPE, progress=False)

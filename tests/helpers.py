@@ -40,3 +40,12 @@ def finetuned_states(module: nn.Module, num_tasks: int, scale: float = 0.1, seed
 def make_heads(task_names, features: int = 6, classes: int = 5, seed: int = 1) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     return {task: nn.Linear(features, classes) for task in task_names}
+
+
+# The reduced demo zoo every end-to-end test shares (built once per session by the `zoo` fixture).
+REDUCED_RECIPE = {
+    "train_size": 48,
+    "test_size": 32,
+    "probe": {"C": 1.0, "max_iter": 50},
+    "finetune": {"steps": 3, "batch_size": 8, "lr": 1e-3, "optimizer": "adam", "schedule": "cosine"},
+}

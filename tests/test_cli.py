@@ -18,12 +18,6 @@ from adamerge.merged import MergedModel
 from adamerge.models.heads import linear_head
 from adamerge.task_vectors import TaskVectors
 
-REDUCED_RECIPE = {
-    "train_size": 48,
-    "test_size": 32,
-    "probe": {"C": 1.0, "max_iter": 50},
-    "finetune": {"steps": 3, "batch_size": 8, "lr": 1e-3, "optimizer": "adam", "schedule": "cosine"},
-}
 # Big enough that fine-tuning matters (each fine-tuned model clearly beats the probe) and that task arithmetic
 # loses to interference, small enough for CI (about a minute to build on 2 cores).
 LEARNING_RECIPE = {
@@ -32,11 +26,6 @@ LEARNING_RECIPE = {
     "finetune": {"steps": 120, "batch_size": 32, "lr": 1e-4, "optimizer": "adam", "schedule": "cosine"},
 }
 RESULT_KEYS = {"method", "config", "tasks", "accuracy", "average_accuracy", "coefficients", "seconds", "peak_memory_mb"}
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> Path:
-    return build_demo_zoo(tmp_path_factory.mktemp("cache"), recipe=REDUCED_RECIPE, progress=False)
 
 
 def adamerge(run_dir: Path, zoo: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -198,3 +187,18 @@ def test_bad_settings_fail_before_loading_with_one_clean_message(zoo, tmp_path, 
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run" / "results.json").exists() and "task vectors:" not in result.stdout
+
+
+def test_refused_export_leaves_the_run_directory_untouched_even_by_hydra(zoo, tmp_path):
+    """Hydra writes .hydra/ into the run dir before the job starts: the guard callback refuses first."""
+    run_dir = tmp_path / "kept"
+    kept = {run_dir / "merged_model" / "model.safetensors": b"weights", run_dir / "coefficients.png": b"png",
+            run_dir / ".hydra" / "config.yaml": b"the kept run's config"}
+    for path, content in kept.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    result = adamerge(run_dir, zoo, "method=adamerging_task_wise", "logger=none", check=False)
+    assert result.returncode == 1
+    assert "merged_model already exists; set export.overwrite=true" in result.stderr and "Traceback" not in result.stderr
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert sorted(p.name for p in run_dir.rglob("*") if p.is_file()) == ["coefficients.png", "config.yaml", "model.safetensors"]

@@ -169,3 +169,49 @@ def test_non_finite_objective_stops_before_the_coefficients_change():
     with pytest.raises(NonFiniteError, match=f"objective is nan on task '{model.task_names[1]}' at step 0"):
         model.accumulate_gradients(batch, model.merged.merged_weights())
     assert torch.equal(model.merged.coefficients.detach(), before) and torch.isfinite(before).all()
+
+
+class _PoisonedStream(torch.utils.data.IterableDataset):
+    """Random batches where the steps in ``poisoned`` carry a NaN input for one task."""
+
+    def __init__(self, tasks, steps, poisoned):
+        self.tasks, self.steps, self.poisoned = tasks, steps, set(poisoned)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(1)
+        for step in range(self.steps):
+            batch = {t: {"inputs": torch.randn(4, 3, 8, 8, generator=generator)} for t in self.tasks}
+            if step in self.poisoned:
+                batch[self.tasks[0]]["inputs"][0, 0, 0, 0] = float("nan")
+            yield batch
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_steps_stop_the_run_or_are_skipped_without_an_update(policy):
+    from adamerge.module import NonFiniteError
+
+    model = build_module(lr=5e-2)
+    model.on_nonfinite = policy
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    seen = []
+    original = model.after_optimizer_step
+
+    def record():  # coefficients after each step that updated them
+        seen.append(model.merged.coefficients.detach().clone())
+        original()
+
+    model.after_optimizer_step = record
+    loader = torch.utils.data.DataLoader(_PoisonedStream(model.task_names, 6, poisoned={2, 3}), batch_size=None)
+    if policy == "stop":
+        with pytest.raises(NonFiniteError, match=f"on task '{model.task_names[0]}' at step 2"):
+            trainer.fit(model, loader)
+        assert len(seen) == 2 and torch.isfinite(model.merged.coefficients).all()
+        return
+    trainer.fit(model, loader)
+    assert trainer.global_step == 6  # skipped steps count toward max_steps, so the stream stays aligned
+    assert [s["step"] for s in model.skipped_steps] == [2, 3]
+    assert "objective is nan" in model.skipped_steps[0]["reason"]
+    assert [h["objective"] is None for h in model.history] == [False, False, True, True, False, False]
+    assert len(seen) == 4 and torch.isfinite(model.merged.coefficients).all()
+    assert not torch.equal(seen[1], seen[2])  # learning went on after the skipped steps

@@ -17,7 +17,7 @@ import torch
 
 from adamerge.data import _AdaptationStream
 from adamerge.module import capture_rng, restore_rng
-from tests.test_cli import adamerge, zoo  # noqa: F401  (the module-scoped reduced zoo fixture)
+from tests.test_cli import adamerge
 
 # Stage 1 (mask meta-learning) for 5 steps, then stage 2 with a *sampled* frozen mask: resuming must restore
 # the stage, the sampled mask, the three optimisers, the RNG and the stream position.
@@ -79,7 +79,7 @@ def _stable(result: dict) -> dict:
     return {key: value for key, value in result.items() if key not in VARYING}
 
 
-def test_killed_comparison_resumes_to_the_uninterrupted_result(zoo, tmp_path):  # noqa: F811
+def test_killed_comparison_resumes_to_the_uninterrupted_result(zoo, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     adamerge(reference, zoo, *SETTINGS)
     _kill_after_second_checkpoint(killed, zoo)
@@ -108,7 +108,7 @@ def test_killed_comparison_resumes_to_the_uninterrupted_result(zoo, tmp_path):  
     assert (learned / "merged_model" / "model.safetensors").exists()
 
 
-def test_resume_refuses_other_settings_and_fresh_runs_refuse_leftover_checkpoints(zoo, tmp_path):  # noqa: F811
+def test_resume_refuses_other_settings_and_fresh_runs_refuse_leftover_checkpoints(zoo, tmp_path):
     run_dir = tmp_path / "run"
     adamerge(run_dir, zoo, "method=adamerging_task_wise", "trainer.max_steps=2", "logger=none",
              "export.enabled=false", "checkpoint.keep=true")
