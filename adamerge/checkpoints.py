@@ -65,7 +65,7 @@ def describe_source(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _looks_like_path(s: str) -> bool:
+def looks_like_path(s: str) -> bool:
     return (
         s.startswith(("/", "./", "../", "~", "\\"))
         or s.lower().endswith(WEIGHT_SUFFIXES)
@@ -210,7 +210,7 @@ def load_hf_model(
     name = os.fspath(source)
     path = Path(name).expanduser()
     is_local = path.exists()
-    if not is_local and (not isinstance(source, str) or _looks_like_path(name)):
+    if not is_local and (not isinstance(source, str) or looks_like_path(name)):
         raise CheckpointError(f"model directory not found: {name}")
     if not is_local and _hub_offline():
         kwargs.setdefault("local_files_only", True)
@@ -248,7 +248,7 @@ def load_state_dict(
         return _load_hf_dir(path)
     if path.is_file():
         return _load_file(path)
-    if not isinstance(source, str) or _looks_like_path(name):
+    if not isinstance(source, str) or looks_like_path(name):
         raise _not_found(name)
     model = load_hf_model(name, hf_auto_class, trust_remote_code=trust_remote_code)
     return {k: v.detach() for k, v in model.state_dict().items()}
@@ -263,7 +263,7 @@ def sha256_of(source: Any) -> str | None:
         files = _hf_dir_weight_files(path)
     elif path.is_file():
         files = [path]
-    elif isinstance(source, str) and not _looks_like_path(name):
+    elif isinstance(source, str) and not looks_like_path(name):
         return None  # a hub id: hashing would mean downloading it
     else:
         raise _not_found(name)

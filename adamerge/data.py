@@ -7,7 +7,6 @@ so nothing is materialised beyond what a batch needs.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,11 +16,12 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
 from adamerge.errors import AdamergeError
+# Re-exported: configs written for adamerge 0.1 name the preprocessors here.
+from adamerge.preprocessing import ImagePreprocessor, TextPreprocessor, labels_of  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -53,126 +53,6 @@ class TaskData:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise TaskDataError(f"task {self.name!r}: format must be one of {FORMATS}, got {self.format!r}")
-
-
-def _to_rgb_uint8(img: Any):
-    from PIL import Image
-
-    if isinstance(img, dict):  # undecoded datasets Image: {"bytes", "path"}
-        import io
-
-        img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
-    if not isinstance(img, Image.Image):
-        arr = np.asarray(img)
-        if arr.dtype != np.uint8:  # float images in [0, 1] are common in numpy pipelines
-            arr = arr * 255.0 if arr.dtype.kind == "f" and arr.max() <= 1.0 else arr
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-    return img.convert("RGB")
-
-
-def _labels(batch: Mapping[str, Any], column: str) -> torch.Tensor | None:
-    return torch.as_tensor(np.asarray(batch[column])) if column in batch else None
-
-
-class ImagePreprocessor:
-    """PIL/ndarray batch → float NCHW ``(x/255 − mean)/std``; defaults give EfficientNet-Lite's (x−127)/128."""
-
-    def __init__(self, image_size: int, mean: Sequence[float] = (127 / 255,) * 3,
-                 std: Sequence[float] = (128 / 255,) * 3, image_column: str = "image",
-                 label_column: str = "label", resize: str = "resize", interpolation: str = "bicubic"):
-        if resize not in ("resize", "center_crop"):
-            raise ValueError(f"resize must be 'resize' or 'center_crop', got {resize!r}")
-        self.image_size, self.resize, self.interpolation = int(image_size), resize, interpolation
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.image_column, self.label_column = image_column, label_column
-
-    @property
-    def required_columns(self) -> tuple[str, ...]:
-        return (self.image_column,)
-
-    @classmethod
-    def from_pretrained_processor(cls, path_or_id: str | os.PathLike, **kw: Any) -> ImagePreprocessor:
-        """Size/mean/std from a transformers ``preprocessor_config.json`` (file, dir or hub id)."""
-        p = Path(path_or_id)
-        if p.is_dir():
-            p = p / "preprocessor_config.json"
-        if not p.is_file():
-            from transformers.utils import cached_file
-
-            p = Path(cached_file(str(path_or_id), "preprocessor_config.json"))
-        cfg = json.loads(p.read_text())
-
-        def edge(s: Any) -> int | None:
-            if s is None or isinstance(s, int):
-                return s
-            return s.get("shortest_edge") or s.get("height")
-
-        crop = cfg.get("do_center_crop", False) and cfg.get("crop_size") is not None
-        args = {"image_size": edge(cfg["crop_size"] if crop else cfg.get("size")),
-                "resize": "center_crop" if crop else "resize"}
-        for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
-            if cfg.get(theirs) is not None:
-                args[ours] = cfg[theirs]
-        return cls(**{**args, **kw})
-
-    def _pixels(self, img: Any) -> np.ndarray:
-        from PIL import Image
-
-        img, n = _to_rgb_uint8(img), self.image_size
-        resample = getattr(Image.Resampling, self.interpolation.upper())
-        if self.resize == "resize":
-            img = img.resize((n, n), resample)
-        else:  # shortest edge to n, then centre crop: the CLIP recipe
-            w, h = img.size
-            s = n / min(w, h)
-            img = img.resize((max(n, round(w * s)), max(n, round(h * s))), resample)
-            w, h = img.size
-            left, top = (w - n) // 2, (h - n) // 2
-            img = img.crop((left, top, left + n, top + n))
-        return np.asarray(img)
-
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        x = torch.from_numpy(np.stack([self._pixels(im) for im in batch[self.image_column]]))
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
-        out: dict[str, Any] = {"inputs": x.contiguous()}
-        if (y := _labels(batch, self.label_column)) is not None:
-            out["labels"] = y
-        return out
-
-
-class TextPreprocessor:
-    """Tokenises one text column (or a sentence pair); the tokenizer loads lazily so the object pickles cheaply."""
-
-    def __init__(self, tokenizer: str, text_columns: str | Sequence[str] = "sentence",
-                 label_column: str = "label", max_length: int = 128, padding: str | bool = "longest"):
-        self.tokenizer = str(tokenizer)
-        self.text_columns = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
-        if len(self.text_columns) not in (1, 2):
-            raise ValueError(f"text_columns must name one or two columns, got {self.text_columns}")
-        self.label_column, self.max_length, self.padding = label_column, max_length, padding
-        self._tok = None
-
-    @property
-    def required_columns(self) -> tuple[str, ...]:
-        return self.text_columns
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tok": None}
-
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        if self._tok is None:
-            from transformers import AutoTokenizer
-
-            self._tok = AutoTokenizer.from_pretrained(self.tokenizer)
-        texts = [list(batch[c]) for c in self.text_columns]
-        enc = self._tok(*texts, padding=self.padding, truncation=True, max_length=self.max_length,
-                        return_tensors="pt")
-        out: dict[str, Any] = {"inputs": dict(enc)}
-        if (y := _labels(batch, self.label_column)) is not None:
-            out["labels"] = y
-        return out
 
 
 def _detect_format(path: str) -> str:
@@ -211,7 +91,7 @@ class _Transformed:
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(self.preprocessor(batch))
-        if (y := _labels(batch, self.label_column)) is not None:
+        if (y := labels_of(batch, self.label_column)) is not None:
             out["labels"] = y
         return out
 

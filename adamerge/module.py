@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from adamerge.errors import AdamergeError
 from adamerge.merged import MergedModel
 from adamerge.objectives import Entropy, Objective, masked_mean, token_entropy
+from adamerge.resume import ResumeError, capture_rng, restore_rng
 
 Batch = Mapping[str, Any]
 
@@ -64,32 +63,6 @@ def valid_predictions(logits: Tensor, mask: Tensor | None) -> Tensor:
     if mask is not None:
         predictions = predictions[mask.bool()]
     return predictions.flatten().to("cpu", torch.int32)
-
-
-class ResumeError(AdamergeError, RuntimeError):
-    """A checkpoint cannot continue this run (another method, another configuration, a damaged file)."""
-
-
-def capture_rng() -> dict[str, Any]:
-    """torch's CPU and CUDA generators, numpy's and Python's: every source a learning step may draw from."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        # Plain lists and tuples: the checkpoint loads with torch.load(weights_only=True).
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-        "python": random.getstate(),
-    }
-
-
-def restore_rng(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
 
 
 class AdaMergingModule(L.LightningModule):

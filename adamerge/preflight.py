@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from adamerge.checkpoints import CheckpointError, _looks_like_path, check_finite, describe_source
+from adamerge.checkpoints import CheckpointError, check_finite, describe_source, looks_like_path
 from adamerge.data import TaskDataError
 from adamerge.errors import ConfigError, PoolDataMismatchError, RunDirectoryError
 from adamerge.methods.registry import get_method
@@ -100,7 +100,7 @@ def check_checkpoint_files(cfg: DictConfig) -> None:
     entries = [("modelpool.pretrained", pool.get("pretrained"))]
     entries += [(f"modelpool.finetuned.{task}", source) for task, source in (pool.get("finetuned") or {}).items()]
     for key, source in entries:
-        if isinstance(source, str) and _looks_like_path(source) and not os.path.exists(os.path.expanduser(source)):
+        if isinstance(source, str) and looks_like_path(source) and not os.path.exists(os.path.expanduser(source)):
             raise CheckpointError(f"{key}={source!r}: no such file or directory")
 
 

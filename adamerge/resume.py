@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.errors import RunDirectoryError
+from adamerge.errors import AdamergeError, RunDirectoryError
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -30,6 +33,32 @@ RUN_RECORD = "run_config.json"
 # change them. Every other difference would splice two different runs into one result.
 RESUMABLE_CHANGES = ("resume", "logger", "num_threads", "checkpoint", "trainer.enable_progress_bar",
                      "trainer.log_every_n_steps", "trainer.enable_model_summary")
+
+
+class ResumeError(AdamergeError, RuntimeError):
+    """A checkpoint cannot continue this run (another method, another configuration, a damaged file)."""
+
+
+def capture_rng() -> dict[str, Any]:
+    """torch's CPU and CUDA generators, numpy's and Python's: every source a learning step may draw from."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Plain lists and tuples: the checkpoint loads with torch.load(weights_only=True).
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 class StepCheckpoint(L.Callback):

@@ -277,7 +277,7 @@ def build_from_config(node: DictConfig, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if cause is None:
             raise
-        raise cause from error
+        raise cause  # keeps its own cause (the low-level error) for HYDRA_FULL_ERROR tracebacks
 
 
 def method_names(cfg: DictConfig) -> list[str]:

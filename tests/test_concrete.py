@@ -6,15 +6,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from adamerge.concrete import (
-    MASK_FILE,
-    ConcreteAdaMergingModule,
-    ConcreteMask,
-    ConcreteTaskArithmeticModule,
-    rescale,
-    select_tensors,
-    split_batch,
-)
+from adamerge.concrete import MASK_FILE, ConcreteAdaMergingModule, ConcreteTaskArithmeticModule, split_batch
+from adamerge.concrete_mask import ConcreteMask, rescale
+from adamerge.key_filters import select_tensors
 from adamerge.methods.learned import build_learned
 from adamerge.methods.registry import get_method
 from adamerge.objectives import prediction_entropy

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from adamerge.data import _AdaptationStream
-from adamerge.module import capture_rng, restore_rng
+from adamerge.resume import capture_rng, restore_rng
 from tests.test_cli import adamerge
 
 # Stage 1 (mask meta-learning) for 5 steps, then stage 2 with a *sampled* frozen mask: resuming must restore
