@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from adamerge import task_batching
 from adamerge.errors import AdamergeError
 from adamerge.merged import MergedModel
 from adamerge.objectives import Entropy, Objective, masked_mean, token_entropy
@@ -83,6 +84,7 @@ class AdaMergingModule(L.LightningModule):
         weight_decay: float = 0.0,
         autocast_dtype: str | None = None,
         objective: Objective | None = None,
+        task_batching_mode: str = "sequential",
     ) -> None:
         super().__init__()
         missing = [task for task in merged.task_names if task not in heads]
@@ -112,6 +114,7 @@ class AdaMergingModule(L.LightningModule):
         # "stop": a NaN/Inf objective or gradient ends the run with NonFiniteError; "skip": that step makes no
         # update (recorded in skipped_steps) and learning goes on.
         self.on_nonfinite = "stop"
+        self.set_task_batching(task_batching_mode)
         self.skipped_steps: list[dict[str, Any]] = []
         self._rng_to_restore: dict[str, Any] | None = None
 
@@ -167,29 +170,15 @@ class AdaMergingModule(L.LightningModule):
         """Steps 2 and 3 of the module docstring for one merge ``weights`` (graph to what trains).
 
         Returns the objective of every task's batch (their mean prediction entropies go to
-        ``last_step_entropy``).
+        ``last_step_entropy``). ``task_batching`` decides how step 2 runs: ``sequential`` (one task's
+        activations alive at a time) or ``joint`` (one forward + backward over all tasks' batches).
         """
         leaves = {name: w.detach().requires_grad_(True) for name, w in weights.items()}
-        objectives, self.last_step_entropy = {}, {}
-        for task in self.task_names:
-            inputs = batch[task]["inputs"]
-            with self._autocast():
-                logits = self.task_logits(task, inputs, leaves)
-            mask = entropy_mask(inputs, logits)
-            loss = self.objective(logits, mask)
-            objectives[task] = loss.item()
-            if not math.isfinite(objectives[task]):  # before backward: a NaN must never reach the coefficients
-                raise NonFiniteError(
-                    f"the {self.objective.name} objective is {objectives[task]} on task {task!r} at step "
-                    f"{self.global_step}; stopping before it reaches the merge coefficients"
-                )
-            self._backward(loss)
-            if type(self.objective) is Entropy and not self.objective.normalize:
-                self.last_step_entropy[task] = objectives[task]  # the objective is the entropy: no second pass
-            else:
-                with torch.no_grad():
-                    self.last_step_entropy[task] = masked_mean(token_entropy(logits), mask).item()
-            del logits, loss
+        self.last_step_entropy = {}
+        if self.resolved_task_batching(batch, leaves) == "joint":
+            objectives = self._joint_pass(batch, leaves)
+        else:
+            objectives = {task: self._task_pass(task, batch[task]["inputs"], leaves) for task in self.task_names}
         used = [name for name, leaf in leaves.items() if leaf.grad is not None]
         if used:
             torch.autograd.backward([weights[n] for n in used], [leaves[n].grad for n in used])
@@ -198,6 +187,62 @@ class AdaMergingModule(L.LightningModule):
                 raise NonFiniteError(f"non-finite gradient of what trains at step {self.global_step} "
                                      f"(objectives {objectives}); stopping before the optimizer step")
         return objectives
+
+    def _task_loss(self, task: str, inputs: Any, logits: Tensor) -> tuple[Tensor, float]:
+        """The task's objective (checked finite before any backward) and its prediction entropy, logged."""
+        mask = entropy_mask(inputs, logits)
+        loss = self.objective(logits, mask)
+        value = loss.item()
+        if not math.isfinite(value):  # before backward: a NaN must never reach the coefficients
+            raise NonFiniteError(
+                f"the {self.objective.name} objective is {value} on task {task!r} at step "
+                f"{self.global_step}; stopping before it reaches the merge coefficients"
+            )
+        if type(self.objective) is Entropy and not self.objective.normalize:
+            self.last_step_entropy[task] = value  # the objective is the entropy: no second pass
+        else:
+            with torch.no_grad():
+                self.last_step_entropy[task] = masked_mean(token_entropy(logits), mask).item()
+        return loss, value
+
+    def _task_pass(self, task: str, inputs: Any, leaves: Mapping[str, Tensor]) -> float:
+        with self._autocast():
+            logits = self.task_logits(task, inputs, leaves)
+        loss, value = self._task_loss(task, inputs, logits)
+        self._backward(loss)
+        return value
+
+    def _joint_pass(self, batch: Mapping[str, Batch], leaves: Mapping[str, Tensor]) -> dict[str, float]:
+        """All tasks' batches through the backbone at once, split per head, one backward of the summed objective."""
+        inputs = [batch[task]["inputs"] for task in self.task_names]
+        sizes = [task_batching.batch_size(x) for x in inputs]
+        with self._autocast():
+            features = run_backbone(self.merged, task_batching.concatenate(inputs, self.task_names), leaves)
+            per_task = task_batching.split(features, sizes)
+            logits = [self.heads[task](part) for task, part in zip(self.task_names, per_task)]
+        objectives, total = {}, None
+        for task, task_inputs, task_logits in zip(self.task_names, inputs, logits):
+            loss, objectives[task] = self._task_loss(task, task_inputs, task_logits)
+            total = loss if total is None else total + loss
+        self._backward(total)
+        return objectives
+
+    def set_task_batching(self, mode: str) -> None:
+        """``sequential`` / ``joint`` / ``auto`` (see :mod:`adamerge.task_batching`); joint is refused for a
+        backbone whose examples would interact."""
+        self.task_batching = task_batching.check_mode(mode, self.merged.module)
+        self._resolved_batching: str | None = None if mode == "auto" else mode
+
+    @property
+    def task_batching_used(self) -> str:
+        """The mode the steps ran with (``auto`` until its first step decided)."""
+        return self._resolved_batching or self.task_batching
+
+    def resolved_task_batching(self, batch: Mapping[str, Batch], leaves: Mapping[str, Tensor]) -> str:
+        """``sequential`` / ``joint``; ``auto`` is decided once, on the first step (see task_batching.choose)."""
+        if self._resolved_batching is None:
+            self._resolved_batching = task_batching.choose(self, batch, leaves)
+        return self._resolved_batching
 
     def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor | None:
         optimizer = self.optimizers()

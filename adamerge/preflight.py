@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from adamerge import task_batching
 from adamerge.checkpoints import CheckpointError, check_finite, describe_source, looks_like_path
 from adamerge.data import TaskDataError
 from adamerge.errors import ConfigError, PoolDataMismatchError, RunDirectoryError
@@ -62,6 +63,8 @@ def check_run_options(cfg: DictConfig) -> None:
     policy = cfg.get("on_nonfinite", "stop")
     if policy not in NONFINITE_POLICIES:
         raise ConfigError(f"on_nonfinite={policy!r} is invalid: it must be one of {', '.join(NONFINITE_POLICIES)}")
+    if (mode := cfg.get("task_batching", "sequential")) not in task_batching.MODES:
+        raise ConfigError(f"task_batching={mode!r} is invalid: it must be one of {', '.join(task_batching.MODES)}")
     if not _is_count(cfg.get("seed", 0), minimum=0):
         raise ConfigError(f"seed={cfg.get('seed')!r} is invalid: it must be an integer >= 0")
     threads = cfg.get("num_threads")

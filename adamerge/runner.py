@@ -169,6 +169,7 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple
         name, ctx.pool.fresh_backbone(), ctx.task_vectors, ctx.pool.heads, objective=ctx.objective, **hparams
     )
     module.on_nonfinite = ctx.cfg.get("on_nonfinite", "stop")
+    module.set_task_batching(ctx.cfg.get("task_batching", "sequential"))
     every = int((ctx.cfg.get("checkpoint") or {}).get("every_n_steps", 0))
     saved = checkpoint_path(method_dir(ctx, name))
     resume_from = str(saved) if ctx.cfg.get("resume", False) and saved.is_file() else None
@@ -200,6 +201,7 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple
         "objective_history": [h["objective"] for h in module.history],
         "entropy_history": [h["entropy"] for h in module.history],
         "skipped_steps": list(module.skipped_steps),
+        "task_batching": module.task_batching_used,
         "heatmap": str(heatmap),
     }
     return result, module.merge_and_unload(), module

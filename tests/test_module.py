@@ -215,3 +215,32 @@ def test_non_finite_steps_stop_the_run_or_are_skipped_without_an_update(policy):
     assert [h["objective"] is None for h in model.history] == [False, False, True, True, False, False]
     assert len(seen) == 4 and torch.isfinite(model.merged.coefficients).all()
     assert not torch.equal(seen[1], seen[2])  # learning went on after the skipped steps
+
+
+def test_joint_task_batching_gives_the_sequential_gradients_in_float64():
+    torch.manual_seed(0)
+    sequential = build_module(num_tasks=4).double()
+    torch.manual_seed(0)
+    joint = build_module(num_tasks=4, task_batching_mode="joint").double()
+    batch = {t: {"inputs": x["inputs"].double()} for t, x in random_batch(sequential.task_names, n=5).items()}
+    for model in (sequential, joint):
+        objectives = model.accumulate_gradients(batch, model.merged.merged_weights())
+    assert joint.resolved_task_batching(batch, {}) == "joint"
+    torch.testing.assert_close(joint.merged.coefficients.grad, sequential.merged.coefficients.grad, atol=1e-6, rtol=0)
+    assert sequential.merged.coefficients.grad.abs().max() > 1e-3  # not vacuous
+    assert objectives == pytest.approx(sequential.accumulate_gradients(batch, sequential.merged.merged_weights()))
+
+
+def test_joint_task_batching_refuses_what_mixes_examples():
+    from adamerge.errors import ConfigError
+
+    model = TinyConvNet()
+    model.bn = torch.nn.BatchNorm2d(model.bn.num_features, track_running_stats=False)
+    vectors = TaskVectors.from_state_dicts(model.state_dict(), finetuned_states(model, 2, scale=0.3))
+    merged = MergedModel(model.eval(), vectors)
+    with pytest.raises(ConfigError, match="task_batching=joint would let examples of different tasks interact"):
+        AdaMergingModule(merged, make_heads(vectors.task_names), task_batching_mode="joint")
+    with pytest.raises(ConfigError, match="task_batching='jointly' is invalid"):
+        AdaMergingModule(merged, make_heads(vectors.task_names), task_batching_mode="jointly")
+    auto = AdaMergingModule(merged, make_heads(vectors.task_names), task_batching_mode="auto")
+    assert auto.resolved_task_batching(random_batch(auto.task_names), {}) == "sequential"  # CPU, and BN mixes
