@@ -187,16 +187,21 @@ class ConcreteAdaMergingModule(ConcreteMaskModule):
         inner_batch, outer_batch = split_batch(batch)
         self.reset_coefficients()
         inner.zero_grad(set_to_none=True)
-        with torch.no_grad():  # the inner step must not reach the mask logits
+        with self.profile.phase("merge"), torch.no_grad():  # the inner step must not reach the mask logits
             inner_mask = self.mask.rescaled_sample()
-        self.accumulate_gradients(inner_batch, self.merged.merged_weights(mask=inner_mask))
-        inner.step()
+        with self.profile.phase("merge"):
+            inner_weights = self.merged.merged_weights(mask=inner_mask)
+        self.accumulate_gradients(inner_batch, inner_weights)
+        with self.profile.phase("optimizer"):
+            inner.step()
 
         outer.zero_grad(set_to_none=True)
         adapted = self.merged.coefficients.detach()  # no differentiation through the inner step
-        weights = self.merged.merged_weights(mask=self.mask.rescaled_sample(), coefficients=adapted)
+        with self.profile.phase("merge"):
+            weights = self.merged.merged_weights(mask=self.mask.rescaled_sample(), coefficients=adapted)
         objectives = self.accumulate_gradients(outer_batch, weights)
-        outer.step()
+        with self.profile.phase("optimizer"):
+            outer.step()
         # Between meta steps (and for evaluation during stage 1) λ is its initial value.
         self.reset_coefficients()
         self.merged.coefficients.grad = None
@@ -216,12 +221,15 @@ class ConcreteAdaMergingModule(ConcreteMaskModule):
             if self.frozen_mask is None:
                 self.freeze_mask()
             adamerging.zero_grad(set_to_none=True)
+            with self.profile.phase("merge"):
+                weights = self.merged_weights()
             try:
-                objectives = self.accumulate_gradients(batch, self.merged_weights())
+                objectives = self.accumulate_gradients(batch, weights)
             except NonFiniteError as error:
                 return self.skip_step(error, adamerging)
-            adamerging.step()
-            self.after_optimizer_step()
+            with self.profile.phase("optimizer"):
+                adamerging.step()
+                self.after_optimizer_step()
         self.log("train/stage", 1.0 if self.frozen_mask is None else 2.0, batch_size=1)
         return self.log_step(objectives)
 

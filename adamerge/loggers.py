@@ -84,3 +84,11 @@ def log_label_free(logger: Logger | None, report: dict[str, dict[str, float]]) -
     if logger is None or not report:
         return
     logger.log_metrics({f"label_free/{task}/{key}": float(v) for task, signals in report.items() for key, v in signals.items()})
+
+
+def log_profile(logger: Logger | None, report: dict[str, dict[str, float]]) -> None:
+    """Per phase of the learning step (merge, forward, backward, optimizer, data): ms per step and share."""
+    if logger is None or not report:
+        return
+    logger.log_metrics({f"profile/{phase}/{key}": float(v) for phase, values in report.items()
+                        for key, v in values.items() if key != "seconds"})

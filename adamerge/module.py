@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from adamerge import task_batching
 from adamerge.errors import AdamergeError
 from adamerge.merged import MergedModel
 from adamerge.objectives import Entropy, Objective, masked_mean, token_entropy
+from adamerge.profiling import StepProfile
 from adamerge.resume import ResumeError, capture_rng, restore_rng
 
 Batch = Mapping[str, Any]
@@ -117,6 +119,8 @@ class AdaMergingModule(L.LightningModule):
         self.set_task_batching(task_batching_mode)
         self.skipped_steps: list[dict[str, Any]] = []
         self._rng_to_restore: dict[str, Any] | None = None
+        self.profile = StepProfile()
+        self._last_step_end: float | None = None
 
     def train(self, mode: bool = True) -> AdaMergingModule:
         """Keep the frozen backbone and heads in eval mode even while Lightning 'trains'.
@@ -181,7 +185,8 @@ class AdaMergingModule(L.LightningModule):
             objectives = {task: self._task_pass(task, batch[task]["inputs"], leaves) for task in self.task_names}
         used = [name for name, leaf in leaves.items() if leaf.grad is not None]
         if used:
-            torch.autograd.backward([weights[n] for n in used], [leaves[n].grad for n in used])
+            with self.profile.phase("merge"):  # dL/dλ = <τ, dL/dθ>: the merge graph's backward
+                torch.autograd.backward([weights[n] for n in used], [leaves[n].grad for n in used])
         for parameter in self.trainable_parameters():
             if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
                 raise NonFiniteError(f"non-finite gradient of what trains at step {self.global_step} "
@@ -206,25 +211,29 @@ class AdaMergingModule(L.LightningModule):
         return loss, value
 
     def _task_pass(self, task: str, inputs: Any, leaves: Mapping[str, Tensor]) -> float:
-        with self._autocast():
-            logits = self.task_logits(task, inputs, leaves)
-        loss, value = self._task_loss(task, inputs, logits)
-        self._backward(loss)
+        with self.profile.phase("forward"):
+            with self._autocast():
+                logits = self.task_logits(task, inputs, leaves)
+            loss, value = self._task_loss(task, inputs, logits)
+        with self.profile.phase("backward"):
+            self._backward(loss)
         return value
 
     def _joint_pass(self, batch: Mapping[str, Batch], leaves: Mapping[str, Tensor]) -> dict[str, float]:
         """All tasks' batches through the backbone at once, split per head, one backward of the summed objective."""
         inputs = [batch[task]["inputs"] for task in self.task_names]
         sizes = [task_batching.batch_size(x) for x in inputs]
-        with self._autocast():
-            features = run_backbone(self.merged, task_batching.concatenate(inputs, self.task_names), leaves)
-            per_task = task_batching.split(features, sizes)
-            logits = [self.heads[task](part) for task, part in zip(self.task_names, per_task)]
-        objectives, total = {}, None
-        for task, task_inputs, task_logits in zip(self.task_names, inputs, logits):
-            loss, objectives[task] = self._task_loss(task, task_inputs, task_logits)
-            total = loss if total is None else total + loss
-        self._backward(total)
+        with self.profile.phase("forward"):
+            with self._autocast():
+                features = run_backbone(self.merged, task_batching.concatenate(inputs, self.task_names), leaves)
+                per_task = task_batching.split(features, sizes)
+                logits = [self.heads[task](part) for task, part in zip(self.task_names, per_task)]
+            objectives, total = {}, None
+            for task, task_inputs, task_logits in zip(self.task_names, inputs, logits):
+                loss, objectives[task] = self._task_loss(task, task_inputs, task_logits)
+                total = loss if total is None else total + loss
+        with self.profile.phase("backward"):
+            self._backward(total)
         return objectives
 
     def set_task_batching(self, mode: str) -> None:
@@ -247,12 +256,15 @@ class AdaMergingModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor | None:
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
+        with self.profile.phase("merge"):
+            weights = self.merged_weights()
         try:
-            objectives = self.accumulate_gradients(batch, self.merged_weights())
+            objectives = self.accumulate_gradients(batch, weights)
         except NonFiniteError as error:
             return self.skip_step(error, optimizer)
-        optimizer.step()
-        self.after_optimizer_step()
+        with self.profile.phase("optimizer"):
+            optimizer.step()
+            self.after_optimizer_step()
         return self.log_step(objectives)
 
     def skip_step(self, error: NonFiniteError, optimizer: Any) -> None:
@@ -295,7 +307,7 @@ class AdaMergingModule(L.LightningModule):
         keys = set(self.resumable_state_keys())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint["adamerge"] = {"history": list(self.history), "skipped_steps": list(self.skipped_steps),
-                                  "rng": capture_rng(), **self.extra_resume_state()}
+                                  "profile": self.profile.state(), "rng": capture_rng(), **self.extra_resume_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(set(self.resumable_state_keys()) - set(checkpoint.get("state_dict", {})))
@@ -303,6 +315,7 @@ class AdaMergingModule(L.LightningModule):
             raise ResumeError(f"the checkpoint is not one of this method's: it lacks {missing[:5] or ['adamerge']}")
         state = checkpoint["adamerge"]
         self.history, self.skipped_steps = list(state["history"]), list(state["skipped_steps"])
+        self.profile.load_state(state["profile"])
         # Applied just before the next step: creating the data iterator in between draws from torch's RNG.
         self._rng_to_restore = state["rng"]
         self.load_extra_resume_state(state)
@@ -311,6 +324,13 @@ class AdaMergingModule(L.LightningModule):
         if self._rng_to_restore is not None:
             restore_rng(self._rng_to_restore)
             self._rng_to_restore = None
+        self.profile.device = self.device
+        if self._last_step_end is not None:  # fetching this batch, plus the loop's own bookkeeping
+            self.profile.add("data", time.perf_counter() - self._last_step_end)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.profile.steps += 1
+        self._last_step_end = time.perf_counter()
 
     def extra_resume_state(self) -> dict[str, Any]:
         """What a subclass keeps across a resume beyond the state dict (the Concrete stage's frozen mask)."""

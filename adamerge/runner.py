@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adamerge.errors import AdamergeError
-from adamerge.loggers import finish, log_coefficients, log_label_free
+from adamerge.loggers import finish, log_coefficients, log_label_free, log_profile
 from adamerge.methods.learned import build_learned
 from adamerge.methods.registry import get_method
 from adamerge.modelpool import ModelPool
@@ -187,6 +187,7 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple
         trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
         label_free = module.label_free_report()
         log_label_free(logger, label_free)
+        log_profile(logger, module.profile.report())
         coefficients = module.coefficients()
         heatmap = coefficient_heatmap(coefficients, module.task_names, method_dir(ctx, name) / "coefficients.png", title=name)
         log_coefficients(logger, coefficients, module.task_names, module.merged.names, heatmap)
@@ -202,6 +203,7 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple
         "entropy_history": [h["entropy"] for h in module.history],
         "skipped_steps": list(module.skipped_steps),
         "task_batching": module.task_batching_used,
+        "profile": module.profile.report(),
         "heatmap": str(heatmap),
     }
     return result, module.merge_and_unload(), module
@@ -331,6 +333,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if not (cfg.get("checkpoint") or {}).get("keep", False):
             remove_checkpoints(method_dir(ctx, name))
         print(f"{name}: average accuracy {100 * result['average_accuracy']:.2f}% ({result['seconds']:.1f} s)")
+        if result.get("profile"):
+            print("  step profile: " + ", ".join(f"{phase} {values['ms_per_step']:.1f} ms ({100 * values['fraction']:.0f}%)"
+                                                for phase, values in result["profile"].items()))
         if result.get("skipped_steps"):
             print(f"  warning: {len(result['skipped_steps'])} step(s) skipped for non-finite values (on_nonfinite=skip)")
         for task, signals in (result.get("label_free") or {}).items():

@@ -98,6 +98,10 @@ def test_trainer_lowers_the_objective_and_clamps(objective):
     trainer.fit(model, loader)
     values = [h["objective"] for h in model.history]
     assert len(values) == 40
+    profile = model.profile.report()
+    assert model.profile.steps == 40 and set(profile) == {"data", "merge", "forward", "backward", "optimizer"}
+    assert all(profile[phase]["seconds"] > 0 for phase in profile)
+    assert sum(values["fraction"] for values in profile.values()) == pytest.approx(1.0)
     assert sum(values[-5:]) / 5 < sum(values[:5]) / 5 - 1e-3
     c = model.merged.coefficients.detach()
     assert c.min() >= 0 and c.max() <= 1

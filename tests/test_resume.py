@@ -28,7 +28,7 @@ SETTINGS = (
     "++method_overrides.concrete_adamerging_layer_wise.mask_lr=0.05",
     "trainer.max_steps=14", "checkpoint.every_n_steps=3", "logger=csv", "trainer.enable_progress_bar=false",
 )
-VARYING = {"seconds", "peak_memory_mb", "heatmap", "export"}
+VARYING = {"seconds", "peak_memory_mb", "heatmap", "export", "profile"}  # timings
 
 
 def _command(run_dir: Path, zoo: Path, *extra: str) -> list[str]:
