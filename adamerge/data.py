@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
 from adamerge.errors import AdamergeError
+from adamerge.input_cache import cacheable, encode_split
 # Re-exported: configs written for adamerge 0.1 name the preprocessors here.
 from adamerge.preprocessing import ImagePreprocessor, TextPreprocessor, labels_of  # noqa: F401
 
@@ -161,13 +162,16 @@ class _Batches(TorchDataset):
 class MultiTaskDataModule(L.LightningDataModule):
     def __init__(self, tasks: Sequence[TaskData] | Mapping[str, TaskData | Mapping], batch_size: int = 16,
                  eval_batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                 preprocessor: Callable | None = None):
+                 preprocessor: Callable | None = None, cache_inputs: bool = True, cache_max_gb: float = 8.0):
         super().__init__()
         self.tasks = self._as_tasks(tasks)
         self.task_names: list[str] = list(self.tasks)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed, self.preprocessor = num_workers, seed, preprocessor
         self._raw: dict[str, tuple[Any, Any]] = {}  # task → (adaptation split, eval split), untransformed
+        # Preprocess each split once and reuse it (uint8 pixels for images), up to cache_max_gb per split.
+        self.cache_inputs, self.cache_max_gb = cache_inputs, cache_max_gb
+        self._cache: dict[tuple[str, int], Any] = {}
 
     @staticmethod
     def _as_tasks(tasks: Any) -> dict[str, TaskData]:
@@ -276,9 +280,17 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.setup()
 
     def _transformed(self, name: str, which: int):
+        """The split as model inputs: encoded once and cached (see adamerge.input_cache), else lazily."""
         self._ensure_setup(name)
-        task = self.tasks[name]
-        return self._raw[name][which].with_transform(_Transformed(self._preprocessor(task), task.label_column))
+        task, raw = self.tasks[name], self._raw[name][which]
+        preprocessor = self._preprocessor(task)
+        if self.cache_inputs and cacheable(preprocessor):
+            key = (name, id(raw))  # the adaptation and evaluation splits are often the same rows: one cache
+            if key not in self._cache:
+                self._cache[key] = encode_split(raw, preprocessor, task.label_column, self.cache_max_gb * 2**30)
+            if self._cache[key] is not None:
+                return self._cache[key]
+        return raw.with_transform(_Transformed(preprocessor, task.label_column))
 
     # --- loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

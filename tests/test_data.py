@@ -221,3 +221,31 @@ def test_hydra_instantiate(two_tasks):
     assert dm.task_names == ["a", "b"] and dm.tasks["a"].split == "test"
     batch = next(iter(dm.train_dataloader()))
     assert batch["a"]["inputs"].shape == (2, 3, 4, 4) and batch["b"]["inputs"].shape == (2, 3, 6, 6)
+
+
+def test_cached_inputs_equal_the_lazy_path_exactly(two_tasks, caplog):
+    def make(cache: bool, **kw) -> MultiTaskDataModule:
+        dm = MultiTaskDataModule(two_tasks, batch_size=4, eval_batch_size=3, seed=5, cache_inputs=cache,
+                                 preprocessor=ImagePreprocessor(image_size=8), **kw)
+        dm.setup()
+        return dm
+
+    cached, lazy = make(True), make(False)
+    for step_cached, step_lazy in zip(itertools.islice(iter(cached.train_dataloader()), 6),
+                                      itertools.islice(iter(lazy.train_dataloader()), 6)):
+        for task in ("a", "b"):
+            assert torch.equal(step_cached[task]["inputs"], step_lazy[task]["inputs"])
+            assert torch.equal(step_cached[task]["labels"], step_lazy[task]["labels"])
+    for task in ("a", "b"):
+        for batch_cached, batch_lazy in zip(cached.eval_dataloader(task), lazy.eval_dataloader(task), strict=True):
+            assert torch.equal(batch_cached["inputs"], batch_lazy["inputs"])
+            assert torch.equal(batch_cached["labels"], batch_lazy["labels"])
+    # Adaptation and evaluation read the same rows: one uint8 cache per task, none for the lazy module.
+    assert {key[0] for key in cached._cache} == {"a", "b"} and len(cached._cache) == 2 and not lazy._cache
+    assert all(split.encoded.dtype == torch.uint8 for split in cached._cache.values())
+
+    tiny_budget = make(True, cache_max_gb=1e-9)  # over the budget: a warning and the lazy path
+    with caplog.at_level("WARNING"):
+        first = next(iter(tiny_budget.train_dataloader()))
+    assert torch.equal(first["a"]["inputs"], next(iter(lazy.train_dataloader()))["a"]["inputs"])
+    assert "not caching" in caplog.text

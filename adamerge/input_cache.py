@@ -1,0 +1,69 @@
+"""Data off the hot path: a task's split preprocessed once into a compact tensor, reused every step.
+
+Learning draws a batch per task per step from the same test split for hundreds of steps, and evaluation
+reads it again for every method of a comparison; decoding and resizing images each time would dominate a
+fast step. A preprocessor that splits its work into ``encode`` (raw batch → a tensor that stores exactly,
+e.g. uint8 pixels) and ``decode`` (that tensor → the model's input, cheap) is cached; others (tokenisers,
+whose padding depends on the batch) keep the lazy per-batch path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+ENCODE_BATCH = 256
+
+
+def cacheable(preprocessor: Any) -> bool:
+    return callable(getattr(preprocessor, "encode", None)) and callable(getattr(preprocessor, "decode", None))
+
+
+class CachedSplit:
+    """A split's encoded inputs (and labels) in memory; indexing by an int list or a slice decodes a batch.
+
+    It stands in for the lazily transformed ``datasets`` split: ``split[rows]`` gives ``{"inputs": ...,
+    "labels": ...}`` for those rows.
+    """
+
+    def __init__(self, encoded: torch.Tensor, labels: torch.Tensor | None, decode: Callable[[torch.Tensor], Any]):
+        self.encoded, self.labels, self.decode = encoded, labels, decode
+
+    def __len__(self) -> int:
+        return int(self.encoded.shape[0])
+
+    def __getitem__(self, rows: Any) -> dict[str, Any]:
+        index = torch.as_tensor(rows) if isinstance(rows, list) else rows
+        out = {"inputs": self.decode(self.encoded[index])}
+        if self.labels is not None:
+            out["labels"] = self.labels[index]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.encoded.numel() * self.encoded.element_size()
+
+
+def encode_split(split: Any, preprocessor: Any, label_column: str, max_bytes: float) -> CachedSplit | None:
+    """Encode every row of a raw ``datasets`` split, or None when it would take more than ``max_bytes``."""
+    parts: list[torch.Tensor] = []
+    total = 0
+    for start in range(0, len(split), ENCODE_BATCH):
+        part = preprocessor.encode(split[start: start + ENCODE_BATCH])
+        parts.append(part)
+        total += part.numel() * part.element_size()
+        projected = total * len(split) / min(start + ENCODE_BATCH, len(split))
+        if projected > max_bytes:
+            log.warning("not caching a split of %d rows: about %.1f GB encoded, above data.cache_max_gb",
+                        len(split), projected / 2**30)
+            return None
+    labels = None
+    if label_column in split.column_names:
+        labels = torch.as_tensor(np.asarray(split[label_column]))
+    return CachedSplit(torch.cat(parts), labels, preprocessor.decode)
