@@ -145,7 +145,18 @@ class MergedModel(nn.Module):
     def forward(self, *args: Any, weights: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
         if weights is None:
             weights = self.merged_weights()
-        return functional_call(self.module, dict(weights), args, kwargs)
+        call = self._compiled_call if self._compiled_call is not None else functional_call
+        return call(self.module, dict(weights), args, kwargs)
+
+    _compiled_call: Any = None
+
+    def compile_forward(self, backend: str = "inductor") -> None:
+        """Run the forward on the merged weights through ``torch.compile`` (the merge itself stays eager).
+
+        The weights are new tensors every step with the same shapes and dtypes, so one compiled graph serves
+        every step.
+        """
+        self._compiled_call = torch.compile(functional_call, backend=backend, dynamic=False)
 
     @torch.no_grad()
     def clamp_coefficients_(self) -> None:

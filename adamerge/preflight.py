@@ -65,6 +65,10 @@ def check_run_options(cfg: DictConfig) -> None:
         raise ConfigError(f"on_nonfinite={policy!r} is invalid: it must be one of {', '.join(NONFINITE_POLICIES)}")
     if (mode := cfg.get("task_batching", "sequential")) not in task_batching.MODES:
         raise ConfigError(f"task_batching={mode!r} is invalid: it must be one of {', '.join(task_batching.MODES)}")
+    backend = cfg.get("compile")
+    if backend is not None and backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"compile={backend!r} is invalid: use null (eager) or a torch.compile backend: "
+                          f"{', '.join(torch._dynamo.list_backends())}")
     if not _is_count(cfg.get("seed", 0), minimum=0):
         raise ConfigError(f"seed={cfg.get('seed')!r} is invalid: it must be an integer >= 0")
     threads = cfg.get("num_threads")

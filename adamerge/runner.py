@@ -170,6 +170,8 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple
     )
     module.on_nonfinite = ctx.cfg.get("on_nonfinite", "stop")
     module.set_task_batching(ctx.cfg.get("task_batching", "sequential"))
+    if ctx.cfg.get("compile"):
+        module.merged.compile_forward(ctx.cfg.compile)
     every = int((ctx.cfg.get("checkpoint") or {}).get("every_n_steps", 0))
     saved = checkpoint_path(method_dir(ctx, name))
     resume_from = str(saved) if ctx.cfg.get("resume", False) and saved.is_file() else None

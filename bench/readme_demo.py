@@ -24,6 +24,8 @@ from pathlib import Path
 from adamerge.reporting import replace_marked_block
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -61,6 +63,14 @@ def render(run_dir: Path, seconds: float, fresh: bool, log: str) -> str:
                 for t, s in row["label_free"].items()
             )
             lines.append(f"- `{method}`: {signals}")
+    profiled = {method: row["profile"] for method, row in rows.items() if row.get("profile")}
+    if profiled:
+        phases = list(next(iter(profiled.values())))
+        lines += ["", "Where a learning step's time goes (ms per step, share of the step; `profile` in results.json):", "",
+                  "| method | " + " | ".join(phases) + " |", "|---|" + "---:|" * len(phases)]
+        for method, profile in profiled.items():
+            cells = [f"{profile[p]['ms_per_step']:.0f} ({100 * profile[p]['fraction']:.0f}%)" for p in phases]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -248,3 +248,19 @@ def test_joint_task_batching_refuses_what_mixes_examples():
         AdaMergingModule(merged, make_heads(vectors.task_names), task_batching_mode="jointly")
     auto = AdaMergingModule(merged, make_heads(vectors.task_names), task_batching_mode="auto")
     assert auto.resolved_task_batching(random_batch(auto.task_names), {}) == "sequential"  # CPU, and BN mixes
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_forward_gives_the_eager_gradients(backend):
+    torch.manual_seed(0)
+    eager = build_module()
+    torch.manual_seed(0)
+    compiled = build_module()
+    compiled.merged.compile_forward(backend)
+    for step in range(2):  # the second step reuses the compiled graph with new weight tensors
+        batch = random_batch(eager.task_names)
+        for model in (eager, compiled):
+            model.merged.coefficients.grad = None
+            objectives = model.accumulate_gradients(batch, model.merged.merged_weights())
+        torch.testing.assert_close(compiled.merged.coefficients.grad, eager.merged.coefficients.grad, atol=1e-5, rtol=1e-4)
+        assert objectives == pytest.approx(eager.accumulate_gradients(batch, eager.merged.merged_weights()), abs=1e-5)
