@@ -32,9 +32,14 @@ class ObjectiveError(AdamergeError, ValueError):
     """An objective cannot be used as configured or on these logits; the message names both."""
 
 
+def at_least_float32(logits: Tensor) -> Tensor:
+    """bf16/fp16 logits are upcast for a stable softmax; float64 ones stay float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def token_entropy(logits: Tensor) -> Tensor:
     """``H(softmax(logits))`` along the last dimension, in float32 (one value per example or token)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = torch.log_softmax(at_least_float32(logits), dim=-1)
     return -(log_probs.exp() * log_probs).sum(-1)
 
 
@@ -106,7 +111,7 @@ class InformationMaximization(Objective):
         self.diversity_weight = float(diversity_weight)
 
     def loss(self, logits: Tensor, mask: Tensor | None) -> Tensor:
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax(at_least_float32(logits), dim=-1)
         mean_entropy = token_entropy(logits).mean()
         marginal = probs.mean(0)
         diversity = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum()
