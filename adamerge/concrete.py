@@ -207,7 +207,7 @@ class ConcreteAdaMergingModule(ConcreteMaskModule):
         self.merged.coefficients.grad = None
         return objectives
 
-    def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor | None:
         outer, inner, adamerging = self.optimizers()
         if self.in_meta_stage():
             # The inner step uses the plain torch optimizer: Lightning counts every LightningOptimizer
@@ -220,16 +220,9 @@ class ConcreteAdaMergingModule(ConcreteMaskModule):
         else:
             if self.frozen_mask is None:
                 self.freeze_mask()
-            adamerging.zero_grad(set_to_none=True)
-            with self.profile.phase("merge"):
-                weights = self.merged_weights()
-            try:
-                objectives = self.accumulate_gradients(batch, weights)
-            except NonFiniteError as error:
-                return self.skip_step(error, adamerging)
-            with self.profile.phase("optimizer"):
-                adamerging.step()
-                self.after_optimizer_step()
+            objectives = self.coefficient_step(batch, adamerging)
+            if objectives is None:  # a skipped non-finite step
+                return None
         self.log("train/stage", 1.0 if self.frozen_mask is None else 2.0, batch_size=1)
         return self.log_step(objectives)
 

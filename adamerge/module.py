@@ -254,7 +254,11 @@ class AdaMergingModule(L.LightningModule):
         return self._resolved_batching
 
     def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor | None:
-        optimizer = self.optimizers()
+        objectives = self.coefficient_step(batch, self.optimizers())
+        return None if objectives is None else self.log_step(objectives)
+
+    def coefficient_step(self, batch: Mapping[str, Batch], optimizer: Any) -> dict[str, float] | None:
+        """One step of ``optimizer`` on the merge's objective; None when a non-finite step was skipped."""
         optimizer.zero_grad(set_to_none=True)
         with self.profile.phase("merge"):
             weights = self.merged_weights()
@@ -265,7 +269,7 @@ class AdaMergingModule(L.LightningModule):
         with self.profile.phase("optimizer"):
             optimizer.step()
             self.after_optimizer_step()
-        return self.log_step(objectives)
+        return objectives
 
     def skip_step(self, error: NonFiniteError, optimizer: Any) -> None:
         """Under ``on_nonfinite="skip"``: drop the step's gradients and count the step without an update.

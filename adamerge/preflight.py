@@ -197,7 +197,10 @@ def _check_head(pool: Any, datamodule: Any, task: str) -> None:
 
     head = pool.heads[task]
     where = f"modelpool.heads.{task}"
-    example = next(iter(datamodule.eval_dataloader(task, batch_size=1)))
+    # Creating a DataLoader iterator draws a seed from torch's global RNG: a check must not shift the random
+    # stream that learning (Concrete mask samples) uses after it.
+    with torch.random.fork_rng(devices=[]):
+        example = next(iter(datamodule.eval_dataloader(task, batch_size=1)))
     features = run_backbone(pool.backbone.eval(), example["inputs"])
     expected = getattr(head, "in_features", None)
     size = features.shape[-1] if isinstance(features, torch.Tensor) else None

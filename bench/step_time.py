@@ -1,13 +1,18 @@
-"""Step time of the AdaMerging learning step, measured side by side with reference computations.
+"""Step time of the AdaMerging learning step and its options, measured side by side in one process.
 
-Prints ratios (ours / plain forward+backward of the same model on the same batches, and ours /
-a per-task re-merge as in FusionBench/official code). Run: ``python bench/step_time.py``.
+Prints ratios to a plain forward+backward of the same model on the same batches, for: our step (sequential and
+joint task batching, bf16 autocast, ``torch.compile`` of the merged forward) and a per-task re-merge as in the
+official / FusionBench loops. ``--readme`` rewrites README.md's ``step-time`` block.
+
+    python bench/step_time.py                 # ~3 min on 2 CPU cores (the compile row includes no compile time)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch.func import functional_call
@@ -16,17 +21,9 @@ from adamerge.merged import MergedModel
 from adamerge.models.efficientnet import efficientnet_lite0
 from adamerge.module import AdaMergingModule
 from adamerge.objectives import prediction_entropy
+from adamerge.reporting import replace_marked_block
 from adamerge.task_vectors import TaskVectors
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+from readme_demo import cpu_name  # a sibling script: bench/ is on sys.path when run
 
 
 def main() -> None:
@@ -36,6 +33,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--readme", action="store_true", help="rewrite README.md's step-time block")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -57,9 +55,15 @@ def main() -> None:
         for task in vectors.task_names:
             prediction_entropy(heads[task](plain(batch[task]["inputs"]))).backward()
 
-    def ours():
-        module.merged.coefficients.grad = None
-        module.accumulate_gradients(batch, module.merged.merged_weights())
+    def step_of(model: AdaMergingModule):
+        def step():
+            model.merged.coefficients.grad = None
+            model.accumulate_gradients(batch, model.merged.merged_weights())
+        return step
+
+    def variant(**kwargs) -> AdaMergingModule:
+        fresh = efficientnet_lite0(pretrained=True, num_classes=None).eval()
+        return AdaMergingModule(MergedModel(fresh, vectors, granularity="layer_wise"), heads, **kwargs)
 
     def remerge_per_task():
         module.merged.coefficients.grad = None
@@ -68,14 +72,38 @@ def main() -> None:
             logits = heads[task](functional_call(module.merged.module, weights, (batch[task]["inputs"],)))
             prediction_entropy(logits).backward()
 
-    t_plain = median_seconds(plain_forward_backward, args.repeats)
-    t_ours = median_seconds(ours, args.repeats)
-    t_remerge = median_seconds(remerge_per_task, args.repeats)
-    print(f"EfficientNet-Lite0 {args.resolution}px, {args.tasks} tasks x {args.batch}, layer-wise, {args.threads} threads")
-    print(f"plain forward+backward      {t_plain * 1000:8.1f} ms/step")
-    print(f"adamerge step               {t_ours * 1000:8.1f} ms/step   ratio to plain {t_ours / t_plain:.2f}")
-    print(f"re-merge per task (naive)   {t_remerge * 1000:8.1f} ms/step   ratio to plain {t_remerge / t_plain:.2f}")
-    print(f"naive / adamerge            {t_remerge / t_ours:.2f}")
+    compiled = variant()
+    compiled.merged.compile_forward("inductor")
+    step_of(compiled)()  # compiles once, outside the timing
+    rows = [
+        ("plain forward+backward of the same model and batches", plain_forward_backward),
+        ("adamerge step, task_batching=sequential (default)", step_of(module)),
+        ("adamerge step, task_batching=joint", step_of(variant(task_batching_mode="joint"))),
+        ("adamerge step, bf16 autocast (method.autocast_dtype=bfloat16)", step_of(variant(autocast_dtype="bfloat16"))),
+        ("adamerge step, compile=inductor (compile time excluded)", step_of(compiled)),
+        ("re-merge per task (what the official / FusionBench loops do)", remerge_per_task),
+    ]
+    # Interleaved rounds, so drift in the machine's speed hits every row alike; the median per row is reported.
+    times: dict[str, list[float]] = {name: [] for name, _ in rows}
+    for _, fn in rows:
+        fn()  # warm-up
+    for _ in range(args.repeats):
+        for name, fn in rows:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    median = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+    floor = median[rows[0][0]]
+    lines = ["| computation | ms / step | ratio to plain forward+backward |", "|---|---:|---:|"]
+    lines += [f"| {name} | {1000 * value:.0f} | {value / floor:.2f} |" for name, value in median.items()]
+    lines += ["", f"Generated by `python bench/step_time.py --readme`: EfficientNet-Lite0 (ImageNet weights), "
+              f"{args.resolution} px, {args.tasks} tasks x {args.batch} images, layer-wise, {args.threads} threads, "
+              f"median of {args.repeats} interleaved rounds on {os.cpu_count()} cores of an {cpu_name()}, "
+              f"torch {torch.__version__}, no GPU."]
+    block = "\n".join(lines)
+    print(block)
+    if args.readme:
+        replace_marked_block(Path(__file__).resolve().parent.parent / "README.md", "step-time", block)
 
 
 if __name__ == "__main__":
