@@ -169,7 +169,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed, self.preprocessor = num_workers, seed, preprocessor
         self._raw: dict[str, tuple[Any, Any]] = {}  # task → (adaptation split, eval split), untransformed
-        # Preprocess each split once and reuse it (uint8 pixels for images), up to cache_max_gb per split.
+        # Preprocess each split once and reuse it (uint8 pixels for images), up to cache_max_gb in all.
         self.cache_inputs, self.cache_max_gb = cache_inputs, cache_max_gb
         self._cache: dict[tuple[str, int], Any] = {}
 
@@ -287,7 +287,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         if self.cache_inputs and cacheable(preprocessor):
             key = (name, id(raw))  # the adaptation and evaluation splits are often the same rows: one cache
             if key not in self._cache:
-                self._cache[key] = encode_split(raw, preprocessor, task.label_column, self.cache_max_gb * 2**30)
+                cached = sum(split.nbytes for split in self._cache.values() if split is not None)
+                budget = self.cache_max_gb * 2**30 - cached  # one budget for every split of the run
+                self._cache[key] = encode_split(raw, preprocessor, task.label_column, budget)
             if self._cache[key] is not None:
                 return self._cache[key]
         return raw.with_transform(_Transformed(preprocessor, task.label_column))

@@ -60,7 +60,7 @@ def encode_split(split: Any, preprocessor: Any, label_column: str, max_bytes: fl
         total += part.numel() * part.element_size()
         projected = total * len(split) / min(start + ENCODE_BATCH, len(split))
         if projected > max_bytes:
-            log.warning("not caching a split of %d rows: about %.1f GB encoded, above data.cache_max_gb",
+            log.warning("not caching a split of %d rows: about %.1f GB encoded would exceed what is left of data.cache_max_gb",
                         len(split), projected / 2**30)
             return None
     labels = None

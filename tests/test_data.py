@@ -249,3 +249,18 @@ def test_cached_inputs_equal_the_lazy_path_exactly(two_tasks, caplog):
         first = next(iter(tiny_budget.train_dataloader()))
     assert torch.equal(first["a"]["inputs"], next(iter(lazy.train_dataloader()))["a"]["inputs"])
     assert "not caching" in caplog.text
+
+
+def test_cache_budget_covers_all_splits_together(two_tasks):
+    def make(max_gb: float) -> MultiTaskDataModule:
+        dm = MultiTaskDataModule(two_tasks, batch_size=4, seed=5, cache_max_gb=max_gb,
+                                 preprocessor=ImagePreprocessor(image_size=8))
+        dm.setup()
+        next(iter(dm.train_dataloader()))  # builds the caches, task a first
+        return dm
+
+    everything = make(8.0)
+    first = next(split for key, split in everything._cache.items() if key[0] == "a")
+    room_for_one = make((first.nbytes + 1) / 2**30)
+    assert [key[0] for key, split in room_for_one._cache.items() if split is not None] == ["a"]
+    assert [key[0] for key, split in room_for_one._cache.items() if split is None] == ["b"]
