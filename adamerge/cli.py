@@ -49,11 +49,7 @@ def execute(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
     try:
         run(cfg, run_dir)
     except Exception as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        # One clean message, not a traceback: the errors a user can act on name the file / parameter / value.
-        print(f"adamerge: error: {user_message(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
-        return 1
+        return report_error(error)
     return 0
 
 
@@ -71,20 +67,29 @@ class RunDirectoryGuard(Callback):
         try:
             check_outputs(config, Path(str(config.hydra.run.dir)))
         except AdamergeError as error:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"adamerge: error: {user_message(error)}", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(report_error(error))
 
 
 def user_message(error: BaseException) -> str:
     """The message of the first adamerge error in the cause chain (it names what to change), else of the
     innermost cause: Hydra wraps errors raised while building objects from config."""
-    from adamerge.errors import AdamergeError
+    from adamerge.errors import adamerge_cause
 
-    while not isinstance(error, AdamergeError) and error.__cause__ is not None:
-        error = error.__cause__
-    return f"{type(error).__name__}: {error}"
+    shown = adamerge_cause(error)
+    if shown is None:
+        shown = error
+        while shown.__cause__ is not None:
+            shown = shown.__cause__
+    return f"{type(shown).__name__}: {shown}"
+
+
+def report_error(error: BaseException) -> int:
+    """One clean line on stderr and exit status 1; with ``HYDRA_FULL_ERROR=1`` the error propagates instead."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    # One clean message, not a traceback: the errors a user can act on name the file / parameter / value.
+    print(f"adamerge: error: {user_message(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+    return 1
 
 
 def quiet_framework_chatter() -> None:

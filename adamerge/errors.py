@@ -13,6 +13,14 @@ class AdamergeError(Exception):
     """Base of every error that reports a user's input or a run's state, not a bug in adamerge."""
 
 
+def adamerge_cause(error: BaseException) -> AdamergeError | None:
+    """The first adamerge error in ``error``'s cause chain (itself included): frameworks such as Hydra wrap the
+    errors raised while they build objects, and the adamerge one is what names the setting to change."""
+    while error is not None and not isinstance(error, AdamergeError):
+        error = error.__cause__
+    return error
+
+
 class ConfigError(AdamergeError, ValueError):
     """A setting (method hyperparameter, trainer budget, run option) is out of range or of the wrong type."""
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from adamerge.checkpoints import sha256_of
 from adamerge.errors import AdamergeError
+from adamerge.reporting import fsync_path
 
 __all__ = ["MERGE_CONFIG", "WEIGHTS", "ExportError", "export_merged", "export_file_hashes"]
 
@@ -138,17 +139,7 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
 
 def _fsync_tree(root: Path) -> None:
     for path in [*sorted(root.rglob("*"), reverse=True), root]:  # files before the directories naming them
-        _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    if path.is_dir() and not hasattr(os, "O_DIRECTORY"):
-        return  # directories cannot be opened for fsync on Windows
-    fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(path)
 
 
 def export_merged(
@@ -218,6 +209,6 @@ def _swap_into_place(staging: Path, directory: Path) -> None:
         if old is not None:
             os.replace(old, directory)
         raise
-    _fsync(directory.parent)
+    fsync_path(directory.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

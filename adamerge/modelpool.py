@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adamerge.checkpoints import CheckpointError, describe_source, load_state_dict, sha256_of
-from adamerge.errors import AdamergeError, ConfigError
+from adamerge.errors import ConfigError, adamerge_cause
 from adamerge.key_filters import drop_excluded
 from adamerge.task_vectors import TaskVectors, tied_aliases
 
@@ -27,8 +27,7 @@ def _build_head(task: str, head: nn.Module | Mapping[str, Any]) -> nn.Module:
     try:
         return instantiate(head)
     except InstantiationException as error:  # say which setting: the head's own message names only its file
-        cause = error.__cause__ if isinstance(error.__cause__, AdamergeError) else error
-        raise CheckpointError(f"modelpool.heads.{task}: {cause}") from error
+        raise CheckpointError(f"modelpool.heads.{task}: {adamerge_cause(error) or error}") from error
 
 
 class ModelPool:

@@ -333,7 +333,7 @@ class AdaMergingModule(L.LightningModule):
             self.profile.add("data", time.perf_counter() - self._last_step_end)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.profile.steps += 1
+        self.profile.end_step()
         self._last_step_end = time.perf_counter()
 
     def extra_resume_state(self) -> dict[str, Any]:

@@ -24,16 +24,13 @@ from adamerge import task_batching
 from adamerge.checkpoints import CheckpointError, check_finite, describe_source, looks_like_path
 from adamerge.data import TaskDataError
 from adamerge.errors import ConfigError, PoolDataMismatchError, RunDirectoryError
+from adamerge.methods.checks import is_count
 from adamerge.methods.registry import get_method
 from adamerge.resume import check_no_unfinished_learning, check_resume
 
 # Not merges but reference rows of a comparison: each fine-tuned model on its own task.
 EVALUATION_ONLY = ("individual",)
 NONFINITE_POLICIES = ("stop", "skip")
-
-
-def _is_count(value: Any, minimum: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def check_methods(cfg: DictConfig, names: Sequence[str], method_config: Callable[[DictConfig, str], dict]) -> None:
@@ -47,7 +44,7 @@ def check_methods(cfg: DictConfig, names: Sequence[str], method_config: Callable
         if spec.validate is not None:
             spec.validate(num_tasks, hparams)
         max_steps = cfg.trainer.get("max_steps", -1)
-        if spec.kind == "learned" and not _is_count(max_steps):
+        if spec.kind == "learned" and not is_count(max_steps, minimum=1):
             raise ConfigError(f"trainer.max_steps={max_steps!r} is invalid for learned method {name!r}: "
                               "it must be an integer >= 1 (the number of learning steps)")
 
@@ -57,22 +54,21 @@ def check_run_options(cfg: DictConfig) -> None:
     if not isinstance(cfg.get("resume", False), bool):
         raise ConfigError(f"resume={cfg.resume!r} is invalid: it must be true or false")
     every = (cfg.get("checkpoint") or {}).get("every_n_steps", 0)
-    if not _is_count(every, minimum=0):
+    if not is_count(every, minimum=0):
         raise ConfigError(f"checkpoint.every_n_steps={every!r} is invalid: it must be an integer >= 0 (0: no "
                           "checkpoints, so no resume)")
     policy = cfg.get("on_nonfinite", "stop")
     if policy not in NONFINITE_POLICIES:
         raise ConfigError(f"on_nonfinite={policy!r} is invalid: it must be one of {', '.join(NONFINITE_POLICIES)}")
-    if (mode := cfg.get("task_batching", "sequential")) not in task_batching.MODES:
-        raise ConfigError(f"task_batching={mode!r} is invalid: it must be one of {', '.join(task_batching.MODES)}")
+    task_batching.check_mode_name(cfg.get("task_batching", "sequential"))
     backend = cfg.get("compile")
     if backend is not None and backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError(f"compile={backend!r} is invalid: use null (eager) or a torch.compile backend: "
                           f"{', '.join(torch._dynamo.list_backends())}")
-    if not _is_count(cfg.get("seed", 0), minimum=0):
+    if not is_count(cfg.get("seed", 0), minimum=0):
         raise ConfigError(f"seed={cfg.get('seed')!r} is invalid: it must be an integer >= 0")
     threads = cfg.get("num_threads")
-    if threads is not None and not _is_count(threads):
+    if threads is not None and not is_count(threads, minimum=1):
         raise ConfigError(f"num_threads={threads!r} is invalid: it must be an integer >= 1, or null")
 
 
@@ -80,7 +76,7 @@ def check_data_settings(cfg: DictConfig) -> None:
     """Batch sizes and the task names shared by the data and the model pool."""
     data = cfg.get("data") or {}
     for key in ("batch_size", "eval_batch_size"):
-        if key in data and not _is_count(data[key]):
+        if key in data and not is_count(data[key], minimum=1):
             raise ConfigError(f"data.{key}={data[key]!r} is invalid: it must be an integer >= 1")
     pool = cfg.get("modelpool") or {}
     data_tasks, pool_tasks = data.get("tasks"), pool.get("finetuned")
@@ -96,7 +92,7 @@ def check_data_settings(cfg: DictConfig) -> None:
             )
         for task, settings in data_tasks.items():
             limit = (settings or {}).get("max_eval_samples")
-            if limit is not None and not _is_count(limit):
+            if limit is not None and not is_count(limit, minimum=1):
                 raise ConfigError(f"data.tasks.{task}.max_eval_samples={limit!r} is invalid: it must be an integer "
                                   ">= 1, or null for the whole split")
 

@@ -1,8 +1,9 @@
 """Where a learning step's time goes: merge, forward, backward, optimiser and data, summed over the run.
 
 The phases follow FusionBench's profiler report for AdaMerging (merge / forward / backward / data loading), so
-the two read side by side. On CUDA each phase boundary synchronises the device (kernels run asynchronously;
-without it the time would land in whichever phase waits next), which costs a little throughput.
+the two read side by side. On CUDA, kernels run asynchronously, so a phase is timed by a pair of CUDA events
+recorded on the stream; they are read once at the end of the step, so profiling adds no synchronisation
+inside the step (which would stall the device between one task's backward and the next task's forward).
 """
 
 from __future__ import annotations
@@ -23,20 +24,32 @@ class StepProfile:
         self.seconds: dict[str, float] = {phase: 0.0 for phase in PHASES}
         self.steps = 0
         self.device: torch.device | None = None
-
-    def _sync(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
+        if self.device is not None and self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._pending.append((name, start, end))
+            return
+        start_time = time.perf_counter()
         try:
             yield
         finally:
-            self._sync()
-            self.seconds[name] += time.perf_counter() - start
+            self.seconds[name] += time.perf_counter() - start_time
+
+    def end_step(self) -> None:
+        """Count a step and add its CUDA phases (one wait for the step's last event, not one per phase)."""
+        for name, start, end in self._pending:
+            end.synchronize()
+            self.seconds[name] += start.elapsed_time(end) / 1000
+        self._pending.clear()
+        self.steps += 1
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] += seconds

@@ -25,6 +25,17 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk (what makes a rename durable after a crash)."""
+    if path.is_dir() and not hasattr(os, "O_DIRECTORY"):
+        return  # directories cannot be opened for fsync on Windows
+    fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_marked_block(path: str | Path, name: str, block: str) -> None:
     """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path`` (generated docs)."""
     path = Path(path)

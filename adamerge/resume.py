@@ -25,6 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from adamerge.errors import AdamergeError, RunDirectoryError
+from adamerge.methods.checks import is_count
+from adamerge.reporting import fsync_path, write_json
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -69,7 +71,7 @@ class StepCheckpoint(L.Callback):
     """
 
     def __init__(self, directory: str | Path, every_n_steps: int) -> None:
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+        if not is_count(every_n_steps, minimum=1):
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         self.directory = Path(directory)
         self.every_n_steps = every_n_steps
@@ -84,7 +86,7 @@ class StepCheckpoint(L.Callback):
             self.directory.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(partial, weights_only=False)  # with optimiser state; every rank takes part, rank 0 writes
         if trainer.is_global_zero:
-            _fsync(partial)
+            fsync_path(partial)
             os.replace(partial, self.path)
         trainer.strategy.barrier("adamerge.StepCheckpoint")
 
@@ -95,11 +97,6 @@ class StepCheckpoint(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step % self.every_n_steps != 0:  # else the last step was just saved
             self.save(trainer)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def checkpoint_path(method_dir: Path) -> Path:
@@ -137,10 +134,7 @@ def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
 
 
 def write_run_record(run_dir: Path, cfg: DictConfig) -> None:
-    path = run_dir / RUN_RECORD
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(run_record(cfg), indent=2, default=str))
-    os.replace(partial, path)
+    write_json(run_dir / RUN_RECORD, run_record(cfg))
 
 
 def check_resume(run_dir: Path, cfg: DictConfig) -> None:

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from adamerge.errors import AdamergeError
+from adamerge.errors import adamerge_cause
 from adamerge.loggers import finish, log_coefficients, log_label_free, log_profile
 from adamerge.methods.learned import build_learned
 from adamerge.methods.registry import get_method
@@ -278,9 +278,7 @@ def build_from_config(node: DictConfig, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
-        cause = error.__cause__
-        while cause is not None and not isinstance(cause, AdamergeError):
-            cause = cause.__cause__
+        cause = adamerge_cause(error)
         if cause is None:
             raise
         raise cause  # keeps its own cause (the low-level error) for HYDRA_FULL_ERROR tracebacks

@@ -33,10 +33,15 @@ def mixing_modules(module: nn.Module) -> list[str]:
             if isinstance(child, _BatchNorm) and (child.training or not child.track_running_stats)]
 
 
-def check_mode(mode: str, backbone: nn.Module) -> str:
+def check_mode_name(mode: str) -> str:
     if mode not in MODES:
         raise ConfigError(f"task_batching={mode!r} is invalid: it must be one of {', '.join(MODES)}")
-    if mode == "joint" and (mixing := mixing_modules(backbone.eval())):
+    return mode
+
+
+def check_mode(mode: str, backbone: nn.Module) -> str:
+    """A valid mode for ``backbone``: joint is refused where examples would interact."""
+    if check_mode_name(mode) == "joint" and (mixing := mixing_modules(backbone.eval())):
         raise ConfigError(
             f"task_batching=joint would let examples of different tasks interact: {mixing[:3]} normalise with "
             "batch statistics (BatchNorm without running statistics); use task_batching=sequential"

@@ -50,8 +50,13 @@ def check_bool(method: str, name: str, value: Any) -> None:
         raise fail(method, name, value, "must be true or false")
 
 
+def is_count(value: Any, minimum: int = 0) -> bool:
+    """An int (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def check_int(method: str, name: str, value: Any, *, minimum: int = 0) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+    if not is_count(value, minimum):
         raise fail(method, name, value, f"must be an integer >= {minimum}")
 
 
