@@ -15,10 +15,13 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.runner import CONF_DIR, run
+from adamerge.methods.configs import CONF_DIR
+from adamerge.runner import run
+from adamerge.sweep import ERROR_FILE, job_score, selection_criterion
 
 
 def _demo_zoo(which: str = "") -> str:
@@ -37,20 +40,51 @@ def register_resolvers() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _main(cfg: DictConfig) -> None:
-    status = execute(cfg, HydraConfig.get().runtime.output_dir)
+def _main(cfg: DictConfig) -> float | None:
+    status, score = run_job(cfg, HydraConfig.get().runtime.output_dir)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # One failed job must not end a sweep: its error.json is in its directory, and the sweep summary
+        # (adamerge.sweep.SweepSummary) lists it as a failed row and sets the exit status once all are done.
+        # The return value is what a hyperparameter search (Optuna) minimises; None marks the trial failed.
+        return score
     if status:
         sys.exit(status)
+    return score
 
 
 def execute(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
     """Run one composed configuration the way the command does: 0 on success; on an error, one clean line
     on stderr and 1 (the traceback only with ``HYDRA_FULL_ERROR=1``)."""
+    return run_job(cfg, run_dir)[0]
+
+
+def run_job(cfg: DictConfig, run_dir: str | os.PathLike) -> tuple[int, float | None]:
+    """:func:`execute`, also returning the job's label-free score (``adamerge.sweep.job_score`` under the
+    configured selection criterion). A failure is recorded in ``run_dir/error.json`` for the sweep summary."""
     try:
-        run(cfg, run_dir)
+        outcome = run(cfg, run_dir)
     except Exception as error:
-        return report_error(error)
-    return 0
+        record_failure(Path(run_dir), cfg, error)
+        return report_error(error), None
+    (Path(run_dir) / ERROR_FILE).unlink(missing_ok=True)  # a resumed job that now finished is no failure
+    return 0, job_score(outcome["rows"], selection_criterion(cfg))
+
+
+def record_failure(run_dir: Path, cfg: DictConfig, error: BaseException) -> None:
+    """The job's error as ``error.json`` (type, message, traceback), unless the error is that the directory
+    itself must not be written to."""
+    import traceback
+
+    from adamerge.errors import RunDirectoryError
+    from adamerge.reporting import write_json
+
+    shown = shown_error(error)
+    if isinstance(shown, RunDirectoryError):
+        return
+    write_json(run_dir / ERROR_FILE, {
+        "method": OmegaConf.select(cfg, "method.name", default=None), "type": type(shown).__name__,
+        "message": str(shown), "traceback": "".join(traceback.format_exception(error)),
+    })
 
 
 class RunDirectoryGuard(Callback):
@@ -70,9 +104,9 @@ class RunDirectoryGuard(Callback):
             sys.exit(report_error(error))
 
 
-def user_message(error: BaseException) -> str:
-    """The message of the first adamerge error in the cause chain (it names what to change), else of the
-    innermost cause: Hydra wraps errors raised while building objects from config."""
+def shown_error(error: BaseException) -> BaseException:
+    """The first adamerge error in the cause chain (it names what to change), else the innermost cause:
+    Hydra wraps errors raised while building objects from config."""
     from adamerge.errors import adamerge_cause
 
     shown = adamerge_cause(error)
@@ -80,6 +114,11 @@ def user_message(error: BaseException) -> str:
         shown = error
         while shown.__cause__ is not None:
             shown = shown.__cause__
+    return shown
+
+
+def user_message(error: BaseException) -> str:
+    shown = shown_error(error)
     return f"{type(shown).__name__}: {shown}"
 
 

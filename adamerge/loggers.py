@@ -24,27 +24,51 @@ def wandb_logger(
     project: str = "adamerge",
     name: str | None = None,
     group: str | None = None,
+    job_type: str | None = None,
     offline: bool | str = "auto",
     **kwargs: Any,
 ) -> WandbLogger:
-    """A WandbLogger that is offline unless credentials exist (or ``WANDB_MODE`` says otherwise)."""
+    """A WandbLogger that is offline unless credentials exist (or ``WANDB_MODE`` says otherwise).
+
+    The runner sets ``group`` to the sweep (all jobs of a multirun, or the methods of one comparison, side by
+    side in the dashboard) and ``job_type`` to the method.
+    """
     if offline == "auto":
         mode = os.environ.get("WANDB_MODE")
         offline = mode in ("offline", "disabled", "dryrun") if mode else not wandb_credentials_available()
     os.environ.setdefault("WANDB_SILENT", "true")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(
-        save_dir=str(save_dir), project=project, name=name, group=group, offline=bool(offline),
+        save_dir=str(save_dir), project=project, name=name, group=group, job_type=job_type, offline=bool(offline),
         settings={"console": "off", "silent": True}, **kwargs,
     )
 
 
-def csv_logger(save_dir: str | Path, name: str | None = None, **kwargs: Any) -> CSVLogger:
+# group / job_type are wandb's dashboard grouping; a CSV or TensorBoard log already sits in its sweep's and its
+# method's directory, so those loggers take them only to share one call signature.
+def csv_logger(save_dir: str | Path, name: str | None = None, group: str | None = None,
+               job_type: str | None = None, **kwargs: Any) -> CSVLogger:
     return CSVLogger(save_dir=str(save_dir), name=name or "csv", **kwargs)
 
 
-def tensorboard_logger(save_dir: str | Path, name: str | None = None, **kwargs: Any) -> TensorBoardLogger:
+def tensorboard_logger(save_dir: str | Path, name: str | None = None, group: str | None = None,
+                       job_type: str | None = None, **kwargs: Any) -> TensorBoardLogger:
     return TensorBoardLogger(save_dir=str(save_dir), name=name or "tensorboard", **kwargs)
+
+
+def run_identity(run_dir: Path, method: str) -> dict[str, str]:
+    """wandb's group, job type and run name of one method's run.
+
+    In a multirun the group is the sweep directory (every job of the sweep together); otherwise the run
+    directory (the methods of one comparison together). The name carries the job number in a sweep.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        hydra = HydraConfig.get()
+        return {"group": str(hydra.sweep.dir), "job_type": method, "name": f"{hydra.job.num}_{method}"}
+    return {"group": str(run_dir), "job_type": method, "name": method}
 
 
 def finish(logger: Logger | None) -> None:
@@ -92,3 +116,21 @@ def log_profile(logger: Logger | None, report: dict[str, dict[str, float]]) -> N
         return
     logger.log_metrics({f"profile/{phase}/{key}": float(v) for phase, values in report.items()
                         for key, v in values.items() if key != "seconds"})
+
+
+def log_run_config(logger: Logger | None, config: dict[str, Any]) -> None:
+    """The full resolved configuration (and the method's hyperparameters) as the run's config."""
+    if logger is not None:
+        logger.log_hyperparams(config)
+
+
+def log_final(logger: Logger | None, result: dict[str, Any]) -> None:
+    """What the method ended at: per-task accuracy, the label-free scores, seconds and peak memory."""
+    if logger is None:
+        return
+    metrics = {f"final/accuracy/{task}": value for task, value in result["accuracy"].items()}
+    metrics["final/average_accuracy"] = result["average_accuracy"]
+    for score, values in (result.get("unlabeled") or {}).items():
+        metrics.update({f"final/unlabeled_{score}/{task}": v for task, v in values.items() if v is not None})
+    metrics.update({"final/seconds": result["seconds"], "final/peak_memory_mb": result["peak_memory_mb"]})
+    logger.log_metrics({key: float(value) for key, value in metrics.items()})

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from adamerge import task_batching
 from adamerge.errors import AdamergeError
 from adamerge.merged import MergedModel
-from adamerge.objectives import Entropy, Objective, masked_mean, token_entropy
+from adamerge.objectives import Entropy, Objective, masked_mean, prediction_entropy, token_entropy
 from adamerge.profiling import StepProfile
 from adamerge.resume import ResumeError, capture_rng, restore_rng
 
@@ -66,6 +66,14 @@ def valid_predictions(logits: Tensor, mask: Tensor | None) -> Tensor:
     if mask is not None:
         predictions = predictions[mask.bool()]
     return predictions.flatten().to("cpu", torch.int32)
+
+
+def batch_scores(logits: Tensor, labels: Tensor, inputs: Any, objective: Objective) -> tuple[int, int, float, float]:
+    """One evaluation batch: correct predictions, labels counted, and the two label-free scores (the
+    objective and the mean prediction entropy) that runs and sweeps are compared by without labels."""
+    correct, seen = count_correct(logits, labels)
+    mask = entropy_mask(inputs, logits)
+    return correct, seen, float(objective(logits, mask)), float(prediction_entropy(logits, mask))
 
 
 class AdaMergingModule(L.LightningModule):
@@ -344,7 +352,7 @@ class AdaMergingModule(L.LightningModule):
         """Restore what :meth:`extra_resume_state` saved."""
 
     # -- evaluation -------------------------------------------------------------------------------
-    _COUNTS = ("correct", "seen", "objective", "batches", "changed", "compared")
+    _COUNTS = ("correct", "seen", "objective", "entropy", "batches", "changed", "compared")
 
     def on_validation_epoch_start(self) -> None:
         with torch.no_grad():
@@ -356,9 +364,8 @@ class AdaMergingModule(L.LightningModule):
         task = self.task_names[dataloader_idx]
         with torch.no_grad(), self._autocast():
             logits = self.task_logits(task, batch["inputs"], self._eval_weights)
-        correct, seen = count_correct(logits, batch["labels"])
-        mask = entropy_mask(batch["inputs"], logits)
-        predictions = valid_predictions(logits, mask)
+        correct, seen, objective, entropy = batch_scores(logits, batch["labels"], batch["inputs"], self.objective)
+        predictions = valid_predictions(logits, entropy_mask(batch["inputs"], logits))
         # The label-free signals: the objective on the evaluation inputs, and predictions that moved since
         # the first evaluation (the runner's, before learning). Labels are not used for either.
         changed = compared = 0
@@ -366,9 +373,8 @@ class AdaMergingModule(L.LightningModule):
             before = self._first_predictions[task, batch_idx]
             changed, compared = int((before != predictions).sum()), predictions.numel()
         self._predictions[task, batch_idx] = predictions
-        objective = float(self.objective(logits, mask))
         totals = self._totals[task]
-        for index, value in enumerate((correct, seen, objective, 1, changed, compared)):
+        for index, value in enumerate((correct, seen, objective, entropy, 1, changed, compared)):
             totals[index] += value
 
     def on_validation_epoch_end(self) -> None:
@@ -379,10 +385,11 @@ class AdaMergingModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         columns = {name: counts[:, i].tolist() for i, name in enumerate(self._COUNTS)}
-        evaluation: dict[str, dict[str, float]] = {"accuracy": {}, "objective": {}, "prediction_changed": {}}
+        evaluation: dict[str, dict[str, float]] = {"accuracy": {}, "objective": {}, "entropy": {}, "prediction_changed": {}}
         for i, task in enumerate(self.task_names):
             evaluation["accuracy"][task] = columns["correct"][i] / max(columns["seen"][i], 1)
             evaluation["objective"][task] = columns["objective"][i] / max(columns["batches"][i], 1)
+            evaluation["entropy"][task] = columns["entropy"][i] / max(columns["batches"][i], 1)
             if self._first_predictions is not None:
                 evaluation["prediction_changed"][task] = columns["changed"][i] / max(columns["compared"][i], 1)
         if self._first_predictions is None:

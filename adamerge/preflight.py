@@ -27,6 +27,7 @@ from adamerge.errors import ConfigError, PoolDataMismatchError, RunDirectoryErro
 from adamerge.methods.checks import is_count
 from adamerge.methods.registry import get_method
 from adamerge.resume import check_no_unfinished_learning, check_resume
+from adamerge.selection import get_criterion
 
 # Not merges but reference rows of a comparison: each fine-tuned model on its own task.
 EVALUATION_ONLY = ("individual",)
@@ -50,7 +51,8 @@ def check_methods(cfg: DictConfig, names: Sequence[str], method_config: Callable
 
 
 def check_run_options(cfg: DictConfig) -> None:
-    """The run-level switches: resume, checkpoint frequency, what a non-finite step does, the seed."""
+    """The run-level switches: resume, checkpoint frequency, what a non-finite step does, the seed, the label-free
+    selection criterion."""
     if not isinstance(cfg.get("resume", False), bool):
         raise ConfigError(f"resume={cfg.resume!r} is invalid: it must be true or false")
     every = (cfg.get("checkpoint") or {}).get("every_n_steps", 0)
@@ -70,6 +72,7 @@ def check_run_options(cfg: DictConfig) -> None:
     threads = cfg.get("num_threads")
     if threads is not None and not is_count(threads, minimum=1):
         raise ConfigError(f"num_threads={threads!r} is invalid: it must be an integer >= 1, or null")
+    get_criterion(str((cfg.get("selection") or {}).get("name", "objective")))
 
 
 def check_data_settings(cfg: DictConfig) -> None:

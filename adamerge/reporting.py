@@ -15,14 +15,30 @@ RESULT_KEYS = ("method", "config", "tasks", "accuracy", "average_accuracy", "coe
 
 def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Strict JSON written atomically, so a crash never leaves a truncated results file."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write through a temporary file in the same directory and rename it over ``path``: readers see the
+    old file or the new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=2, allow_nan=False, default=str)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600); results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_path(path: Path) -> None:
@@ -76,24 +92,9 @@ def coefficient_heatmap(
     coefficients: Sequence, task_names: Sequence[str], path: str | Path, title: str = "merge coefficients"
 ) -> Path:
     """Layers × tasks heatmap (a single row for task-wise coefficients), saved as PNG."""
-    import matplotlib
+    from adamerge.report_plots import heatmap_figure, png_bytes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    matrix = np.asarray(coefficients, dtype=float)
-    matrix = matrix[None, :] if matrix.ndim == 1 else matrix
-    height = min(2 + 0.06 * matrix.shape[0], 14)
-    fig, ax = plt.subplots(figsize=(2 + 0.9 * matrix.shape[1], height))
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xticks(range(len(task_names)), task_names, rotation=45, ha="right")
-    ax.set_ylabel("layer (parameter tensor)" if matrix.shape[0] > 1 else "")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path.write_bytes(png_bytes(heatmap_figure(coefficients, task_names, title)))
     return path

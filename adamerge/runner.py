@@ -20,19 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adamerge.errors import adamerge_cause
-from adamerge.loggers import finish, log_coefficients, log_label_free, log_profile
+from adamerge.evaluation import evaluate, finite_scores
+from adamerge.loggers import (
+    finish, log_coefficients, log_final, log_label_free, log_profile, log_run_config, run_identity,
+)
+from adamerge.methods.configs import method_config
 from adamerge.methods.learned import build_learned
 from adamerge.methods.registry import get_method
 from adamerge.modelpool import ModelPool
-from adamerge.module import count_correct, run_backbone
 from adamerge.objectives import Objective, build_objective
 from adamerge.preflight import EVALUATION_ONLY, check_pool_and_data, check_run_dir, check_settings
 from adamerge.reporting import average, coefficient_heatmap, write_json, write_summary
 from adamerge.resume import StepCheckpoint, checkpoint_path, remove_checkpoints, write_run_record
 from adamerge.task_vectors import TaskVectors
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
 
 @dataclass
 class RunContext:
@@ -51,31 +51,6 @@ def pick_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Mapping):
-        return {k: _to(v, device) for k, v in inputs.items()}
-    return inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
-
-
-@torch.no_grad()
-def evaluate(
-    backbone: nn.Module, heads: Mapping[str, nn.Module], datamodule: Any, tasks: list[str], device: torch.device
-) -> dict[str, float]:
-    """Accuracy of ``backbone`` + each task's head on that task's labelled evaluation split."""
-    backbone = backbone.to(device).eval()
-    accuracy = {}
-    for task in tasks:
-        head = heads[task].to(device).eval()
-        correct = seen = 0
-        for batch in datamodule.eval_dataloader(task):
-            logits = head(run_backbone(backbone, _to(batch["inputs"], device)))
-            batch_correct, batch_seen = count_correct(logits, batch["labels"].to(device))
-            correct += batch_correct
-            seen += batch_seen
-        accuracy[task] = correct / max(seen, 1)
-    return accuracy
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory of the method on GPU; the process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -84,58 +59,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def method_config(cfg: DictConfig, name: str) -> dict[str, Any]:
-    """Hyperparameters of ``name``: conf/method/<name>.yaml ← ``method_overrides[name]`` ← command line.
-
-    ``method_overrides`` lets an experiment retune methods it compares; values the user changed on
-    the command line (``method.lr=...``) win over it.
-    """
-    path = CONF_DIR / "method" / f"{name}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config for method {name!r}: expected {path}")
-    defaults = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    node = dict(defaults)
-    overrides = (cfg.get("method_overrides") or {}).get(name)
-    if overrides:
-        node.update(OmegaConf.to_container(overrides, resolve=True))
-    if cfg.method.name == name:
-        selected = OmegaConf.to_container(cfg.method, resolve=True)
-        typed = command_line_method_keys()
-        node.update({k: v for k, v in selected.items() if k in typed or k not in defaults or v != defaults[k]})
-    node.pop("name", None)
-    return node
-
-
-def command_line_method_keys() -> set[str]:
-    """``method.*`` keys set on the command line, which win even when equal to the file default."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return set()
-    keys = set()
-    for override in HydraConfig.get().overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith("method."):
-            keys.add(key.removeprefix("method.").split(".", 1)[0])
-    return keys
-
-
 def run_static(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple[dict, nn.Module]:
     spec = get_method(name)
     deltas = spec.fn(ctx.task_vectors, **spec.resolve_hparams(hparams))
     model = ctx.pool.fresh_backbone()
     model.load_state_dict(ctx.task_vectors.state_dict_from_deltas(deltas), strict=False)
-    tasks = ctx.task_vectors.task_names
-    return {"accuracy": evaluate(model, ctx.pool.heads, ctx.datamodule, tasks, ctx.device)}, model
+    return evaluate(model, ctx.pool.heads, ctx.datamodule, ctx.task_vectors.task_names, ctx.device, ctx.objective), model
 
 
 def run_individual(ctx: RunContext) -> dict:
-    accuracy = {}
+    result: dict[str, Any] = {"accuracy": {}, "unlabeled": {"objective": {}, "entropy": {}}}
     for task in ctx.task_vectors.task_names:
         model = ctx.pool.fresh_backbone()
         model.load_state_dict(ctx.task_vectors.state_dict_from_deltas(ctx.task_vectors.task_vector(task)), strict=False)
-        accuracy.update(evaluate(model, ctx.pool.heads, ctx.datamodule, [task], ctx.device))
-    return {"accuracy": accuracy}
+        scores = evaluate(model, ctx.pool.heads, ctx.datamodule, [task], ctx.device, ctx.objective)
+        result["accuracy"].update(scores["accuracy"])
+        for name, values in scores["unlabeled"].items():
+            result["unlabeled"][name].update(values)
+    return result
 
 
 def method_dir(ctx: RunContext, name: str) -> Path:
@@ -158,13 +99,16 @@ def make_trainer(ctx: RunContext, name: str, logger: Any, callbacks: list[L.Call
                        default_root_dir=str(method_dir(ctx, name)))
 
 
-def make_logger(ctx: RunContext, name: str) -> Any:
+def make_logger(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> Any:
+    """The method's logger (None with logger=none), its config set to the full resolved run configuration."""
     if ctx.cfg.get("logger") is None:
         return None
-    return instantiate(ctx.cfg.logger, save_dir=str(method_dir(ctx, name)), name=name)
+    logger = instantiate(ctx.cfg.logger, save_dir=str(method_dir(ctx, name)), **run_identity(ctx.run_dir, name))
+    log_run_config(logger, {**OmegaConf.to_container(ctx.cfg, resolve=True), "method_hyperparameters": dict(hparams)})
+    return logger
 
 
-def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple[dict, nn.Module, Any]:
+def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: Any) -> tuple[dict, nn.Module, Any]:
     module = build_learned(
         name, ctx.pool.fresh_backbone(), ctx.task_vectors, ctx.pool.heads, objective=ctx.objective, **hparams
     )
@@ -175,31 +119,28 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple
     every = int((ctx.cfg.get("checkpoint") or {}).get("every_n_steps", 0))
     saved = checkpoint_path(method_dir(ctx, name))
     resume_from = str(saved) if ctx.cfg.get("resume", False) and saved.is_file() else None
-    logger = make_logger(ctx, name)
     trainer = make_trainer(ctx, name, logger, [StepCheckpoint(saved.parent, every)] if every else [])
-    try:
-        # The starting merge is evaluated first: the reference for the label-free report (objective and
-        # predictions before learning), not a labelled score anything is selected by.
-        trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
-        if resume_from:
-            print(f"{name}: resuming from {resume_from}")
-        trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=resume_from, weights_only=True)
-        if hasattr(module, "save_artifacts"):
-            module.save_artifacts(method_dir(ctx, name))
-        trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
-        label_free = module.label_free_report()
-        log_label_free(logger, label_free)
-        log_profile(logger, module.profile.report())
-        coefficients = module.coefficients()
-        heatmap = coefficient_heatmap(coefficients, module.task_names, method_dir(ctx, name) / "coefficients.png", title=name)
-        log_coefficients(logger, coefficients, module.task_names, module.merged.names, heatmap)
-    finally:
-        finish(logger)
+    # The starting merge is evaluated first: the reference for the label-free report (objective and
+    # predictions before learning), not a labelled score anything is selected by.
+    trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
+    if resume_from:
+        print(f"{name}: resuming from {resume_from}")
+    trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=resume_from, weights_only=True)
+    if hasattr(module, "save_artifacts"):
+        module.save_artifacts(method_dir(ctx, name))
+    trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
+    label_free = module.label_free_report()
+    log_label_free(logger, label_free)
+    log_profile(logger, module.profile.report())
+    coefficients = module.coefficients()
+    heatmap = coefficient_heatmap(coefficients, module.task_names, method_dir(ctx, name) / "coefficients.png", title=name)
+    log_coefficients(logger, coefficients, module.task_names, module.merged.names, heatmap)
     result = {
         "accuracy": dict(module.last_accuracy),
         "coefficients": coefficients,
         "objective": module.objective.config(),
         "label_free": label_free,
+        "unlabeled": finite_scores({score: module.evaluations[-1][score] for score in ("objective", "entropy")}),
         "start_accuracy": module.evaluations[0]["accuracy"],
         "objective_history": [h["objective"] for h in module.history],
         "entropy_history": [h["entropy"] for h in module.history],
@@ -240,27 +181,34 @@ def export_model(ctx: RunContext, name: str, model: nn.Module, hparams: Mapping,
 
 def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
     hparams = method_config(ctx.cfg, name) if name not in EVALUATION_ONLY else {}
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    start = time.perf_counter()
-    model = module = None
-    if name == "individual":
-        result = run_individual(ctx)
-    elif get_method(name).kind == "static":
-        result, model = run_static(ctx, name, hparams)
-    else:
-        result, model, module = run_learned(ctx, name, hparams)
-    result = {
-        "method": name,
-        "config": hparams,
-        "tasks": ctx.task_vectors.task_names,
-        "accuracy": result["accuracy"],
-        "average_accuracy": average(result["accuracy"]),
-        "coefficients": result.get("coefficients"),
-        "seconds": time.perf_counter() - start,
-        "peak_memory_mb": peak_memory_mb(ctx.device),
-        **{k: v for k, v in result.items() if k not in ("accuracy", "coefficients")},
-    }
+    logger = make_logger(ctx, name, hparams)
+    try:
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        start = time.perf_counter()
+        model = module = None
+        if name == "individual":
+            result = run_individual(ctx)
+        elif get_method(name).kind == "static":
+            result, model = run_static(ctx, name, hparams)
+        else:
+            result, model, module = run_learned(ctx, name, hparams, logger)
+        result = {
+            "method": name,
+            "config": hparams,
+            "tasks": ctx.task_vectors.task_names,
+            "accuracy": result["accuracy"],
+            "average_accuracy": average(result["accuracy"]),
+            "coefficients": result.get("coefficients"),
+            "seconds": time.perf_counter() - start,
+            "peak_memory_mb": peak_memory_mb(ctx.device),
+            # The objective the label-free scores ("unlabeled") are measured with, for every method.
+            "objective": ctx.objective.config(),
+            **{k: v for k, v in result.items() if k not in ("accuracy", "coefficients")},
+        }
+        log_final(logger, result)
+    finally:
+        finish(logger)
     exported = (
         ctx.cfg.export.enabled
         and model is not None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -49,3 +52,35 @@ REDUCED_RECIPE = {
     "probe": {"C": 1.0, "max_iter": 50},
     "finetune": {"steps": 3, "batch_size": 8, "lr": 1e-3, "optimizer": "adam", "schedule": "cosine"},
 }
+
+
+def wandb_records(path: str | Path) -> list:
+    """The records of an offline wandb run file (``run-<id>.wandb``), as wandb's protobuf ``Record`` messages.
+
+    The file is wandb's append-only log: a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks of
+    chunks, each with a 7-byte header (CRC32, length, type: 1 full, 2 first, 3 middle, 4 last); a block's tail
+    shorter than a chunk header is zero padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a wandb run file (header {data[:7]!r})")
+    block, position, pending, records = 32768, 7, b"", []
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if length == 0 and kind == 0:
+            position += left
+            continue
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import adamerge.cli
+import adamerge.methods.configs
 import adamerge.runner
 from adamerge.errors import AdamergeError
 
@@ -192,6 +193,8 @@ CASES: dict[str, Case] = {
     "33-layer-groups-nonsense": Case(("method=adamerging_layer_wise", "method.layer_groups=nonsense_value"),
                                      ("layer_groups",), **CONFIG),
     "x1-seed-not-a-number": Case((STATIC, "seed=abc"), ("seed", "abc"), **CONFIG),
+    "x1-unknown-selection-criterion": Case((STATIC, "selection.name=accuracy"), ("selection.name='accuracy'",
+                                                                                  "entropy", "objective"), **CONFIG),
     # --- pool and data disagree ---
     "15-data-lacks-a-pool-task": Case((STATIC, "~data.tasks.science"), ("science",), fails_before_loading=True),
     "x2-head-key-misspelled": Case(
@@ -279,7 +282,7 @@ def compose(zoo: Path, overrides: list[str]):
     from hydra import initialize_config_dir
 
     adamerge.cli.register_resolvers()
-    with initialize_config_dir(config_dir=str(adamerge.runner.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(adamerge.methods.configs.CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=[f"zoo_dir={zoo}", *BASE_OVERRIDES, *overrides])
 
 

@@ -154,7 +154,8 @@ def test_blockwise_adamerging_learns_and_exports(lm_zoo, tmp_path):
 def test_causal_lm_experiment_runs_end_to_end(lm_zoo, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from adamerge.runner import CONF_DIR, run
+    from adamerge.methods.configs import CONF_DIR
+    from adamerge.runner import run
 
     overrides = [
         "experiment=causal_lm_qwen25_1p5b", f"modelpool.pretrained={lm_zoo['pretrained']}",

@@ -89,16 +89,6 @@ def test_comparison_run_learns_writes_schema_and_exports(zoo, tmp_path):
         assert set(json.loads((run_dir / row / "results.json").read_text())) >= RESULT_KEYS
 
 
-def test_multirun_sweep_writes_results_per_run(zoo, tmp_path):
-    sweep = tmp_path / "sweep"
-    adamerge(tmp_path / "unused", zoo, "--multirun", "method=task_arithmetic,adamerging_task_wise",
-             "trainer.max_steps=3", "logger=csv", f"hydra.sweep.dir={sweep}")
-    runs = sorted(sweep.glob("*/results.json"))
-    assert [json.loads(p.read_text())["method"] for p in runs] == ["task_arithmetic", "adamerging_task_wise"]
-    task_wise = json.loads(runs[1].read_text())
-    assert len(task_wise["coefficients"]) == 4 and (runs[1].parent / "merged_model" / "model.safetensors").exists()
-
-
 def test_concrete_methods_run_and_save_masks(zoo, tmp_path):
     adamerge(tmp_path / "ta", zoo, "method=concrete_task_arithmetic", "trainer.max_steps=3", "logger=tensorboard")
     config = json.loads((tmp_path / "ta" / "merged_model" / "merge_config.json").read_text())

@@ -183,7 +183,7 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from adamerge.cli import register_resolvers
-    from adamerge.runner import CONF_DIR
+    from adamerge.methods.configs import CONF_DIR
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -6,7 +6,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from adamerge.methods.registry import available_methods, get_method
-from adamerge.runner import CONF_DIR, EVALUATION_ONLY, method_config
+from adamerge.methods.configs import CONF_DIR, method_config
+from adamerge.runner import EVALUATION_ONLY
 
 COMPOSITE = ("compare",)
 

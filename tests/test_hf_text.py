@@ -131,7 +131,8 @@ def test_glue_style_experiment_runs_on_minilm_finetunes(text_zoo, tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from adamerge.runner import CONF_DIR, run
+    from adamerge.methods.configs import CONF_DIR
+    from adamerge.runner import run
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[

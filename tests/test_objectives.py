@@ -12,7 +12,7 @@ from torch import nn
 from adamerge.merged import MergedModel
 from adamerge.module import AdaMergingModule
 from adamerge.objectives import OBJECTIVES, ObjectiveError, build_objective
-from adamerge.runner import CONF_DIR
+from adamerge.methods.configs import CONF_DIR
 from adamerge.task_vectors import TaskVectors
 
 

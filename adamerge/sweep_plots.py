@@ -1,0 +1,69 @@
+"""One PNG per swept parameter: average test accuracy and the label-free score against its values."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def _as_number(value: str | None) -> float | None:
+    try:
+        number = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def plot_swept_parameter(summary: Mapping[str, Any], key: str, path: str | Path) -> Path | None:
+    """Two panels over the values of ``key``: average accuracy (top) and the selection score (bottom), one
+    series per method, the label-free pick and the test-accuracy pick circled. ``None`` when no job finished."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(i, row) for i, row in enumerate(summary["rows"]) if row["status"] == "ok" and key in row["overrides"]]
+    if not rows:
+        return None
+    criterion = summary["selection"]["criterion"]
+    values = [row["overrides"][key] for _, row in rows]
+    numbers = [_as_number(v) for v in values]
+    numeric = all(n is not None for n in numbers)
+    if numeric:
+        positions = dict(zip(values, numbers))
+    else:  # categorical values (method names, objectives, ...) at evenly spaced positions, in first-seen order
+        positions = {value: float(i) for i, value in enumerate(dict.fromkeys(values))}
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
+    for method in dict.fromkeys(row["method"] for _, row in rows):
+        series = sorted(((positions[row["overrides"][key]], row) for _, row in rows if row["method"] == method),
+                        key=lambda point: point[0])
+        xs = [x for x, _ in series]
+        top.plot(xs, [100 * (r["average_accuracy"] or math.nan) for _, r in series], "o-", label=method)
+        bottom.plot(xs, [math.nan if r.get(criterion) is None else r[criterion] for _, r in series], "o-", label=method)
+    selection = summary["selection"]
+    for index, style, label in ((selection["accuracy_pick"], "s", "test-accuracy pick"),
+                                (selection["label_free_pick"], "*", "label-free pick")):
+        if index is None or key not in summary["rows"][index]["overrides"]:
+            continue
+        row = summary["rows"][index]
+        x = positions[row["overrides"][key]]
+        top.plot([x], [100 * row["average_accuracy"]], style, markersize=16, mfc="none", mec="k", label=label)
+        if row.get(criterion) is not None:
+            bottom.plot([x], [row[criterion]], style, markersize=16, mfc="none", mec="k")
+    top.set_ylabel("average accuracy (%)")
+    bottom.set_ylabel(f"label-free {criterion}\n(unlabeled inputs, lower = picked)")
+    bottom.set_xlabel(key)
+    if numeric and min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
+        bottom.set_xscale("log")
+    if not numeric:
+        bottom.set_xticks(list(positions.values()), list(positions), rotation=30, ha="right")
+    top.legend(fontsize=7, markerscale=0.5)
+    top.set_title(f"sweep over {key}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
