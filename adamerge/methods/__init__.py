@@ -1,7 +1,9 @@
 """Data-free merging: ``merge("ties", pretrained, [ft_a, ft_b])`` returns the merged state dict.
 
 Methods are found by name in :mod:`adamerge.methods.registry` and built from the steps in
-:mod:`adamerge.methods.steps`; the data-free ones live in :mod:`adamerge.methods.static`.
+:mod:`adamerge.methods.steps`; the data-free ones live in :mod:`adamerge.methods.static` and, for PCB, TSV-M,
+Iso-C / Iso-CTS and WUDI, in :mod:`~adamerge.methods.pcb`, :mod:`~adamerge.methods.tsv`,
+:mod:`~adamerge.methods.isotropic` and :mod:`~adamerge.methods.wudi` (SVD steps in :mod:`~adamerge.methods.spectral`).
 """
 
 from __future__ import annotations

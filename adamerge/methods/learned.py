@@ -1,7 +1,8 @@
 """Learned methods: AdaMerging (task-wise / layer-wise) and AdaMerging++ on TIES-trimmed vectors.
 
 They need unlabeled test data and the trainer, so the registry holds their hyperparameters and
-this module turns a name + hyperparameters into the LightningModule that learns them.
+this module turns a name + hyperparameters into the LightningModule that learns them. Every learned method
+also takes ``base`` / ``base_hparams``: learn over a data-free method's per-task vectors (methods/bases.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from torch import nn
 
 from adamerge.merged import MergedModel, resolve_layer_groups
 from adamerge.methods import checks
+from adamerge.methods.bases import apply_base, resolve_base
 from adamerge.methods.registry import HparamValidator, get_method, register_method
-from adamerge.methods.steps import SCOPES, ties_trim
 from adamerge.module import AdaMergingModule
 from adamerge.objectives import Objective
 from adamerge.task_vectors import TaskVectors
@@ -25,22 +26,18 @@ ADAMERGING_DEFAULTS: dict[str, Any] = {
     "betas": (0.9, 0.999),
     "weight_decay": 0.0,
     "clamp": True,  # the official code clamps λ to [0, 1]; FusionBench does not
-    "ties_top_k": None,  # a fraction → AdaMerging++ (TIES-trim the task vectors first)
-    "ties_scope": "model",
     "autocast_dtype": None,  # "bfloat16" / "float16" for autocast on the forward passes
     # Layer-wise rows: null/"tensor" = one per tensor, "block" = one per transformer block,
     # {pattern, other} = custom block regex, or an explicit list of row indices.
     "layer_groups": None,
 }
 
+# Every learned method's: the data-free method whose per-task vectors it learns over (None: the raw task vectors)
+# and that method's hyperparameters (methods/bases.py).
+LEARN_ON_TOP_DEFAULTS: dict[str, Any] = {"base": None, "base_hparams": None}
+
 LearnedBuilder = Callable[..., AdaMergingModule]
 LEARNED_BUILDERS: dict[str, LearnedBuilder] = {}
-
-
-def trim_task_vectors(task_vectors: TaskVectors, top_k: float, scope: str = "model") -> TaskVectors:
-    """AdaMerging++'s pre-processing: per task keep the top-k entries that agree with the elected sign."""
-    trimmed = ties_trim({n: v.float() for n, v in task_vectors.vectors.items()}, top_k, scope)
-    return task_vectors.map(lambda name, _: trimmed[name])
 
 
 def _adamerging_builder(granularity: str) -> LearnedBuilder:
@@ -54,14 +51,10 @@ def _adamerging_builder(granularity: str) -> LearnedBuilder:
         betas: Sequence[float],
         weight_decay: float,
         clamp: bool,
-        ties_top_k: float | None,
-        ties_scope: str,
         autocast_dtype: str | None,
         layer_groups: Any = None,
         objective: Objective | None = None,
     ) -> AdaMergingModule:
-        if ties_top_k is not None:
-            task_vectors = trim_task_vectors(task_vectors, ties_top_k, ties_scope)
         merged = MergedModel(
             backbone,
             task_vectors,
@@ -80,7 +73,15 @@ def _adamerging_builder(granularity: str) -> LearnedBuilder:
 
 def register_learned(name: str, builder: LearnedBuilder, defaults: Mapping[str, Any], description: str,
                      validate: HparamValidator | None = None) -> None:
-    register_method(name, kind="learned", defaults=defaults, description=description, validate=validate)
+    """Register a learned method; ``base`` / ``base_hparams`` are added to its hyperparameters and checked."""
+
+    def validate_with_base(num_tasks: int, hparams: Mapping[str, Any]) -> None:
+        if validate is not None:
+            validate(num_tasks, hparams)
+        resolve_base(name, hparams["base"], hparams["base_hparams"], num_tasks)
+
+    register_method(name, kind="learned", defaults={**LEARN_ON_TOP_DEFAULTS, **defaults}, description=description,
+                    validate=validate_with_base)
     LEARNED_BUILDERS[name] = builder
 
 
@@ -97,10 +98,6 @@ def _adamerging_validator(name: str) -> HparamValidator:
     def validate(num_tasks: int, hparams: Mapping[str, Any]) -> None:
         check_coefficient_learning(name, num_tasks, hparams)
         checks.check_positive(name, "weight_decay", hparams["weight_decay"], allow_zero=True)
-        if hparams["ties_top_k"] is not None:
-            checks.check_range(name, "ties_top_k", hparams["ties_top_k"], low_open=True, high_open=False,
-                               hint=" or null (a fraction: 0.2 keeps the top 20%)")
-        checks.check_choice(name, "ties_scope", hparams["ties_scope"], SCOPES)
         checks.check_layer_groups(name, hparams["layer_groups"])
 
     return validate
@@ -117,7 +114,7 @@ for _granularity in ("task_wise", "layer_wise"):
     register_learned(
         f"adamerging_{_granularity}_plus_plus",
         _adamerging_builder(_granularity),
-        {**ADAMERGING_DEFAULTS, "ties_top_k": 0.2},
+        {**ADAMERGING_DEFAULTS, "base": "ties", "base_hparams": {"top_k": 0.2, "scope": "model"}},
         f"AdaMerging++: {_granularity.replace('_', '-')} AdaMerging over TIES-trimmed task vectors",
         _adamerging_validator(f"adamerging_{_granularity}_plus_plus"),
     )
@@ -139,4 +136,8 @@ def build_learned(
     spec = get_method(name)
     if spec.kind != "learned":
         raise ValueError(f"method {name!r} is data-free; use adamerge.merge() for it")
-    return LEARNED_BUILDERS[name](backbone, task_vectors, heads, objective=objective, **spec.resolve_hparams(hparams))
+    hparams = spec.resolve_hparams(hparams)
+    base = hparams.pop("base")
+    base_hparams = resolve_base(name, base, hparams.pop("base_hparams"), task_vectors.num_tasks)
+    task_vectors = apply_base(task_vectors, base, base_hparams)
+    return LEARNED_BUILDERS[name](backbone, task_vectors, heads, objective=objective, **hparams)

@@ -131,9 +131,14 @@ def available_methods(kind: str | None = None) -> list[str]:
 # caller import only the registry and still see every method, without circular imports.
 BUILTIN_METHOD_MODULES: tuple[str, ...] = (
     "adamerge.methods.static",
+    "adamerge.methods.pcb",
+    "adamerge.methods.tsv",
+    "adamerge.methods.isotropic",
+    "adamerge.methods.wudi",
     "adamerge.methods.reference",
     "adamerge.methods.learned",
     "adamerge.concrete",
+    "adamerge.adarank",
 )
 
 

@@ -75,8 +75,12 @@ def _validate_breadcrumbs(num_tasks: int, hparams: Mapping[str, Any]) -> None:
     _check_scaling("breadcrumbs", hparams["scaling_coefficient"], num_tasks, per_task=True)
 
 
-def _static_method(name: str, validate: Callable[[int, Mapping[str, Any]], None]) -> Callable:
-    """Register ``fn`` as a static method whose hyperparameters are checked on every call."""
+def static_method(name: str, validate: Callable[[int, Mapping[str, Any]], None]) -> Callable:
+    """Register ``fn`` as a static method whose hyperparameters are checked on every call.
+
+    Used by every data-free method module (this one, :mod:`~adamerge.methods.pcb`,
+    :mod:`~adamerge.methods.tsv`, :mod:`~adamerge.methods.isotropic`, :mod:`~adamerge.methods.wudi`).
+    """
 
     def decorator(fn: Callable[..., Deltas]) -> Callable[..., Deltas]:
         @functools.wraps(fn)  # keeps fn's signature, from which the registry reads the defaults
@@ -90,6 +94,7 @@ def _static_method(name: str, validate: Callable[[int, Mapping[str, Any]], None]
         return checked
 
     return decorator
+
 
 
 # ------------------------------------------------------------------------------------ the methods
@@ -112,13 +117,13 @@ def _ties_combine(
     return {name: scaling_coefficient * steps.disjoint_mean(x, signs[name]) for name, x in trimmed.items()}
 
 
-@_static_method("weight_average", _validate_weight_average)
+@static_method("weight_average", _validate_weight_average)
 def weight_average(task_vectors: TaskVectors) -> Deltas:
     """Weight averaging: θ = mean_k θ_k, i.e. delta = mean_k τ_k."""
     return {name: x.float().mean(dim=0) for name, x in task_vectors.vectors.items()}
 
 
-@_static_method("task_arithmetic", _validate_task_arithmetic)
+@static_method("task_arithmetic", _validate_task_arithmetic)
 def task_arithmetic(
     task_vectors: TaskVectors, *, scaling_coefficient: float | Sequence[float] = 0.3
 ) -> Deltas:
@@ -126,7 +131,7 @@ def task_arithmetic(
     return _scaled_sum(task_vectors.vectors, scaling_coefficient)
 
 
-@_static_method("ties", _validate_ties)
+@static_method("ties", _validate_ties)
 def ties(
     task_vectors: TaskVectors, *, top_k: float = 0.2, scaling_coefficient: float = 0.3, scope: str = "model"
 ) -> Deltas:
@@ -134,7 +139,7 @@ def ties(
     return _ties_combine(task_vectors.vectors, top_k, scaling_coefficient, scope)
 
 
-@_static_method("dare", _validate_dare)
+@static_method("dare", _validate_dare)
 def dare(
     task_vectors: TaskVectors,
     *,
@@ -151,17 +156,13 @@ def dare(
     One CPU generator seeded with ``seed`` draws the masks of all tensors in order, so a merge
     is reproducible whatever device the task vectors are on.
     """
-    generator = torch.Generator().manual_seed(seed)
-    dropped = {
-        name: steps.dare_drop(x, drop_rate, generator, rescale=rescale)
-        for name, x in task_vectors.vectors.items()
-    }
+    dropped = dare_dropped(task_vectors.vectors, drop_rate, seed, rescale)
     if combine == "ties":
         return _ties_combine(dropped, top_k, scaling_coefficient, scope)
     return _scaled_sum(dropped, scaling_coefficient)
 
 
-@_static_method("breadcrumbs", _validate_breadcrumbs)
+@static_method("breadcrumbs", _validate_breadcrumbs)
 def breadcrumbs(
     task_vectors: TaskVectors,
     *,
@@ -173,8 +174,16 @@ def breadcrumbs(
 
     Per tensor and task, the top β fraction by magnitude (outliers) and the bottom γ are zeroed.
     """
-    masked = {
-        name: torch.where(steps.breadcrumbs_mask(x, top_beta, bottom_gamma), x.float(), 0.0)
-        for name, x in task_vectors.vectors.items()
-    }
-    return _scaled_sum(masked, scaling_coefficient)
+    return _scaled_sum(breadcrumbs_masked(task_vectors.vectors, top_beta, bottom_gamma), scaling_coefficient)
+
+
+def dare_dropped(vectors: Mapping[str, Tensor], drop_rate: float, seed: int, rescale: bool) -> dict[str, Tensor]:
+    """DARE's per-task vectors: each entry dropped with probability ``drop_rate`` (rescaled by 1/(1-p))."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: steps.dare_drop(x, drop_rate, generator, rescale=rescale) for name, x in vectors.items()}
+
+
+def breadcrumbs_masked(vectors: Mapping[str, Tensor], top_beta: float, bottom_gamma: float) -> dict[str, Tensor]:
+    """Breadcrumbs' per-task vectors: the top β and bottom γ fractions by magnitude zeroed, per tensor and task."""
+    return {name: torch.where(steps.breadcrumbs_mask(x, top_beta, bottom_gamma), x.float(), 0.0)
+            for name, x in vectors.items()}

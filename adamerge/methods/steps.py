@@ -39,6 +39,11 @@ def count_to_drop(fraction: float, numel: int) -> int:
     return math.floor(_exact(fraction) * numel)
 
 
+def ceil_count(fraction: float, numel: int) -> int:
+    """``ceil(fraction · numel)``, with no lower bound (0 for ``fraction = 0``)."""
+    return math.ceil(_exact(fraction) * numel)
+
+
 def _check_fraction(name: str, value: float, *, low_open: bool = True, high_open: bool = False) -> None:
     low_ok = value > 0 if low_open else value >= 0
     high_ok = value < 1 if high_open else value <= 1

@@ -1,0 +1,342 @@
+"""AdaRank (Lee et al., ICLR 2026, "AdaRank: Adaptive Rank Pruning for Enhanced Model Merging").
+
+Every task vector of a matrix layer is decomposed once, ``τ_{k,l} = U diag(s) Vᵀ`` (thin SVD, float32, one layer
+at a time on the task vectors' device). A real logit ``ℓ`` per task and singular component carries a binary mask
+
+    m = 1[ℓ > 0]  (forward),   ∂m/∂ℓ := ∂σ(ℓ/T)/∂ℓ = σ(ℓ/T)(1 − σ(ℓ/T))/T  (straight-through backward),
+    θ_l = θ0_l + Σ_k λ_{k,l} U_k diag(m_k ⊙ s_k) V_kᵀ          (matrix layers),
+    θ_l = θ0_l + Σ_k λ_{k,l} τ_{k,l}                            (biases, norms, conv kernels, ...),
+
+with layer-wise λ (one row per merged tensor, as layer-wise AdaMerging). λ and the logits train together by the
+module's test-time objective (entropy by default); evaluation and export use the hard mask.
+
+Checked against the authors' code (david3684/AdaRank @ dfa5358):
+vision/src/models/merge_vit/adaptive.py:59-62 (``straight_through_mask``: ``s_masked = p·s + ((p > 0.5) − p)·s``
+detached, ``p = sigmoid(mask / mask_temp)``, line 120), :95-124 (the merge; λ ``merge_weight`` is ``[K, tensors]``
+initialised to ``prior``, lines 37-39, clamped only when ``clamp_weights``, default false), :185-212 (initial logits
+``+0.1`` for the first ``int(r · initial_rank_ratio)`` components, ``−0.1`` for the rest), vision/runner.py:204-217
+(one Adam over λ and logits, lr ``config.lr``, betas (0.9, 0.999), no weight decay), vision/configs/adarank_B_T8/*.yaml
+(TA: prior 0.3, initial_rank_ratio 1.0, mask_temp 10; CART: prior 2.3, initial_rank_ratio 0.16, mask_temp 10;
+10,000 steps, batch 16, lr 1e-3); lm/model_merging_methods/adarank_roberta.py:43-58, 191-207 (same for GPT-2/RoBERTa).
+
+Where this follows the code rather than /work/shared/ALGORITHMS.md: the initial rank ratio is 1.0 (all components
+on) for a task-arithmetic origin and 0.16 only with the CART origin (``origin: average``: θ0 is the mean of the
+fine-tuned models and τ_k are taken from it, with ``init_value: 2.3``); λ is not clamped by default; the mask
+temperature (10) only scales the straight-through gradient, the forward mask is the hard threshold.
+Differences from the code: ``m = 1[ℓ > 0]`` instead of ``σ(ℓ/T) > 0.5`` (equal unless float32 rounds σ to 0.5,
+|ℓ/T| ≲ 1e-7), and the forward is exactly ``m·s`` (the code's ``p·s + (m − p)·s`` rounds); the decomposed layers
+are every 2-D merged tensor (``svd_patterns`` restricts them; the vision code takes the ``attn``/``mlp`` weights,
+the LM code every non-bias, non-norm encoder weight) and ``1 × 1`` convolution kernels (``pointwise_convs``: the
+authors ran no CNN; EfficientNet has no 2-D tensor); ``max_rank_ratio`` may store only the leading components
+(the code keeps all; the dropped tail never enters the merge); two Adam parameter groups give the logits their own
+``mask_lr`` (the code: one lr for both).
+
+Memory: the factors replace the raw matrix task vectors on the device. Full rank costs ``K·r(m + n + 1)`` instead
+of ``K·m·n`` per layer (2× for square matrices, 1.25× for 768 × 3072), see :meth:`SpectralMergedModel.memory_report`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from adamerge.key_filters import select_tensors
+from adamerge.merged import MergedModel, resolve_layer_groups, weighted_task_sum
+from adamerge.methods import checks, spectral
+from adamerge.methods.learned import check_coefficient_learning, register_learned
+from adamerge.module import AdaMergingModule
+from adamerge.objectives import Objective
+from adamerge.task_vectors import TaskVectors
+
+ORIGINS = ("pretrained", "average")
+MASK_FILE = "adarank_masks.safetensors"
+RANKS_FILE = "adarank_ranks.png"
+
+
+class _SpectralSum(torch.autograd.Function):
+    """``Σ_k U_k diag(c_k) V_kᵀ`` with a gradient to ``c`` only, saving no ``[m, K·r]`` product for backward.
+
+    ``∂L/∂c_{k,i} = u_{k,i}ᵀ G v_{k,i}`` for the output gradient ``G``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, c: Tensor, u: Tensor, vh: Tensor) -> Tensor:
+        ctx.save_for_backward(u, vh)
+        k, m, r = u.shape
+        scaled = (u.to(c.dtype) * c[:, None, :]).permute(1, 0, 2).reshape(m, k * r)
+        return scaled @ vh.to(c.dtype).reshape(k * r, -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        u, vh = ctx.saved_tensors
+        u, vh = u.to(grad.dtype), vh.to(grad.dtype)
+        if u.shape[1] <= vh.shape[2]:  # the smaller transient: [K, m, r] or [K, r, n]
+            return ((grad @ vh.mT) * u).sum(1), None, None
+        return ((u.mT @ grad) * vh).sum(2), None, None
+
+
+def spectral_sum(c: Tensor, u: Tensor, vh: Tensor) -> Tensor:
+    return _SpectralSum.apply(c, u, vh)
+
+
+def matrix_view(stacked: Tensor, pointwise_convs: bool = True) -> Tensor | None:
+    """The ``[K, m, n]`` matrices of a stacked tensor: 2-D tensors, and (``pointwise_convs``) ``1 × 1`` convolution
+    kernels ``[K, out, in, 1, 1]``, which are linear maps; None for everything else."""
+    if pointwise_convs and stacked.dim() == 5 and stacked.shape[3:] == (1, 1):
+        stacked = stacked[..., 0, 0]
+    return stacked if spectral.is_matrix(stacked) else None
+
+
+def centred_at_average(task_vectors: TaskVectors) -> TaskVectors:
+    """CART's origin: θ0 ← mean_k θ_k and τ_k ← θ_k − mean_j θ_j (merged tensors only)."""
+    pretrained, vectors = dict(task_vectors.pretrained), {}
+    for name, stacked in task_vectors.vectors.items():
+        mean = stacked.float().mean(0)
+        pretrained[name] = (pretrained[name].float() + mean).to(pretrained[name].dtype)
+        vectors[name] = (stacked.float() - mean).to(stacked.dtype)
+    return TaskVectors(list(task_vectors.task_names), pretrained, vectors, dict(task_vectors.aliases))
+
+
+class SpectralMergedModel(MergedModel):
+    """Layer-wise merged model whose matrix task vectors are kept as SVD factors with per-component mask logits.
+
+    ``rank_logits[j]`` (``[K, stored rank]``) belongs to tensor ``svd_names[j]``; its raw ``[K, m, n]`` buffer is
+    replaced by the factors ``_u_j [K, m, r]``, ``_s_j [K, r]`` (float32), ``_vh_j [K, r, n]``.
+    """
+
+    def __init__(self, module: nn.Module, task_vectors: TaskVectors, *, init_value: float | Sequence[float] = 0.3,
+                 clamp: tuple[float, float] | None = None, layer_groups: Sequence[int] | None = None,
+                 svd_patterns: Sequence[str] | str | None = None, max_rank_ratio: float | None = None,
+                 initial_rank_ratio: float = 1.0, initial_logit: float = 0.1, temperature: float = 10.0,
+                 pointwise_convs: bool = True) -> None:
+        super().__init__(module, task_vectors, granularity="layer_wise", init_value=init_value, clamp=clamp,
+                         layer_groups=layer_groups)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+        chosen = select_tensors(self.names, svd_patterns, what="svd_patterns")
+        self.svd_names = [n for n in chosen if matrix_view(task_vectors.vectors[n], pointwise_convs) is not None]
+        if not self.svd_names:
+            raise ValueError(f"AdaRank needs a 2-D merged tensor (or 1x1 convolution) to decompose; none among "
+                             f"{chosen[:5]}")
+        self._slot = {self.names.index(name): slot for slot, name in enumerate(self.svd_names)}
+        self.full_rank: dict[str, int] = {}
+        logits = []
+        for slot, name in enumerate(self.svd_names):  # one layer's decompositions alive at a time
+            stacked = matrix_view(task_vectors.vectors[name], pointwise_convs)
+            full = min(stacked.shape[1:])
+            stored = full if max_rank_ratio is None else max(1, int(max_rank_ratio * full))
+            factors = [spectral.top_components(stacked[k], stored) for k in range(task_vectors.num_tasks)]
+            u, s, vh = (torch.stack([f[i] for f in factors]) for i in range(3))
+            self.register_buffer(f"_u_{slot}", u.to(stacked.dtype), persistent=False)
+            self.register_buffer(f"_s_{slot}", s, persistent=False)  # float32
+            self.register_buffer(f"_vh_{slot}", vh.to(stacked.dtype), persistent=False)
+            del factors, u, s, vh
+            index = self.names.index(name)  # the factors replace the raw stack on the device
+            self.register_buffer(f"_task_vector_{index}", stacked.new_empty((stacked.shape[0], 0)), persistent=False)
+            self.full_rank[name] = full
+            logit = torch.full((task_vectors.num_tasks, stored), -float(initial_logit))
+            logit[:, : int(full * initial_rank_ratio)] = float(initial_logit)
+            logits.append(nn.Parameter(logit))
+        self.rank_logits = nn.ParameterList(logits)
+
+    def factors(self, slot: int) -> tuple[Tensor, Tensor, Tensor]:
+        return getattr(self, f"_u_{slot}"), getattr(self, f"_s_{slot}"), getattr(self, f"_vh_{slot}")
+
+    def task_vector(self, index: int) -> Tensor:
+        """The stacked ``[K, *shape]`` task vectors; matrix layers rebuilt from their (stored) factors."""
+        if index not in self._slot:
+            return super().task_vector(index)
+        u, s, vh = self.factors(self._slot[index])
+        shape = self.pretrained_tensors()[self.names[index]].shape
+        return ((u.float() * s[:, None, :]) @ vh.float()).to(u.dtype).reshape(u.shape[0], *shape)
+
+    def hard_masks(self) -> list[Tensor]:
+        """``1[ℓ > 0]`` per logit: the evaluation/export mask (no gradient)."""
+        return [(logit.detach() > 0).to(logit.dtype) for logit in self.rank_logits]
+
+    def straight_through_masks(self) -> list[Tensor]:
+        """The hard masks in the forward, with the gradient of ``σ(ℓ / T)`` in the backward."""
+        masks = []
+        for logit, hard in zip(self.rank_logits, self.hard_masks()):
+            p = torch.sigmoid(logit / self.temperature)
+            masks.append(hard + (p - p.detach()))
+        return masks
+
+    def merged_weights(self, mask: Mapping[str, Tensor] | None = None, coefficients: Tensor | None = None,
+                       rank_masks: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
+        """θ0 + Σ_k λ_k τ'_k, ``τ'`` the masked low-rank form of matrix layers (``rank_masks``: the hard masks by
+        default); ``mask`` and ``coefficients`` as :meth:`MergedModel.merged_weights`."""
+        rows = self.coefficient_rows(coefficients)
+        compute = torch.promote_types(rows.dtype, torch.float32)
+        rank_masks = self.hard_masks() if rank_masks is None else rank_masks
+        weights = {}
+        for index, (name, base) in enumerate(self.pretrained_tensors().items()):
+            if index in self._slot:
+                slot = self._slot[index]
+                u, s, vh = self.factors(slot)
+                c = rows[index].to(compute)[:, None] * rank_masks[slot].to(compute) * s.to(compute)
+                delta = spectral_sum(c, u, vh).reshape(base.shape)
+            else:
+                delta = weighted_task_sum(rows[index].to(compute), self.task_vector(index))
+            if mask is not None and name in mask:
+                delta = delta * mask[name]
+            weights[name] = (base.to(compute) + delta).to(base.dtype)
+        return weights
+
+    @torch.no_grad()
+    def kept_ranks(self) -> dict[str, list[int]]:
+        return {name: [int(v) for v in m.sum(1).tolist()] for name, m in zip(self.svd_names, self.hard_masks())}
+
+    def memory_report(self) -> dict[str, int | float]:
+        """Bytes of the factors and logits against the raw task vectors layer-wise AdaMerging keeps."""
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        factors = sum(size(t) for slot in range(len(self.svd_names)) for t in self.factors(slot))
+        logits = sum(size(p) for p in self.rank_logits)
+        kept_raw = sum(size(super(SpectralMergedModel, self).task_vector(i)) for i in range(len(self.names)))
+        itemsize = self.factors(0)[0].element_size()
+        replaced = sum(self.coefficients.shape[1] * self.pretrained_tensors()[n].numel() * itemsize
+                       for n in self.svd_names)
+        adamerging = kept_raw + replaced
+        ours = kept_raw + factors + logits
+        return {"factor_bytes": factors, "logit_bytes": logits, "raw_task_vector_bytes": kept_raw,
+                "adamerging_task_vector_bytes": adamerging, "total_bytes": ours,
+                "ratio_to_adamerging": ours / max(adamerging, 1)}
+
+
+class AdaRankModule(AdaMergingModule):
+    """λ and the rank-mask logits learn together through the base step (one merge, one backward through it)."""
+
+    merged: SpectralMergedModel
+
+    def __init__(self, merged: SpectralMergedModel, heads: Mapping[str, nn.Module], *, mask_lr: float,
+                 **kwargs: Any) -> None:
+        super().__init__(merged, heads, **kwargs)
+        self.mask_lr = mask_lr
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.merged.coefficients, *self.merged.rank_logits]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        super().configure_optimizers()  # the check that nothing else trains
+        groups = [{"params": [self.merged.coefficients], "lr": self.lr},
+                  {"params": list(self.merged.rank_logits), "lr": self.mask_lr}]
+        return torch.optim.Adam(groups, betas=self.betas, weight_decay=self.weight_decay)
+
+    def merged_weights(self) -> dict[str, Tensor]:
+        return self.merged.merged_weights(rank_masks=self.merged.straight_through_masks())
+
+    def eval_weights(self) -> dict[str, Tensor]:
+        return self.merged.merged_weights()
+
+    def export_extras(self) -> dict[str, Any]:
+        """Kept rank per matrix layer and task, for merge_config.json."""
+        kept = self.merged.kept_ranks()
+        stored = {name: int(p.shape[1]) for name, p in zip(self.merged.svd_names, self.merged.rank_logits)}
+        return {"adarank": {
+            "rank_kept": kept,
+            "full_rank": dict(self.merged.full_rank),
+            "stored_rank": stored,
+            "kept_fraction_total": sum(map(sum, kept.values())) / max(sum(stored.values()) * len(self.task_names), 1),
+            "temperature": self.merged.temperature,
+            "memory": self.merged.memory_report(),
+        }}
+
+    def save_artifacts(self, directory: str | Path) -> list[Path]:
+        """``adarank_masks.safetensors`` (the logits, ``[K, stored rank]`` per tensor) and ``adarank_ranks.png``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        logits = zip(self.merged.svd_names, self.merged.rank_logits)
+        tensors = {name: p.detach().cpu().contiguous() for name, p in logits}
+        metadata = {"format": "adamerge.adarank_masks", "temperature": str(self.merged.temperature),
+                    "tasks": json.dumps(self.task_names), "full_rank": json.dumps(self.merged.full_rank)}
+        save_file(tensors, str(directory / MASK_FILE), metadata=metadata)
+        return [directory / MASK_FILE, self._rank_heatmap(directory / RANKS_FILE)]
+
+    def _rank_heatmap(self, path: Path) -> Path:
+        """Layers × tasks, coloured by the kept fraction of the full rank r, cells labelled with the kept rank."""
+        from adamerge.report_plots import heatmap_figure, png_bytes
+
+        kept, full = self.merged.kept_ranks(), self.merged.full_rank
+        fractions = [[r / full[name] for r in ranks] for name, ranks in kept.items()]
+        fig = heatmap_figure(fractions, self.task_names, title="AdaRank: kept rank (colour: kept / r)")
+        ax = fig.axes[0]
+        ax.images[0].set_clim(0.0, 1.0)
+        if len(kept) <= 60:
+            ax.set_yticks(range(len(kept)), [f"{name} (r={full[name]})" for name in kept], fontsize=6)
+            if len(self.task_names) <= 12:
+                for row, (ranks, shares) in enumerate(zip(kept.values(), fractions)):
+                    for column, (rank, share) in enumerate(zip(ranks, shares)):
+                        ax.text(column, row, str(rank), ha="center", va="center", fontsize=6,
+                                color="black" if share > 0.6 else "white")
+            fig.tight_layout()
+        path.write_bytes(png_bytes(fig))
+        return path
+
+
+def build_adarank(
+    backbone: nn.Module, task_vectors: TaskVectors, heads: Mapping[str, nn.Module], *,
+    init_value: float | Sequence[float], lr: float, mask_lr: float, betas: Sequence[float], clamp: bool,
+    temperature: float, initial_rank_ratio: float, initial_logit: float, max_rank_ratio: float | None,
+    svd_patterns: Sequence[str] | str | None, pointwise_convs: bool, origin: str, layer_groups: Any,
+    autocast_dtype: str | None, objective: Objective | None = None,
+) -> AdaRankModule:
+    if origin not in ORIGINS:
+        raise ValueError(f"origin must be one of {ORIGINS}, got {origin!r}")
+    if origin == "average":
+        task_vectors = centred_at_average(task_vectors)
+    merged = SpectralMergedModel(
+        backbone, task_vectors, init_value=init_value, clamp=(0.0, 1.0) if clamp else None,
+        layer_groups=resolve_layer_groups(layer_groups, task_vectors.names), svd_patterns=svd_patterns,
+        max_rank_ratio=max_rank_ratio, initial_rank_ratio=initial_rank_ratio, initial_logit=initial_logit,
+        temperature=temperature, pointwise_convs=pointwise_convs,
+    )
+    return AdaRankModule(merged, heads, mask_lr=mask_lr, lr=lr, betas=tuple(betas), autocast_dtype=autocast_dtype,
+                         objective=objective)
+
+
+ADARANK_DEFAULTS: dict[str, Any] = {
+    "init_value": 0.3,  # the authors' TA prior; 2.3 with origin=average (CART, ViT-B/32 8 tasks)
+    "lr": 1e-3,  # Adam on λ
+    "mask_lr": 1e-3,  # Adam on the mask logits (the authors: one lr for both)
+    "betas": (0.9, 0.999),
+    "clamp": False,  # the authors' clamp_weights: false
+    "temperature": 10.0,  # mask_temp: the straight-through gradient is that of sigmoid(logit / temperature)
+    "initial_rank_ratio": 1.0,  # leading fraction of components on at the start (0.16 with origin=average)
+    "initial_logit": 0.1,  # on components start at +initial_logit, off ones at -initial_logit
+    "max_rank_ratio": None,  # None: keep every component; a fraction: store only the leading ones
+    "svd_patterns": None,  # which 2-D tensors are decomposed; None: every matrix
+    "pointwise_convs": True,  # 1x1 convolution kernels count as matrices (CNNs; the authors ran none)
+    "origin": "pretrained",  # pretrained (task arithmetic) or average (CART)
+    "layer_groups": None,
+    "autocast_dtype": None,
+}
+
+
+def _validate(num_tasks: int, hparams: Mapping[str, Any]) -> None:
+    method = "adarank"
+    check_coefficient_learning(method, num_tasks, hparams)
+    checks.check_positive(method, "mask_lr", hparams["mask_lr"])
+    checks.check_positive(method, "temperature", hparams["temperature"])
+    checks.check_range(method, "initial_rank_ratio", hparams["initial_rank_ratio"], low_open=True, high_open=False)
+    checks.check_positive(method, "initial_logit", hparams["initial_logit"])
+    if hparams["max_rank_ratio"] is not None:
+        checks.check_range(method, "max_rank_ratio", hparams["max_rank_ratio"], low_open=True, high_open=False,
+                           hint=" or null (every component)")
+    checks.check_patterns(method, "svd_patterns", hparams["svd_patterns"])
+    checks.check_bool(method, "pointwise_convs", hparams["pointwise_convs"])
+    checks.check_choice(method, "origin", hparams["origin"], ORIGINS)
+    checks.check_layer_groups(method, hparams["layer_groups"])
+
+
+register_learned(
+    "adarank", build_adarank, ADARANK_DEFAULTS,
+    "AdaRank: layer-wise λ and learned binary masks over each task vector's singular components",
+    _validate,
+)

@@ -1,0 +1,113 @@
+"""Learning on top of a data-free merge: the per-task vectors a learned method combines (``method.base``).
+
+A learned method learns coefficients λ over K task vectors. With ``base=<data-free method>`` it learns them over
+that method's *per-task* vectors instead of the raw τ_k -- AdaMerging++ is AdaMerging with ``base=ties``.
+Each base's per-task vectors ``τ'_k`` are defined so that its own merge is ``Σ_k c_k τ'_k`` with its scaling
+coefficient ``c`` (task arithmetic over them):
+
+* ``ties``: τ_k trimmed to its top-k magnitudes, then only the entries that agree with the elected sign (the
+  AdaMerging++ paper's vectors; TIES' disjoint mean itself is no per-task sum);
+* ``dare``: τ_k with random entries dropped and the rest rescaled (the same draws as the ``dare`` merge);
+* ``breadcrumbs``: τ_k with its top-β and bottom-γ magnitudes zeroed;
+* ``pcb``: ``K · w_k ⊙ τ̃_k / Σ_j w_j`` (balancing weights, clamped magnitudes): PCB's merge is ``(λ/K) Σ_k τ'_k``,
+  and the K keeps the vectors on task arithmetic's scale, so the usual λ ≈ 0.3 start still fits;
+* ``tsv_merge``: each task's block of the orthogonalised singular vectors, ``Û⊥_k diag(Ŝ_k) V̂ᵀ⊥_k`` (they sum to
+  the TSV-M layer); tensors that are not matrices ``τ_k / K`` (TSV-M averages them).
+
+A base's hyperparameters are the data-free method's own (conf/method/<base>.yaml) without its combination
+settings (scaling coefficient, DARE's ``combine``), given as ``method.base_hparams``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from adamerge.errors import ConfigError
+from adamerge.methods import spectral, steps
+from adamerge.methods.pcb import pcb_pieces
+from adamerge.methods.registry import get_method
+from adamerge.methods.static import breadcrumbs_masked, dare_dropped
+from adamerge.methods.tsv import tsv_pieces
+from adamerge.task_vectors import TaskVectors
+
+
+@dataclass(frozen=True)
+class Base:
+    """A data-free method's per-task form: ``per_task(task_vectors, **hparams) -> {name: [K, *shape]}``."""
+
+    method: str
+    hparams: tuple[str, ...]  # the method's hyperparameters that shape the per-task vectors
+    per_task: Callable[..., dict[str, Tensor]]
+
+
+def _ties(task_vectors: TaskVectors, *, top_k: float, scope: str) -> dict[str, Tensor]:
+    return steps.ties_trim({name: v.float() for name, v in task_vectors.vectors.items()}, top_k, scope)
+
+
+def _dare(task_vectors: TaskVectors, *, drop_rate: float, seed: int, rescale: bool) -> dict[str, Tensor]:
+    return dare_dropped(task_vectors.vectors, drop_rate, seed, rescale)
+
+
+def _breadcrumbs(task_vectors: TaskVectors, *, top_beta: float, bottom_gamma: float) -> dict[str, Tensor]:
+    return breadcrumbs_masked(task_vectors.vectors, top_beta, bottom_gamma)
+
+
+def _pcb(task_vectors: TaskVectors, **hparams: Any) -> dict[str, Tensor]:
+    return {name: task_vectors.num_tasks * piece for name, piece in pcb_pieces(task_vectors, **hparams)}
+
+
+def _tsv(task_vectors: TaskVectors, *, rank_fraction: float | None) -> dict[str, Tensor]:
+    pieces = {}
+    for name, stacked in task_vectors.vectors.items():  # one layer's decomposition at a time
+        x = stacked.float()
+        pieces[name] = tsv_pieces(x, rank_fraction) if spectral.is_matrix(x) else x / task_vectors.num_tasks
+    return pieces
+
+
+BASES: dict[str, Base] = {
+    "ties": Base("ties", ("top_k", "scope"), _ties),
+    "dare": Base("dare", ("drop_rate", "seed", "rescale"), _dare),
+    "breadcrumbs": Base("breadcrumbs", ("top_beta", "bottom_gamma"), _breadcrumbs),
+    "pcb": Base("pcb", ("pcb_ratio", "clamp_ratio", "inter_balancing", "scope"), _pcb),
+    "tsv_merge": Base("tsv_merge", ("rank_fraction",), _tsv),
+}
+
+
+def resolve_base(method: str, base: str | None, hparams: Mapping[str, Any] | None, num_tasks: int) -> dict[str, Any]:
+    """The base's full hyperparameters (its defaults ← ``hparams``), checked by the data-free method's own
+    validator; a ConfigError naming ``method``, the parameter and the value otherwise."""
+    if base is None:
+        if hparams:
+            raise ConfigError(f"method {method!r}: base_hparams={dict(hparams)!r} given without a base; set "
+                              f"base to one of {sorted(BASES)}")
+        return {}
+    if base not in BASES:
+        raise ConfigError(f"method {method!r}: base={base!r} is invalid: a learned method can start from the "
+                          f"per-task vectors of {', '.join(sorted(BASES))}, or null (the raw task vectors)")
+    if hparams is not None and not isinstance(hparams, Mapping):
+        raise ConfigError(f"method {method!r}: base_hparams={hparams!r} is invalid: it must be a mapping of "
+                          f"{base}'s hyperparameters ({', '.join(BASES[base].hparams)})")
+    spec, allowed = get_method(base), BASES[base].hparams
+    unknown = sorted(set(hparams or {}) - set(allowed))
+    if unknown:
+        raise ConfigError(f"method {method!r}: base_hparams {', '.join(unknown)} not used by base {base!r}; "
+                          f"allowed: {', '.join(allowed)}")
+    full = spec.resolve_hparams(dict(hparams or {}))
+    if spec.validate is not None:
+        try:
+            spec.validate(num_tasks, full)
+        except ValueError as error:
+            raise ConfigError(f"method {method!r}: base {base!r}: {error}") from error
+    return {name: full[name] for name in allowed}
+
+
+def apply_base(task_vectors: TaskVectors, base: str | None, hparams: Mapping[str, Any]) -> TaskVectors:
+    """``task_vectors`` replaced by ``base``'s per-task vectors (unchanged when ``base`` is None)."""
+    if base is None:
+        return task_vectors
+    per_task = BASES[base].per_task(task_vectors, **hparams)
+    return task_vectors.map(lambda name, _: per_task.pop(name))

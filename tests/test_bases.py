@@ -1,0 +1,144 @@
+"""Learning on top of a data-free merge (method.base): per-task vectors, their merges, validation, learning."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from adamerge.methods import merge_task_vectors as merge
+from adamerge.errors import ConfigError
+from adamerge.methods.bases import BASES, apply_base, resolve_base
+from adamerge.methods.learned import build_learned
+from adamerge.methods.registry import get_method
+from adamerge.task_vectors import TaskVectors
+from tests.helpers import TinyConvNet, finetuned_states, make_heads
+from tests.test_methods import as_lists, make_task_vectors, ref_ties_trim
+from tests.test_module import _Stream
+
+
+def per_task(task_vectors: TaskVectors, base: str, **hparams) -> TaskVectors:
+    return apply_base(task_vectors, base, resolve_base("m", base, hparams, task_vectors.num_tasks))
+
+
+def weighted_sum(vectors: TaskVectors, weights: list[float]) -> dict[str, torch.Tensor]:
+    """Σ_k w_k τ'_k, one tensor at a time with an explicit loop over tasks."""
+    out = {}
+    for name, stacked in vectors.vectors.items():
+        total = torch.zeros(stacked.shape[1:])
+        for k, weight in enumerate(weights):
+            total += weight * stacked[k].float()
+        out[name] = total
+    return out
+
+
+def assert_close_dicts(actual, expected, atol=1e-5):
+    assert set(actual) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(actual[name].float(), expected[name].float(), atol=atol, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("scope", ["model", "tensor"])
+def test_ties_base_is_the_trimmed_sign_agreeing_vectors(scope):
+    tv = make_task_vectors(3, seed=5)
+    trimmed = per_task(tv, "ties", top_k=0.3, scope=scope)
+    expected = ref_ties_trim(as_lists(tv), 0.3, scope)
+    for k in range(3):
+        for name, values in expected[k].items():
+            torch.testing.assert_close(trimmed.vectors[name][k].flatten(), torch.tensor(values).flatten(), atol=1e-6,
+                                       rtol=0)
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3])
+def test_each_base_is_its_merge_as_task_arithmetic(num_tasks):
+    """The per-task vectors reproduce the data-free merge they come from: Σ_k c_k τ'_k."""
+    tv = make_task_vectors(num_tasks, seed=7)
+    weights = [0.2 + 0.1 * k for k in range(num_tasks)]
+    dropped = per_task(tv, "dare", drop_rate=0.4, seed=3, rescale=True)
+    assert_close_dicts(weighted_sum(dropped, weights),
+                       merge("dare", tv, drop_rate=0.4, seed=3, scaling_coefficient=weights))
+    masked = per_task(tv, "breadcrumbs", top_beta=0.1, bottom_gamma=0.3)
+    assert_close_dicts(weighted_sum(masked, weights),
+                       merge("breadcrumbs", tv, top_beta=0.1, bottom_gamma=0.3, scaling_coefficient=weights))
+    balanced = per_task(tv, "pcb", pcb_ratio=0.3, clamp_ratio=0.05)
+    assert_close_dicts(weighted_sum(balanced, [w / num_tasks for w in weights]),
+                       merge("pcb", tv, pcb_ratio=0.3, clamp_ratio=0.05, scaling_coefficient=weights))
+    pieces = per_task(tv, "tsv_merge", rank_fraction=None)
+    assert_close_dicts(weighted_sum(pieces, [1.0] * num_tasks), merge("tsv_merge", tv, alpha=1.0))
+
+
+def test_tsv_pieces_are_each_tasks_orthogonalised_block():
+    tv = make_task_vectors(2, seed=11)
+    pieces = per_task(tv, "tsv_merge", rank_fraction=0.25)
+    for name, stacked in tv.vectors.items():
+        if stacked.ndim != 3:
+            torch.testing.assert_close(pieces.vectors[name], stacked.float() / 2)  # averaged like TSV-M
+            continue
+        keep = int(min(stacked.shape[1:]) * 0.25)
+        for k in range(2):
+            if keep:
+                assert torch.linalg.matrix_rank(pieces.vectors[name][k].double(), atol=1e-5) <= keep
+            else:
+                assert torch.count_nonzero(pieces.vectors[name][k]) == 0
+
+
+def test_no_base_leaves_the_task_vectors_alone_and_storage_dtype_is_kept():
+    tv = make_task_vectors(2, seed=1)
+    assert apply_base(tv, None, {}) is tv
+    half = TaskVectors(tv.task_names, tv.pretrained, {n: v.to(torch.bfloat16) for n, v in tv.vectors.items()})
+    assert all(v.dtype == torch.bfloat16 for v in per_task(half, "dare", drop_rate=0.5).vectors.values())
+
+
+def stored_vectors(module) -> dict[str, torch.Tensor]:
+    """The task vectors a learned module merges (MergedModel keeps them as buffers, in tensor order)."""
+    return {name: getattr(module.merged, f"_task_vector_{i}") for i, name in enumerate(module.merged.names)}
+
+
+def _tiny_pool(num_tasks=3):
+    backbone = TinyConvNet()
+    states = finetuned_states(backbone, num_tasks, scale=0.1)
+    return backbone, TaskVectors.from_state_dicts(backbone.state_dict(), states), make_heads(list(states))
+
+
+def test_adamerging_plus_plus_is_adamerging_over_the_ties_base():
+    backbone, tv, heads = _tiny_pool()
+    plus = build_learned("adamerging_layer_wise_plus_plus", backbone, tv, heads)
+    explicit = build_learned("adamerging_layer_wise", backbone, tv, heads, base="ties",
+                             base_hparams={"top_k": 0.2, "scope": "model"})
+    trimmed = per_task(tv, "ties", top_k=0.2, scope="model")
+    assert_close_dicts(stored_vectors(plus), stored_vectors(explicit), atol=0)
+    assert_close_dicts(stored_vectors(plus), trimmed.vectors, atol=0)
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_learning_on_top_of_each_base_lowers_the_objective(base):
+    backbone, tv, heads = _tiny_pool()
+    module = build_learned("adamerging_task_wise", backbone, tv, heads, lr=5e-2, base=base)
+    loader = torch.utils.data.DataLoader(_Stream(module.task_names, 25), batch_size=None)
+    L.Trainer(max_steps=25, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, loader)
+    values = [h["objective"] for h in module.history]
+    assert sum(values[-5:]) / 5 < sum(values[:5]) / 5
+    assert_close_dicts(stored_vectors(module), per_task(tv, base).vectors, atol=0)  # the base's, not the raw ones
+
+
+@pytest.mark.parametrize(("hparams", "message"), [
+    ({"base": "iso_c"}, "base='iso_c' is invalid"),
+    ({"base": "nothing"}, "base='nothing' is invalid"),
+    ({"base": None, "base_hparams": {"top_k": 0.1}}, "given without a base"),
+    ({"base": "dare", "base_hparams": {"top_k": 0.1}}, "top_k not used by base 'dare'; allowed: drop_rate"),
+    ({"base": "dare", "base_hparams": {"drop_rate": 1.5}}, "base 'dare': method 'dare': hyperparameter drop_rate=1.5"),
+    ({"base": "ties", "base_hparams": [0.2]}, "base_hparams=[0.2] is invalid"),
+])
+def test_bad_bases_are_refused_by_the_validator_naming_the_method(hparams, message):
+    spec = get_method("adamerging_layer_wise")
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as error:
+        spec.validate(3, spec.resolve_hparams(hparams))
+    assert "adamerging_layer_wise" in str(error.value)
+
+
+def test_every_learned_method_takes_a_base():
+    from adamerge.methods.registry import available_methods
+
+    for name in available_methods("learned"):
+        assert {"base", "base_hparams"} <= set(get_method(name).defaults), name
