@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from adamerge.key_filters import select_tensors
-from adamerge.merged import MergedModel, resolve_layer_groups, weighted_task_sum
+from adamerge.merged import MergedModel, resolve_layer_groups
 from adamerge.methods import checks, spectral
 from adamerge.methods.learned import check_coefficient_learning, register_learned
 from adamerge.module import AdaMergingModule
@@ -173,22 +173,16 @@ class SpectralMergedModel(MergedModel):
                        rank_masks: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
         """θ0 + Σ_k λ_k τ'_k, ``τ'`` the masked low-rank form of matrix layers (``rank_masks``: the hard masks by
         default); ``mask`` and ``coefficients`` as :meth:`MergedModel.merged_weights`."""
-        rows = self.coefficient_rows(coefficients)
-        compute = torch.promote_types(rows.dtype, torch.float32)
         rank_masks = self.hard_masks() if rank_masks is None else rank_masks
-        weights = {}
-        for index, (name, base) in enumerate(self.pretrained_tensors().items()):
-            if index in self._slot:
-                slot = self._slot[index]
-                u, s, vh = self.factors(slot)
-                c = rows[index].to(compute)[:, None] * rank_masks[slot].to(compute) * s.to(compute)
-                delta = spectral_sum(c, u, vh).reshape(base.shape)
-            else:
-                delta = weighted_task_sum(rows[index].to(compute), self.task_vector(index))
-            if mask is not None and name in mask:
-                delta = delta * mask[name]
-            weights[name] = (base.to(compute) + delta).to(base.dtype)
-        return weights
+
+        def masked_low_rank_delta(index: int, row: Tensor, shape: torch.Size) -> Tensor:
+            if index not in self._slot:
+                return self.task_delta(index, row, shape)
+            u, s, vh = self.factors(self._slot[index])
+            c = row[:, None] * rank_masks[self._slot[index]].to(row.dtype) * s.to(row.dtype)
+            return spectral_sum(c, u, vh).reshape(shape)
+
+        return self.merge_deltas(self.coefficient_rows(coefficients), mask, masked_low_rank_delta)
 
     @torch.no_grad()
     def kept_ranks(self) -> dict[str, list[int]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from adamerge.errors import AdamergeError, ConfigError
 from adamerge.report_plots import PNG_SIGNATURE, accuracy_bars, coefficient_heatmap_png, learning_curves
-from adamerge.reporting import write_text_atomic
+from adamerge.reporting import read_json, read_run_results, write_text_atomic
 from adamerge.sweep import job_dirs, write_summary_files
 
 EXPECTED = "summary.json or results.json (a run) or sweep_summary.json (a sweep)"
@@ -48,13 +48,6 @@ def number(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{path} cannot be read as JSON ({error})") from error
-
-
 def require(data: Any, keys: Sequence[str], path: Path) -> Any:
     missing = [k for k in keys if not isinstance(data, dict) or k not in data]
     if missing:
@@ -63,19 +56,12 @@ def require(data: Any, keys: Sequence[str], path: Path) -> Any:
 
 
 def load_run(directory: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """The tasks and one results record per method of a comparison (summary.json plus each
-    ``<method>/results.json`` when present) or of a single-method run (results.json)."""
-    summary_file = directory / "summary.json"
-    if summary_file.exists():
-        summary = require(read_json(summary_file), ("tasks", "rows"), summary_file)
-        records = []
-        for row in summary["rows"]:
-            results_file = directory / row["method"] / "results.json"
-            records.append({**row, **read_json(results_file)} if results_file.exists() else dict(row))
-        return summary["tasks"], records
-    results_file = directory / "results.json"
-    result = require(read_json(results_file), ("method", "tasks", "accuracy", "average_accuracy"), results_file)
-    return result["tasks"], [result]
+    """The tasks and one results record per method of a comparison or of a single-method run."""
+    records = [require(r, ("method", "tasks", "accuracy", "average_accuracy"), directory)
+               for r in read_run_results(directory)]
+    if not records:
+        raise ConfigError(f"{directory} holds a summary.json but no <method>/results.json")
+    return records[0]["tasks"], records
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Cell]], row_classes: Sequence[str] = ()) -> str:
@@ -221,8 +207,10 @@ def sweep_body(directory: Path, summary: Mapping[str, Any]) -> str:
             parts.append(image(png, name) if png.startswith(PNG_SIGNATURE)
                          else f'<p class="muted">plot {esc(name)}: {esc(path)} is missing or not a PNG</p>')
     parts.append("<h2>Jobs</h2>")
-    for row in ok:
-        parts.append(job_section(directory / row["job_dir"], row))
+    jobs: dict[str, Mapping[str, Any]] = {}
+    for row in ok:  # a comparison job has a row per method but one section
+        jobs.setdefault(row["job_dir"], row)
+    parts += [job_section(directory / job_dir, row) for job_dir, row in jobs.items()]
     return "".join(parts)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -132,11 +132,20 @@ class MergedModel(nn.Module):
 
         ``coefficients`` overrides the module's own (Concrete AM's inner step uses fresh ones).
         """
-        rows = self.coefficient_rows(coefficients)
+        return self.merge_deltas(self.coefficient_rows(coefficients), mask, self.task_delta)
+
+    def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
+        """``Σ_k row_k τ_k`` of merged tensor ``index`` (a subclass may keep its task vectors in another form)."""
+        return weighted_task_sum(row, self.task_vector(index))
+
+    def merge_deltas(
+        self, rows: Tensor, mask: Mapping[str, Tensor] | None, task_delta: Callable[[int, Tensor, torch.Size], Tensor]
+    ) -> dict[str, Tensor]:
+        """θ0 + (mask ⊙) ``task_delta(index, row, shape)`` for every merged tensor, computed in at least float32."""
         compute = torch.promote_types(rows.dtype, torch.float32)
         weights = {}
         for index, (name, base) in enumerate(self.pretrained_tensors().items()):
-            delta = weighted_task_sum(rows[index].to(compute), self.task_vector(index))
+            delta = task_delta(index, rows[index].to(compute), base.shape)
             if mask is not None and name in mask:
                 delta = delta * mask[name]
             weights[name] = (base.to(compute) + delta).to(base.dtype)

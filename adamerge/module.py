@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from adamerge import task_batching
 from adamerge.errors import AdamergeError
 from adamerge.merged import MergedModel
-from adamerge.objectives import Entropy, Objective, masked_mean, prediction_entropy, token_entropy
+from adamerge.objectives import Entropy, Objective, prediction_entropy
 from adamerge.profiling import StepProfile
 from adamerge.resume import ResumeError, capture_rng, restore_rng
 
@@ -215,7 +215,7 @@ class AdaMergingModule(L.LightningModule):
             self.last_step_entropy[task] = value  # the objective is the entropy: no second pass
         else:
             with torch.no_grad():
-                self.last_step_entropy[task] = masked_mean(token_entropy(logits), mask).item()
+                self.last_step_entropy[task] = prediction_entropy(logits, mask).item()
         return loss, value
 
     def _task_pass(self, task: str, inputs: Any, leaves: Mapping[str, Tensor]) -> float:

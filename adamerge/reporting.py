@@ -10,12 +10,36 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from adamerge.errors import ConfigError
+
 RESULT_KEYS = ("method", "config", "tasks", "accuracy", "average_accuracy", "coefficients", "seconds", "peak_memory_mb")
 
 
 def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Strict JSON written atomically, so a crash never leaves a truncated results file."""
     return write_text_atomic(path, json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """A results file's content; a ConfigError naming the file when it is missing or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path} cannot be read as JSON ({error})") from error
+
+
+def read_run_results(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's results.json files: its own (one method), or its methods' (a comparison, in the order of its
+    summary.json, then any method without a summary row, e.g. of an interrupted comparison)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "results.json").is_file():
+        return [read_json(run_dir / "results.json")]
+    order = []
+    if (run_dir / "summary.json").is_file():
+        order = [row["method"] for row in read_json(run_dir / "summary.json")["rows"]]
+    files = {p.parent.name: p for p in run_dir.glob("*/results.json")}
+    names = [n for n in order if n in files] + sorted(n for n in files if n not in order)
+    return [read_json(files[name]) for name in names]
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -21,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from adamerge.errors import ConfigError
-from adamerge.reporting import write_json, write_text_atomic
+from adamerge.reporting import read_json, read_run_results, write_json, write_text_atomic
 from adamerge.selection import get_criterion, pick, pick_by_accuracy, unlabeled_means
 
 ERROR_FILE = "error.json"
@@ -49,8 +48,9 @@ def job_score(results: Sequence[Mapping[str, Any]], criterion: str = "objective"
     """The job's label-free score: its picked method's criterion value (what a hyperparameter search
     minimises); ``None`` when no method has one."""
     rows = [result_row(result) for result in results]
-    chosen, _ = pick(rows, get_criterion(criterion))
-    return None if chosen is None else get_criterion(criterion).score(rows[chosen])
+    chosen_criterion = get_criterion(criterion)
+    chosen, _ = pick(rows, chosen_criterion)
+    return None if chosen is None else chosen_criterion.score(rows[chosen])
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -70,18 +70,6 @@ def job_overrides(job: Path) -> dict[str, str]:
     return {key.lstrip("+~"): value for key, value in (p for p in pairs if len(p) == 2)}
 
 
-def job_results(job: Path) -> list[dict[str, Any]]:
-    """A job's results.json files: its own (one method), or its methods' (a comparison), in run order."""
-    if (job / "results.json").is_file():
-        return [json.loads((job / "results.json").read_text())]
-    order = []
-    if (job / "summary.json").is_file():
-        order = [row["method"] for row in json.loads((job / "summary.json").read_text())["rows"]]
-    files = {p.parent.name: p for p in job.glob("*/results.json")}
-    names = [n for n in order if n in files] + sorted(n for n in files if n not in order)
-    return [json.loads(files[name].read_text()) for name in names]
-
-
 def failed_row(method: str | None, error: str) -> dict[str, Any]:
     return {"method": method, "status": "failed", "error": error, "objective_name": None, "objective_config": None,
             "objective": None, "entropy": None, "average_accuracy": None, "accuracy": {}, "seconds": None,
@@ -91,9 +79,9 @@ def failed_row(method: str | None, error: str) -> dict[str, Any]:
 def job_rows(job: Path, sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per method the job ran, plus a failed row for its error (or for a job that never finished)."""
     identity = {"job": job.name, "job_dir": str(job.relative_to(sweep_dir)), "overrides": job_overrides(job)}
-    rows = [result_row(result) for result in job_results(job)]
+    rows = [result_row(result) for result in read_run_results(job)]
     if (job / ERROR_FILE).is_file():
-        error = json.loads((job / ERROR_FILE).read_text())
+        error = read_json(job / ERROR_FILE)
         rows.append(failed_row(error.get("method"), f"{error['type']}: {error['message']}"))
     elif not rows:
         rows.append(failed_row(None, "no results.json and no error record: the job was killed or is still running"))

@@ -515,7 +515,10 @@ def test_registry_lists_and_finds_methods():
         register_method("ties")(lambda tv: {})
 
 
-def test_learned_methods_register_without_a_function():
+def test_learned_methods_register_without_a_function(monkeypatch):
+    from adamerge.methods import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the test's method leaves with it
     name = f"learned_{uuid.uuid4().hex[:8]}"
     marker = object()
     assert register_method(name, kind="learned", defaults={"lr": 1e-3})(marker) is marker

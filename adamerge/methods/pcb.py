@@ -76,11 +76,6 @@ def _validate_pcb(num_tasks: int, hparams: Mapping[str, Any]) -> None:
     check_choice("pcb", "scope", hparams["scope"], steps.SCOPES)
 
 
-def _per_task(values: Tensor, like: Tensor) -> Tensor:
-    """``[K]`` values shaped to broadcast against ``like`` (``[K, *shape]``)."""
-    return values.reshape(-1, *([1] * (like.dim() - 1)))
-
-
 def _order_statistics(
     stacked: Sequence[Tensor], positions: Sequence[int], transform: Callable[[Tensor], Tensor] | None = None
 ) -> list[Tensor]:
@@ -101,13 +96,14 @@ def _order_statistics(
 
 def _min_max(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """``(x − low) / (high − low)`` per task; 0 where the span is 0 (the authors divide 0 by 0 there)."""
-    low, high = _per_task(low, x), _per_task(high, x)
+    low, high = steps.broadcast_per_task(low, x), steps.broadcast_per_task(high, x)
     span = high - low
     return torch.where(span > 0, (x - low) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
 
 
 def _clamp_magnitudes(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
-    return torch.minimum(torch.maximum(x.abs(), _per_task(low, x)), _per_task(high, x))
+    low, high = steps.broadcast_per_task(low, x), steps.broadcast_per_task(high, x)
+    return torch.minimum(torch.maximum(x.abs(), low), high)
 
 
 def balancing_scores(x: Tensor, low: Tensor, high: Tensor, inter_balancing: str = "normalized_sum") -> Tensor:
@@ -146,7 +142,7 @@ def _pcb_group(
     top = torch.stack([s.reshape(num_tasks, -1).amax(dim=1) for s in scores.values() if s[0].numel()]).amax(dim=0)
     for name, x in group.items():
         beta = scores.pop(name)
-        weight = _min_max(torch.maximum(beta, _per_task(threshold, beta)), threshold, top)
+        weight = _min_max(torch.maximum(beta, steps.broadcast_per_task(threshold, beta)), threshold, top)
         del beta
         x = x.float()
         clamped = torch.sign(x) * _clamp_magnitudes(x, low, high)

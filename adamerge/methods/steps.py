@@ -62,7 +62,8 @@ def _nth_largest(magnitudes: Tensor, n: int) -> Tensor:
     return magnitudes.kthvalue(magnitudes.shape[1] - n + 1, dim=1).values
 
 
-def _broadcast(per_task: Tensor, x: Tensor) -> Tensor:
+def broadcast_per_task(per_task: Tensor, x: Tensor) -> Tensor:
+    """``[K]`` values shaped to broadcast against ``x`` (``[K, *shape]``)."""
     return per_task.reshape(-1, *([1] * (x.dim() - 1)))
 
 
@@ -80,7 +81,7 @@ def topk_mask(x: Tensor, fraction: float) -> Tensor:
     n = count_to_keep(fraction, flat.shape[1])
     if n == flat.shape[1]:
         return torch.ones_like(x, dtype=torch.bool)
-    return x.abs().float() >= _broadcast(_nth_largest(flat, n), x)
+    return x.abs().float() >= broadcast_per_task(_nth_largest(flat, n), x)
 
 
 def topk_masks(vectors: Mapping[str, Tensor], fraction: float, scope: Scope = "model") -> dict[str, Tensor]:
@@ -105,7 +106,7 @@ def topk_masks(vectors: Mapping[str, Tensor], fraction: float, scope: Scope = "m
         thresholds.append(magnitudes.new_zeros(()) if keep_all else _nth_largest(magnitudes[None], n)[0])
         del magnitudes
     threshold = torch.stack(thresholds)
-    return {name: x.abs().float() >= _broadcast(threshold.to(x.device), x) for name, x in vectors.items()}
+    return {name: x.abs().float() >= broadcast_per_task(threshold.to(x.device), x) for name, x in vectors.items()}
 
 
 def dare_mask(x: Tensor, drop_rate: float, generator: torch.Generator) -> Tensor:
