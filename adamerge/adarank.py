@@ -85,14 +85,6 @@ def spectral_sum(c: Tensor, u: Tensor, vh: Tensor) -> Tensor:
     return _SpectralSum.apply(c, u, vh)
 
 
-def matrix_view(stacked: Tensor, pointwise_convs: bool = True) -> Tensor | None:
-    """The ``[K, m, n]`` matrices of a stacked tensor: 2-D tensors, and (``pointwise_convs``) ``1 × 1`` convolution
-    kernels ``[K, out, in, 1, 1]``, which are linear maps; None for everything else."""
-    if pointwise_convs and stacked.dim() == 5 and stacked.shape[3:] == (1, 1):
-        stacked = stacked[..., 0, 0]
-    return stacked if spectral.is_matrix(stacked) else None
-
-
 def centred_at_average(task_vectors: TaskVectors) -> TaskVectors:
     """CART's origin: θ0 ← mean_k θ_k and τ_k ← θ_k − mean_j θ_j (merged tensors only)."""
     pretrained, vectors = dict(task_vectors.pretrained), {}
@@ -121,7 +113,9 @@ class SpectralMergedModel(MergedModel):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
         chosen = select_tensors(self.names, svd_patterns, what="svd_patterns")
-        self.svd_names = [n for n in chosen if matrix_view(task_vectors.vectors[n], pointwise_convs) is not None]
+        self.svd_names = [
+            n for n in chosen if spectral.matrix_view(task_vectors.vectors[n], pointwise_convs) is not None
+        ]
         if not self.svd_names:
             raise ValueError(f"AdaRank needs a 2-D merged tensor (or 1x1 convolution) to decompose; none among "
                              f"{chosen[:5]}")
@@ -129,7 +123,7 @@ class SpectralMergedModel(MergedModel):
         self.full_rank: dict[str, int] = {}
         logits = []
         for slot, name in enumerate(self.svd_names):  # one layer's decompositions alive at a time
-            stacked = matrix_view(task_vectors.vectors[name], pointwise_convs)
+            stacked = spectral.matrix_view(task_vectors.vectors[name], pointwise_convs)
             full = min(stacked.shape[1:])
             stored = full if max_rank_ratio is None else max(1, int(max_rank_ratio * full))
             factors = [spectral.top_components(stacked[k], stored) for k in range(task_vectors.num_tasks)]

@@ -65,6 +65,38 @@ def test_each_base_is_its_merge_as_task_arithmetic(num_tasks):
                        merge("pcb", tv, pcb_ratio=0.3, clamp_ratio=0.05, scaling_coefficient=weights))
     pieces = per_task(tv, "tsv_merge", rank_fraction=None)
     assert_close_dicts(weighted_sum(pieces, [1.0] * num_tasks), merge("tsv_merge", tv, alpha=1.0))
+    iso = per_task(tv, "iso_c")
+    assert_close_dicts(weighted_sum(iso, [1.3] * num_tasks), merge("iso_c", tv, alpha=1.3))
+    cts = per_task(tv, "iso_cts", common_space_fraction=0.5)
+    assert_close_dicts(weighted_sum(cts, [1.5] * num_tasks), merge("iso_cts", tv, common_space_fraction=0.5))
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_iso_pieces_match_a_pseudo_inverse_reference(rank):
+    """p_k = M T⁺ τ_k + (M − M T⁺ T) / K with T = Σ_j τ_j, computed with float64 pinv; a rank-deficient sum
+    (rank 2 of 6) puts Iso-C's arbitrary zero-value directions in the equally shared remainder."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 8, 6, generator=generator)
+    if rank is not None:
+        x = x[..., :rank] @ torch.randn(3, rank, 6, generator=generator)[0]  # every task in one rank-2 row space
+    tv = TaskVectors(["a", "b", "c"], {"w": torch.zeros(8, 6)}, {"w": x.clone()})
+    got = per_task(tv, "iso_c").vectors["w"]
+    merged = merge("iso_c", tv, alpha=1.0)["w"].double()
+    total = x.double().sum(0)
+    pinv = torch.linalg.pinv(total, rtol=8 * torch.finfo(torch.float32).eps)  # the documented cut-off
+    for k in range(3):
+        expected = merged @ pinv @ x[k].double() + (merged - merged @ pinv @ total) / 3
+        torch.testing.assert_close(got[k].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_spectral_bases_split_pointwise_convolutions_as_matrices():
+    generator = torch.Generator().manual_seed(9)
+    kernel = torch.randn(2, 6, 4, 1, 1, generator=generator)
+    tv = TaskVectors(["a", "b"], {"pw": torch.zeros(6, 4, 1, 1)}, {"pw": kernel})
+    flat = TaskVectors(["a", "b"], {"pw": torch.zeros(6, 4)}, {"pw": kernel[..., 0, 0]})
+    for base in ("tsv_merge", "iso_c", "iso_cts"):
+        torch.testing.assert_close(per_task(tv, base).vectors["pw"][..., 0, 0], per_task(flat, base).vectors["pw"])
+        torch.testing.assert_close(per_task(tv, base, pointwise_convs=False).vectors["pw"], kernel / 2)
 
 
 def test_tsv_pieces_are_each_tasks_orthogonalised_block():
@@ -123,7 +155,7 @@ def test_learning_on_top_of_each_base_lowers_the_objective(base):
 
 
 @pytest.mark.parametrize(("hparams", "message"), [
-    ({"base": "iso_c"}, "base='iso_c' is invalid"),
+    ({"base": "wudi"}, "base='wudi' is invalid"),
     ({"base": "nothing"}, "base='nothing' is invalid"),
     ({"base": None, "base_hparams": {"top_k": 0.1}}, "given without a base"),
     ({"base": "dare", "base_hparams": {"top_k": 0.1}}, "top_k not used by base 'dare'; allowed: drop_rate"),

@@ -483,7 +483,7 @@ def test_wudi_rejects_cuda_where_there_is_none():
 
 
 def test_unknown_hyperparameters_are_rejected():
-    with pytest.raises(TypeError, match=r"'tsv_merge'.*k.*allowed: alpha, rank_fraction"):
+    with pytest.raises(TypeError, match=r"'tsv_merge'.*k.*allowed: alpha, pointwise_convs, rank_fraction"):
         merge_task_vectors("tsv_merge", make_tv(2), k=3)
 
 
@@ -510,3 +510,21 @@ def test_svd_retries_when_lapack_does_not_converge(monkeypatch):
     u, s, vh = spectral.svd(a)
     assert failures == [(7, 3)] and u.shape == (3, 3) and vh.shape == (3, 7)
     assert_matches((u * s) @ vh, a.double())
+
+
+@pytest.mark.parametrize("method", ["tsv_merge", "iso_c", "iso_cts", "wudi"])
+def test_pointwise_convolutions_merge_as_the_matrices_they_are(method):
+    """A 1x1 kernel [out, in, 1, 1] gets exactly the merge of its [out, in] matrix; with pointwise_convs off it
+    takes the non-matrix fallback (task mean; WUDI: pretrained)."""
+    generator = torch.Generator().manual_seed(3)
+    kernel = torch.randn(3, 7, 5, 1, 1, generator=generator)
+    as_conv = TaskVectors(["t0", "t1", "t2"], {"pw.weight": torch.zeros(7, 5, 1, 1)}, {"pw.weight": kernel})
+    as_matrix = TaskVectors(["t0", "t1", "t2"], {"pw.weight": torch.zeros(7, 5)}, {"pw.weight": kernel[..., 0, 0]})
+    fn = get_method(method).fn
+    got = fn(as_conv)["pw.weight"]
+    assert got.shape == (7, 5, 1, 1)
+    assert_matches(got, fn(as_matrix)["pw.weight"], tol=1e-6)
+    off = fn(as_conv, pointwise_convs=False)["pw.weight"]
+    expected = torch.zeros(7, 5, 1, 1) if method == "wudi" else kernel.mean(0) * get_method(method).defaults.get(
+        "alpha", 1.0)
+    assert_matches(off, expected, tol=1e-6)

@@ -12,7 +12,11 @@ coefficient ``c`` (task arithmetic over them):
 * ``pcb``: ``K · w_k ⊙ τ̃_k / Σ_j w_j`` (balancing weights, clamped magnitudes): PCB's merge is ``(λ/K) Σ_k τ'_k``,
   and the K keeps the vectors on task arithmetic's scale, so the usual λ ≈ 0.3 start still fits;
 * ``tsv_merge``: each task's block of the orthogonalised singular vectors, ``Û⊥_k diag(Ŝ_k) V̂ᵀ⊥_k`` (they sum to
-  the TSV-M layer); tensors that are not matrices ``τ_k / K`` (TSV-M averages them).
+  the TSV-M layer); tensors that are not matrices ``τ_k / K`` (TSV-M averages them);
+* ``iso_c`` / ``iso_cts``: the isotropic layer ``M`` (α = 1) split by each task's share of ``Σ_j τ_j``,
+  ``M (Σ_j τ_j)⁺ τ_k`` plus an equal share of the rest (:func:`~adamerge.methods.isotropic.contribution_pieces`;
+  adamerge's own split, not from the papers); non-matrix tensors ``τ_k / K``. They sum to Iso-C / Iso-CTS with
+  α = 1, so λ starts at the method's α (1.3 / 1.5) to begin from the data-free merge.
 
 A base's hyperparameters are the data-free method's own (conf/method/<base>.yaml) without its combination
 settings (scaling coefficient, DARE's ``combine``), given as ``method.base_hparams``.
@@ -31,6 +35,7 @@ from adamerge.methods import spectral, steps
 from adamerge.methods.pcb import pcb_pieces
 from adamerge.methods.registry import get_method
 from adamerge.methods.static import breadcrumbs_masked, dare_dropped
+from adamerge.methods.isotropic import iso_c_pieces, iso_cts_pieces
 from adamerge.methods.tsv import tsv_pieces
 from adamerge.task_vectors import TaskVectors
 
@@ -60,12 +65,31 @@ def _pcb(task_vectors: TaskVectors, **hparams: Any) -> dict[str, Tensor]:
     return {name: task_vectors.num_tasks * piece for name, piece in pcb_pieces(task_vectors, **hparams)}
 
 
-def _tsv(task_vectors: TaskVectors, *, rank_fraction: float | None) -> dict[str, Tensor]:
+def _spectral_pieces(task_vectors: TaskVectors, matrix_pieces: Callable[[Tensor], Tensor],
+                     pointwise_convs: bool) -> dict[str, Tensor]:
+    """Per-task pieces of a spectral merge: ``matrix_pieces`` on matrix layers, ``τ_k / K`` on the rest (the
+    spectral merges average them)."""
     pieces = {}
     for name, stacked in task_vectors.vectors.items():  # one layer's decomposition at a time
         x = stacked.float()
-        pieces[name] = tsv_pieces(x, rank_fraction) if spectral.is_matrix(x) else x / task_vectors.num_tasks
+        matrices = spectral.matrix_view(x, pointwise_convs)
+        if matrices is None:
+            pieces[name] = x / task_vectors.num_tasks
+        else:
+            pieces[name] = matrix_pieces(matrices).reshape(x.shape)
     return pieces
+
+
+def _tsv(task_vectors: TaskVectors, *, rank_fraction: float | None, pointwise_convs: bool) -> dict[str, Tensor]:
+    return _spectral_pieces(task_vectors, lambda x: tsv_pieces(x, rank_fraction), pointwise_convs)
+
+
+def _iso_c(task_vectors: TaskVectors, *, pointwise_convs: bool) -> dict[str, Tensor]:
+    return _spectral_pieces(task_vectors, iso_c_pieces, pointwise_convs)
+
+
+def _iso_cts(task_vectors: TaskVectors, *, common_space_fraction: float, pointwise_convs: bool) -> dict[str, Tensor]:
+    return _spectral_pieces(task_vectors, lambda x: iso_cts_pieces(x, common_space_fraction), pointwise_convs)
 
 
 BASES: dict[str, Base] = {
@@ -73,7 +97,9 @@ BASES: dict[str, Base] = {
     "dare": Base("dare", ("drop_rate", "seed", "rescale"), _dare),
     "breadcrumbs": Base("breadcrumbs", ("top_beta", "bottom_gamma"), _breadcrumbs),
     "pcb": Base("pcb", ("pcb_ratio", "clamp_ratio", "inter_balancing", "scope"), _pcb),
-    "tsv_merge": Base("tsv_merge", ("rank_fraction",), _tsv),
+    "tsv_merge": Base("tsv_merge", ("rank_fraction", "pointwise_convs"), _tsv),
+    "iso_c": Base("iso_c", ("pointwise_convs",), _iso_c),
+    "iso_cts": Base("iso_cts", ("common_space_fraction", "pointwise_convs"), _iso_cts),
 }
 
 

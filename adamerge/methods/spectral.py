@@ -1,8 +1,13 @@
 """SVD steps shared by the spectral merges (TSV-M, Iso-C, Iso-CTS): decompose, truncate, orthogonalise, flatten.
 
 A *layer* here is one mergeable tensor whose per-task values are matrices: stacked ``[K, m, n]``. Every other
-tensor (biases, norms, scalars, 4-D convolution kernels) is not a matrix and takes the method's fallback, as the
-authors' code does (it tests ``len(shape) == 2``; conv kernels and 1-D tensors are averaged there).
+tensor (biases, norms, scalars, spatial convolution kernels) is not a matrix and takes the method's fallback, as
+the authors' code does (it tests ``len(shape) == 2``; conv kernels and 1-D tensors are averaged there).
+
+``pointwise_convs`` (default on) also treats ``1 × 1`` convolution kernels ``[out, in, 1, 1]`` as the ``[out, in]``
+linear maps they are, the only change for CNNs: the authors merged only ViTs and LMs, and a CNN such as the demo's
+EfficientNet has no 2-D weight besides its head, so without it every spectral method degenerates to its fallback
+there. The merged matrix is reshaped back to ``[out, in, 1, 1]``.
 
 Memory: :func:`merge_layers` hands one layer at a time to the method and keeps only the merged ``[m, n]`` result,
 and :func:`top_components` copies the kept singular vectors out of the full factors, so at most ONE layer's
@@ -25,6 +30,14 @@ Deltas = dict[str, Tensor]
 def is_matrix(x: Tensor) -> bool:
     """Whether stacked task values ``x`` (``[K, *shape]``) are 2-D matrices with no empty side."""
     return x.dim() == 3 and x.shape[1] > 0 and x.shape[2] > 0
+
+
+def matrix_view(stacked: Tensor, pointwise_convs: bool = True) -> Tensor | None:
+    """The ``[K, m, n]`` matrices of a stacked tensor: 2-D tensors, and (``pointwise_convs``) ``1 × 1`` convolution
+    kernels ``[K, out, in, 1, 1]``, which are linear maps; None for everything else."""
+    if pointwise_convs and stacked.dim() == 5 and stacked.shape[3:] == (1, 1):
+        stacked = stacked[..., 0, 0]
+    return stacked if is_matrix(stacked) else None
 
 
 def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,15 +104,21 @@ def merge_layers(
     task_vectors: TaskVectors,
     matrix_fn: Callable[[Tensor], Tensor],
     other_fn: Callable[[Tensor], Tensor] = task_mean,
+    pointwise_convs: bool = True,
 ) -> Deltas:
     """``{name: matrix_fn(x)}`` for matrix layers and ``{name: other_fn(x)}`` for the rest, one layer at a time.
 
-    ``x`` is the float32 stack ``[K, *shape]`` on the task vectors' device; the functions return the merged
-    delta of that tensor (shape ``shape``).
+    ``x`` is the float32 stack on the task vectors' device: ``[K, m, n]`` for ``matrix_fn`` (a ``1 × 1``
+    convolution seen as its matrix when ``pointwise_convs``), ``[K, *shape]`` for ``other_fn``; the functions return
+    the merged delta (``[m, n]`` / ``shape``), which is given back the tensor's shape.
     """
     deltas = {}
     for name, stacked in task_vectors.vectors.items():
         x = stacked.float()
-        deltas[name] = (matrix_fn if is_matrix(x) else other_fn)(x)
-        del x
+        matrices = matrix_view(x, pointwise_convs)
+        if matrices is None:
+            deltas[name] = other_fn(x)
+        else:
+            deltas[name] = matrix_fn(matrices).reshape(x.shape[1:])
+        del x, matrices
     return deltas

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from adamerge.methods import spectral, steps
-from adamerge.methods.checks import check_range, check_scaling
+from adamerge.methods.checks import check_bool, check_range, check_scaling
 from adamerge.methods.static import static_method
 from adamerge.task_vectors import TaskVectors
 
@@ -60,6 +60,7 @@ def _validate_tsv_merge(num_tasks: int, hparams: Mapping[str, Any]) -> None:
             hint=" or null (1/K: each of the K tasks keeps 1/K of each layer's rank)",
         )
     check_scaling("tsv_merge", "alpha", hparams["alpha"], num_tasks, per_task=False)
+    check_bool("tsv_merge", "pointwise_convs", hparams["pointwise_convs"])
 
 
 def components_per_task(rank: int, num_tasks: int, rank_fraction: float | None) -> int:
@@ -110,15 +111,17 @@ def _orthogonalised_factors(x: Tensor, rank_fraction: float | None) -> tuple[Ten
 
 @static_method("tsv_merge", _validate_tsv_merge)
 def tsv_merge(
-    task_vectors: TaskVectors, *, rank_fraction: float | None = None, alpha: float = 1.0
+    task_vectors: TaskVectors, *, rank_fraction: float | None = None, alpha: float = 1.0, pointwise_convs: bool = True
 ) -> dict[str, Tensor]:
     """TSV-M (Gargiulo et al. 2025): per layer keep each task's top singular vectors, orthogonalise, × α.
 
-    ``rank_fraction`` null keeps ⌊r/K⌋ components per task; tensors that are not matrices get α · mean_k τ_k.
+    ``rank_fraction`` null keeps ⌊r/K⌋ components per task; tensors that are not matrices get α · mean_k τ_k
+    (``pointwise_convs``: 1 × 1 convolutions are matrices, see :mod:`~adamerge.methods.spectral`).
     """
     scale = float(alpha)
     return spectral.merge_layers(
         task_vectors,
         lambda x: scale * tsv_matrix(x, rank_fraction),
         lambda x: scale * spectral.task_mean(x),
+        pointwise_convs,
     )

@@ -32,6 +32,9 @@ Tensors that are not matrices (``non_matrix``):
   position embedding is optimised too — exclude it with the model pool's ``exclude`` patterns to match the script.
 * ``"mean"`` (FusionBench, wudi.py:55-56): ``mean_k τ_k``.
 
+``pointwise_convs`` (default on): a ``1 × 1`` convolution is the linear layer ``[out, in]`` it computes and is
+optimised like one (:mod:`~adamerge.methods.spectral`); the authors merged no CNN.
+
 This follows the authors' code over /work/shared/ALGORITHMS.md, which says non-matrix tensors fall back to task
 arithmetic. A task whose matrix is all zero is left out of L (its term is 0/0 in the authors' code, which turns
 every value into NaN); it still adds its zeros to the initial sum.
@@ -46,7 +49,7 @@ import torch
 from torch import Tensor
 
 from adamerge.methods import spectral
-from adamerge.methods.checks import check_choice, check_int, check_positive, fail
+from adamerge.methods.checks import check_bool, check_choice, check_int, check_positive, fail
 from adamerge.methods.static import static_method
 from adamerge.task_vectors import TaskVectors
 
@@ -69,6 +72,7 @@ def _validate_wudi(num_tasks: int, hparams: Mapping[str, Any]) -> None:
     check_positive("wudi", "lr", hparams["lr"])
     check_choice("wudi", "non_matrix", hparams["non_matrix"], NON_MATRIX)
     _check_device(hparams["device"])
+    check_bool("wudi", "pointwise_convs", hparams["pointwise_convs"])
 
 
 def wudi_objective(merged: Tensor, x: Tensor) -> Tensor:
@@ -113,6 +117,7 @@ def wudi(
     lr: float = 1e-5,
     non_matrix: str = "zero",
     device: str | None = None,
+    pointwise_convs: bool = True,
 ) -> dict[str, Tensor]:
     """WUDI-Merging (Cheng et al. 2025): per linear layer, Adam on Σ_k ‖(τ_m − τ_k) τ_kᵀ‖² / ‖τ_k‖² from Σ_k τ_k."""
 
@@ -124,4 +129,4 @@ def wudi(
     def other(x: Tensor) -> Tensor:
         return spectral.task_mean(x) if non_matrix == "mean" else torch.zeros_like(x[0])
 
-    return spectral.merge_layers(task_vectors, matrix, other)
+    return spectral.merge_layers(task_vectors, matrix, other, pointwise_convs)
