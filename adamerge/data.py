@@ -329,3 +329,14 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._ensure_setup(task)
         feat = self._raw[task][1].features.get(self.tasks[task].label_column)
         return getattr(feat, "num_classes", None)
+
+    def class_names(self, task: str) -> list[str] | None:
+        """The label column's ``ClassLabel`` names (what an export records as the task's classes), if declared."""
+        self._ensure_setup(task)
+        names = getattr(self._raw[task][1].features.get(self.tasks[task].label_column), "names", None)
+        return [str(name) for name in names] if names else None
+
+    def task_preprocessor(self, task: str) -> Callable:
+        """The preprocessor that turns the task's raw examples into model inputs (the task's own, else the shared one)."""
+        self._ensure_setup(task)
+        return self._preprocessor(self.tasks[task])

@@ -31,3 +31,7 @@ class PoolDataMismatchError(AdamergeError, ValueError):
 
 class RunDirectoryError(AdamergeError, RuntimeError):
     """The run directory cannot be written, or would overwrite (or resume) something it must not."""
+
+
+class ExportError(AdamergeError, RuntimeError):
+    """An export could not be written, or a directory is not a loadable export (a file missing, modified or unreadable)."""

@@ -1,10 +1,13 @@
 """Exporting a fused model as a self-describing directory, and loading it back.
 
-An export holds the weights (``model.safetensors``), ``merge_config.json`` (how the model was made
-and how to rebuild its architecture) and, for transformers models, everything ``save_pretrained``
-writes, so the result also opens with plain ``AutoModel.from_pretrained``. Exports are written to a
-temporary sibling directory and renamed into place: a crash leaves either the old export or the
-new one, never a half-written directory.
+An export holds the weights (``model.safetensors``), each task's frozen head (``heads/<task>.safetensors``,
+see :mod:`adamerge.export_heads`), ``merge_config.json`` (how the model was made, how to rebuild its
+architecture and heads, the class names and input preprocessing of every task), a model card (``README.md``
+and ``coefficients.png``, :mod:`adamerge.model_card`) and, for transformers models, everything
+``save_pretrained`` writes, so the result also opens with plain ``AutoModel.from_pretrained`` (and, with
+``per_task_hf``, one ``tasks/<task>/`` classifier per task for ``AutoModelForSequenceClassification``).
+Exports are written to a temporary sibling directory and renamed into place: a crash leaves either the old
+export or the new one, never a half-written directory.
 
 ``merge_config.json`` records the sha256 of every other file of the export, so that
 :func:`adamerge.loading.load_merged` can refuse one that was modified, truncated or corrupted.
@@ -32,7 +35,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from adamerge.checkpoints import sha256_of
-from adamerge.errors import AdamergeError
+from adamerge.errors import ExportError
 from adamerge.reporting import fsync_path
 
 __all__ = ["MERGE_CONFIG", "WEIGHTS", "ExportError", "export_merged", "export_file_hashes"]
@@ -41,10 +44,6 @@ MERGE_CONFIG = "merge_config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained shards models above 50GB
 RECORDED_VERSIONS = ("torch", "transformers", "lightning", "safetensors", "adamerge")
-
-
-class ExportError(AdamergeError, RuntimeError):
-    """An export could not be written, or a directory is not a loadable export."""
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -98,11 +97,11 @@ def _architecture(model: nn.Module, architecture: Mapping[str, Any] | None) -> d
     return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "rebuildable": False}
 
 
-def _check_extra_name(name: str) -> None:
+def _check_extra_name(name: str, reserved: Sequence[str]) -> None:
     parts = Path(name).parts
     if Path(name).is_absolute() or ".." in parts:
         raise ExportError(f"extra file name {name!r} must be a relative path inside the export")
-    if parts and parts[0] in (MERGE_CONFIG, WEIGHTS, WEIGHTS_INDEX):
+    if parts and parts[0] in (MERGE_CONFIG, WEIGHTS, WEIGHTS_INDEX, *reserved):
         raise ExportError(f"extra file name {name!r} would replace the export's own {parts[0]}")
 
 
@@ -150,9 +149,25 @@ def export_merged(
     architecture: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     extra_files: Mapping[str, Path | bytes] | None = None,
+    heads: Mapping[str, nn.Module] | None = None,
+    class_names: Mapping[str, Sequence[str] | None] | None = None,
+    preprocessors: Mapping[str, Any] | None = None,
+    per_task_hf: bool = False,
+    license: str | None = None,
+    model_card: bool = True,
 ) -> Path:
-    """Write ``model`` and its ``merge_config`` to ``directory`` atomically; returns the directory."""
+    """Write ``model`` (the merged backbone), the task ``heads`` and ``merge_config`` to ``directory`` atomically.
+
+    ``class_names`` (e.g. the datasets' ``ClassLabel`` names; a head's own names win) and ``preprocessors``
+    (each task's data preprocessor, so raw images / sentences can be classified after loading) are recorded
+    per task. ``per_task_hf`` also writes ``tasks/<task>/`` transformers classifiers (sequence-classification
+    heads on a transformers body only), each with a copy of the top-level extra files (the tokenizer).
+    ``license`` is the model card's license (default: what the sources' own model cards declare).
+    Returns the directory.
+    """
+    from adamerge.export_heads import HEADS_DIR, head_records, write_head_files
     from adamerge.merged import MergedModel
+    from adamerge.model_card import HEATMAP, MODEL_CARD, write_model_card
 
     directory = Path(directory).expanduser().absolute()
     if isinstance(model, MergedModel):
@@ -163,11 +178,15 @@ def export_merged(
         if not directory.is_dir() or (any(directory.iterdir()) and not (directory / MERGE_CONFIG).is_file()):
             raise ExportError(f"{directory} exists and is not an export (no {MERGE_CONFIG}); refusing to replace it")
     # Everything that can fail on bad arguments fails here, before a byte is written.
+    reserved = [HEADS_DIR, *([MODEL_CARD, HEATMAP] if model_card else []), *(["tasks"] if per_task_hf else [])]
     extras = {name: src if isinstance(src, (bytes, bytearray)) else Path(src) for name, src in (extra_files or {}).items()}
     for name, source in extras.items():
-        _check_extra_name(name)
+        _check_extra_name(name, reserved)
         if isinstance(source, Path) and not source.exists():
             raise ExportError(f"extra file {name!r}: {source} does not exist")
+    records = head_records(heads or {}, class_names, preprocessors)
+    if per_task_hf:
+        _check_per_task_hf(model, records)
     config = {
         **_jsonable(dict(merge_config), "merge_config"),
         "architecture": _architecture(model, architecture),
@@ -184,10 +203,17 @@ def export_merged(
                 raise ExportError(f"save_pretrained wrote no {WEIGHTS} for {type(model).__name__}")
         else:
             save_model(model, str(staging / WEIGHTS), metadata={"format": "pt"})
+        write_head_files(staging, heads or {}, records)
+        if per_task_hf:
+            _write_task_classifiers(staging, model, heads or {}, records, extras)
         for name, source in extras.items():  # after the export's own files, so a clash is caught, not lost
             _copy_extra(source, staging / name)
         if (staging / MERGE_CONFIG).exists():
             raise ExportError(f"an extra file collides with the export's own {MERGE_CONFIG}")
+        if records:
+            config["heads"] = _jsonable(records, "heads")
+        if model_card:
+            write_model_card(staging, config, name=directory.name, license=license)
         # Written last, over the bytes actually on disk: the loader checks every file against these.
         _write_json(staging / MERGE_CONFIG, {**config, "files": export_file_hashes(staging)})
         _fsync_tree(staging)
@@ -196,6 +222,29 @@ def export_merged(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _check_per_task_hf(model: nn.Module, records: Mapping[str, Mapping[str, Any]]) -> None:
+    if not _is_transformers_model(model):
+        raise ExportError(f"per_task_hf needs a transformers backbone, not {type(model).__name__}: it writes "
+                          "one AutoModelForSequenceClassification directory per task")
+    other = {task: record["kind"] for task, record in records.items() if record["kind"] != "sequence_classification"}
+    if not records or other:
+        raise ExportError(f"per_task_hf needs a transformers sequence-classification head for every task; "
+                          f"{'no heads were given' if not records else f'these tasks have other heads: {other}'}")
+
+
+def _write_task_classifiers(staging: Path, model: nn.Module, heads: Mapping[str, nn.Module],
+                            records: dict[str, dict[str, Any]], extras: Mapping[str, Path | bytes]) -> None:
+    """``tasks/<task>/``: the task's classifier around the merged body, plus the top-level extra files."""
+    from adamerge.models.hf_export import save_task_classifier
+
+    for task, head in heads.items():
+        relative = save_task_classifier(staging, task, model, head, records[task]["class_names"])
+        records[task]["transformers_dir"] = relative
+        for name, source in extras.items():
+            if len(Path(name).parts) == 1 and (isinstance(source, (bytes, bytearray)) or source.is_file()):
+                _copy_extra(source, staging / relative / name)
 
 
 def _swap_into_place(staging: Path, directory: Path) -> None:

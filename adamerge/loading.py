@@ -7,7 +7,12 @@ An export is made to be shared, so loading one must be as safe as loading a safe
   or concrete ``transformers`` model classes (``from_pretrained``, never remote code). Anything else is
   refused with its name; pass ``model=`` (a module you built) or ``trust=[name]`` to load it anyway;
 - architecture arguments must be plain values: a nested ``_target_`` (a callable hidden in an argument) or
-  Hydra's ``_args_`` / ``_partial_`` keys are refused, so nothing in the file is ever called.
+  Hydra's ``_args_`` / ``_partial_`` keys are refused, so nothing in the file is ever called;
+- task heads are rebuilt by kind from their safetensors files (:mod:`adamerge.export_heads`), under the same rules.
+
+:func:`load_merged` returns the multi-task model (backbone + every task's head), or one task's model;
+:func:`load_backbone` returns the merged backbone alone (what ``load_merged`` returned before heads were
+exported, and the only way to open an export written without heads).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import importlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file, load_model
 from torch import nn
@@ -24,7 +29,10 @@ from torch import nn
 from adamerge.checkpoints import sha256_of
 from adamerge.export import MERGE_CONFIG, WEIGHTS, WEIGHTS_INDEX, ExportError
 
-__all__ = ["TRUSTED_ARCHITECTURES", "load_merged", "read_merge_config", "verify_export"]
+if TYPE_CHECKING:
+    from adamerge.multitask import MultiTaskModel, TaskModel
+
+__all__ = ["TRUSTED_ARCHITECTURES", "load_backbone", "load_merged", "read_merge_config", "verify_export"]
 
 # The backbones adamerge itself defines and exports with a ``_target_`` record.
 TRUSTED_ARCHITECTURES = frozenset({
@@ -70,7 +78,7 @@ def verify_export(path: str | Path, config: Mapping[str, Any] | None = None) -> 
             )
 
 
-def load_merged(
+def load_backbone(
     path: str | Path,
     model: nn.Module | None = None,
     *,
@@ -78,13 +86,68 @@ def load_merged(
     verify: bool = True,
     trust: Iterable[str] = (),
 ) -> nn.Module:
-    """Rebuild an exported model (or fill ``model`` with its weights), in eval mode on ``map_location``.
+    """The merged backbone of an export alone (or ``model`` filled with its weights), in eval mode.
 
     ``verify`` checks every file against its recorded sha256 first. ``trust`` names extra architecture
     targets (``"my_package.MyBackbone"``) you allow this export to build, beyond ``TRUSTED_ARCHITECTURES``.
     """
     path = Path(path).expanduser()
+    return _load_backbone(path, read_merge_config(path), model, map_location, verify, frozenset(trust))
+
+
+def load_merged(
+    path: str | Path,
+    model: nn.Module | None = None,
+    *,
+    task: str | None = None,
+    heads: Mapping[str, nn.Module] | None = None,
+    map_location: str = "cpu",
+    verify: bool = True,
+    trust: Iterable[str] = (),
+) -> MultiTaskModel | TaskModel:
+    """The exported multi-task model (merged backbone + every task's frozen head), in eval mode.
+
+    With ``task`` only that task's head is read and a single-task :class:`~adamerge.multitask.TaskModel`
+    (backbone + head, ``forward(inputs) -> logits``) is returned. ``model`` is a backbone module to fill
+    instead of rebuilding one; ``heads`` maps tasks to head modules to fill (needed for heads of classes an
+    export does not rebuild by itself). ``trust`` allows extra architecture and head classes by name.
+    Exports written without heads load with :func:`load_backbone`.
+    """
+    from adamerge.export_heads import read_head
+    from adamerge.multitask import MultiTaskModel, TaskModel
+    from adamerge.preprocessing import preprocessor_from_record
+
+    path = Path(path).expanduser()
     config = read_merge_config(path)
+    records = config.get("heads")
+    if not isinstance(records, Mapping) or not records:
+        raise ExportError(f"{path} holds no task heads ({MERGE_CONFIG} records none: it was exported without them); "
+                          "adamerge.load_backbone(path) loads its merged backbone")
+    if task is not None and task not in records:
+        raise ExportError(f"{path} has no task {task!r}; its tasks are {list(records)}")
+    unknown = sorted(set(heads or {}) - set(records))
+    if unknown:
+        raise ExportError(f"heads= names tasks {unknown} that {path} does not have; its tasks are {list(records)}")
+    trusted = frozenset(trust)
+    backbone = _load_backbone(path, config, model, map_location, verify, trusted)
+    built, names, preprocessors = {}, {}, {}
+    for name in [task] if task is not None else list(records):
+        record = records[name]
+        built[name] = read_head(path, name, record, module=(heads or {}).get(name), trust=trusted,
+                                verify=verify).to(map_location)
+        names[name] = record.get("class_names")
+        inputs = record.get("inputs")
+        try:
+            preprocessors[name] = preprocessor_from_record(inputs, path) if inputs else None
+        except (TypeError, ValueError) as error:
+            raise ExportError(f"{path / MERGE_CONFIG}: heads.{name}.inputs cannot rebuild a preprocessor: {error}") from error
+    if task is not None:
+        return TaskModel(backbone, built[task], task, names[task], preprocessors[task]).eval()
+    return MultiTaskModel(backbone, built, names, preprocessors).eval()
+
+
+def _load_backbone(path: Path, config: Mapping[str, Any], model: nn.Module | None, map_location: str, verify: bool,
+                   trust: frozenset[str]) -> nn.Module:
     architecture = config.get("architecture") or {}
     if not (path / WEIGHTS).is_file() and not (path / WEIGHTS_INDEX).is_file():
         raise ExportError(f"{path} has no weights: {WEIGHTS} is missing")
@@ -99,7 +162,7 @@ def load_merged(
             raise ExportError(f"{path}: transformers has no model class {architecture['transformers_class']!r}")
         return cls.from_pretrained(path).to(map_location).eval()
     if model is None and "_target_" in architecture:
-        model = _build_architecture(path, architecture, frozenset(trust))
+        model = _build_architecture(path, architecture, trust)
     if model is None:
         raise ExportError(
             f"{path}: architecture {architecture.get('class', '<unknown>')} was not recorded in a rebuildable "

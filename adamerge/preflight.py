@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from adamerge import task_batching
 from adamerge.checkpoints import CheckpointError, check_finite, describe_source, looks_like_path
 from adamerge.data import TaskDataError
-from adamerge.errors import ConfigError, PoolDataMismatchError, RunDirectoryError
+from adamerge.errors import AdamergeError, ConfigError, PoolDataMismatchError, RunDirectoryError
 from adamerge.methods.checks import is_count
 from adamerge.methods.registry import get_method
 from adamerge.resume import check_no_unfinished_learning, check_resume
@@ -110,12 +110,45 @@ def check_checkpoint_files(cfg: DictConfig) -> None:
             raise CheckpointError(f"{key}={source!r}: no such file or directory")
 
 
+def check_export_options(cfg: DictConfig, names: Sequence[str]) -> None:
+    """The export switches, and task names that can name the export's head files."""
+    from adamerge.export_heads import check_task_names
+
+    export = cfg.get("export") or {}
+    for key in ("enabled", "static", "overwrite", "per_task_hf"):
+        if not isinstance(export.get(key, False), bool):
+            raise ConfigError(f"export.{key}={export.get(key)!r} is invalid: it must be true or false")
+    license_id = export.get("license")
+    if license_id is not None and (not isinstance(license_id, str) or not license_id.strip()):
+        raise ConfigError(f"export.license={license_id!r} is invalid: give a license id (e.g. apache-2.0) or null")
+    if exported_methods(cfg, names):
+        try:
+            check_task_names((cfg.get("modelpool") or {}).get("finetuned") or {}, where="modelpool.finetuned task")
+        except AdamergeError as error:
+            raise ConfigError(str(error)) from error
+
+
+def check_export_heads(cfg: DictConfig, names: Sequence[str], pool: Any) -> None:
+    """``export.per_task_hf`` needs a transformers body and sequence-classification heads (checked once the pool is
+    loaded, before any fine-tuned checkpoint is read)."""
+    from adamerge.export_heads import head_kind
+
+    if not (cfg.get("export") or {}).get("per_task_hf", False) or not exported_methods(cfg, names):
+        return
+    other = {task: type(head).__name__ for task, head in pool.heads.items() if head_kind(head) != "sequence_classification"}
+    if other or not hasattr(pool.backbone, "save_pretrained"):
+        what = f"the heads of {other}" if other else f"the backbone {type(pool.backbone).__name__}"
+        raise ConfigError(f"export.per_task_hf=true writes AutoModelForSequenceClassification directories, but "
+                          f"{what} are not transformers sequence classifiers; set export.per_task_hf=false")
+
+
 def check_settings(cfg: DictConfig, names: Sequence[str], method_config: Callable[[DictConfig, str], dict]) -> None:
     """Everything the configuration alone can tell, in milliseconds."""
     check_run_options(cfg)
     check_methods(cfg, names, method_config)
     check_data_settings(cfg)
     check_checkpoint_files(cfg)
+    check_export_options(cfg, names)
 
 
 def exported_methods(cfg: DictConfig, names: Sequence[str]) -> list[str]:

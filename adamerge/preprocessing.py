@@ -1,6 +1,8 @@
 """Preprocessors: a raw ``datasets`` batch (images or text) to the model's inputs and the labels.
 
-They are picklable (DataLoader workers) and load nothing heavy until first called.
+They are picklable (DataLoader workers) and load nothing heavy until first called. An export records each
+task's preprocessing (:func:`preprocessor_record`) so that the reloaded model turns raw images and sentences into
+the inputs its run evaluated on (:func:`preprocessor_from_record`).
 """
 
 from __future__ import annotations
@@ -142,3 +144,28 @@ class TextPreprocessor:
         if (y := labels_of(batch, self.label_column)) is not None:
             out["labels"] = y
         return out
+
+
+def preprocessor_record(preprocessor: Any) -> dict[str, Any] | None:
+    """The settings that rebuild ``preprocessor`` (plain values for merge_config.json); ``None`` for kinds an export
+    cannot rebuild (prompts, user classes): their tasks then take model-ready tensors."""
+    if isinstance(preprocessor, ImagePreprocessor):
+        return {"kind": "image", "image_size": preprocessor.image_size, "mean": list(preprocessor.mean),
+                "std": list(preprocessor.std), "image_column": preprocessor.image_column,
+                "resize": preprocessor.resize, "interpolation": preprocessor.interpolation}
+    if isinstance(preprocessor, TextPreprocessor):
+        return {"kind": "text", "text_columns": list(preprocessor.text_columns), "max_length": preprocessor.max_length,
+                "padding": preprocessor.padding, "tokenizer_source": preprocessor.tokenizer}
+    return None
+
+
+def preprocessor_from_record(record: Mapping[str, Any], export_dir: str | os.PathLike) -> ImagePreprocessor | TextPreprocessor:
+    """The preprocessor a record describes; a text one uses the tokenizer saved in the export when there is one."""
+    settings = {key: value for key, value in record.items() if key != "kind"}
+    if record.get("kind") == "image":
+        return ImagePreprocessor(**settings)
+    if record.get("kind") == "text":
+        source = settings.pop("tokenizer_source")
+        own = Path(export_dir) / "tokenizer_config.json"
+        return TextPreprocessor(str(export_dir) if own.is_file() else source, **settings)
+    raise ValueError(f"unknown preprocessing kind {record.get('kind')!r} (known: image, text)")

@@ -29,7 +29,7 @@ from adamerge.methods.learned import build_learned
 from adamerge.methods.registry import get_method
 from adamerge.modelpool import ModelPool
 from adamerge.objectives import Objective, build_objective
-from adamerge.preflight import EVALUATION_ONLY, check_pool_and_data, check_run_dir, check_settings
+from adamerge.preflight import EVALUATION_ONLY, check_export_heads, check_pool_and_data, check_run_dir, check_settings
 from adamerge.reporting import average, coefficient_heatmap, write_json, write_summary
 from adamerge.resume import StepCheckpoint, checkpoint_path, remove_checkpoints, write_run_record
 from adamerge.task_vectors import TaskVectors
@@ -153,30 +153,9 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
 
 
 def export_model(ctx: RunContext, name: str, model: nn.Module, hparams: Mapping, result: Mapping, module: Any) -> Path:
-    from adamerge.export import export_merged
-    from adamerge.models.hf import export_extra_files
+    from adamerge.run_export import export_run_model
 
-    merge_config = {
-        "method": name,
-        "hyperparameters": dict(hparams),
-        "tasks": ctx.task_vectors.task_names,
-        "sources": ctx.pool.sources(),
-        "coefficients": result.get("coefficients"),
-        "objective": result.get("objective"),
-        "merged_tensors": ctx.task_vectors.names,
-        "accuracy": result["accuracy"],
-    }
-    if module is not None and hasattr(module, "export_extras"):
-        merge_config.update(module.export_extras())
-    return export_merged(
-        model.cpu(),
-        method_dir(ctx, name) / "merged_model",
-        merge_config=merge_config,
-        architecture=ctx.pool.architecture,
-        # A resumed run may replace the export its interrupted self wrote before it could record results.json.
-        overwrite=bool(ctx.cfg.export.overwrite) or bool(ctx.cfg.get("resume", False)),
-        extra_files=export_extra_files(model),
-    )
+    return export_run_model(ctx, method_dir(ctx, name) / "merged_model", name, model, hparams, result, module)
 
 
 def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
@@ -261,6 +240,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     datamodule = build_from_config(cfg.data)
     datamodule.setup("fit")
     check_pool_and_data(pool, datamodule)
+    check_export_heads(cfg, names, pool)
     task_vectors = pool.task_vectors(list(datamodule.task_names))
     print(f"task vectors: {task_vectors.memory_report()}")
     device = pick_device(cfg.trainer.get("accelerator", "auto"))

@@ -24,6 +24,17 @@ class TinyConvNet(nn.Module):
         return torch.tanh(self.fc(h.mean(dim=(2, 3))))
 
 
+class ScaledHead(nn.Module):
+    """A head of a class an export does not know how to rebuild: features × learned per-class scales."""
+
+    def __init__(self, features: int = 5, classes: int = 3) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(classes, features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.scale.t()
+
+
 def finetuned_states(module: nn.Module, num_tasks: int, scale: float = 0.1, seed: int = 0) -> dict[str, dict]:
     """Random 'fine-tuned' copies of ``module``: floating entries perturbed, the rest copied."""
     generator = torch.Generator().manual_seed(seed)
@@ -43,6 +54,25 @@ def finetuned_states(module: nn.Module, num_tasks: int, scale: float = 0.1, seed
 def make_heads(task_names, features: int = 6, classes: int = 5, seed: int = 1) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     return {task: nn.Linear(features, classes) for task in task_names}
+
+
+def char_tokenizer(directory: Path):
+    """A character-level fast tokenizer (any text is tokenisable), saved like a hub tokenizer."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    vocab = {tok: i for i, tok in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]"
+    )
+    fast.save_pretrained(directory)
+    return fast
 
 
 # The reduced demo zoo every end-to-end test shares (built once per session by the `zoo` fixture).

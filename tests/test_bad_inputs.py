@@ -257,6 +257,10 @@ CASES: dict[str, Case] = {
     "34-max-eval-samples-0": Case((STATIC, "++data.tasks.digits.max_eval_samples=0"),
                                   ("digits", re.compile(rf"{EMPTY.pattern}|max_eval_samples=0", re.IGNORECASE))),
     "x5-unknown-split": Case((STATIC, "data.tasks.digits.split=validation"), ("digits", "validation")),
+    # --- export ---
+    "x6-per-task-hf-with-linear-heads": Case((LEARNED, "export.per_task_hf=true"), ("export.per_task_hf", "Linear"),
+                                             fails_before_loading=True, error_class="ConfigError"),
+    "x7-empty-license": Case((LEARNED, "export.license=''"), ("export.license=''",), **CONFIG),
     # --- the run directory ---
     "28-export-exists": Case((LEARNED,), ("merged_model", "export.overwrite"), prepare=existing_export, **CONFIG),
     "29-run-dir-parent-is-a-file": Case((STATIC,), ("a_file",), prepare=file_as_parent, run_subpath="a_file/run",

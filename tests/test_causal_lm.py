@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
@@ -9,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from adamerge import load_merged
 from adamerge.checkpoints import CheckpointError
 from adamerge.export import export_merged
 from adamerge.methods.learned import build_learned
@@ -174,7 +176,22 @@ def test_causal_lm_experiment_runs_end_to_end(lm_zoo, tmp_path):
     row = run(cfg, tmp_path / "run")["rows"][0]
     assert len(row["entropy_history"]) == 3 and set(row["accuracy"]) == set(TASKS)
     assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())  # next-token accuracy on the prompts
-    assert (Path(row["export"]) / "config.json").is_file()
+    exported = Path(row["export"])
+    # The export is a causal LM for transformers, with its tokenizer, and the same model through adamerge.
+    lm = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    assert type(lm).__name__ == type(causal_lm(lm_zoo["pretrained"])).__name__
+    enc = tokenizer(["what is 2 plus 3? the answer is"], return_tensors="pt")
+    model = load_merged(exported)
+    assert model.tasks == list(TASKS) and all(record["kind"] == "identity" for record in
+                                              json.loads((exported / "merge_config.json").read_text())["heads"].values())
+    with torch.no_grad():
+        logits = lm(**enc).logits
+        assert torch.equal(model(dict(enc), task="math"), logits)
+    assert model.predict(dict(enc), task="code") == logits.argmax(-1).tolist()  # next-token ids
+    card = (exported / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and 'AutoModelForCausalLM.from_pretrained("merged_model")' in card
+    assert 'AutoTokenizer.from_pretrained("merged_model")' in card
 
 
 def test_unreachable_lm_names_it(monkeypatch):

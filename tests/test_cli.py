@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamerge import load_merged
+from adamerge import load_backbone
 from adamerge.checkpoints import load_state_dict
 from adamerge.demo import build_demo_zoo
 from adamerge.merged import MergedModel
@@ -72,8 +72,8 @@ def test_comparison_run_learns_writes_schema_and_exports(zoo, tmp_path):
     config = json.loads((export / "merge_config.json").read_text())
     assert config["method"] == "adamerging_layer_wise" and config["coefficients"] == result["coefficients"]
     assert len(config["sources"]["digits"]["sha256"]) == 64 and "torch" in config["versions"]
-    reloaded = load_merged(export)
-    backbone = load_merged(export)  # a second copy to hold θ0
+    reloaded = load_backbone(export)
+    backbone = load_backbone(export)  # a second copy to hold θ0
     backbone.load_state_dict(load_state_dict(zoo / "pretrained.safetensors"))
     finetuned = {t: load_state_dict(zoo / "finetuned" / f"{t}.safetensors") for t in tasks}
     vectors = TaskVectors.from_state_dicts(backbone.state_dict(), finetuned)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from adamerge import load_merged
 from adamerge.checkpoints import CheckpointError
 from adamerge.models import clip as clip_module
 from adamerge.models.clip import (
@@ -22,27 +23,10 @@ from adamerge.models.clip import (
     zero_shot_head,
 )
 from adamerge.models.hf import HFModelPool, align_state_dict
+from tests.helpers import char_tokenizer
 
 TASKS = ("eurosat", "mnist")  # real class names and templates from the shipped resources
 IMAGE_SIZE = 30
-
-
-def char_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerFast:
-    """A character-level fast tokenizer (any text is tokenisable), saved like a hub tokenizer."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    vocab = {tok: i for i, tok in enumerate(specials + [chr(c) for c in range(32, 127)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
-    )
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]"
-    )
-    fast.save_pretrained(directory)
-    return fast
 
 
 def tiny_clip_config(tokenizer) -> transformers.CLIPConfig:
@@ -216,4 +200,24 @@ def test_clip_experiment_config_runs_end_to_end(clip_zoo, tmp_path):
     exported = Path(row["export"])
     merged = transformers.CLIPVisionModel.from_pretrained(exported)  # a plain HF vision tower
     assert merged.config.image_size == IMAGE_SIZE
-    assert json.loads((exported / "merge_config.json").read_text())["method"] == "adamerging_layer_wise"
+    config = json.loads((exported / "merge_config.json").read_text())
+    assert config["method"] == "adamerging_layer_wise"
+
+    # The zero-shot heads travel as text embeddings + the class names and templates that made them.
+    model = load_merged(exported)
+    assert model.tasks == list(TASKS)
+    for task in TASKS:
+        names, templates = clip_task(task)
+        assert model.class_names(task) == names and config["heads"][task]["templates"] == templates
+        head = zero_shot_head(clip_zoo["pretrained"], task)  # the run's head, from the (isolated) head cache
+        assert torch.equal(model.heads[task].text_embeddings, head.text_embeddings)
+        # Per-task zero-shot predictions: the run's own computation, and its accuracy on the task's test split.
+        test = datasets.load_from_disk(str(clip_zoo[f"data_{task}"]))["test"]
+        pixels = model.preprocess(list(test["image"]), task=task)
+        with torch.no_grad():
+            assert torch.equal(model(pixels, task=task), head(merged(pixels)))
+        predicted = model.predict(list(test["image"]), task=task, batch_size=16)  # data.eval_batch_size=16
+        correct = sum(names.index(p) == y for p, y in zip(predicted, test["label"]))
+        assert correct / len(test) == row["accuracy"][task]
+    card = (exported / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card and "(coefficients.png)" in card

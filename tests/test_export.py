@@ -10,7 +10,7 @@ from torch import nn
 
 from adamerge import export
 from adamerge.export import MERGE_CONFIG, WEIGHTS, ExportError, export_merged
-from adamerge.loading import TRUSTED_ARCHITECTURES, load_merged, read_merge_config
+from adamerge.loading import TRUSTED_ARCHITECTURES, load_backbone, load_merged, read_merge_config
 from adamerge.merged import MergedModel
 from adamerge.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states
@@ -48,10 +48,13 @@ def test_plain_module_round_trip_and_merge_config(tmp_path):
     out = export_merged(net, tmp_path / "merged", merge_config=config, architecture=ARCH)
     after = datetime.datetime.now(utc)
     assert out == tmp_path / "merged"
-    assert sorted(p.name for p in out.iterdir()) == [MERGE_CONFIG, WEIGHTS]
+    # No heads were given; the model card and the heatmap of the recorded coefficients are always written.
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "coefficients.png", MERGE_CONFIG, WEIGHTS]
     assert siblings(out) == []
+    with pytest.raises(ExportError, match=r"holds no task heads.*load_backbone"):
+        load_merged(out, trust=TRUST)
 
-    loaded = load_merged(out, trust=TRUST)
+    loaded = load_backbone(out, trust=TRUST)
     assert isinstance(loaded, TinyConvNet) and not loaded.training
     x = torch.randn(4, 3, 8, 8)
     assert torch.equal(loaded(x), net(x))
@@ -87,10 +90,10 @@ def test_unrebuildable_architecture_needs_model_argument(tmp_path):
     arch = read_merge_config(out)["architecture"]
     assert arch == {"class": "tests.helpers.TinyConvNet", "rebuildable": False}
     with pytest.raises(ExportError, match=r"model=") as info:
-        load_merged(out)
+        load_backbone(out)
     assert str(out) in str(info.value)
 
-    loaded = load_merged(out, TinyConvNet(3))
+    loaded = load_backbone(out, TinyConvNet(3))
     x = torch.randn(2, 3, 5, 5)
     assert torch.equal(loaded(x), net(x)) and not loaded.training
 
@@ -109,7 +112,7 @@ def test_tied_plain_module(tmp_path):
     model = Tied()
     out = export_merged(model, tmp_path / "tied", merge_config={"method": "m"})
     fresh = Tied()
-    loaded = load_merged(out, fresh)
+    loaded = load_backbone(out, fresh)
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(loaded(ids), model(ids))
     assert loaded.head.weight is loaded.embed.weight
@@ -134,7 +137,7 @@ def test_transformers_bert_round_trip(tmp_path):
     assert (out / "config.json").is_file() and (out / WEIGHTS).is_file()
     arch = read_merge_config(out)["architecture"]
     assert arch["transformers_class"] == "BertModel"
-    loaded = load_merged(out)
+    loaded = load_backbone(out)
     assert type(loaded).__name__ == "BertModel" and not loaded.training
     ids = torch.randint(0, 100, (2, 7))
     with torch.no_grad():
@@ -149,11 +152,11 @@ def test_transformers_tied_gpt2_round_trip(tmp_path):
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         expected = model(ids).logits
-        loaded = load_merged(out)
+        loaded = load_backbone(out)
         assert loaded.lm_head.weight is loaded.transformer.wte.weight
         assert torch.equal(loaded(ids).logits, expected)
         # The same file also loads into a module built in memory (safetensors resolves the tied alias).
-        into = load_merged(out, type(model)(model.config))
+        into = load_backbone(out, type(model)(model.config))
         assert torch.equal(into(ids).logits, expected)
 
 
@@ -166,13 +169,13 @@ def test_sharded_transformers_weights_load(tmp_path):
     ids = torch.randint(0, 50, (1, 5))
     # The files were rewritten by hand after the export, so their recorded checksums no longer hold.
     with pytest.raises(ExportError, match="is missing"):
-        load_merged(out)
+        load_backbone(out)
     with torch.no_grad():
         expected = model(ids).logits
-        assert torch.equal(load_merged(out, verify=False)(ids).logits, expected)
-        assert torch.equal(load_merged(out, type(model)(model.config), verify=False)(ids).logits, expected)
+        assert torch.equal(load_backbone(out, verify=False)(ids).logits, expected)
+        assert torch.equal(load_backbone(out, type(model)(model.config), verify=False)(ids).logits, expected)
         with pytest.raises(ExportError, match="do not fit"):
-            load_merged(out, nn.Linear(2, 2), verify=False)
+            load_backbone(out, nn.Linear(2, 2), verify=False)
 
 
 def test_end_to_end_through_merged_model(tmp_path):
@@ -193,7 +196,7 @@ def test_end_to_end_through_merged_model(tmp_path):
         architecture={"_target_": "tests.helpers.TinyConvNet", "features": 6},
     )
     assert read_merge_config(out)["coefficients"] == merged.coefficients_as_list()
-    loaded = load_merged(out, trust=TRUST)
+    loaded = load_backbone(out, trust=TRUST)
     x = torch.randn(3, 3, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), merged(x), atol=1e-6, rtol=0)
@@ -249,7 +252,7 @@ def test_overwrite_replaces_contents(tmp_path):
     assert not (first / "old.txt").exists()
     assert siblings(first) == []
     x = torch.randn(1, 3, 4, 4)
-    assert torch.equal(load_merged(first, trust=TRUST)(x), net(x))
+    assert torch.equal(load_backbone(first, trust=TRUST)(x), net(x))
 
 
 def test_overwrite_refuses_a_directory_that_is_not_an_export(tmp_path):
@@ -307,24 +310,24 @@ def test_bad_arguments_fail_before_writing(tmp_path):
 def test_load_errors_name_the_path(tmp_path):
     missing = tmp_path / "missing"
     with pytest.raises(ExportError, match="does not exist") as info:
-        load_merged(missing)
+        load_backbone(missing)
     assert str(missing) in str(info.value)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ExportError, match=MERGE_CONFIG) as info:
-        load_merged(empty)
+        load_backbone(empty)
     assert str(empty) in str(info.value)
 
     out = export_merged(trained_net(), tmp_path / "m", merge_config={}, architecture=ARCH)
     (out / WEIGHTS).unlink()
     with pytest.raises(ExportError, match="no weights") as info:
-        load_merged(out)
+        load_backbone(out)
     assert str(out) in str(info.value)
 
     out = export_merged(trained_net(), tmp_path / "wrong", merge_config={}, architecture=ARCH)
     with pytest.raises(ExportError, match="do not fit") as info:
-        load_merged(out, nn.Linear(2, 2))
+        load_backbone(out, nn.Linear(2, 2))
     assert str(out) in str(info.value)
 
     (out / MERGE_CONFIG).write_text("{not json")
@@ -335,7 +338,7 @@ def test_load_errors_name_the_path(tmp_path):
         trained_net(), tmp_path / "target", merge_config={}, architecture={"_target_": "nowhere.Nothing"}
     )
     with pytest.raises(ExportError, match="refusing to build architecture 'nowhere.Nothing'") as info:
-        load_merged(bad_target)
+        load_backbone(bad_target)
     assert str(bad_target) in str(info.value)
 
 
@@ -355,7 +358,7 @@ def test_export_records_the_sha256_of_every_file(tmp_path):
     out = export_merged(trained_net(), tmp_path / "m", merge_config={}, architecture=ARCH,
                         extra_files={"notes/readme.txt": b"hello"})
     files = read_merge_config(out)["files"]
-    assert set(files) == {WEIGHTS, "notes/readme.txt"}
+    assert set(files) == {WEIGHTS, "notes/readme.txt", "README.md"}
     for name, digest in files.items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
 
@@ -377,10 +380,10 @@ def test_tampered_or_truncated_export_is_refused(tmp_path, damage):
         (out / "tokenizer.json").unlink()
         match = "tokenizer.json is missing"
     with pytest.raises(ExportError, match=match) as info:
-        load_merged(out, trust=TRUST)
+        load_backbone(out, trust=TRUST)
     assert str(out) in str(info.value) and (damage == "remove_extra" or "verify=False" in str(info.value))
     if damage == "flip":  # the explicit opt-out loads the (modified) bytes
-        assert isinstance(load_merged(out, trust=TRUST, verify=False), TinyConvNet)
+        assert isinstance(load_backbone(out, trust=TRUST, verify=False), TinyConvNet)
 
 
 def test_edited_checksum_is_refused(tmp_path):
@@ -389,11 +392,11 @@ def test_edited_checksum_is_refused(tmp_path):
     config["files"][WEIGHTS] = "0" * 64
     (out / MERGE_CONFIG).write_text(json.dumps(config))
     with pytest.raises(ExportError, match="does not match the sha256"):
-        load_merged(out, trust=TRUST)
+        load_backbone(out, trust=TRUST)
     del config["files"]
     (out / MERGE_CONFIG).write_text(json.dumps(config))
     with pytest.raises(ExportError, match="records no file checksums"):
-        load_merged(out, trust=TRUST)
+        load_backbone(out, trust=TRUST)
 
 
 def _pickle_that_writes(marker):
@@ -428,9 +431,9 @@ def test_an_export_never_chooses_code_to_run(tmp_path, where):
         match = r"architecture\._args_.* would name code to run"
     (out / MERGE_CONFIG).write_text(json.dumps(config))
     with pytest.raises(ExportError, match=match):
-        load_merged(out)
+        load_backbone(out)
     with pytest.raises(ExportError):
-        load_merged(out, trust=["torch.load"], verify=False) if where == "target" else load_merged(out)
+        load_backbone(out, trust=["torch.load"], verify=False) if where == "target" else load_backbone(out)
     assert not marker.exists()
 
 
@@ -440,7 +443,7 @@ def test_own_architectures_rebuild_without_trust(tmp_path):
     net = EfficientNetLite0(num_classes=None).eval()
     out = export_merged(net, tmp_path / "e", merge_config={},
                         architecture={"_target_": "adamerge.models.efficientnet.EfficientNetLite0", "num_classes": None})
-    loaded = load_merged(out)
+    loaded = load_backbone(out)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from adamerge import load_merged
 from adamerge.checkpoints import CheckpointError
 from adamerge.models.hf import (
     HFModelPool,
@@ -139,6 +140,7 @@ def test_glue_style_experiment_runs_on_minilm_finetunes(text_zoo, tmp_path):
             "experiment=glue_bert_base_cased", f"modelpool.pretrained={text_zoo['pretrained']}",
             "trainer=cpu", "trainer.max_steps=6", "trainer.enable_progress_bar=false", "logger=none",
             "method.lr=0.05", "data.batch_size=16", "data.num_workers=0", "data.eval_batch_size=64",
+            "export.per_task_hf=true",
         ])
     assert cfg.modelpool.heads.rte.model == "gchhablani/bert-base-cased-finetuned-rte"
     tasks = ("sentiment", "topic", "question")
@@ -157,3 +159,24 @@ def test_glue_style_experiment_runs_on_minilm_finetunes(text_zoo, tmp_path):
     exported = Path(row["export"])
     merged = transformers.AutoModel.from_pretrained(exported)  # the merged body, a plain BertModel
     assert type(merged).__name__ == "BertModel"
+
+    # Each task as a plain transformers classifier (real MiniLM weights): adamerge's logits and accuracy.
+    model = load_merged(exported)
+    assert model.tasks == list(tasks)
+    for task in tasks:
+        classifier = transformers.AutoModelForSequenceClassification.from_pretrained(exported / "tasks" / task)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(exported / "tasks" / task)
+        rows, correct = _tasks()[task], 0
+        for start in range(0, len(rows), 64):  # the run's evaluation batches (data.eval_batch_size=64)
+            batch = rows[start:start + 64]
+            enc = tokenizer([t for t, _ in batch], padding="longest", truncation=True, max_length=128, return_tensors="pt")
+            with torch.no_grad():
+                logits = classifier(**enc).logits
+                torch.testing.assert_close(logits, model(dict(enc), task=task), rtol=0, atol=0)
+            correct += int((logits.argmax(-1) == torch.tensor([y for _, y in batch])).sum())
+        assert correct / len(rows) == row["accuracy"][task]
+        # No class names anywhere (plain int labels, generic LABEL_i): predict gives indices, the run's predictions.
+        predictions = model.predict([t for t, _ in rows], task=task, batch_size=64)
+        assert sum(p == y for p, (_, y) in zip(predictions, rows)) / len(rows) == row["accuracy"][task]
+    card = (exported / "README.md").read_text()
+    assert "license: apache-2.0" in card and "pipeline_tag: text-classification" in card  # MiniLM's own card

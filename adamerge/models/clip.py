@@ -100,13 +100,19 @@ class ZeroShotHead(nn.Module):
 
     ``text_embeddings`` [C, D] (rows normalised), ``logit_scale`` the *log* scale of the CLIP model,
     ``projection`` the ``visual_projection`` weight [D, H] (``None`` when the backbone already returns
-    projected embeddings, e.g. ``CLIPVisionModelWithProjection``).
+    projected embeddings, e.g. ``CLIPVisionModelWithProjection``). ``class_names`` and ``templates`` (what the
+    text embeddings were made from) travel with the head into an export.
     """
 
-    def __init__(self, text_embeddings: Tensor, logit_scale: Tensor | float, projection: Tensor | None = None) -> None:
+    def __init__(self, text_embeddings: Tensor, logit_scale: Tensor | float, projection: Tensor | None = None, *,
+                 class_names: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> None:
         super().__init__()
         if text_embeddings.ndim != 2:
             raise ValueError(f"text_embeddings must be [classes, dim], got shape {tuple(text_embeddings.shape)}")
+        if class_names is not None and len(class_names) != text_embeddings.shape[0]:
+            raise ValueError(f"{len(class_names)} class names for {text_embeddings.shape[0]} text embeddings")
+        self.class_names = [str(c) for c in class_names] if class_names is not None else None
+        self.templates = [str(t) for t in templates] if templates is not None else None
         self.register_buffer("text_embeddings", text_embeddings.detach().float().clone())
         self.register_buffer("logit_scale", torch.as_tensor(logit_scale, dtype=torch.float32).detach().clone().reshape(()))
         if projection is not None:
@@ -260,5 +266,5 @@ def zero_shot_head(
                                                    "classes": str(len(classnames))})
             os.replace(tmp, path)
     head = ZeroShotHead(weights["text_embeddings"], weights["logit_scale"],
-                        weights["visual_projection"] if project else None)
+                        weights["visual_projection"] if project else None, class_names=classnames, templates=templates)
     return head.eval()

@@ -1,0 +1,65 @@
+"""What a run exports: the fused backbone with the pool's task heads, each task's class names and input
+preprocessing from the data, and the run's results (for ``merge_config.json`` and the model card)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from adamerge.export import export_merged
+from adamerge.models.hf import export_extra_files
+
+if TYPE_CHECKING:
+    from adamerge.runner import RunContext
+
+__all__ = ["evaluation_data", "export_run_model"]
+
+
+def export_run_model(ctx: RunContext, directory: Path, name: str, model: nn.Module, hparams: Mapping[str, Any],
+                     result: Mapping[str, Any], module: Any) -> Path:
+    """Export method ``name``'s fused ``model`` to ``directory`` with the pool's heads, the data's class names and
+    preprocessing, and what the run measured (for merge_config.json and the model card)."""
+    tasks = ctx.task_vectors.task_names
+    merge_config = {
+        "method": name,
+        "hyperparameters": dict(hparams),
+        "tasks": tasks,
+        "sources": ctx.pool.sources(),
+        "coefficients": result.get("coefficients"),
+        "objective": result.get("objective"),
+        "merged_tensors": ctx.task_vectors.names,
+        "accuracy": result["accuracy"],
+        "evaluation": evaluation_data(ctx.datamodule, tasks),
+    }
+    if module is not None and hasattr(module, "export_extras"):
+        merge_config.update(module.export_extras())
+    data = ctx.datamodule
+    return export_merged(
+        model.cpu(),
+        directory,
+        merge_config=merge_config,
+        architecture=ctx.pool.architecture,
+        # A resumed run may replace the export its interrupted self wrote before it could record results.json.
+        overwrite=bool(ctx.cfg.export.overwrite) or bool(ctx.cfg.get("resume", False)),
+        extra_files=export_extra_files(model),
+        heads={task: ctx.pool.heads[task] for task in tasks},
+        class_names={task: data.class_names(task) for task in tasks} if hasattr(data, "class_names") else None,
+        preprocessors={task: data.task_preprocessor(task) for task in tasks} if hasattr(data, "task_preprocessor") else None,
+        per_task_hf=bool(ctx.cfg.export.get("per_task_hf", False)),
+        license=ctx.cfg.export.get("license"),
+    )
+
+
+def evaluation_data(datamodule: Any, tasks: list[str]) -> dict[str, dict[str, Any]]:
+    """Where each task's accuracy was measured (dataset path, split, examples), for the export's model card."""
+    described, settings_of = {}, getattr(datamodule, "tasks", None)
+    for task in tasks:
+        settings = settings_of.get(task) if isinstance(settings_of, Mapping) else None
+        if settings is None or not hasattr(datamodule, "raw_splits"):
+            continue
+        described[task] = {"path": settings.path, "split": settings.eval_split or settings.split,
+                           "examples": len(datamodule.raw_splits(task)[1])}
+    return described
