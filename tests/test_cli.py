@@ -139,8 +139,9 @@ def test_ddp_on_two_cpu_processes(zoo, tmp_path):
 @pytest.mark.slow
 def test_default_settings_learned_merging_beats_static(tmp_path):
     """The project's promise on a fresh (reduced) zoo with the default objective and the demo's settings: the
-    best learned method beats the best data-free one, and layer-wise AdaMerging beats both task arithmetic,
-    its starting point, and the pretrained model."""
+    best learned method beats the classic one-line merges (weight averaging, task arithmetic, TIES), and
+    layer-wise AdaMerging beats both task arithmetic, its starting point, and the pretrained model. (The isotropic
+    merges are not in this promise: on the demo zoo Iso-C/CTS are above every learned row; see README.)"""
     zoo = build_demo_zoo(tmp_path / "cache", recipe=LEARNING_RECIPE, progress=False)
     run_dir = tmp_path / "run"
     adamerge(run_dir, zoo, "method.methods=[pretrained,weight_average,task_arithmetic,ties,adamerging_layer_wise,"
