@@ -258,3 +258,26 @@ def test_causal_lm_run_with_safety_set_reports_before_and_after(llm, tmp_path):
     assert "Protected tasks" in summary and "| adamerging_layer_wise | safety (cross_entropy" in summary
     metrics = next((tmp_path / "run" / "adamerging_layer_wise").rglob("metrics.csv")).read_text()
     assert "protected/safety/end/loss" in metrics and "train/protected/safety/loss" in metrics
+
+
+def test_refusal_prompts_from_another_dataset_and_a_guard_target(llm, tmp_path):
+    """``refusal.prompts`` names the user's own prompt set; ``refusal.guard`` may be an instantiated ``_target_``."""
+    from hydra.utils import instantiate
+
+    from adamerge.protected_config import build_protected_tasks
+
+    prompts = tmp_path / "user_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Describe the colour of cloud number {i}."}) + "\n" for i in range(5)))
+    node = instantiate({"tasks": {"safety": {
+        "data": {"path": str(llm["safety"]), "preprocessor": {"_target_": "adamerge.safety.ChatPreprocessor",
+                                                                 "tokenizer": str(llm["chat_tokenizer"])}},
+        "head": {"_target_": "adamerge.models.heads.Identity"},
+        "refusal": {"prompts": {"path": str(prompts)}, "max_new_tokens": 3,
+                    "guard": {"_target_": "adamerge.safety.keyword_guard", "_partial_": True}}}}}, _convert_="all")
+    pool = lm_pool(llm)
+    [task] = build_protected_tasks(node, pool, pool.task_vectors(), None)
+    assert task.refusal.prompts == [f"Describe the colour of cloud number {i}." for i in range(5)]
+    assert task.refusal.inputs["input_ids"].shape[0] == 5 and task.labels.shape[0] == len(SAFETY_ROWS)
+    model = transformers.AutoModelForCausalLM.from_pretrained(llm["pretrained"]).eval()
+    scores = task.refusal.evaluate(lambda x: model(**x).logits, torch.device("cpu"))
+    assert set(scores) == {"refusal_rate", "guard_safe_rate"} and scores["guard_safe_rate"] == scores["refusal_rate"]
