@@ -5,8 +5,9 @@ instruct / safety-tuned model minus its base) along with the experts. Here it is
 vectors as an extra, *unscored* task -- no head, no data, no objective term: its coefficient starts at ``init_value``
 and is clamped to at least ``min_coefficient`` after every optimizer step (AdaMerging's [0, 1] clamp, where it is
 on, still bounds it above). It is appended after ``method.base`` has processed the experts' vectors, whole (TIES or
-DARE never trim it), and under AdaRank its singular-component mask is held at its initial value. Data-free merges
-add it at ``init_value`` to their result; ``pretrained`` and ``individual`` stay the unmerged references.
+DARE never trim it), and under AdaRank its singular-component mask is held at its initial value; the Concrete
+methods' mask is shared by every vector by construction, so it scales this one too. Data-free merges add it at
+``init_value`` to their result; ``pretrained`` and ``individual`` stay the unmerged references.
 """
 
 from __future__ import annotations
