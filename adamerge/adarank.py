@@ -207,9 +207,19 @@ class AdaRankModule(AdaMergingModule):
                  **kwargs: Any) -> None:
         super().__init__(merged, heads, **kwargs)
         self.mask_lr = mask_lr
+        # An unscored vector (an alignment vector) enters whole: its mask logits are held at their initial values.
+        self._held_rows = [merged.task_names.index(task) for task in merged.unscored_tasks]
+        self._held_logits = [logit.detach()[self._held_rows].clone() for logit in merged.rank_logits]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.merged.coefficients, *self.merged.rank_logits]
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        if self._held_rows:
+            for logit, held in zip(self.merged.rank_logits, self._held_logits):
+                logit[self._held_rows] = held.to(logit.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         super().configure_optimizers()  # the check that nothing else trains
@@ -231,7 +241,7 @@ class AdaRankModule(AdaMergingModule):
             "rank_kept": kept,
             "full_rank": dict(self.merged.full_rank),
             "stored_rank": stored,
-            "kept_fraction_total": sum(map(sum, kept.values())) / max(sum(stored.values()) * len(self.task_names), 1),
+            "kept_fraction_total": sum(map(sum, kept.values())) / max(sum(stored.values()) * len(self.merged.task_names), 1),
             "temperature": self.merged.temperature,
             "memory": self.merged.memory_report(),
         }}
@@ -243,7 +253,7 @@ class AdaRankModule(AdaMergingModule):
         logits = zip(self.merged.svd_names, self.merged.rank_logits)
         tensors = {name: p.detach().cpu().contiguous() for name, p in logits}
         metadata = {"format": "adamerge.adarank_masks", "temperature": str(self.merged.temperature),
-                    "tasks": json.dumps(self.task_names), "full_rank": json.dumps(self.merged.full_rank)}
+                    "tasks": json.dumps(self.merged.task_names), "full_rank": json.dumps(self.merged.full_rank)}
         save_file(tensors, str(directory / MASK_FILE), metadata=metadata)
         return [directory / MASK_FILE, self._rank_heatmap(directory / RANKS_FILE)]
 
@@ -253,12 +263,12 @@ class AdaRankModule(AdaMergingModule):
 
         kept, full = self.merged.kept_ranks(), self.merged.full_rank
         fractions = [[r / full[name] for r in ranks] for name, ranks in kept.items()]
-        fig = heatmap_figure(fractions, self.task_names, title="AdaRank: kept rank (colour: kept / r)")
+        fig = heatmap_figure(fractions, self.merged.task_names, title="AdaRank: kept rank (colour: kept / r)")
         ax = fig.axes[0]
         ax.images[0].set_clim(0.0, 1.0)
         if len(kept) <= 60:
             ax.set_yticks(range(len(kept)), [f"{name} (r={full[name]})" for name in kept], fontsize=6)
-            if len(self.task_names) <= 12:
+            if len(self.merged.task_names) <= 12:
                 for row, (ranks, shares) in enumerate(zip(kept.values(), fractions)):
                     for column, (rank, share) in enumerate(zip(ranks, shares)):
                         ax.text(column, row, str(rank), ha="center", va="center", fontsize=6,

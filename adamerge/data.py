@@ -26,7 +26,8 @@ from adamerge.preprocessing import ImagePreprocessor, TextPreprocessor, labels_o
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "disk", "hub", "imagefolder", "parquet")
+FORMATS = ("auto", "disk", "hub", "imagefolder", "parquet", "json")
+_JSON_SUFFIXES = {".json", ".jsonl"}
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -59,6 +60,8 @@ class TaskData:
 def _detect_format(path: str) -> str:
     p = Path(path).expanduser()
     if p.is_file():
+        if p.suffix.lower() in _JSON_SUFFIXES:  # JSON lines, e.g. a safety set of {"prompt", "response"} rows
+            return "json"
         return "parquet" if p.suffix == ".parquet" else "unknown"
     if p.is_dir():
         if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
@@ -82,6 +85,14 @@ def _check_not_empty(task: TaskData, adaptation: Any, evaluation: Any) -> None:
             limit = f" after max_eval_samples={task.max_eval_samples}" if limited else ""
             raise TaskDataError(f"task {task.name!r} ({task.path!r}): the {role} split {name!r} is empty "
                                 f"(0 examples{limit})")
+
+
+def seeded_subset(split: Any, limit: int | None, seed: int) -> Any:
+    """At most ``limit`` rows of ``split``, drawn by ``seed`` and kept in their order (all of them without a limit)."""
+    if limit is None or limit >= len(split):
+        return split
+    rows = np.random.default_rng(seed).permutation(len(split))[:limit]
+    return split.select(np.sort(rows).tolist())
 
 
 class _Transformed:
@@ -210,15 +221,15 @@ class MultiTaskDataModule(L.LightningDataModule):
             ds = datasets.load_from_disk(task.path)
         elif fmt == "imagefolder":
             ds = datasets.load_dataset("imagefolder", data_dir=task.path, data_files=task.data_files)
-        else:
+        else:  # parquet or json: datasets' packaged builder of that name
             is_file = Path(task.path).is_file()
-            ds = datasets.load_dataset("parquet", data_files=task.data_files or (task.path if is_file else None),
+            ds = datasets.load_dataset(fmt, data_files=task.data_files or (task.path if is_file else None),
                                        data_dir=None if is_file else task.path)
         if isinstance(ds, datasets.Dataset):  # a single saved split: nothing to choose
             return ds
         if split in ds:
             return ds[split]
-        if fmt != "disk" and list(ds) == ["train"]:  # imagefolder/parquet without split structure
+        if fmt != "disk" and list(ds) == ["train"]:  # imagefolder/parquet/json without split structure
             log.warning("%s has no split %r; using its only split", where, split)
             return ds["train"]
         raise TaskDataError(f"{where}: no split {split!r}; available splits: {list(ds)}")
@@ -231,7 +242,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise TaskDataError(f"task {task.name!r}: path {task.path!r} does not exist")
         if fmt == "unknown":
             raise TaskDataError(f"task {task.name!r}: path {task.path!r} is not a save_to_disk dir, "
-                                "an image folder or a parquet file/dir (set `format` explicitly)")
+                                "an image folder, a parquet file/dir or a .json/.jsonl file (set `format` explicitly)")
         try:
             train = self._load_split(task, fmt, task.split)
             ev = train if task.eval_split in (None, task.split) else self._load_split(task, fmt, task.eval_split)
@@ -256,11 +267,17 @@ class MultiTaskDataModule(L.LightningDataModule):
                 if missing := [c for c in getattr(pre, "required_columns", ()) if c not in d.column_names]:
                     raise TaskDataError(f"task {name!r} ({task.path!r}): missing column(s) {missing}; "
                                         f"available columns: {d.column_names}")
-            if task.max_eval_samples is not None and task.max_eval_samples < len(ev):
-                perm = np.random.default_rng(self.seed).permutation(len(ev))[: task.max_eval_samples]
-                ev = ev.select(np.sort(perm).tolist())
+            ev = seeded_subset(ev, task.max_eval_samples, self.seed)
             _check_not_empty(task, train, ev)
             self._raw[name] = (train, ev)
+
+    def encode_all(self, name: str, max_samples: int | None = None) -> dict[str, Any]:
+        """A task's adaptation split (at most ``max_samples`` rows, a seeded subset) preprocessed as one batch,
+        ``{"inputs": ..., "labels": ...}``: what a small set kept whole in memory needs (protected tasks)."""
+        self._ensure_setup(name)
+        split = seeded_subset(self._raw[name][0], max_samples, self.seed)
+        task = self.tasks[name]
+        return _Transformed(self._preprocessor(task), task.label_column)(split[:])
 
     def raw_splits(self, name: str) -> tuple[Any, Any]:
         """(unlabeled adaptation split, evaluation split) of a task, before preprocessing."""

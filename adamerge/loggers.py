@@ -134,3 +134,17 @@ def log_final(logger: Logger | None, result: dict[str, Any]) -> None:
         metrics.update({f"final/unlabeled_{score}/{task}": v for task, v in values.items() if v is not None})
     metrics.update({"final/seconds": result["seconds"], "final/peak_memory_mb": result["peak_memory_mb"]})
     logger.log_metrics({key: float(value) for key, value in metrics.items()})
+
+
+def log_protected(logger: Logger | None, report: dict[str, dict[str, Any]] | None) -> None:
+    """Per protected task: each stage's scores (``protected/<task>/<stage>/<score>``), the loss in excess of
+    ``L_ref`` and the final multiplier under a budget."""
+    if logger is None or not report:
+        return
+    metrics = {f"protected/{task}/{stage}/{key}": float(value) for task, entry in report.items()
+               for stage, scores in entry["scores"].items() for key, value in scores.items()}
+    for task, entry in report.items():
+        for key in ("excess_loss", "multiplier", "within_budget"):
+            if key in entry:
+                metrics[f"protected/{task}/{key}"] = float(entry[key])
+    logger.log_metrics(metrics)

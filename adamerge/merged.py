@@ -67,6 +67,9 @@ class MergedModel(nn.Module):
             raise ValueError(f"granularity must be 'task_wise' or 'layer_wise', got {granularity!r}")
         self.module = module.requires_grad_(False)
         self.task_names = list(task_vectors.task_names)
+        self.unscored_tasks = tuple(task_vectors.unscored_tasks)
+        # Lower bounds of single coefficient columns (an alignment vector's), applied after the clamp.
+        self.coefficient_floors: dict[int, float] = {}
         self.names = task_vectors.names
         self.granularity = granularity
         self.clamp = tuple(clamp) if clamp is not None else None
@@ -171,6 +174,12 @@ class MergedModel(nn.Module):
     def clamp_coefficients_(self) -> None:
         if self.clamp is not None:
             self.coefficients.clamp_(*self.clamp)
+        for column, floor in self.coefficient_floors.items():
+            self.coefficients[..., column].clamp_(min=floor)
+
+    def set_coefficient_floor(self, task: str, floor: float) -> None:
+        """Keep every coefficient of ``task``'s vector at or above ``floor`` (checked after every optimizer step)."""
+        self.coefficient_floors[self.task_names.index(task)] = float(floor)
 
     @torch.no_grad()
     def merge_and_unload(self, mask: Mapping[str, Tensor] | None = None) -> nn.Module:

@@ -97,22 +97,39 @@ class ModelPool:
     def task_vectors(self, tasks: list[str] | None = None) -> TaskVectors:
         """Load and validate every fine-tuned checkpoint, then stack τ_k = θ_k − θ0."""
         tasks = tasks or self.task_names
+        return self.vectors_of({task: self.finetuned_sources[task] for task in tasks})
+
+    def vectors_of(self, sources: Mapping[str, Any]) -> TaskVectors:
+        """``θ − θ0`` of every checkpoint in ``sources`` (name → source), each validated against θ0 first: the
+        fine-tuned models' task vectors, or other checkpoints of the same architecture (an aligned model)."""
         pretrained = drop_excluded(self.backbone.state_dict(), self.exclude)
-        finetuned = {task: drop_excluded(self.load_checkpoint(self.finetuned_sources[task]), self.exclude)
-                     for task in tasks}
+        states = {name: drop_excluded(self.load_checkpoint(source), self.exclude) for name, source in sources.items()}
         return TaskVectors.from_state_dicts(
             pretrained,
-            finetuned,
+            states,
             storage_dtype=self.storage_dtype,
             merge_batchnorm_statistics=self.merge_batchnorm_statistics,
             include=self.include,
-            sources={task: describe_source(self.finetuned_sources[task]) for task in tasks},
+            sources={name: describe_source(source) for name, source in sources.items()},
             pretrained_source=describe_source(self.pretrained_source or self.backbone),
         )
 
     def fresh_backbone(self) -> nn.Module:
         """An independent copy of the pretrained backbone (merges must not touch the pool's own)."""
         return copy.deepcopy(self.backbone)
+
+    def backbone_with(self, task_vectors: TaskVectors, task: str) -> nn.Module:
+        """A copy of the backbone at θ0 + τ_task: the fine-tuned model of ``task`` as every merge sees it (tensors
+        that are not merged, such as BatchNorm statistics, stay pretrained)."""
+        model = self.fresh_backbone()
+        model.load_state_dict(task_vectors.state_dict_from_deltas(task_vectors.task_vector(task)), strict=False)
+        return model.eval()
+
+    def backbone_from(self, source: Any) -> nn.Module:
+        """A frozen copy of the backbone with the weights of the checkpoint ``source`` (a reference model), which is
+        checked against θ0 like a fine-tuned checkpoint."""
+        vectors = self.vectors_of({"reference": source})
+        return self.backbone_with(vectors, "reference").requires_grad_(False)
 
     def sources(self) -> dict[str, Any]:
         """Where every checkpoint came from, with content hashes, for merge_config.json."""

@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -27,6 +27,10 @@ from adamerge.merged import MergedModel
 from adamerge.objectives import Entropy, Objective, prediction_entropy
 from adamerge.profiling import StepProfile
 from adamerge.resume import ResumeError, capture_rng, restore_rng
+
+if TYPE_CHECKING:
+    from adamerge.protected import ProtectedTask
+    from adamerge.protection import Protection
 
 Batch = Mapping[str, Any]
 
@@ -97,18 +101,22 @@ class AdaMergingModule(L.LightningModule):
         task_batching_mode: str = "sequential",
     ) -> None:
         super().__init__()
-        missing = [task for task in merged.task_names if task not in heads]
+        # Vectors merged without a task of their own (an alignment vector) have no head, data or objective.
+        scored = [task for task in merged.task_names if task not in merged.unscored_tasks]
+        missing = [task for task in scored if task not in heads]
         if missing:
             raise ValueError(f"no classification head for tasks {missing}; heads given for {sorted(heads)}")
         self.merged = merged
-        self.heads = nn.ModuleDict({task: heads[task] for task in merged.task_names}).requires_grad_(False)
+        self.heads = nn.ModuleDict({task: heads[task] for task in scored}).requires_grad_(False)
         self.lr = lr
         self.betas = tuple(betas)
         self.weight_decay = weight_decay
         self.autocast_dtype = autocast_dtype
         self.objective = objective if objective is not None else Entropy()
         self.automatic_optimization = False
-        self.task_names = list(merged.task_names)
+        self.task_names = scored
+        # Protected tasks (adamerge.protected): their losses join every step; see protect().
+        self.protection: Protection | None = None
         self.last_accuracy: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         # One entry per evaluation: per-task accuracy, objective and fraction of predictions changed.
@@ -139,7 +147,19 @@ class AdaMergingModule(L.LightningModule):
         super().train(mode)
         self.merged.module.eval()
         self.heads.eval()
+        if self.protection is not None:
+            self.protection.eval()
         return self
+
+    def protect(self, tasks: Sequence[ProtectedTask], seed: int = 0, eval_batch_size: int = 64) -> Protection:
+        """Add protected tasks (:mod:`adamerge.protected`): each step also lowers their losses (penalty) or keeps them
+        within budget (constraint), and every evaluation scores them. Call before learning: the current merge is the
+        ``start`` reference."""
+        from adamerge.protection import Protection
+
+        self.protection = Protection(tasks, seed=seed, eval_batch_size=eval_batch_size)
+        self.protection.attach(self)
+        return self.protection
 
     # -- what trains ---------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -191,6 +211,8 @@ class AdaMergingModule(L.LightningModule):
             objectives = self._joint_pass(batch, leaves)
         else:
             objectives = {task: self._task_pass(task, batch[task]["inputs"], leaves) for task in self.task_names}
+        if self.protection is not None:  # its own batches and losses: protected data never enters the objective
+            self.protection.accumulate(self, leaves)
         used = [name for name, leaf in leaves.items() if leaf.grad is not None]
         if used:
             with self.profile.phase("merge"):  # dL/dλ = <τ, dL/dθ>: the merge graph's backward
@@ -297,7 +319,12 @@ class AdaMergingModule(L.LightningModule):
         return None
 
     def log_step(self, objectives: Mapping[str, float]) -> Tensor:
-        """Log the step's summed objective and per-task objective and entropy; keep them in ``history``."""
+        """Log the step's summed objective and per-task objective and entropy; keep them in ``history``. A step
+        with protected tasks also updates their multipliers here (once per step, after its update)."""
+        if self.protection is not None:
+            for task, values in self.protection.update_multipliers().items():
+                for key, value in values.items():
+                    self.log(f"train/protected/{task}/{key}", value, batch_size=1)
         total, entropy = sum(objectives.values()), sum(self.last_step_entropy.values())
         self.log("train/objective", total, prog_bar=True, batch_size=1)
         self.log("train/entropy", entropy, batch_size=1)
@@ -309,7 +336,7 @@ class AdaMergingModule(L.LightningModule):
         return torch.tensor(total)
 
     # -- checkpoints (resume) ----------------------------------------------------------------------
-    FROZEN_PREFIXES = ("merged.module.", "heads.")
+    FROZEN_PREFIXES = ("merged.module.", "heads.", "protection.")
 
     def resumable_state_keys(self) -> list[str]:
         """State entries a checkpoint must hold: coefficients, mask logits and their reset values."""
@@ -320,6 +347,8 @@ class AdaMergingModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint["adamerge"] = {"history": list(self.history), "skipped_steps": list(self.skipped_steps),
                                   "profile": self.profile.state(), "rng": capture_rng(), **self.extra_resume_state()}
+        if self.protection is not None:
+            checkpoint["adamerge"]["protection"] = self.protection.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(set(self.resumable_state_keys()) - set(checkpoint.get("state_dict", {})))
@@ -331,6 +360,10 @@ class AdaMergingModule(L.LightningModule):
         # Applied just before the next step: creating the data iterator in between draws from torch's RNG.
         self._rng_to_restore = state["rng"]
         self.load_extra_resume_state(state)
+        if self.protection is not None:
+            if "protection" not in state:
+                raise ResumeError("the checkpoint was written without protected tasks")
+            self.protection.load_state(state["protection"])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:
@@ -381,9 +414,13 @@ class AdaMergingModule(L.LightningModule):
         counts = torch.tensor([self._totals[t] for t in self.task_names], dtype=torch.float64)
         if self.trainer.world_size > 1:  # each rank saw its shard of the evaluation split
             counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
-        self._eval_weights = None
+        weights, self._eval_weights = self._eval_weights, None
         if self.trainer.sanity_checking:
             return
+        if self.protection is not None:  # the first evaluation scores the starting merge, later ones the learned one
+            for task, scores in self.protection.record(self, weights).items():
+                for key, value in scores.items():
+                    self.log(f"val/protected/{task}/{key}", value, add_dataloader_idx=False)
         columns = {name: counts[:, i].tolist() for i, name in enumerate(self._COUNTS)}
         evaluation: dict[str, dict[str, float]] = {"accuracy": {}, "objective": {}, "entropy": {}, "prediction_changed": {}}
         for i, task in enumerate(self.task_names):

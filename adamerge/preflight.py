@@ -144,11 +144,14 @@ def check_export_heads(cfg: DictConfig, names: Sequence[str], pool: Any) -> None
 
 def check_settings(cfg: DictConfig, names: Sequence[str], method_config: Callable[[DictConfig, str], dict]) -> None:
     """Everything the configuration alone can tell, in milliseconds."""
+    from adamerge.protected_config import check_protected_config
+
     check_run_options(cfg)
     check_methods(cfg, names, method_config)
     check_data_settings(cfg)
     check_checkpoint_files(cfg)
     check_export_options(cfg, names)
+    check_protected_config(cfg)
 
 
 def exported_methods(cfg: DictConfig, names: Sequence[str]) -> list[str]:

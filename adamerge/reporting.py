@@ -101,10 +101,49 @@ def format_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> str
     return "\n".join(lines)
 
 
+PROTECTED_STAGES = ("reference", "start", "end")
+PROTECTED_SCORES = ("loss", "accuracy", "agreement", "refusal_rate", "guard_safe_rate")
+
+
+def _stages(scores: Mapping[str, Mapping[str, float]], key: str, percent: bool) -> str:
+    values = [(stage, scores[stage][key]) for stage in PROTECTED_STAGES if key in scores.get(stage, {})]
+    return " / ".join(f"{stage} {100 * v:.1f}%" if percent else f"{stage} {v:.4f}" for stage, v in values)
+
+
+def protected_lines(report: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
+    """One line per protected task of a method's results: its scores at every stage measured (the reference
+    model, the starting merge, the merge) and, under a budget, whether the merge kept it."""
+    lines = []
+    for task, entry in (report or {}).items():
+        how = f"β={entry['weight']}" if entry["mode"] == "penalty" else f"ε={entry['budget']}"
+        scores = entry["scores"]
+        parts = [f"{key} {_stages(scores, key, key != 'loss')}" for key in PROTECTED_SCORES
+                 if any(key in scores.get(stage, {}) for stage in PROTECTED_STAGES)]
+        if "within_budget" in entry:
+            parts.append(f"loss − L_ref {entry['excess_loss']:+.4f} "
+                         f"{'within' if entry['within_budget'] else 'OVER'} budget (μ {entry['multiplier']:.3g})")
+        lines.append(f"protected {task} ({entry['loss']}, {entry['mode']} {how}, reference {entry['reference']}): "
+                     + "; ".join(parts))
+    return lines
+
+
+def format_protected_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of every method's protected tasks (empty when no method has one)."""
+    body = [f"| {row['method']} | {line.removeprefix('protected ')} |"
+            for row in rows for line in protected_lines(row.get("protected"))]
+    if not body:
+        return ""
+    return "\n".join(["| method | protected task: scores (reference / start / end) |", "|---|---|", *body])
+
+
 def write_summary(run_dir: str | Path, rows: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> str:
     table = format_table(rows, tasks)
+    protected = format_protected_table(rows)
+    if protected:
+        table += "\n\nProtected tasks:\n\n" + protected
     summary_rows = [
-        {"method": r["method"], "accuracy": dict(r["accuracy"]), "average_accuracy": r["average_accuracy"]}
+        {"method": r["method"], "accuracy": dict(r["accuracy"]), "average_accuracy": r["average_accuracy"],
+         **({"protected": r["protected"]} if r.get("protected") else {})}
         for r in rows
     ]
     write_json(Path(run_dir) / "summary.json", {"tasks": list(tasks), "rows": summary_rows})

@@ -34,6 +34,11 @@ def export_run_model(ctx: RunContext, directory: Path, name: str, model: nn.Modu
         "accuracy": result["accuracy"],
         "evaluation": evaluation_data(ctx.datamodule, tasks),
     }
+    if ctx.alignment is not None and name != "pretrained":
+        merge_config["alignment"] = ctx.alignment.config()
+    if result.get("protected"):
+        merge_config["protected"] = {task: {k: v for k, v in entry.items() if not k.endswith("_history")}
+                                     for task, entry in result["protected"].items()}
     if module is not None and hasattr(module, "export_extras"):
         merge_config.update(module.export_extras())
     data = ctx.datamodule

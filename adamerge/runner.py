@@ -7,7 +7,7 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from adamerge.alignment import AlignmentVector, alignment_from_config
 from adamerge.errors import adamerge_cause
 from adamerge.evaluation import evaluate, finite_scores
 from adamerge.loggers import (
-    finish, log_coefficients, log_final, log_label_free, log_profile, log_run_config, run_identity,
+    finish, log_coefficients, log_final, log_label_free, log_profile, log_protected, log_run_config, run_identity,
 )
 from adamerge.methods.configs import method_config
 from adamerge.methods.learned import build_learned
@@ -30,7 +31,10 @@ from adamerge.methods.registry import get_method
 from adamerge.modelpool import ModelPool
 from adamerge.objectives import Objective, build_objective
 from adamerge.preflight import EVALUATION_ONLY, check_export_heads, check_pool_and_data, check_run_dir, check_settings
-from adamerge.reporting import average, coefficient_heatmap, write_json, write_summary
+from adamerge.protected import ProtectedTask
+from adamerge.protection import static_scores
+from adamerge.protected_config import build_protected_tasks
+from adamerge.reporting import average, coefficient_heatmap, protected_lines, write_json, write_summary
 from adamerge.resume import StepCheckpoint, checkpoint_path, remove_checkpoints, write_run_record
 from adamerge.task_vectors import TaskVectors
 
@@ -43,6 +47,8 @@ class RunContext:
     task_vectors: TaskVectors
     device: torch.device
     objective: Objective
+    protected: list[ProtectedTask] = field(default_factory=list)
+    alignment: AlignmentVector | None = None
 
 
 def pick_device(accelerator: str) -> torch.device:
@@ -62,16 +68,20 @@ def peak_memory_mb(device: torch.device) -> float:
 def run_static(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple[dict, nn.Module]:
     spec = get_method(name)
     deltas = spec.fn(ctx.task_vectors, **spec.resolve_hparams(hparams))
+    if ctx.alignment is not None and name != "pretrained":  # the merge keeps the alignment vector at its init value
+        deltas = ctx.alignment.added_to(deltas)
     model = ctx.pool.fresh_backbone()
     model.load_state_dict(ctx.task_vectors.state_dict_from_deltas(deltas), strict=False)
-    return evaluate(model, ctx.pool.heads, ctx.datamodule, ctx.task_vectors.task_names, ctx.device, ctx.objective), model
+    result = evaluate(model, ctx.pool.heads, ctx.datamodule, ctx.task_vectors.task_names, ctx.device, ctx.objective)
+    if ctx.protected:
+        result["protected"] = static_scores(ctx.protected, model, ctx.device)
+    return result, model
 
 
 def run_individual(ctx: RunContext) -> dict:
     result: dict[str, Any] = {"accuracy": {}, "unlabeled": {"objective": {}, "entropy": {}}}
     for task in ctx.task_vectors.task_names:
-        model = ctx.pool.fresh_backbone()
-        model.load_state_dict(ctx.task_vectors.state_dict_from_deltas(ctx.task_vectors.task_vector(task)), strict=False)
+        model = ctx.pool.backbone_with(ctx.task_vectors, task)
         scores = evaluate(model, ctx.pool.heads, ctx.datamodule, [task], ctx.device, ctx.objective)
         result["accuracy"].update(scores["accuracy"])
         for name, values in scores["unlabeled"].items():
@@ -110,8 +120,11 @@ def make_logger(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> Any:
 
 def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: Any) -> tuple[dict, nn.Module, Any]:
     module = build_learned(
-        name, ctx.pool.fresh_backbone(), ctx.task_vectors, ctx.pool.heads, objective=ctx.objective, **hparams
+        name, ctx.pool.fresh_backbone(), ctx.task_vectors, ctx.pool.heads, objective=ctx.objective,
+        alignment=ctx.alignment, **hparams
     )
+    if ctx.protected:
+        module.protect(ctx.protected, seed=int(ctx.cfg.seed), eval_batch_size=int(ctx.cfg.data.get("eval_batch_size", 64)))
     module.on_nonfinite = ctx.cfg.get("on_nonfinite", "stop")
     module.set_task_batching(ctx.cfg.get("task_batching", "sequential"))
     if ctx.cfg.get("compile"):
@@ -133,8 +146,9 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
     log_label_free(logger, label_free)
     log_profile(logger, module.profile.report())
     coefficients = module.coefficients()
-    heatmap = coefficient_heatmap(coefficients, module.task_names, method_dir(ctx, name) / "coefficients.png", title=name)
-    log_coefficients(logger, coefficients, module.task_names, module.merged.names, heatmap)
+    columns = module.merged.task_names  # the merged vectors: the tasks, then an alignment vector if there is one
+    heatmap = coefficient_heatmap(coefficients, columns, method_dir(ctx, name) / "coefficients.png", title=name)
+    log_coefficients(logger, coefficients, columns, module.merged.names, heatmap)
     result = {
         "accuracy": dict(module.last_accuracy),
         "coefficients": coefficients,
@@ -149,6 +163,10 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
         "profile": module.profile.report(),
         "heatmap": str(heatmap),
     }
+    if columns != module.task_names:
+        result["coefficient_columns"] = list(columns)
+    if module.protection is not None:
+        result["protected"] = module.protection.report()
     return result, module.merge_and_unload(), module
 
 
@@ -186,6 +204,7 @@ def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
             **{k: v for k, v in result.items() if k not in ("accuracy", "coefficients")},
         }
         log_final(logger, result)
+        log_protected(logger, result.get("protected"))
     finally:
         finish(logger)
     exported = (
@@ -244,7 +263,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     task_vectors = pool.task_vectors(list(datamodule.task_names))
     print(f"task vectors: {task_vectors.memory_report()}")
     device = pick_device(cfg.trainer.get("accelerator", "auto"))
-    ctx = RunContext(cfg, run_dir, pool, datamodule, task_vectors, device, objective)
+    protected_node = build_from_config(cfg.protected, _convert_="all") if cfg.get("protected") else {}
+    protected = build_protected_tasks(protected_node, pool, task_vectors, getattr(datamodule, "preprocessor", None),
+                                      seed=int(cfg.seed))
+    alignment = alignment_from_config(pool, protected_node.get("alignment"))
+    ctx = RunContext(cfg, run_dir, pool, datamodule, task_vectors, device, objective, protected, alignment)
 
     rows = []
     for name in names:
@@ -269,6 +292,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         for task, signals in (result.get("label_free") or {}).items():
             print(f"  {task}: {ctx.objective.name} {signals['objective_start']:.4f} -> {signals['objective_end']:.4f}, "
                   f"{100 * signals['prediction_changed']:.1f}% of predictions changed")
+        for line in protected_lines(result.get("protected")):
+            print(f"  {line}")
     if len(names) > 1 and rows:
         table = write_summary(run_dir, rows, task_vectors.task_names)
         print("\n" + table)

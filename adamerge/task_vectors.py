@@ -69,13 +69,15 @@ class TaskVectors:
 
     ``pretrained`` holds the complete pretrained state (float32 copies of merged tensors are not
     kept twice: merged entries are read from it and cast on use). ``vectors[name]`` has shape
-    ``[K, *pretrained[name].shape]`` in ``storage_dtype``; arithmetic on them is float32.
+    ``[K, *pretrained[name].shape]`` in ``storage_dtype``; arithmetic on them is float32. ``unscored_tasks`` are
+    vectors merged without a task of their own to score (an alignment vector: no head, no data).
     """
 
     task_names: list[str]
     pretrained: StateDict
     vectors: dict[str, Tensor]
     aliases: dict[str, str] = field(default_factory=dict)
+    unscored_tasks: tuple[str, ...] = ()
 
     @classmethod
     def from_state_dicts(
@@ -158,12 +160,13 @@ class TaskVectors:
         vectors = {
             name: transform(name, v.float()).to(v.dtype) for name, v in self.vectors.items()
         }
-        return TaskVectors(list(self.task_names), self.pretrained, vectors, dict(self.aliases))
+        return TaskVectors(list(self.task_names), self.pretrained, vectors, dict(self.aliases), self.unscored_tasks)
 
     def select(self, tasks: Sequence[str]) -> TaskVectors:
         index = [self.task_names.index(t) for t in tasks]
         vectors = {name: v[index] for name, v in self.vectors.items()}
-        return TaskVectors(list(tasks), self.pretrained, vectors, dict(self.aliases))
+        unscored = tuple(t for t in self.unscored_tasks if t in tasks)
+        return TaskVectors(list(tasks), self.pretrained, vectors, dict(self.aliases), unscored)
 
     def to(self, device: torch.device | str) -> TaskVectors:
         return TaskVectors(
@@ -171,7 +174,20 @@ class TaskVectors:
             {n: t.to(device) for n, t in self.pretrained.items()},
             {n: v.to(device) for n, v in self.vectors.items()},
             dict(self.aliases),
+            self.unscored_tasks,
         )
+
+    def with_task(self, task: str, vectors: Mapping[str, Tensor], *, scored: bool = True) -> TaskVectors:
+        """These task vectors and one more, ``vectors[name]`` (``θ − θ0``, one per merged tensor) appended as the
+        last task; ``scored=False`` for a vector without a task of its own (an alignment vector)."""
+        if task in self.task_names:
+            raise ValueError(f"a task vector named {task!r} is already merged ({self.task_names})")
+        missing, extra = sorted(set(self.vectors) - set(vectors)), sorted(set(vectors) - set(self.vectors))
+        if missing or extra:
+            raise ValueError(f"vector {task!r} does not cover the merged tensors: missing {missing[:5]}, extra {extra[:5]}")
+        stacked = {name: torch.cat([v, vectors[name].to(v.dtype).unsqueeze(0)]) for name, v in self.vectors.items()}
+        unscored = self.unscored_tasks if scored else (*self.unscored_tasks, task)
+        return TaskVectors([*self.task_names, task], self.pretrained, stacked, dict(self.aliases), unscored)
 
     def state_dict_from_deltas(self, deltas: Mapping[str, Tensor]) -> StateDict:
         """Full state dict: ``θ0 + delta`` for merged tensors, θ0 for the rest, aliases restored.

@@ -55,6 +55,16 @@ def tiny_config(family: str, vocab: int) -> transformers.PretrainedConfig:
                                    bos_token_id=1, eos_token_id=2)
 
 
+def save_perturbed_copy(pretrained: Path, target: Path, seed: int, scale: float = 0.05) -> None:
+    """A 'fine-tuned' checkpoint: the pretrained LM with seeded Gaussian noise on every parameter."""
+    generator = torch.Generator().manual_seed(seed)
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(pretrained)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    tuned.save_pretrained(target)
+
+
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def lm_zoo(request, tmp_path_factory) -> dict[str, Path]:
     family = request.param
@@ -65,12 +75,7 @@ def lm_zoo(request, tmp_path_factory) -> dict[str, Path]:
     model.save_pretrained(root / "pretrained")
     paths = {"pretrained": root / "pretrained", "family": family}
     for k, task in enumerate(TASKS):
-        generator = torch.Generator().manual_seed(k + 1)
-        tuned = transformers.AutoModelForCausalLM.from_pretrained(root / "pretrained")
-        with torch.no_grad():
-            for p in tuned.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
-        tuned.save_pretrained(root / task)
+        save_perturbed_copy(root / "pretrained", root / task, seed=k + 1)
         tokenizer.save_pretrained(root / task)
         datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": PROMPTS[task]})}).save_to_disk(root / "data" / task)
         paths[task], paths[f"data_{task}"] = root / task, root / "data" / task

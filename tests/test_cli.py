@@ -172,6 +172,7 @@ def test_default_settings_learned_merging_beats_static(tmp_path):
     (["method=ties", "method.top_k=1.5"], "top_k=1.5 is invalid"),
     (["objective=entropie"], "objective/entropie"),  # Hydra's own message lists the available objectives
     (["objective=confident_entropy", "objective.threshold=2"], "threshold"),
+    (["protected=demo_digits", "protected.tasks.digits.budget=-1"], "protected.tasks.digits.budget=-1 is invalid"),
 ])
 def test_bad_settings_fail_before_loading_with_one_clean_message(zoo, tmp_path, overrides, message):
     result = adamerge(tmp_path / "run", zoo, *overrides, "logger=none", check=False)

@@ -57,7 +57,7 @@ def test_method_overrides_apply_but_command_line_wins():
     assert hparams["lr"] == 0.5 and hparams["init_value"] == 0.4
 
 
-@pytest.mark.parametrize("group", ["trainer", "logger", "data", "modelpool", "experiment", "method"])
+@pytest.mark.parametrize("group", ["trainer", "logger", "data", "modelpool", "experiment", "method", "protected"])
 def test_every_group_option_composes(group):
     for path in sorted((CONF_DIR / group).glob("*.yaml")):
         cfg = _compose([f"{group}={path.stem}"])

@@ -20,9 +20,10 @@ from adamerge.resume import capture_rng, restore_rng
 from tests.test_cli import adamerge
 
 # Stage 1 (mask meta-learning) for 5 steps, then stage 2 with a *sampled* frozen mask: resuming must restore
-# the stage, the sampled mask, the three optimisers, the RNG and the stream position.
+# the stage, the sampled mask, the three optimisers, the RNG and the stream position -- and, with a protected task
+# under a budget, its multiplier, L_ref and its own stream of protected batches.
 SETTINGS = (
-    "method.methods=[task_arithmetic,concrete_adamerging_layer_wise]",
+    "method.methods=[task_arithmetic,concrete_adamerging_layer_wise]", "protected=demo_digits",
     "++method_overrides.concrete_adamerging_layer_wise.meta_steps=5",
     "++method_overrides.concrete_adamerging_layer_wise.stage2_mask=sample",
     "++method_overrides.concrete_adamerging_layer_wise.mask_lr=0.05",
@@ -102,6 +103,7 @@ def test_killed_comparison_resumes_to_the_uninterrupted_result(zoo, tmp_path):
         actual = json.loads((killed / method / "results.json").read_text())
         _assert_close(_stable(actual), _stable(expected), method)
     assert len(json.loads((learned / "results.json").read_text())["objective_history"]) == 14
+    assert len(json.loads((learned / "results.json").read_text())["protected"]["digits"]["multiplier_history"]) == 14
     summary = json.loads((killed / "summary.json").read_text())
     assert [row["method"] for row in summary["rows"]] == ["task_arithmetic", "concrete_adamerging_layer_wise"]
     assert not (learned / "checkpoints").exists()  # removed once results.json is written (checkpoint.keep=false)

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from adamerge.alignment import ALIGNMENT_TASK, AlignmentVector
+from adamerge.errors import ConfigError
 from adamerge.merged import MergedModel, resolve_layer_groups
 from adamerge.methods import checks
 from adamerge.methods.bases import apply_base, resolve_base
@@ -126,12 +128,15 @@ def build_learned(
     task_vectors: TaskVectors,
     heads: Mapping[str, nn.Module],
     objective: Objective | None = None,
+    alignment: AlignmentVector | None = None,
     **hparams: Any,
 ) -> AdaMergingModule:
     """The LightningModule that learns method ``name`` (hyperparameters checked against the registry).
 
     ``objective`` is what it minimises on the unlabeled batches (default: the paper's entropy); any
-    objective composes with any learned method.
+    objective composes with any learned method. ``alignment`` (:mod:`adamerge.alignment`) is merged as one more
+    task vector, after ``base``, with its own starting coefficient and a floor. Protected tasks are added to the
+    returned module with ``module.protect(...)``.
     """
     spec = get_method(name)
     if spec.kind != "learned":
@@ -140,4 +145,13 @@ def build_learned(
     base = hparams.pop("base")
     base_hparams = resolve_base(name, base, hparams.pop("base_hparams"), task_vectors.num_tasks)
     task_vectors = apply_base(task_vectors, base, base_hparams)
-    return LEARNED_BUILDERS[name](backbone, task_vectors, heads, objective=objective, **hparams)
+    if alignment is not None:
+        if hparams.get("origin", "pretrained") != "pretrained":  # AdaRank's CART would re-centre it with the experts
+            raise ConfigError(f"method {name!r}: origin={hparams['origin']!r} cannot take an alignment vector (it "
+                              "re-centres every vector at their average); use origin=pretrained")
+        hparams["init_value"] = alignment.initial_coefficients(hparams["init_value"], task_vectors.num_tasks)
+        task_vectors = alignment.appended_to(task_vectors)
+    module = LEARNED_BUILDERS[name](backbone, task_vectors, heads, objective=objective, **hparams)
+    if alignment is not None:
+        module.merged.set_coefficient_floor(ALIGNMENT_TASK, alignment.min_coefficient)
+    return module

@@ -1,0 +1,185 @@
+"""Protected tasks and the alignment vector from the ``protected`` config group (``conf/protected/``).
+
+The group's node::
+
+    tasks:                      # name -> one protected task (adamerge.protected)
+      digits:
+        data: {path: ..., split: train}   # a task's data as in data.tasks (any format; preprocessor: data's)
+        max_samples: 64                   # a seeded subset, kept whole in memory
+        loss: cross_entropy               # or kl (unlabeled inputs against a reference model)
+        reference: null                   # start | pretrained | <pool task> | <checkpoint>; null: see below
+        head: null                        # null: the pool task of the same name's head; a pool task name; {_target_}
+        mode: constraint                  # or penalty
+        weight: 1.0                       # β (penalty)
+        budget: 0.05                      # ε (constraint), in the loss's units (nats)
+        dual_lr: 10.0                     # η of μ's dual ascent
+        initial_multiplier: 0.0
+        batch_size: 16
+        kl_direction: merged_to_reference
+        refusal: null                     # causal LMs: {prompts, max_samples, max_new_tokens, guard, batch_size}
+    alignment: null             # {aligned, base, init_value, min_coefficient} (adamerge.alignment)
+
+A ``null`` reference is ``start`` for cross-entropy and, for KL, the task's own fine-tuned checkpoint when the
+task is one of the pool's (a KL task outside the pool must name its reference).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from adamerge.alignment import check_alignment_settings
+from adamerge.checkpoints import CheckpointError, looks_like_path
+from adamerge.data import MultiTaskDataModule, TaskData, seeded_subset
+from adamerge.errors import ConfigError
+from adamerge.methods.checks import is_count
+from adamerge.protected import PROTECTED_DEFAULTS, START, ProtectedTask, check_protected_settings
+from adamerge.task_vectors import TaskVectors
+
+TASK_SETTINGS = {*PROTECTED_DEFAULTS, "data", "max_samples", "reference", "head", "refusal"}
+REFUSAL_DEFAULTS: dict[str, Any] = {"prompts": None, "max_samples": 64, "max_new_tokens": 48, "guard": None,
+                                    "batch_size": 16}
+MAX_SAMPLES = 512  # default size of a protected set: "a small labelled set", kept whole in memory
+PRETRAINED = "pretrained"
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _check_path(key: str, value: Any) -> None:
+    if isinstance(value, str) and looks_like_path(value) and not os.path.exists(os.path.expanduser(value)):
+        raise CheckpointError(f"{key}={value!r}: no such file or directory")
+
+
+def check_protected_config(cfg: DictConfig) -> None:
+    """Every protected task's and the alignment vector's settings, from the configuration alone (before loading)."""
+    node = _plain(cfg.get("protected")) or {}
+    unknown = sorted(set(node) - {"tasks", "alignment"})
+    if unknown:
+        raise ConfigError(f"protected has unknown key(s) {unknown}; it holds 'tasks' and 'alignment'")
+    pool_tasks = set((_plain(cfg.get("modelpool")) or {}).get("finetuned") or {})
+    for name, spec in (node.get("tasks") or {}).items():
+        where = f"protected.tasks.{name}"
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where} must be a mapping of settings, got {spec!r}")
+        if unknown := sorted(set(spec) - TASK_SETTINGS):
+            raise ConfigError(f"{where} has unknown setting(s) {unknown}; allowed: {sorted(TASK_SETTINGS)}")
+        check_protected_settings(name, {key: spec[key] for key in PROTECTED_DEFAULTS if key in spec})
+        data = spec.get("data")
+        if not isinstance(data, Mapping) or not data.get("path"):
+            raise ConfigError(f"{where}.data must give the protected set's path (data: {{path: ...}}), got {data!r}")
+        _check_path(f"{where}.data.path", data["path"])
+        if spec.get("max_samples") is not None and not is_count(spec["max_samples"], minimum=1):
+            raise ConfigError(f"{where}.max_samples={spec['max_samples']!r} is invalid: an integer >= 1, or null")
+        reference = spec.get("reference")
+        if spec.get("loss", "cross_entropy") == "kl" and reference is None and name not in pool_tasks:
+            raise ConfigError(f"{where}.reference is needed: loss=kl compares the merge with a reference model, and "
+                              f"{name!r} is no pool task to default to (give start, pretrained, a pool task or a path)")
+        if reference not in (None, START, PRETRAINED) and reference not in pool_tasks:
+            _check_path(f"{where}.reference", reference)
+        _check_refusal(where, spec.get("refusal"))
+    if node.get("alignment"):
+        check_alignment_settings(node["alignment"])
+        for key in ("aligned", "base"):
+            _check_path(f"protected.alignment.{key}", node["alignment"].get(key))
+
+
+def _check_refusal(where: str, refusal: Any) -> None:
+    if refusal is None:
+        return
+    if not isinstance(refusal, Mapping):
+        raise ConfigError(f"{where}.refusal must be null or a mapping with keys {sorted(REFUSAL_DEFAULTS)}, got {refusal!r}")
+    if unknown := sorted(set(refusal) - set(REFUSAL_DEFAULTS)):
+        raise ConfigError(f"{where}.refusal has unknown setting(s) {unknown}; allowed: {sorted(REFUSAL_DEFAULTS)}")
+    for key in ("max_samples", "max_new_tokens", "batch_size"):
+        if key in refusal and not is_count(refusal[key], minimum=1):
+            raise ConfigError(f"{where}.refusal.{key}={refusal[key]!r} is invalid: it must be an integer >= 1")
+
+
+def resolve_reference(name: str, spec: Any, loss: str, pool: Any, task_vectors: TaskVectors) -> nn.Module | str:
+    """``start``, or a frozen backbone: ``pretrained`` (θ0), a pool task's fine-tuned model, or a checkpoint."""
+    if spec is None:
+        spec = name if loss == "kl" and name in task_vectors.task_names else START
+    if spec == START:
+        return START
+    if spec == PRETRAINED:
+        return pool.fresh_backbone().eval().requires_grad_(False)
+    if spec in task_vectors.task_names:
+        return pool.backbone_with(task_vectors, spec).requires_grad_(False)
+    try:
+        return pool.backbone_from(spec)
+    except CheckpointError as error:
+        raise CheckpointError(f"protected.tasks.{name}.reference: {error}") from error
+
+
+def resolve_head(name: str, spec: Any, pool: Any) -> nn.Module:
+    """The head scoring a protected task: a module (an instantiated ``_target_``), or a pool task's head by name
+    (default: the task of the same name)."""
+    if isinstance(spec, nn.Module):
+        return spec
+    task = name if spec is None else spec
+    if task not in pool.heads:
+        raise ConfigError(f"protected.tasks.{name}.head: no pool task {task!r} to take the head of (pool tasks: "
+                          f"{sorted(pool.heads)}); give a head config, e.g. {{_target_: adamerge.models.heads.Identity}} "
+                          "for causal LMs")
+    return pool.heads[task]
+
+
+def _task_data(name: str, data: Mapping[str, Any], preprocessor: Any, seed: int) -> MultiTaskDataModule:
+    data = {"split": "train", **data}
+    module = MultiTaskDataModule({name: data}, preprocessor=preprocessor, seed=seed)
+    module.setup()
+    return module
+
+
+def build_refusal_check(name: str, spec: Mapping[str, Any], data: MultiTaskDataModule, seed: int) -> Any:
+    """The task's :class:`~adamerge.safety.RefusalCheck`: greedy answers to its prompts (or ``spec['prompts']``,
+    another dataset), rendered by its ChatPreprocessor without the responses."""
+    from adamerge.safety import ChatPreprocessor, RefusalCheck, resolve_guard
+
+    spec = {**REFUSAL_DEFAULTS, **spec}
+    preprocessor = data.tasks[name].preprocessor or data.preprocessor
+    if not isinstance(preprocessor, ChatPreprocessor):
+        raise ConfigError(f"protected.tasks.{name}.refusal needs prompts for a causal LM: its data's preprocessor must "
+                          f"be adamerge.safety.ChatPreprocessor, got {type(preprocessor).__name__}")
+    prompts = preprocessor.prompt_only()
+    source = data
+    if spec["prompts"] is not None:
+        source = _task_data(name, {**spec["prompts"], "preprocessor": prompts}, None, seed)
+    rows = seeded_subset(source.raw_splits(name)[0], spec["max_samples"], seed)
+    missing = [c for c in prompts.required_columns if c not in rows.column_names]
+    if missing:
+        raise ConfigError(f"protected.tasks.{name}.refusal.prompts: no column {missing}; columns: {rows.column_names}")
+    return RefusalCheck(prompts=[str(p) for p in rows[prompts.text_column]], inputs=prompts(rows[:])["inputs"],
+                        tokenizer=prompts._tokenizer(), max_new_tokens=int(spec["max_new_tokens"]),
+                        guard=resolve_guard(spec["guard"], f"protected.tasks.{name}.refusal.guard"),
+                        batch_size=int(spec["batch_size"]))
+
+
+def build_protected_tasks(node: Mapping[str, Any] | None, pool: Any, task_vectors: TaskVectors, preprocessor: Any,
+                          seed: int = 0) -> list[ProtectedTask]:
+    """The protected tasks of an instantiated ``protected`` node (``_target_`` entries already built): data loaded
+    and encoded, heads and reference models resolved against ``pool`` and its raw ``task_vectors``.
+    ``preprocessor`` is the run data's, used where a protected set gives none."""
+    tasks = []
+    for name, spec in ((node or {}).get("tasks") or {}).items():
+        loss = spec.get("loss", PROTECTED_DEFAULTS["loss"])
+        unknown_data = sorted(set(spec["data"]) - {f for f in TaskData.__dataclass_fields__ if f != "name"})
+        if unknown_data:
+            raise ConfigError(f"protected.tasks.{name}.data has unknown field(s) {unknown_data}")
+        data = _task_data(name, spec["data"], preprocessor, seed)
+        encoded = data.encode_all(name, spec.get("max_samples", MAX_SAMPLES))
+        settings = {key: spec[key] for key in PROTECTED_DEFAULTS if key in spec}
+        refusal = build_refusal_check(name, spec["refusal"], data, seed) if spec.get("refusal") else None
+        tasks.append(ProtectedTask(
+            name=name, inputs=encoded["inputs"], labels=encoded.get("labels") if loss == "cross_entropy" else None,
+            head=resolve_head(name, spec.get("head"), pool),
+            reference=resolve_reference(name, spec.get("reference"), loss, pool, task_vectors),
+            refusal=refusal, **settings,
+        ))
+    return tasks
