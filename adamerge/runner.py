@@ -178,6 +178,9 @@ def export_model(ctx: RunContext, name: str, model: nn.Module, hparams: Mapping,
 
 def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
     hparams = method_config(ctx.cfg, name) if name not in EVALUATION_ONLY else {}
+    # Every method starts from the run's seed, so its result does not depend on which methods ran before it in a
+    # comparison (data loaders and earlier methods draw from the global generators; Concrete masks sample them).
+    L.seed_everything(int(ctx.cfg.seed), workers=True, verbose=False)
     logger = make_logger(ctx, name, hparams)
     try:
         if ctx.device.type == "cuda":

@@ -112,6 +112,19 @@ def test_concrete_methods_run_and_save_masks(zoo, tmp_path):
     assert result["method"] == "concrete_adamerging_layer_wise" and result["config"]["mask_lr"] == 0.001
 
 
+def test_a_method_gives_the_same_result_alone_and_after_others_in_a_comparison(zoo, tmp_path):
+    """Each method starts from the run's seed: a Concrete mask (sampled from the global generator) must not depend
+    on the learned method that ran before it and drew from the same generators."""
+    common = ("trainer.max_steps=3", "logger=none", "export.enabled=false")
+    adamerge(tmp_path / "alone", zoo, "method=concrete_task_arithmetic", *common)
+    adamerge(tmp_path / "after", zoo, "method=compare", "method.methods=[adamerging_task_wise,concrete_task_arithmetic]",
+             *common)
+    alone = json.loads((tmp_path / "alone" / "results.json").read_text())
+    after = json.loads((tmp_path / "after" / "concrete_task_arithmetic" / "results.json").read_text())
+    assert after["objective_history"] == alone["objective_history"]
+    assert after["accuracy"] == alone["accuracy"]
+
+
 def test_bad_checkpoint_fails_clearly_and_writes_no_export(zoo, tmp_path):
     broken = tmp_path / "broken.safetensors"
     state = load_state_dict(zoo / "finetuned" / "digits.safetensors")
