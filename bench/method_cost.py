@@ -54,6 +54,21 @@ def clip_shaped_task_vectors(blocks: int, num_tasks: int, seed: int = 0):
     return TaskVectors([f"task{k}" for k in range(num_tasks)], pretrained, vectors)
 
 
+def module_holding(tensors: dict) -> torch.nn.Module:
+    """A module whose parameters are ``tensors`` under their dotted names (nested sub-modules): enough backbone for
+    AdaRank's build, which decomposes the task vectors of the module's merged tensors."""
+    root = torch.nn.Module()
+    for name, value in tensors.items():
+        *path, leaf = name.split(".")
+        node = root
+        for part in path:
+            if not hasattr(node, part):
+                node.add_module(part, torch.nn.Module())
+            node = getattr(node, part)
+        node.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
+    return root
+
+
 def demo_pool():
     from hydra import compose, initialize_config_dir
 
@@ -101,15 +116,17 @@ def measure_one(pool: str, method: str, clip_blocks: int, device: str, wudi_step
         model_pool = demo_pool()
         task_vectors, backbone, heads = model_pool.task_vectors(), model_pool.fresh_backbone(), model_pool.heads
     else:
+        from adamerge.models.heads import Identity
+
         task_vectors = clip_shaped_task_vectors(clip_blocks, 8)
+        backbone = module_holding(task_vectors.pretrained)
+        heads = {task: Identity() for task in task_vectors.task_names}
     target = torch.device(device)
     task_vectors = task_vectors.to(target)
     baseline = reset_peak(target)
     hparams = {"steps": wudi_steps} if method == "wudi" else {}
     start = time.perf_counter()
     if method in LEARNED_BUILD:
-        if backbone is None:
-            return {"skipped": "AdaRank needs a backbone module; the CLIP-shaped pool is tensors only"}
         build_learned(method, backbone, task_vectors, heads)
     else:
         merge_task_vectors(method, task_vectors, **hparams)
