@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from adamerge.errors import ConfigError
 from adamerge.key_filters import select_tensors
 from adamerge.merged import MergedModel, resolve_layer_groups
 from adamerge.methods import checks, spectral
@@ -92,7 +93,8 @@ def centred_at_average(task_vectors: TaskVectors) -> TaskVectors:
         mean = stacked.float().mean(0)
         pretrained[name] = (pretrained[name].float() + mean).to(pretrained[name].dtype)
         vectors[name] = (stacked.float() - mean).to(stacked.dtype)
-    return TaskVectors(list(task_vectors.task_names), pretrained, vectors, dict(task_vectors.aliases))
+    return TaskVectors(list(task_vectors.task_names), pretrained, vectors, dict(task_vectors.aliases),
+                       task_vectors.unscored_tasks)
 
 
 class SpectralMergedModel(MergedModel):
@@ -218,8 +220,11 @@ class AdaRankModule(AdaMergingModule):
     def after_optimizer_step(self) -> None:
         super().after_optimizer_step()
         if self._held_rows:
+            if self._held_logits[0].device != self.merged.rank_logits[0].device:  # moved once, not every step
+                self._held_logits = [held.to(logit.device) for logit, held in zip(self.merged.rank_logits,
+                                                                                  self._held_logits)]
             for logit, held in zip(self.merged.rank_logits, self._held_logits):
-                logit[self._held_rows] = held.to(logit.device)
+                logit[self._held_rows] = held
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         super().configure_optimizers()  # the check that nothing else trains
@@ -288,6 +293,9 @@ def build_adarank(
     if origin not in ORIGINS:
         raise ValueError(f"origin must be one of {ORIGINS}, got {origin!r}")
     if origin == "average":
+        if task_vectors.unscored_tasks:  # CART would re-centre the alignment vector together with the experts
+            raise ConfigError(f"method 'adarank': origin={origin!r} cannot take an alignment vector (it re-centres "
+                              "every vector at their average); use origin=pretrained")
         task_vectors = centred_at_average(task_vectors)
     merged = SpectralMergedModel(
         backbone, task_vectors, init_value=init_value, clamp=(0.0, 1.0) if clamp else None,

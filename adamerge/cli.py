@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from adamerge.errors import report_cli_error
 from adamerge.methods.configs import CONF_DIR
 from adamerge.runner import run
 from adamerge.sweep import ERROR_FILE, job_score, selection_criterion
@@ -127,8 +128,7 @@ def report_error(error: BaseException) -> int:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
     # One clean message, not a traceback: the errors a user can act on name the file / parameter / value.
-    print(f"adamerge: error: {user_message(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
-    return 1
+    return report_cli_error("adamerge", f"{user_message(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", 1)
 
 
 def quiet_framework_chatter() -> None:

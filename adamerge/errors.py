@@ -8,6 +8,8 @@ Each subclass also derives from the builtin a caller would have caught before (`
 
 from __future__ import annotations
 
+import sys
+
 
 class AdamergeError(Exception):
     """Base of every error that reports a user's input or a run's state, not a bug in adamerge."""
@@ -19,6 +21,12 @@ def adamerge_cause(error: BaseException) -> AdamergeError | None:
     while error is not None and not isinstance(error, AdamergeError):
         error = error.__cause__
     return error
+
+
+def report_cli_error(prog: str, message: object, status: int = 2) -> int:
+    """Print ``<prog>: error: <message>`` on stderr (no traceback) and return the exit status to use."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return status
 
 
 class ConfigError(AdamergeError, ValueError):

@@ -9,14 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from adamerge.module import batch_scores, run_backbone
+from adamerge.module import batch_scores, run_backbone, to_device
 from adamerge.objectives import Objective
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Mapping):
-        return {k: _to(v, device) for k, v in inputs.items()}
-    return inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
 
 
 @torch.no_grad()
@@ -33,7 +27,7 @@ def evaluate(
         correct = seen = batches = 0
         objective_sum = entropy_sum = 0.0
         for batch in datamodule.eval_dataloader(task):
-            inputs = _to(batch["inputs"], device)
+            inputs = to_device(batch["inputs"], device)
             logits = head(run_backbone(backbone, inputs))
             batch_correct, batch_seen, batch_objective, batch_entropy = batch_scores(
                 logits, batch["labels"].to(device), inputs, objective)

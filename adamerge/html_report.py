@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from adamerge.errors import AdamergeError, ConfigError
+from adamerge.errors import AdamergeError, ConfigError, report_cli_error
 from adamerge.report_plots import PNG_SIGNATURE, accuracy_bars, coefficient_heatmap_png, learning_curves
 from adamerge.reporting import read_json, read_run_results, write_text_atomic
 from adamerge.sweep import job_dirs, write_summary_files
@@ -175,9 +175,8 @@ def sweep_body(directory: Path, summary: Mapping[str, Any]) -> str:
             marks.setdefault(selection[key], []).append(label)
     ok = [r for r in rows if r["status"] == "ok"]
     scores = iter(task_cells([accuracy_columns(r, tasks) for r in ok], ["average", *tasks], percent))
-    # Overrides every job shares (the zoo, the budget...) are listed once; each row shows what makes it differ.
-    override_sets = [{(k, str(v)) for k, v in (row.get("overrides") or {}).items()} for row in rows]
-    shared = set.intersection(*override_sets) if len(override_sets) > 1 else set()
+    # Overrides every job shares (the zoo, the budget...) are listed once; each row shows the swept ones.
+    swept = summary.get("swept", [])
     objective_names = {r.get("objective_name") for r in ok} - {None}
     objective = f"objective ({objective_names.pop()})" if len(objective_names) == 1 else "objective"
     header = ["job", "overrides", "method", "status", objective, "entropy", "average (%)",
@@ -185,7 +184,7 @@ def sweep_body(directory: Path, summary: Mapping[str, Any]) -> str:
     body = []
     for index, row in enumerate(rows):
         job = esc(row["job"]) + "".join(f' <span class="pick">{esc(m)}</span>' for m in marks.get(index, []))
-        own = " ".join(f"{k}={v}" for k, v in (row.get("overrides") or {}).items() if (k, str(v)) not in shared)
+        own = " ".join(f"{k}={v}" for k, v in (row.get("overrides") or {}).items() if k in swept)
         cells = [(job, TEXT), (esc(own), TEXT), (esc(row["method"]), TEXT), (esc(row["status"]), TEXT)]
         if row["status"] == "ok":
             cells += [(number(row.get("objective"), 4), NUM), (number(row.get("entropy"), 4), NUM), *next(scores),
@@ -193,7 +192,7 @@ def sweep_body(directory: Path, summary: Mapping[str, Any]) -> str:
         else:
             cells.append((esc(row.get("error") or "no error recorded"), f' colspan="{len(header) - 4}" class="error"'))
         body.append(cells)
-    common = " ".join(f"{k}={v}" for k, v in sorted(shared))
+    common = " ".join(f"{k}={v}" for k, v in sorted((rows[0].get("overrides") or {}).items()) if k not in swept)
     parts = ["<h2>Sweep</h2>", f"<p>swept: <code>{esc(', '.join(summary.get('swept', [])))}</code></p>",
              f"<p>overrides of every job: <code>{esc(common or 'none')}</code></p>",
              table(header, body, ["" if r["status"] == "ok" else "failed" for r in rows]),
@@ -279,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = write_report(args.directory, args.output)
     except AdamergeError as error:
-        print(f"adamerge-report: error: {error}", file=sys.stderr)
-        return 2
+        return report_cli_error(parser.prog, error)
     print(path)
     return 0
 

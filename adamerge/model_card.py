@@ -207,10 +207,11 @@ def _heatmap(directory: Path, config: Mapping[str, Any]) -> str:
     from adamerge.reporting import coefficient_heatmap
 
     rows, columns = (1, matrix.shape[0]) if matrix.ndim == 1 else matrix.shape
-    tasks = [str(t) for t in config.get("tasks") or []] if isinstance(config.get("tasks"), list) else []
-    labels = tasks if len(tasks) == columns else [f"task {i}" for i in range(columns)]
+    named = config.get("coefficient_columns") or config.get("tasks")
+    names = [str(t) for t in named] if isinstance(named, list) else []
+    labels = names if len(names) == columns else [f"task {i}" for i in range(columns)]
     coefficient_heatmap(matrix, labels, directory / HEATMAP, title=f"{config.get('method', '')} coefficients")
-    shape = f"{rows} layer rows × {columns} tasks" if rows > 1 else f"one coefficient per task ({columns})"
+    shape = f"{rows} layer rows × {columns} vectors" if rows > 1 else f"one coefficient per vector ({columns})"
     return f"The learned merge coefficients ({shape}; exact values in `merge_config.json`):\n\n![merge coefficients]({HEATMAP})"
 
 

@@ -72,12 +72,25 @@ def valid_predictions(logits: Tensor, mask: Tensor | None) -> Tensor:
     return predictions.flatten().to("cpu", torch.int32)
 
 
+def to_device(inputs: Any, device: torch.device) -> Any:
+    """A batch's inputs (a tensor, or a mapping of tensors such as tokenised text) on ``device``."""
+    if isinstance(inputs, Mapping):
+        return {key: to_device(value, device) for key, value in inputs.items()}
+    return inputs.to(device) if isinstance(inputs, Tensor) else inputs
+
+
+def is_plain_entropy(objective: Objective) -> bool:
+    """Whether the objective's value is the mean prediction entropy itself (no second pass needed for it)."""
+    return type(objective) is Entropy and not objective.normalize
+
+
 def batch_scores(logits: Tensor, labels: Tensor, inputs: Any, objective: Objective) -> tuple[int, int, float, float]:
     """One evaluation batch: correct predictions, labels counted, and the two label-free scores (the
     objective and the mean prediction entropy) that runs and sweeps are compared by without labels."""
     correct, seen = count_correct(logits, labels)
     mask = entropy_mask(inputs, logits)
-    return correct, seen, float(objective(logits, mask)), float(prediction_entropy(logits, mask))
+    value = float(objective(logits, mask))
+    return correct, seen, value, value if is_plain_entropy(objective) else float(prediction_entropy(logits, mask))
 
 
 class AdaMergingModule(L.LightningModule):
@@ -233,7 +246,7 @@ class AdaMergingModule(L.LightningModule):
                 f"the {self.objective.name} objective is {value} on task {task!r} at step "
                 f"{self.global_step}; stopping before it reaches the merge coefficients"
             )
-        if type(self.objective) is Entropy and not self.objective.normalize:
+        if is_plain_entropy(self.objective):
             self.last_step_entropy[task] = value  # the objective is the entropy: no second pass
         else:
             with torch.no_grad():

@@ -15,15 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adamerge.module import run_backbone
+from adamerge.module import run_backbone, to_device
 
 __all__ = ["MultiTaskModel", "TaskModel"]
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Mapping):
-        return {key: _to(value, device) for key, value in inputs.items()}
-    return inputs.to(device) if isinstance(inputs, Tensor) else inputs
 
 
 def _as_batch(raw: Any, pairs: bool = False) -> list:
@@ -88,7 +82,7 @@ class TaskModel(nn.Module):
             size = batch_size or max(len(examples), 1)
             batches = [self.preprocess(examples[i:i + size]) for i in range(0, len(examples), size)]
         device = next(iter(self.parameters()), torch.empty(0)).device
-        indices = [self(_to(batch, device)).argmax(-1).cpu() for batch in batches]
+        indices = [self(to_device(batch, device)).argmax(-1).cpu() for batch in batches]
         flat = torch.cat(indices).tolist() if indices else []
         if self.class_names is None:
             return flat

@@ -38,8 +38,9 @@ from torch import Tensor, nn
 
 from adamerge.errors import ConfigError
 from adamerge.methods import checks
-from adamerge.module import IGNORE_INDEX, count_correct
+from adamerge.module import IGNORE_INDEX, count_correct, to_device
 from adamerge.objectives import at_least_float32
+from adamerge.task_batching import batch_size
 
 PROTECTED_LOSSES = ("cross_entropy", "kl")
 MODES = ("penalty", "constraint")
@@ -121,8 +122,7 @@ class ProtectedTask:
 
     @property
     def size(self) -> int:
-        first = next(iter(self.inputs.values())) if isinstance(self.inputs, Mapping) else self.inputs
-        return int(first.shape[0])
+        return batch_size(self.inputs)
 
     def settings(self) -> dict[str, Any]:
         """The plain settings, for results files."""
@@ -150,12 +150,6 @@ def _select(value: Any, rows: Tensor) -> Any:
     return value[rows]
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, Mapping):
-        return {key: _to(item, device) for key, item in value.items()}
-    return value.to(device) if isinstance(value, Tensor) else value
-
-
 def task_batch(task: ProtectedTask, rows: Sequence[int], device: torch.device) -> tuple[Any, Tensor | None]:
     """Inputs and labels of ``rows``, right padding beyond the batch's longest sequence cut off, on ``device``."""
     index = torch.as_tensor(list(rows), dtype=torch.long)
@@ -165,7 +159,7 @@ def task_batch(task: ProtectedTask, rows: Sequence[int], device: torch.device) -
         inputs = {key: item[:, :width] if item.ndim >= 2 else item for key, item in inputs.items()}
         if labels is not None and labels.ndim >= 2:
             labels = labels[:, :width]
-    return _to(inputs, device), None if labels is None else labels.to(device)
+    return to_device(inputs, device), None if labels is None else labels.to(device)
 
 
 def protected_terms(loss: str, logits: Tensor, labels: Tensor | None, reference: Tensor | None, mask: Tensor | None,

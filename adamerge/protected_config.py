@@ -74,6 +74,8 @@ def check_protected_config(cfg: DictConfig) -> None:
         if not isinstance(data, Mapping) or not data.get("path"):
             raise ConfigError(f"{where}.data must give the protected set's path (data: {{path: ...}}), got {data!r}")
         _check_path(f"{where}.data.path", data["path"])
+        if unknown_data := sorted(set(data) - {f for f in TaskData.__dataclass_fields__ if f != "name"}):
+            raise ConfigError(f"{where}.data has unknown field(s) {unknown_data}")
         if spec.get("max_samples") is not None and not is_count(spec["max_samples"], minimum=1):
             raise ConfigError(f"{where}.max_samples={spec['max_samples']!r} is invalid: an integer >= 1, or null")
         reference = spec.get("reference")
@@ -101,10 +103,16 @@ def _check_refusal(where: str, refusal: Any) -> None:
             raise ConfigError(f"{where}.refusal.{key}={refusal[key]!r} is invalid: it must be an integer >= 1")
 
 
+def reference_spec(name: str, spec: Any, loss: str, task_vectors: TaskVectors) -> Any:
+    """The reference a task names, its default filled in: for KL the pool task of the same name, else ``start``."""
+    if spec is not None:
+        return spec
+    return name if loss == "kl" and name in task_vectors.task_names else START
+
+
 def resolve_reference(name: str, spec: Any, loss: str, pool: Any, task_vectors: TaskVectors) -> nn.Module | str:
     """``start``, or a frozen backbone: ``pretrained`` (θ0), a pool task's fine-tuned model, or a checkpoint."""
-    if spec is None:
-        spec = name if loss == "kl" and name in task_vectors.task_names else START
+    spec = reference_spec(name, spec, loss, task_vectors)
     if spec == START:
         return START
     if spec == PRETRAINED:
@@ -115,6 +123,16 @@ def resolve_reference(name: str, spec: Any, loss: str, pool: Any, task_vectors: 
         return pool.backbone_from(spec)
     except CheckpointError as error:
         raise CheckpointError(f"protected.tasks.{name}.reference: {error}") from error
+
+
+def _shared_reference(built: dict, name: str, spec: Any, loss: str, pool: Any, task_vectors: TaskVectors) -> Any:
+    """:func:`resolve_reference`, built once per distinct reference and reused."""
+    key = reference_spec(name, spec, loss, task_vectors)
+    if not isinstance(key, str):
+        return resolve_reference(name, key, loss, pool, task_vectors)
+    if key not in built:
+        built[key] = resolve_reference(name, spec, loss, pool, task_vectors)
+    return built[key]
 
 
 def resolve_head(name: str, spec: Any, pool: Any) -> nn.Module:
@@ -166,12 +184,9 @@ def build_protected_tasks(node: Mapping[str, Any] | None, pool: Any, task_vector
     """The protected tasks of an instantiated ``protected`` node (``_target_`` entries already built): data loaded
     and encoded, heads and reference models resolved against ``pool`` and its raw ``task_vectors``.
     ``preprocessor`` is the run data's, used where a protected set gives none."""
-    tasks = []
+    tasks, references = [], {}  # two tasks naming the same reference share one frozen model
     for name, spec in ((node or {}).get("tasks") or {}).items():
         loss = spec.get("loss", PROTECTED_DEFAULTS["loss"])
-        unknown_data = sorted(set(spec["data"]) - {f for f in TaskData.__dataclass_fields__ if f != "name"})
-        if unknown_data:
-            raise ConfigError(f"protected.tasks.{name}.data has unknown field(s) {unknown_data}")
         data = _task_data(name, spec["data"], preprocessor, seed)
         encoded = data.encode_all(name, spec.get("max_samples", MAX_SAMPLES))
         settings = {key: spec[key] for key in PROTECTED_DEFAULTS if key in spec}
@@ -179,7 +194,7 @@ def build_protected_tasks(node: Mapping[str, Any] | None, pool: Any, task_vector
         tasks.append(ProtectedTask(
             name=name, inputs=encoded["inputs"], labels=encoded.get("labels") if loss == "cross_entropy" else None,
             head=resolve_head(name, spec.get("head"), pool),
-            reference=resolve_reference(name, spec.get("reference"), loss, pool, task_vectors),
+            reference=_shared_reference(references, name, spec.get("reference"), loss, pool, task_vectors),
             refusal=refusal, **settings,
         ))
     return tasks

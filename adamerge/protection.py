@@ -73,14 +73,17 @@ class Protection(nn.Module):
     def has_reference(self, name: str, merged: MergedModel | None) -> bool:
         return self.tasks[name].reference != START or merged is not None
 
-    def ensure_reference_loss(self, module: AdaMergingModule) -> None:
+    def ensure_reference_loss(self, module: AdaMergingModule, start: Mapping[str, Tensor] | None = None) -> bool:
         """Measure ``L_ref`` (and the reference's scores) once, before the first update: the runner's first
-        evaluation or the first step (a resumed run restores it from its checkpoint)."""
+        evaluation or the first step (a resumed run restores it from its checkpoint). ``start``: the starting
+        merge's weights when the caller already has them. True when it measured them now."""
         if len(self.reference_loss) == len(self.tasks):
-            return
+            return False
         merged = module.merged
-        with torch.no_grad():
-            start = self.start_weights() if self._start_names else {n: w.detach() for n, w in module.eval_weights().items()}
+        if start is None:
+            with torch.no_grad():
+                start = self.start_weights() if self._start_names else {
+                    n: w.detach() for n, w in module.eval_weights().items()}
 
         def logits(name: str, inputs: Any) -> Tensor:
             if self.tasks[name].reference == START:
@@ -91,6 +94,7 @@ class Protection(nn.Module):
         self.scores["reference"] = scores
         for name, task in self.tasks.items():
             self.reference_loss[name] = 0.0 if task.loss == "kl" else scores[name]["loss"]
+        return True
 
     # -- the learning step -------------------------------------------------------------------------------------------
     def scale(self, name: str, loss: float) -> float:
@@ -167,11 +171,16 @@ class Protection(nn.Module):
         """Score the merge ``weights`` of ``module``: the first call is the starting merge (``start``, with the
         reference measured first), every later one the learned merge (``end``)."""
         merged = module.merged
-        self.ensure_reference_loss(module)
         stage = "end" if "start" in self.scores else "start"
+        measured = self.ensure_reference_loss(module, weights if stage == "start" else None)
+        # A task whose reference is the starting merge was just scored on these very weights: not again.
+        scored = self.scores["reference"] if measured else {}
+        again = [name for name, task in self.tasks.items() if not (task.reference == START and name in scored)]
         device = next(iter(weights.values())).device
-        self.scores[stage] = self.evaluate(lambda name, inputs: self.heads[name](run_backbone(merged, inputs, weights)),
-                                           device, merged)
+        scores = self.evaluate(lambda name, inputs: self.heads[name](run_backbone(merged, inputs, weights)),
+                               device, merged, names=again)
+        self.scores[stage] = {name: scores[name] if name in scores else dict(scored[name]) for name in self.tasks
+                              if name in scores or name in scored}
         return self.scores[stage]
 
     def report(self) -> dict[str, dict[str, Any]]:

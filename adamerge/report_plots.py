@@ -43,7 +43,7 @@ def heatmap_figure(coefficients: Sequence, task_names: Sequence[str], title: str
 
 
 def accuracy_bars(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], title: str = "accuracy") -> bytes:
-    """Grouped bars: one group per task plus the average, one bar per row (``label`` or ``method``)."""
+    """Grouped bars: one group per task plus the average, one bar per row (its ``method``)."""
     import numpy as np
 
     groups = [*tasks, "average"]
@@ -53,7 +53,7 @@ def accuracy_bars(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], title
     positions = np.arange(len(groups))
     for i, row in enumerate(rows):
         values = [100 * row["accuracy"][t] for t in tasks] + [100 * row["average_accuracy"]]
-        ax.bar(positions + i * width, values, width, label=row.get("label", row["method"]))
+        ax.bar(positions + i * width, values, width, label=row["method"])
     ax.set_xticks(positions + 0.4 - width / 2, groups)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

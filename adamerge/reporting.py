@@ -155,9 +155,9 @@ def coefficient_heatmap(
     coefficients: Sequence, task_names: Sequence[str], path: str | Path, title: str = "merge coefficients"
 ) -> Path:
     """Layers × tasks heatmap (a single row for task-wise coefficients), saved as PNG."""
-    from adamerge.report_plots import heatmap_figure, png_bytes
+    from adamerge.report_plots import coefficient_heatmap_png
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(heatmap_figure(coefficients, task_names, title)))
+    path.write_bytes(coefficient_heatmap_png(coefficients, task_names, title))
     return path

@@ -34,6 +34,8 @@ def export_run_model(ctx: RunContext, directory: Path, name: str, model: nn.Modu
         "accuracy": result["accuracy"],
         "evaluation": evaluation_data(ctx.datamodule, tasks),
     }
+    if result.get("coefficient_columns"):  # the tasks, then an alignment vector: the heatmap's column labels
+        merge_config["coefficient_columns"] = result["coefficient_columns"]
     if ctx.alignment is not None and name != "pretrained":
         merge_config["alignment"] = ctx.alignment.config()
     if result.get("protected"):

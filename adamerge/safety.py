@@ -189,7 +189,8 @@ def greedy_continuations(logits: Callable[[Mapping[str, Tensor]], Tensor], input
         done = done | torch.isin(token, stops)
         if bool(done.all()):
             break
-    return [[t for t in row if t not in set(stops.tolist())] for row in new]
+    stop_ids = set(stops.tolist())
+    return [[t for t in row if t not in stop_ids] for row in new]
 
 
 @dataclass

@@ -71,16 +71,15 @@ def get_criterion(name: str) -> Criterion:
     return CRITERIA[name]
 
 
-def candidates(rows: Sequence[Mapping[str, Any]], criterion: Criterion) -> list[int]:
-    """Indices of the rows a label-free pick may choose: finished merges with a finite score."""
+def candidates(rows: Sequence[Mapping[str, Any]], score: Callable[[Mapping[str, Any]], float | None]) -> list[int]:
+    """Indices of the rows a pick may choose: finished merges with a ``score``."""
     return [i for i, row in enumerate(rows)
-            if row.get("status", "ok") == "ok" and row.get("method") not in NOT_A_MERGE
-            and criterion.score(row) is not None]
+            if row.get("status", "ok") == "ok" and row.get("method") not in NOT_A_MERGE and score(row) is not None]
 
 
 def pick(rows: Sequence[Mapping[str, Any]], criterion: Criterion) -> tuple[int | None, str | None]:
     """The row with the lowest criterion score (ties: the earlier row), and a note when there is none."""
-    indices = candidates(rows, criterion)
+    indices = candidates(rows, criterion.score)
     if not indices:
         return None, "no finished merge has a label-free score"
     reason = criterion.comparable([rows[i] for i in indices])
@@ -91,6 +90,5 @@ def pick(rows: Sequence[Mapping[str, Any]], criterion: Criterion) -> tuple[int |
 
 def pick_by_accuracy(rows: Sequence[Mapping[str, Any]]) -> int | None:
     """What peeking at the test labels would choose: the highest average accuracy among the same candidates."""
-    indices = [i for i, row in enumerate(rows) if row.get("status", "ok") == "ok"
-               and row.get("method") not in NOT_A_MERGE and row.get("average_accuracy") is not None]
+    indices = candidates(rows, lambda row: row.get("average_accuracy"))
     return max(indices, key=lambda i: rows[i]["average_accuracy"]) if indices else None

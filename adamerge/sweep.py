@@ -19,7 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.errors import ConfigError
+from adamerge.errors import AdamergeError, ConfigError, report_cli_error
 from adamerge.reporting import read_json, read_run_results, write_json, write_text_atomic
 from adamerge.selection import get_criterion, pick, pick_by_accuracy, unlabeled_means
 
@@ -71,9 +71,8 @@ def job_overrides(job: Path) -> dict[str, str]:
 
 
 def failed_row(method: str | None, error: str) -> dict[str, Any]:
-    return {"method": method, "status": "failed", "error": error, "objective_name": None, "objective_config": None,
-            "objective": None, "entropy": None, "average_accuracy": None, "accuracy": {}, "seconds": None,
-            "peak_memory_mb": None}
+    """A job's error as a row with every column of :func:`result_row`, empty."""
+    return {**result_row({"method": method}), "status": "failed", "error": error, "objective_config": None}
 
 
 def job_rows(job: Path, sweep_dir: Path) -> list[dict[str, Any]]:
@@ -166,7 +165,7 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
         cells = [str(cell(row)).replace("|", "\\|") for _, cell in columns]
         lines.append("| " + " | ".join(cells + [marks.get(index, "")]) + " |")
     lines += ["", selection_text(summary)]
-    failed = [row for row in summary["rows"] if row["status"] != "ok"]
+    failed = failed_jobs(summary)
     if failed:
         lines += ["", "## Failed jobs", ""] + [f"- {row['job']}: {row['error']}" for row in failed]
     return "\n".join(lines) + "\n"
@@ -236,15 +235,13 @@ class SweepSummary(Callback):
         try:
             summary = write_summary_files(sweep_dir, selection_criterion(config))
         except Exception as error:  # Hydra logs a callback's exception and exits 0; a lost summary is an error
-            print(f"adamerge: error: writing the sweep summary of {sweep_dir} failed: {error!r}\n"
-                  f"(rebuild it with: python -m adamerge.sweep {sweep_dir})", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(report_cli_error("adamerge", f"writing the sweep summary of {sweep_dir} failed: {error!r}\n"
+                                      f"(rebuild it with: python -m adamerge.sweep {sweep_dir})", 1))
         print(f"\n{selection_text(summary)}\nsweep summary: {sweep_dir / (SUMMARY_NAME + '.md')}")
         failed = failed_jobs(summary)
         if failed:
-            print(f"adamerge: error: {len(failed)} of {len(summary['rows'])} sweep rows failed: "
-                  + "; ".join(f"{row['job']}: {row['error']}" for row in failed), file=sys.stderr)
-            sys.exit(1)
+            sys.exit(report_cli_error("adamerge", f"{len(failed)} of {len(summary['rows'])} sweep rows failed: "
+                                      + "; ".join(f"{row['job']}: {row['error']}" for row in failed), 1))
 
 
 def selection_criterion(config: DictConfig) -> str:
@@ -259,9 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = write_summary_files(args.sweep_dir, args.selection)
-    except ConfigError as error:
-        print(f"adamerge: error: {error}", file=sys.stderr)
-        return 2
+    except AdamergeError as error:
+        return report_cli_error("adamerge", error)
     print(to_markdown(summary))
     return 1 if failed_jobs(summary) else 0
 

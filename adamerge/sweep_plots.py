@@ -19,10 +19,9 @@ def _as_number(value: str | None) -> float | None:
 def plot_swept_parameter(summary: Mapping[str, Any], key: str, path: str | Path) -> Path | None:
     """Two panels over the values of ``key``: average accuracy (top) and the selection score (bottom), one
     series per method, the label-free pick and the test-accuracy pick circled. ``None`` when no job finished."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from adamerge.report_plots import png_bytes
 
     rows = [(i, row) for i, row in enumerate(summary["rows"]) if row["status"] == "ok" and key in row["overrides"]]
     if not rows:
@@ -36,7 +35,8 @@ def plot_swept_parameter(summary: Mapping[str, Any], key: str, path: str | Path)
     else:  # categorical values (method names, objectives, ...) at evenly spaced positions, in first-seen order
         positions = {value: float(i) for i, value in enumerate(dict.fromkeys(values))}
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
+    fig = Figure(figsize=(6.5, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True)
     for method in dict.fromkeys(row["method"] for _, row in rows):
         series = sorted(((positions[row["overrides"][key]], row) for _, row in rows if row["method"] == method),
                         key=lambda point: point[0])
@@ -64,6 +64,5 @@ def plot_swept_parameter(summary: Mapping[str, Any], key: str, path: str | Path)
     top.set_title(f"sweep over {key}")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path.write_bytes(png_bytes(fig))
     return path

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from readme_demo import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -142,9 +142,7 @@ def measure_one(pool: str, method: str, clip_blocks: int, device: str, wudi_step
 def machine(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{os.cpu_count()} cores of an {name}, no GPU"
+    return f"{os.cpu_count()} cores of an {cpu_name()}, no GPU"
 
 
 def render(results: dict, args: argparse.Namespace) -> str:

@@ -67,17 +67,9 @@ def _pcb(task_vectors: TaskVectors, **hparams: Any) -> dict[str, Tensor]:
 
 def _spectral_pieces(task_vectors: TaskVectors, matrix_pieces: Callable[[Tensor], Tensor],
                      pointwise_convs: bool) -> dict[str, Tensor]:
-    """Per-task pieces of a spectral merge: ``matrix_pieces`` on matrix layers, ``τ_k / K`` on the rest (the
-    spectral merges average them)."""
-    pieces = {}
-    for name, stacked in task_vectors.vectors.items():  # one layer's decomposition at a time
-        x = stacked.float()
-        matrices = spectral.matrix_view(x, pointwise_convs)
-        if matrices is None:
-            pieces[name] = x / task_vectors.num_tasks
-        else:
-            pieces[name] = matrix_pieces(matrices).reshape(x.shape)
-    return pieces
+    """Per-task pieces of a spectral merge, one layer at a time: ``matrix_pieces`` on matrix layers, ``τ_k / K`` on
+    the rest (the spectral merges average them)."""
+    return spectral.merge_layers(task_vectors, matrix_pieces, lambda x: x / task_vectors.num_tasks, pointwise_convs)
 
 
 def _tsv(task_vectors: TaskVectors, *, rank_fraction: float | None, pointwise_convs: bool) -> dict[str, Tensor]:

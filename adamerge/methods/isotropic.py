@@ -68,32 +68,38 @@ def _validate_iso_cts(num_tasks: int, hparams: Mapping[str, Any]) -> None:
     check_bool("iso_cts", "pointwise_convs", hparams["pointwise_convs"])
 
 
-def iso_c_matrix(x: Tensor) -> Tensor:
-    """Iso-C of one layer (``x``: ``[K, m, n]``): ``mean(S) · U Vᵀ`` of ``Σ_k x_k``, before α."""
-    u, s, vh = spectral.svd(x.sum(dim=0))
+Factors = tuple[Tensor, Tensor, Tensor]
+
+
+def iso_c_matrix(x: Tensor, total: Factors | None = None) -> Tensor:
+    """Iso-C of one layer (``x``: ``[K, m, n]``): ``mean(S) · U Vᵀ`` of ``Σ_k x_k``, before α (``total``: that sum's
+    SVD when the caller already has it)."""
+    u, s, vh = total if total is not None else spectral.svd(x.sum(dim=0))
     return (u * spectral.flat_spectrum(s)) @ vh
 
 
-def contribution_pieces(merged: Tensor, x: Tensor) -> Tensor:
+def contribution_pieces(merged: Tensor, x: Tensor, total: Factors | None = None) -> Tensor:
     """Split a merged layer ``M`` (``[m, n]``) among the K tasks (``x``: ``[K, m, n]``) by their share of the summed
     matrix ``T = Σ_k x_k``: ``p_k = M T⁺ x_k + (M − M T⁺ T) / K``, so that ``Σ_k p_k = M`` exactly.
 
     ``T⁺`` is the pseudo-inverse (singular values below ``max(m, n) · eps · S_max`` count as zero, as in
     ``numpy.linalg.pinv``); ``M T⁺ T`` is ``M`` on ``T``'s row space, and what lies outside it (Iso-C's directions
     of zero singular value) is shared equally. For Iso-C (``M = mean(S) · U Vᵀ``) this is
-    ``p_k = mean(S) · U diag(1/S) Uᵀ τ_k``: each task's vector seen through the flattened spectrum.
+    ``p_k = mean(S) · U diag(1/S) Uᵀ τ_k``: each task's vector seen through the flattened spectrum. ``total``: the
+    SVD of ``T`` when the caller already has it.
     """
-    u, s, vh = spectral.svd(x.sum(dim=0))
+    u, s, vh = total if total is not None else spectral.svd(x.sum(dim=0))
     kept = s > (s[0] * max(x.shape[1:]) * torch.finfo(torch.float32).eps if s.numel() else 0)
     left = (merged @ vh[kept].mT) / s[kept]  # M V S⁻¹ on the kept directions: [m, r']
     pieces = torch.stack([left @ (u[:, kept].mT @ task) for task in x])
-    del u, s, vh, left
+    del left
     return pieces + (merged - pieces.sum(dim=0)) / x.shape[0]
 
 
 def iso_c_pieces(x: Tensor) -> Tensor:
     """Each task's share of the Iso-C layer (α = 1): :func:`contribution_pieces` of :func:`iso_c_matrix`."""
-    return contribution_pieces(iso_c_matrix(x), x)
+    total = spectral.svd(x.sum(dim=0))  # one SVD of the sum serves the merge and its split
+    return contribution_pieces(iso_c_matrix(x, total), x, total)
 
 
 def iso_cts_pieces(x: Tensor, common_space_fraction: float) -> Tensor:
@@ -134,10 +140,7 @@ def iso_cts_matrix(x: Tensor, common_space_fraction: float) -> Tensor:
 @static_method("iso_c", _validate_iso_c)
 def iso_c(task_vectors: TaskVectors, *, alpha: float = 1.3, pointwise_convs: bool = True) -> dict[str, Tensor]:
     """Iso-C (Marczak et al. 2025): per layer, flatten the spectrum of Σ_k τ_k to its mean, × α."""
-    scale = float(alpha)
-    return spectral.merge_layers(
-        task_vectors, lambda x: scale * iso_c_matrix(x), lambda x: scale * spectral.task_mean(x), pointwise_convs
-    )
+    return spectral.scaled_merge(task_vectors, iso_c_matrix, alpha, pointwise_convs)
 
 
 @static_method("iso_cts", _validate_iso_cts)
@@ -145,10 +148,5 @@ def iso_cts(
     task_vectors: TaskVectors, *, common_space_fraction: float = 0.8, alpha: float = 1.5, pointwise_convs: bool = True
 ) -> dict[str, Tensor]:
     """Iso-CTS (Marczak et al. 2025): common subspace of Σ_k τ_k plus task-specific directions, flattened, × α."""
-    scale = float(alpha)
-    return spectral.merge_layers(
-        task_vectors,
-        lambda x: scale * iso_cts_matrix(x, common_space_fraction),
-        lambda x: scale * spectral.task_mean(x),
-        pointwise_convs,
-    )
+    return spectral.scaled_merge(task_vectors, lambda x: iso_cts_matrix(x, common_space_fraction), alpha,
+                                 pointwise_convs)

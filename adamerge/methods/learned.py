@@ -13,7 +13,6 @@ from typing import Any
 from torch import nn
 
 from adamerge.alignment import ALIGNMENT_TASK, AlignmentVector
-from adamerge.errors import ConfigError
 from adamerge.merged import MergedModel, resolve_layer_groups
 from adamerge.methods import checks
 from adamerge.methods.bases import apply_base, resolve_base
@@ -146,9 +145,6 @@ def build_learned(
     base_hparams = resolve_base(name, base, hparams.pop("base_hparams"), task_vectors.num_tasks)
     task_vectors = apply_base(task_vectors, base, base_hparams)
     if alignment is not None:
-        if hparams.get("origin", "pretrained") != "pretrained":  # AdaRank's CART would re-centre it with the experts
-            raise ConfigError(f"method {name!r}: origin={hparams['origin']!r} cannot take an alignment vector (it "
-                              "re-centres every vector at their average); use origin=pretrained")
         hparams["init_value"] = alignment.initial_coefficients(hparams["init_value"], task_vectors.num_tasks)
         task_vectors = alignment.appended_to(task_vectors)
     module = LEARNED_BUILDERS[name](backbone, task_vectors, heads, objective=objective, **hparams)

@@ -110,7 +110,8 @@ def merge_layers(
 
     ``x`` is the float32 stack on the task vectors' device: ``[K, m, n]`` for ``matrix_fn`` (a ``1 × 1``
     convolution seen as its matrix when ``pointwise_convs``), ``[K, *shape]`` for ``other_fn``; the functions return
-    the merged delta (``[m, n]`` / ``shape``), which is given back the tensor's shape.
+    the merged delta (``[m, n]`` / ``shape``) or per-task pieces (``[K, m, n]`` / ``[K, *shape]``), given back the
+    tensor's shape behind their leading dimensions.
     """
     deltas = {}
     for name, stacked in task_vectors.vectors.items():
@@ -119,6 +120,15 @@ def merge_layers(
         if matrices is None:
             deltas[name] = other_fn(x)
         else:
-            deltas[name] = matrix_fn(matrices).reshape(x.shape[1:])
+            merged = matrix_fn(matrices)
+            deltas[name] = merged.reshape(*merged.shape[:-2], *x.shape[1:])
         del x, matrices
     return deltas
+
+
+def scaled_merge(task_vectors: TaskVectors, matrix_fn: Callable[[Tensor], Tensor], alpha: float,
+                 pointwise_convs: bool = True) -> Deltas:
+    """``α · matrix_fn(x)`` on matrix layers and ``α · mean_k τ_k`` on the rest: the form of TSV-M, Iso-C and Iso-CTS
+    (the authors average the tensors that are not matrices, and α scales the whole merged vector)."""
+    scale = float(alpha)
+    return merge_layers(task_vectors, lambda x: scale * matrix_fn(x), lambda x: scale * task_mean(x), pointwise_convs)

@@ -118,10 +118,4 @@ def tsv_merge(
     ``rank_fraction`` null keeps ⌊r/K⌋ components per task; tensors that are not matrices get α · mean_k τ_k
     (``pointwise_convs``: 1 × 1 convolutions are matrices, see :mod:`~adamerge.methods.spectral`).
     """
-    scale = float(alpha)
-    return spectral.merge_layers(
-        task_vectors,
-        lambda x: scale * tsv_matrix(x, rank_fraction),
-        lambda x: scale * spectral.task_mean(x),
-        pointwise_convs,
-    )
+    return spectral.scaled_merge(task_vectors, lambda x: tsv_matrix(x, rank_fraction), alpha, pointwise_convs)
