@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
@@ -133,7 +134,8 @@ class _AdaptationStream(IterableDataset):
         while True:
             idx = {k: [next(s) for _ in range(self.batch_size)] for k, s in streams.items()}
             if step >= self.start_step and step % nw == wid:
-                yield {k: self.datasets[k][i] for k, i in idx.items()}
+                # Row indices travel with the batch: expert outputs cached per row (expert_targets) are looked up by them.
+                yield {k: {**self.datasets[k][i], "index": torch.as_tensor(i, dtype=torch.long)} for k, i in idx.items()}
             step += 1
 
 
@@ -167,7 +169,11 @@ class _Batches(TorchDataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return self.ds[i * self.batch_size: min((i + 1) * self.batch_size, len(self.ds))]
+        start, stop = i * self.batch_size, min((i + 1) * self.batch_size, len(self.ds))
+        return {**self.ds[start:stop], "index": torch.arange(start, stop)}
+
+
+ADAPTATION, EVALUATION = 0, 1  # a task's two splits: unlabeled inputs learning draws from, labelled evaluation
 
 
 class MultiTaskDataModule(L.LightningDataModule):
@@ -333,8 +339,22 @@ class MultiTaskDataModule(L.LightningDataModule):
             t = self.tasks[task]
             raise TaskDataError(f"task {task!r} ({t.path!r}): evaluation needs labels but column "
                                 f"{t.label_column!r} is missing; available columns: {self._raw[task][1].column_names}")
-        return DataLoader(_Batches(self._transformed(task, 1), batch_size or self.eval_batch_size), batch_size=None,
+        return self.split_batches(task, EVALUATION, batch_size)
+
+    def split_batches(self, task: str, split: int, batch_size: int | None = None) -> DataLoader:
+        """Every row of a task's ``ADAPTATION`` or ``EVALUATION`` split once, in order, as batches with row ``index``."""
+        return DataLoader(_Batches(self._transformed(task, split), batch_size or self.eval_batch_size), batch_size=None,
                           shuffle=False, num_workers=self.num_workers)
+
+    def split_size(self, task: str, split: int) -> int:
+        """How many rows the task's ``ADAPTATION`` or ``EVALUATION`` split has."""
+        self._ensure_setup(task)
+        return len(self._raw[task][split])
+
+    def split_key(self, task: str, split: int) -> tuple[str, int]:
+        """Identifies a split's rows: the adaptation and evaluation splits are often one dataset (then equal keys)."""
+        self._ensure_setup(task)
+        return task, id(self._raw[task][split])
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.eval_dataloader(k) for k in self.task_names]

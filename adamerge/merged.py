@@ -70,6 +70,8 @@ class MergedModel(nn.Module):
         self.unscored_tasks = tuple(task_vectors.unscored_tasks)
         # Lower bounds of single coefficient columns (an alignment vector's), applied after the clamp.
         self.coefficient_floors: dict[int, float] = {}
+        # (low, high) of single columns that replace the clamp there (a residual base merge's scale).
+        self.column_bounds: dict[int, tuple[float, float]] = {}
         self.names = task_vectors.names
         self.granularity = granularity
         self.clamp = tuple(clamp) if clamp is not None else None
@@ -172,10 +174,17 @@ class MergedModel(nn.Module):
 
     @torch.no_grad()
     def clamp_coefficients_(self) -> None:
+        unclamped = {column: self.coefficients[..., column].clone() for column in self.column_bounds}
         if self.clamp is not None:
             self.coefficients.clamp_(*self.clamp)
+        for column, (low, high) in self.column_bounds.items():  # from the value before the clamp, not after it
+            self.coefficients[..., column] = unclamped[column].clamp(low, high)
         for column, floor in self.coefficient_floors.items():
             self.coefficients[..., column].clamp_(min=floor)
+
+    def set_coefficient_bounds(self, task: str, low: float, high: float) -> None:
+        """Keep every coefficient of ``task``'s vector within [low, high] instead of the clamp."""
+        self.column_bounds[self.task_names.index(task)] = (float(low), float(high))
 
     def set_coefficient_floor(self, task: str, floor: float) -> None:
         """Keep every coefficient of ``task``'s vector at or above ``floor`` (checked after every optimizer step)."""

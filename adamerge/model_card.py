@@ -171,17 +171,28 @@ def _accuracy(config: Mapping[str, Any]) -> str:
     accuracy = _mapping(config, "accuracy")
     if not accuracy:
         return "No accuracy was recorded with this export."
-    data = _mapping(config, "evaluation")
+    data, agreement = _mapping(config, "evaluation"), _mapping(config, "expert_agreement")
+
+    def percent(value: Any) -> str:
+        return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "n/a"
+
     rows = []
     for task, value in accuracy.items():
         where = data.get(task) or {}
         split = f"`{where['path']}` ({where.get('split')}, {where.get('examples')} examples)" if where.get("path") else ""
-        rows.append([task, f"{100 * value:.2f}" if isinstance(value, (int, float)) else "n/a", split])
+        rows.append([task, percent(value), *([percent(agreement.get(task))] if agreement else []), split])
     finite = [v for v in accuracy.values() if isinstance(v, (int, float))]
     if finite:
-        rows.append(["**average**", f"{100 * sum(finite) / len(finite):.2f}", ""])
-    return ("Accuracy (%) of this merged model on each task's evaluation split, measured by adamerge during the "
-            "run that wrote this export:\n\n" + _table(["task", "accuracy (%)", "evaluated on"], rows))
+        agreed = [v for v in agreement.values() if isinstance(v, (int, float))]
+        mean = [percent(sum(agreed) / len(agreed)) if agreed else "n/a"] if agreement else []
+        rows.append(["**average**", f"{100 * sum(finite) / len(finite):.2f}", *mean, ""])
+    header = ["task", "accuracy (%)", *(["agrees with the task's expert (%)"] if agreement else []), "evaluated on"]
+    text = ("Accuracy (%) of this merged model on each task's evaluation split, measured by adamerge during the "
+            "run that wrote this export")
+    if agreement:
+        text += (", and the share of those inputs on which it predicts what that task's own fine-tuned model predicts "
+                 "(label-free: no labels are needed to measure it)")
+    return text + ":\n\n" + _table(header, rows)
 
 
 def _method(config: Mapping[str, Any]) -> str:

@@ -23,12 +23,14 @@ from torch import Tensor, nn
 
 from adamerge import task_batching
 from adamerge.errors import AdamergeError
+from adamerge.expert_targets import feature_tensor
 from adamerge.merged import MergedModel
-from adamerge.objectives import Entropy, Objective, prediction_entropy
+from adamerge.objectives import Entropy, ExpertOutputs, Objective, prediction_entropy
 from adamerge.profiling import StepProfile
 from adamerge.resume import ResumeError, capture_rng, restore_rng
 
 if TYPE_CHECKING:
+    from adamerge.expert_targets import ExpertTargets
     from adamerge.protected import ProtectedTask
     from adamerge.protection import Protection
 
@@ -84,13 +86,26 @@ def is_plain_entropy(objective: Objective) -> bool:
     return type(objective) is Entropy and not objective.normalize
 
 
-def batch_scores(logits: Tensor, labels: Tensor, inputs: Any, objective: Objective) -> tuple[int, int, float, float]:
-    """One evaluation batch: correct predictions, labels counted, and the two label-free scores (the
-    objective and the mean prediction entropy) that runs and sweeps are compared by without labels."""
+SCORE_COUNTS = ("correct", "seen", "objective", "entropy", "agreed", "compared_to_expert")
+
+
+def batch_scores(logits: Tensor, labels: Tensor, inputs: Any, objective: Objective, *, output: Any = None,
+                 expert: ExpertOutputs | None = None) -> dict[str, float]:
+    """One evaluation batch: correct predictions, labels counted, the label-free scores that runs and sweeps are
+    compared by without labels (the objective and the mean prediction entropy) and, given the task expert's logits,
+    the predictions that agree with the expert's (arg-max) and how many were compared (``SCORE_COUNTS``)."""
     correct, seen = count_correct(logits, labels)
     mask = entropy_mask(inputs, logits)
-    value = float(objective(logits, mask))
-    return correct, seen, value, value if is_plain_entropy(objective) else float(prediction_entropy(logits, mask))
+    features = feature_tensor(output) if output is not None and "features" in objective.needs else None
+    value = float(objective(logits, mask, features=features, expert=expert))
+    entropy = value if is_plain_entropy(objective) else float(prediction_entropy(logits, mask))
+    agreed = compared = 0
+    if expert is not None and expert.logits is not None:
+        merged_predictions = valid_predictions(logits, mask)
+        expert_predictions = valid_predictions(expert.logits.to(logits.device), mask)
+        agreed, compared = int((merged_predictions == expert_predictions).sum()), merged_predictions.numel()
+    return {"correct": correct, "seen": seen, "objective": value, "entropy": entropy, "agreed": agreed,
+            "compared_to_expert": compared}
 
 
 class AdaMergingModule(L.LightningModule):
@@ -148,6 +163,9 @@ class AdaMergingModule(L.LightningModule):
         self.set_task_batching(task_batching_mode)
         self.skipped_steps: list[dict[str, Any]] = []
         self._rng_to_restore: dict[str, Any] | None = None
+        # Each task's expert outputs on its inputs (adamerge.expert_targets), for expert-matching objectives and the
+        # agreement signal; see use_experts().
+        self.expert_targets: ExpertTargets | None = None
         self.profile = StepProfile()
         self._last_step_end: float | None = None
 
@@ -173,6 +191,25 @@ class AdaMergingModule(L.LightningModule):
         self.protection = Protection(tasks, seed=seed, eval_batch_size=eval_batch_size)
         self.protection.attach(self)
         return self.protection
+
+    def use_experts(self, targets: ExpertTargets) -> None:
+        """Read each task's expert outputs from ``targets``: expert-matching objectives need them, and with them every
+        evaluation reports how often the merge agrees with each expert."""
+        self.expert_targets = targets
+
+    def check_experts(self) -> None:
+        """An objective that compares with the experts cannot run without their outputs: say so before any step."""
+        if self.objective.needs and (self.expert_targets is None or not set(self.objective.needs) <= set(self.expert_targets.needs)):
+            from adamerge.objectives import ObjectiveError
+
+            raise ObjectiveError(f"objective {self.objective.name!r} needs each task's expert {sorted(self.objective.needs)}; "
+                                 "call module.use_experts(ExpertTargets(...)) first (the runner does)")
+
+    def expert_outputs(self, task: str, batch: Batch, split: int) -> ExpertOutputs | None:
+        """The task's expert outputs on ``batch`` (None without expert targets or a row index)."""
+        if self.expert_targets is None or "index" not in batch:
+            return None
+        return self.expert_targets.lookup(task, split, batch)
 
     # -- what trains ---------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -203,7 +240,12 @@ class AdaMergingModule(L.LightningModule):
         return torch.autocast(self.device.type, dtype=getattr(torch, self.autocast_dtype))
 
     def task_logits(self, task: str, inputs: Any, weights: Mapping[str, Tensor] | None) -> Tensor:
-        return self.heads[task](run_backbone(self.merged, inputs, weights))
+        return self.task_outputs(task, inputs, weights)[1]
+
+    def task_outputs(self, task: str, inputs: Any, weights: Mapping[str, Tensor] | None) -> tuple[Any, Tensor]:
+        """The merged backbone's output (the head's input: features for feature matching) and the task's logits."""
+        output = run_backbone(self.merged, inputs, weights)
+        return output, self.heads[task](output)
 
     def _backward(self, loss: Tensor) -> None:
         if self._trainer is not None:
@@ -223,7 +265,7 @@ class AdaMergingModule(L.LightningModule):
         if self.resolved_task_batching(batch, leaves) == "joint":
             objectives = self._joint_pass(batch, leaves)
         else:
-            objectives = {task: self._task_pass(task, batch[task]["inputs"], leaves) for task in self.task_names}
+            objectives = {task: self._task_pass(task, batch[task], leaves) for task in self.task_names}
         if self.protection is not None:  # its own batches and losses: protected data never enters the objective
             self.protection.accumulate(self, leaves)
         used = [name for name, leaf in leaves.items() if leaf.grad is not None]
@@ -236,10 +278,16 @@ class AdaMergingModule(L.LightningModule):
                                      f"(objectives {objectives}); stopping before the optimizer step")
         return objectives
 
-    def _task_loss(self, task: str, inputs: Any, logits: Tensor) -> tuple[Tensor, float]:
+    def _task_loss(self, task: str, batch: Batch, output: Any, logits: Tensor) -> tuple[Tensor, float]:
         """The task's objective (checked finite before any backward) and its prediction entropy, logged."""
+        from adamerge.data import ADAPTATION
+
+        inputs = batch["inputs"]
         mask = entropy_mask(inputs, logits)
-        loss = self.objective(logits, mask)
+        needs = self.objective.needs
+        expert = self.expert_outputs(task, batch, ADAPTATION) if needs else None
+        features = feature_tensor(output) if "features" in needs else None
+        loss = self.objective(logits, mask, features=features, expert=expert)
         value = loss.item()
         if not math.isfinite(value):  # before backward: a NaN must never reach the coefficients
             raise NonFiniteError(
@@ -253,11 +301,11 @@ class AdaMergingModule(L.LightningModule):
                 self.last_step_entropy[task] = prediction_entropy(logits, mask).item()
         return loss, value
 
-    def _task_pass(self, task: str, inputs: Any, leaves: Mapping[str, Tensor]) -> float:
+    def _task_pass(self, task: str, batch: Batch, leaves: Mapping[str, Tensor]) -> float:
         with self.profile.phase("forward"):
             with self._autocast():
-                logits = self.task_logits(task, inputs, leaves)
-            loss, value = self._task_loss(task, inputs, logits)
+                output, logits = self.task_outputs(task, batch["inputs"], leaves)
+            loss, value = self._task_loss(task, batch, output, logits)
         with self.profile.phase("backward"):
             self._backward(loss)
         return value
@@ -272,8 +320,8 @@ class AdaMergingModule(L.LightningModule):
                 per_task = task_batching.split(features, sizes)
                 logits = [self.heads[task](part) for task, part in zip(self.task_names, per_task)]
             objectives, total = {}, None
-            for task, task_inputs, task_logits in zip(self.task_names, inputs, logits):
-                loss, objectives[task] = self._task_loss(task, task_inputs, task_logits)
+            for task, output, task_logits in zip(self.task_names, per_task, logits):
+                loss, objectives[task] = self._task_loss(task, batch[task], output, task_logits)
                 total = loss if total is None else total + loss
         with self.profile.phase("backward"):
             self._backward(total)
@@ -398,7 +446,7 @@ class AdaMergingModule(L.LightningModule):
         """Restore what :meth:`extra_resume_state` saved."""
 
     # -- evaluation -------------------------------------------------------------------------------
-    _COUNTS = ("correct", "seen", "objective", "entropy", "batches", "changed", "compared")
+    _COUNTS = (*SCORE_COUNTS, "batches", "changed", "compared")
 
     def on_validation_epoch_start(self) -> None:
         with torch.no_grad():
@@ -407,10 +455,13 @@ class AdaMergingModule(L.LightningModule):
         self._predictions = {}
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        from adamerge.data import EVALUATION
+
         task = self.task_names[dataloader_idx]
         with torch.no_grad(), self._autocast():
-            logits = self.task_logits(task, batch["inputs"], self._eval_weights)
-        correct, seen, objective, entropy = batch_scores(logits, batch["labels"], batch["inputs"], self.objective)
+            output, logits = self.task_outputs(task, batch["inputs"], self._eval_weights)
+        scores = batch_scores(logits, batch["labels"], batch["inputs"], self.objective, output=output,
+                              expert=self.expert_outputs(task, batch, EVALUATION))
         predictions = valid_predictions(logits, entropy_mask(batch["inputs"], logits))
         # The label-free signals: the objective on the evaluation inputs, and predictions that moved since
         # the first evaluation (the runner's, before learning). Labels are not used for either.
@@ -420,7 +471,7 @@ class AdaMergingModule(L.LightningModule):
             changed, compared = int((before != predictions).sum()), predictions.numel()
         self._predictions[task, batch_idx] = predictions
         totals = self._totals[task]
-        for index, value in enumerate((correct, seen, objective, entropy, 1, changed, compared)):
+        for index, value in enumerate((*(scores[name] for name in SCORE_COUNTS), 1, changed, compared)):
             totals[index] += value
 
     def on_validation_epoch_end(self) -> None:
@@ -435,8 +486,11 @@ class AdaMergingModule(L.LightningModule):
                 for key, value in scores.items():
                     self.log(f"val/protected/{task}/{key}", value, add_dataloader_idx=False)
         columns = {name: counts[:, i].tolist() for i, name in enumerate(self._COUNTS)}
-        evaluation: dict[str, dict[str, float]] = {"accuracy": {}, "objective": {}, "entropy": {}, "prediction_changed": {}}
+        evaluation: dict[str, dict[str, float]] = {"accuracy": {}, "objective": {}, "entropy": {}, "prediction_changed": {},
+                                                   "expert_agreement": {}}
         for i, task in enumerate(self.task_names):
+            if columns["compared_to_expert"][i]:  # label-free: the share of predictions equal to the task expert's
+                evaluation["expert_agreement"][task] = columns["agreed"][i] / columns["compared_to_expert"][i]
             evaluation["accuracy"][task] = columns["correct"][i] / max(columns["seen"][i], 1)
             evaluation["objective"][task] = columns["objective"][i] / max(columns["batches"][i], 1)
             evaluation["entropy"][task] = columns["entropy"][i] / max(columns["batches"][i], 1)
@@ -458,7 +512,7 @@ class AdaMergingModule(L.LightningModule):
         if len(self.evaluations) < 2:
             return {}
         first, last = self.evaluations[0], self.evaluations[-1]
-        return {
+        report = {
             task: {
                 "objective_start": first["objective"][task],
                 "objective_end": last["objective"][task],
@@ -466,6 +520,11 @@ class AdaMergingModule(L.LightningModule):
             }
             for task in self.task_names
         }
+        for task in self.task_names:  # agreement with the task's expert, where the experts' outputs were given
+            if task in last.get("expert_agreement", {}):
+                report[task]["expert_agreement_start"] = first["expert_agreement"][task]
+                report[task]["expert_agreement_end"] = last["expert_agreement"][task]
+        return report
 
     on_test_epoch_start = on_validation_epoch_start
     test_step = validation_step

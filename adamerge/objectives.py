@@ -14,12 +14,17 @@ in nats, ``C`` the number of classes.
   the noisiest gradients. A batch with no confident example contributes zero.
 
 ``normalize=True`` divides every entropy by ``ln C`` so a 10-class and a 397-class task weigh alike in the sum.
+
+Expert-matching objectives (adamerge/expert_objectives.py: ``expert_kl``, ``feature_matching``) compare the merged
+model with each task's own fine-tuned model (its *expert*) on the same unlabeled inputs instead of rewarding
+confidence; ``weighted_sum`` adds any of them with weights. They receive the expert's outputs through ``expert``.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -61,28 +66,53 @@ def entropy_scale(num_classes: int, normalize: bool) -> float:
     return math.log(num_classes) if normalize and num_classes > 1 else 1.0
 
 
+@dataclass(frozen=True)
+class ExpertOutputs:
+    """What a task's fine-tuned model (its expert) gives on the inputs of one batch, computed once before learning
+    (adamerge/expert_targets.py): its logits and its backbone features, each None when no objective needs it."""
+
+    logits: Tensor | None = None
+    features: Tensor | None = None
+
+
 class Objective(ABC):
     """A label-free loss over one task's logits. Subclasses register under ``name``."""
 
     name: ClassVar[str]
     per_token: ClassVar[bool] = True  # defined for [N, T, V] logits of causal LMs
+    # What of the task's expert the loss reads ("logits", "features"); empty: the merged model's logits alone.
+    expert_needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, normalize: bool = False) -> None:
         self.normalize = bool(normalize)
 
-    def __call__(self, logits: Tensor, mask: Tensor | None = None) -> Tensor:
-        """The loss of one task's batch; ``mask`` marks the valid positions of per-token logits."""
+    @property
+    def needs(self) -> frozenset[str]:
+        """The expert outputs this objective reads (an instance property: a weighted sum unites its terms')."""
+        return self.expert_needs
+
+    def __call__(self, logits: Tensor, mask: Tensor | None = None, *, features: Tensor | None = None,
+                 expert: ExpertOutputs | None = None) -> Tensor:
+        """The loss of one task's batch; ``mask`` marks the valid positions of per-token logits, ``features`` are the
+        merged backbone's outputs (what the head reads) and ``expert`` the task's expert outputs on the same inputs."""
         if logits.ndim < 2:
             raise ObjectiveError(f"objective {self.name!r} needs logits of shape [N, C] or [N, T, V], got {tuple(logits.shape)}")
         if logits.ndim > 2 and not self.per_token:
             raise ObjectiveError(
                 f"objective {self.name!r} is not defined for per-token logits {tuple(logits.shape)} "
-                "(a causal language model): use objective=entropy or objective=confident_entropy"
+                "(a causal language model): use objective=entropy, confident_entropy or expert_kl"
             )
-        return self.loss(logits, mask)
+        for need in sorted(self.needs):
+            if expert is None or getattr(expert, need) is None:
+                raise ObjectiveError(f"objective {self.name!r} compares with each task's expert and needs the expert's "
+                                     f"{need} on this batch, but none were given")
+        if "features" in self.needs and features is None:
+            raise ObjectiveError(f"objective {self.name!r} needs the merged backbone's features, but none were given")
+        return self.loss(logits, mask, features=features, expert=expert)
 
     @abstractmethod
-    def loss(self, logits: Tensor, mask: Tensor | None) -> Tensor: ...
+    def loss(self, logits: Tensor, mask: Tensor | None, *, features: Tensor | None = None,
+             expert: ExpertOutputs | None = None) -> Tensor: ...
 
     def config(self) -> dict[str, Any]:
         """Name and settings, for results files and the export's merge_config.json."""
@@ -96,7 +126,7 @@ class Objective(ABC):
 class Entropy(Objective):
     name = "entropy"
 
-    def loss(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+    def loss(self, logits: Tensor, mask: Tensor | None, **_: Any) -> Tensor:
         return prediction_entropy(logits, mask) / entropy_scale(logits.shape[-1], self.normalize)
 
 
@@ -110,7 +140,7 @@ class InformationMaximization(Objective):
             raise ObjectiveError(f"objective 'information_maximization': diversity_weight must be >= 0, got {diversity_weight}")
         self.diversity_weight = float(diversity_weight)
 
-    def loss(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+    def loss(self, logits: Tensor, mask: Tensor | None, **_: Any) -> Tensor:
         probs = torch.softmax(at_least_float32(logits), dim=-1)
         mean_entropy = token_entropy(logits).mean()
         marginal = probs.mean(0)
@@ -130,7 +160,7 @@ class ConfidentEntropy(Objective):
             raise ObjectiveError(f"objective 'confident_entropy': weighting must be one of {self.WEIGHTINGS}, got {weighting!r}")
         self.threshold, self.weighting = float(threshold), weighting
 
-    def loss(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+    def loss(self, logits: Tensor, mask: Tensor | None, **_: Any) -> Tensor:
         entropy = token_entropy(logits)
         margin = self.threshold * math.log(logits.shape[-1]) if logits.shape[-1] > 1 else 0.0
         selected = entropy < margin
@@ -143,7 +173,17 @@ class ConfidentEntropy(Objective):
         return loss / entropy_scale(logits.shape[-1], self.normalize)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Entropy, InformationMaximization, ConfidentEntropy)}
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Register an objective class under its ``name`` (mirrored by ``conf/objective/<name>.yaml``)."""
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+for _cls in (Entropy, InformationMaximization, ConfidentEntropy):
+    register_objective(_cls)
 
 
 def build_objective(name: str = "entropy", **settings: Any) -> Objective:
@@ -154,3 +194,7 @@ def build_objective(name: str = "entropy", **settings: Any) -> Objective:
         return OBJECTIVES[name](**settings)
     except TypeError as error:
         raise ObjectiveError(f"objective {name!r}: {error}") from None
+
+
+# The expert-matching objectives register themselves on import; imported last, once everything above exists.
+from adamerge import expert_objectives  # noqa: E402,F401

@@ -91,13 +91,24 @@ def average(accuracy: Mapping[str, float]) -> float:
     return sum(accuracy.values()) / len(accuracy) if accuracy else math.nan
 
 
+def expert_agreement(row: Mapping[str, Any]) -> float | None:
+    """Task mean of a method's label-free agreement with each task's expert (None where it was not measured)."""
+    values = [v for v in ((row.get("unlabeled") or {}).get("expert_agreement") or {}).values() if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> str:
-    """Markdown table: one row per method, accuracy (%) per task and the average."""
-    header = ["method", *tasks, "average"]
+    """Markdown table: one row per method, accuracy (%) per task and the average, and the label-free agreement with
+    each task's expert (task mean, %) where the rows measured it."""
+    agreement = any(expert_agreement(row) is not None for row in rows)
+    header = ["method", *tasks, "average", *(["expert agreement"] if agreement else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
-        cells = [f"{100 * row['accuracy'][t]:.1f}" for t in tasks]
-        lines.append("| " + " | ".join([row["method"], *cells, f"{100 * row['average_accuracy']:.1f}"]) + " |")
+        cells = [f"{100 * row['accuracy'][t]:.1f}" for t in tasks] + [f"{100 * row['average_accuracy']:.1f}"]
+        if agreement:
+            value = expert_agreement(row)
+            cells.append("" if value is None else f"{100 * value:.1f}")
+        lines.append("| " + " | ".join([row["method"], *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -143,6 +154,7 @@ def write_summary(run_dir: str | Path, rows: Sequence[Mapping[str, Any]], tasks:
         table += "\n\nProtected tasks:\n\n" + protected
     summary_rows = [
         {"method": r["method"], "accuracy": dict(r["accuracy"]), "average_accuracy": r["average_accuracy"],
+         **({"expert_agreement": (r.get("unlabeled") or {}).get("expert_agreement")} if expert_agreement(r) is not None else {}),
          **({"protected": r["protected"]} if r.get("protected") else {})}
         for r in rows
     ]

@@ -34,6 +34,9 @@ def export_run_model(ctx: RunContext, directory: Path, name: str, model: nn.Modu
         "accuracy": result["accuracy"],
         "evaluation": evaluation_data(ctx.datamodule, tasks),
     }
+    agreement = (result.get("unlabeled") or {}).get("expert_agreement")
+    if agreement:  # label-free: the share of evaluation inputs on which the merge predicts what the task's expert does
+        merge_config["expert_agreement"] = dict(agreement)
     if result.get("coefficient_columns"):  # the tasks, then an alignment vector: the heatmap's column labels
         merge_config["coefficient_columns"] = result["coefficient_columns"]
     if ctx.alignment is not None and name != "pretrained":

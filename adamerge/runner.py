@@ -21,7 +21,9 @@ from torch import nn
 
 from adamerge.alignment import AlignmentVector, alignment_from_config
 from adamerge.errors import adamerge_cause
+from adamerge.data import ADAPTATION, EVALUATION
 from adamerge.evaluation import evaluate, finite_scores
+from adamerge.expert_targets import ExpertTargets
 from adamerge.loggers import (
     finish, log_coefficients, log_final, log_label_free, log_profile, log_protected, log_run_config, run_identity,
 )
@@ -49,6 +51,7 @@ class RunContext:
     objective: Objective
     protected: list[ProtectedTask] = field(default_factory=list)
     alignment: AlignmentVector | None = None
+    experts: ExpertTargets | None = None
 
 
 def pick_device(accelerator: str) -> torch.device:
@@ -72,20 +75,22 @@ def run_static(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> tuple[
         deltas = ctx.alignment.added_to(deltas)
     model = ctx.pool.fresh_backbone()
     model.load_state_dict(ctx.task_vectors.state_dict_from_deltas(deltas), strict=False)
-    result = evaluate(model, ctx.pool.heads, ctx.datamodule, ctx.task_vectors.task_names, ctx.device, ctx.objective)
+    result = evaluate(model, ctx.pool.heads, ctx.datamodule, ctx.task_vectors.task_names, ctx.device, ctx.objective,
+                      ctx.experts)
     if ctx.protected:
         result["protected"] = static_scores(ctx.protected, model, ctx.device)
     return result, model
 
 
 def run_individual(ctx: RunContext) -> dict:
-    result: dict[str, Any] = {"accuracy": {}, "unlabeled": {"objective": {}, "entropy": {}}}
+    result: dict[str, Any] = {"accuracy": {}, "unlabeled": {"objective": {}, "entropy": {}, "expert_agreement": {}}}
     for task in ctx.task_vectors.task_names:
         model = ctx.pool.backbone_with(ctx.task_vectors, task)
-        scores = evaluate(model, ctx.pool.heads, ctx.datamodule, [task], ctx.device, ctx.objective)
+        scores = evaluate(model, ctx.pool.heads, ctx.datamodule, [task], ctx.device, ctx.objective, ctx.experts)
         result["accuracy"].update(scores["accuracy"])
         for name, values in scores["unlabeled"].items():
             result["unlabeled"][name].update(values)
+    result["unlabeled"] = {name: values for name, values in result["unlabeled"].items() if values}
     return result
 
 
@@ -123,6 +128,9 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
         name, ctx.pool.fresh_backbone(), ctx.task_vectors, ctx.pool.heads, objective=ctx.objective,
         alignment=ctx.alignment, **hparams
     )
+    if ctx.experts is not None:
+        module.use_experts(ctx.experts)
+    module.check_experts()
     if ctx.protected:
         module.protect(ctx.protected, seed=int(ctx.cfg.seed), eval_batch_size=int(ctx.cfg.data.get("eval_batch_size", 64)))
     module.on_nonfinite = ctx.cfg.get("on_nonfinite", "stop")
@@ -154,7 +162,8 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
         "coefficients": coefficients,
         "objective": module.objective.config(),
         "label_free": label_free,
-        "unlabeled": finite_scores({score: module.evaluations[-1][score] for score in ("objective", "entropy")}),
+        "unlabeled": finite_scores({score: module.evaluations[-1][score] for score in ("objective", "entropy", "expert_agreement")
+                                    if module.evaluations[-1].get(score)}),
         "start_accuracy": module.evaluations[0]["accuracy"],
         "objective_history": [h["objective"] for h in module.history],
         "entropy_history": [h["entropy"] for h in module.history],
@@ -242,6 +251,22 @@ def check_outputs(cfg: DictConfig, run_dir: Path) -> None:
     check_run_dir(cfg, run_dir, method_names(cfg), lambda name: method_dir_of(cfg, run_dir, name))
 
 
+def build_expert_targets(cfg: DictConfig, pool: ModelPool, task_vectors: TaskVectors, datamodule: Any,
+                         device: torch.device, objective: Objective) -> ExpertTargets:
+    """Each task's expert (θ0 + τ_k with its head) run once over its evaluation rows (the agreement signal) and, for an
+    objective that compares with the experts, its adaptation rows: never once per step (adamerge.expert_targets)."""
+    needs = {"logits", *objective.needs}
+    experts = ExpertTargets(lambda task: (pool.backbone_with(task_vectors, task), pool.heads[task]), datamodule, device,
+                            needs, max_bytes=float(cfg.get("expert_cache_max_gb", 4.0)) * 2**30,
+                            batch_size=int(cfg.data.get("eval_batch_size", 64)))
+    start = time.perf_counter()
+    experts.prepare(task_vectors.task_names, [EVALUATION, ADAPTATION] if objective.needs else [EVALUATION])
+    report = experts.report()
+    print(f"expert outputs: {sum(report['examples_forwarded'].values())} inputs through the experts, "
+          f"{report['cached_mb']:.1f} MB kept ({time.perf_counter() - start:.1f} s)")
+    return experts
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Execute the configured method (or comparison) and write results.json / summary files.
 
@@ -270,7 +295,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     protected = build_protected_tasks(protected_node, pool, task_vectors, getattr(datamodule, "preprocessor", None),
                                       seed=int(cfg.seed))
     alignment = alignment_from_config(pool, protected_node.get("alignment"))
-    ctx = RunContext(cfg, run_dir, pool, datamodule, task_vectors, device, objective, protected, alignment)
+    experts = build_expert_targets(cfg, pool, task_vectors, datamodule, device, objective)
+    ctx = RunContext(cfg, run_dir, pool, datamodule, task_vectors, device, objective, protected, alignment, experts)
 
     rows = []
     for name in names:
@@ -292,6 +318,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                                                 for phase, values in result["profile"].items()))
         if result.get("skipped_steps"):
             print(f"  warning: {len(result['skipped_steps'])} step(s) skipped for non-finite values (on_nonfinite=skip)")
+        agreement = (result.get("unlabeled") or {}).get("expert_agreement")
+        if agreement:
+            print("  agreement with each task's expert (label-free): "
+                  + ", ".join(f"{task} {100 * value:.1f}%" for task, value in agreement.items() if value is not None))
         for task, signals in (result.get("label_free") or {}).items():
             print(f"  {task}: {ctx.objective.name} {signals['objective_start']:.4f} -> {signals['objective_end']:.4f}, "
                   f"{100 * signals['prediction_changed']:.1f}% of predictions changed")

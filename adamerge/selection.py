@@ -2,8 +2,8 @@
 
 A test-time method promises not to use the test labels, so picking a sweep's best job by test accuracy would
 tune on exactly what it promised not to see. The criteria here read only each run's scores on the *unlabeled*
-evaluation inputs (``results.json["unlabeled"]``): the objective the methods minimise and the prediction
-entropy. A sweep summary shows the label-free pick next to the job test accuracy would have picked.
+evaluation inputs (``results.json["unlabeled"]``): the objective the methods minimise, the prediction
+entropy, and the share of inputs on which the merged model agrees with each task's own fine-tuned model (its expert). A sweep summary shows the label-free pick next to the job test accuracy would have picked.
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ def _mean(values: Mapping[str, float] | None) -> float | None:
 
 
 def unlabeled_means(result: Mapping[str, Any]) -> dict[str, float | None]:
-    """Task-mean objective and prediction entropy of one method's results.json (its ``unlabeled`` scores)."""
+    """Task-mean objective, prediction entropy and expert agreement of one method's results.json (its ``unlabeled``
+    scores; agreement None where the run did not measure it)."""
     unlabeled = result.get("unlabeled") or {}
-    return {"objective": _mean(unlabeled.get("objective")), "entropy": _mean(unlabeled.get("entropy"))}
+    return {"objective": _mean(unlabeled.get("objective")), "entropy": _mean(unlabeled.get("entropy")),
+            "expert_agreement": _mean(unlabeled.get("expert_agreement"))}
 
 
 def _same_objective(rows: Sequence[Mapping[str, Any]]) -> str | None:
@@ -60,6 +62,13 @@ CRITERIA: dict[str, Criterion] = {
         "entropy",
         "lowest mean prediction entropy on the unlabeled evaluation inputs (task mean)",
         lambda row: row.get("entropy"),
+        lambda rows: None,
+    ),
+    # Agreeing with the task's expert is what "keep each fine-tuned model's accuracy" asks, measurable without labels.
+    "expert_agreement": Criterion(
+        "expert_agreement",
+        "highest share of unlabeled evaluation inputs on which the merge predicts what each task's expert predicts (task mean)",
+        lambda row: None if row.get("expert_agreement") is None else 1.0 - row["expert_agreement"],
         lambda rows: None,
     ),
 }

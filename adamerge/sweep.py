@@ -133,6 +133,7 @@ def table_columns(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
         ("status", lambda r: r["status"]),
         ("objective", lambda r: _number(r["objective"])),
         ("entropy", lambda r: _number(r["entropy"])),
+        ("expert_agreement", lambda r: _number(r.get("expert_agreement"), 100, 2)),
         ("average_accuracy", lambda r: _number(r["average_accuracy"], 100, 2)),
     ]
     columns += [(f"accuracy/{task}", lambda r, task=task: _number(r["accuracy"].get(task), 100, 2))
@@ -252,7 +253,7 @@ def selection_criterion(config: DictConfig) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adamerge.sweep", description="(Re)build a sweep's summary.")
     parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--selection", default="objective", help="label-free criterion (objective, entropy)")
+    parser.add_argument("--selection", default="objective", help="label-free criterion (objective, entropy, expert_agreement)")
     args = parser.parse_args(argv)
     try:
         summary = write_summary_files(args.sweep_dir, args.selection)

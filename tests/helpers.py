@@ -114,3 +114,42 @@ def wandb_records(path: str | Path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+class TensorSplits:
+    """In-memory stand-in for a MultiTaskDataModule's splits (what adamerge.expert_targets reads): every task's inputs
+    are one tensor, the adaptation and evaluation splits are the same rows."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], batch_size: int = 4):
+        self.inputs, self.batch_size = inputs, batch_size
+
+    def split_key(self, task: str, split: int) -> tuple[str, int]:
+        return task, 0
+
+    def split_size(self, task: str, split: int) -> int:
+        return len(self.inputs[task])
+
+    def split_batches(self, task: str, split: int, batch_size: int | None = None):
+        size, rows = batch_size or self.batch_size, self.inputs[task]
+        return [{"inputs": rows[start:start + size], "index": torch.arange(start, min(start + size, len(rows)))}
+                for start in range(0, len(rows), size)]
+
+    def batch(self, task: str, index: list[int]) -> dict:
+        return {"inputs": self.inputs[task][index], "index": torch.as_tensor(index),
+                "labels": torch.zeros(len(index), dtype=torch.long)}
+
+
+def expert_targets_for(backbone: nn.Module, vectors, heads: dict, splits: TensorSplits, needs=("logits", "features")):
+    """ExpertTargets over ``splits`` whose expert k is ``backbone`` at θ0 + τ_k with head k."""
+    import copy
+
+    from adamerge.expert_targets import ExpertTargets
+
+    def expert(task: str):
+        model = copy.deepcopy(backbone)
+        model.load_state_dict(vectors.state_dict_from_deltas(vectors.task_vector(task)), strict=False)
+        return model.eval(), heads[task]
+
+    targets = ExpertTargets(expert, splits, torch.device("cpu"), needs)
+    targets.prepare(list(splits.inputs), [0, 1])
+    return targets

@@ -135,7 +135,7 @@ def _tiny_pool(num_tasks=3):
 def test_adamerging_plus_plus_is_adamerging_over_the_ties_base():
     backbone, tv, heads = _tiny_pool()
     plus = build_learned("adamerging_layer_wise_plus_plus", backbone, tv, heads)
-    explicit = build_learned("adamerging_layer_wise", backbone, tv, heads, base="ties",
+    explicit = build_learned("adamerging_layer_wise", backbone, tv, heads, base="ties", base_form="split",
                              base_hparams={"top_k": 0.2, "scope": "model"})
     trimmed = per_task(tv, "ties", top_k=0.2, scope="model")
     assert_close_dicts(stored_vectors(plus), stored_vectors(explicit), atol=0)
@@ -145,7 +145,7 @@ def test_adamerging_plus_plus_is_adamerging_over_the_ties_base():
 @pytest.mark.parametrize("base", sorted(BASES))
 def test_learning_on_top_of_each_base_lowers_the_objective(base):
     backbone, tv, heads = _tiny_pool()
-    module = build_learned("adamerging_task_wise", backbone, tv, heads, lr=5e-2, base=base)
+    module = build_learned("adamerging_task_wise", backbone, tv, heads, lr=5e-2, base=base, base_form="split")
     loader = torch.utils.data.DataLoader(_Stream(module.task_names, 25), batch_size=None)
     L.Trainer(max_steps=25, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, loader)
@@ -154,13 +154,22 @@ def test_learning_on_top_of_each_base_lowers_the_objective(base):
     assert_close_dicts(stored_vectors(module), per_task(tv, base).vectors, atol=0)  # the base's, not the raw ones
 
 
+SPLIT = {"base_form": "split"}
+
+
 @pytest.mark.parametrize(("hparams", "message"), [
-    ({"base": "wudi"}, "base='wudi' is invalid"),
-    ({"base": "nothing"}, "base='nothing' is invalid"),
+    ({"base": "wudi", **SPLIT}, "base='wudi' is invalid"),
+    ({"base": "nothing", **SPLIT}, "base='nothing' is invalid"),
     ({"base": None, "base_hparams": {"top_k": 0.1}}, "given without a base"),
-    ({"base": "dare", "base_hparams": {"top_k": 0.1}}, "top_k not used by base 'dare'; allowed: drop_rate"),
-    ({"base": "dare", "base_hparams": {"drop_rate": 1.5}}, "base 'dare': method 'dare': hyperparameter drop_rate=1.5"),
-    ({"base": "ties", "base_hparams": [0.2]}, "base_hparams=[0.2] is invalid"),
+    ({"base": "dare", "base_hparams": {"top_k": 0.1}, **SPLIT}, "top_k not used by base 'dare'; allowed: drop_rate"),
+    ({"base": "dare", "base_hparams": {"drop_rate": 1.5}, **SPLIT}, "base 'dare': method 'dare': hyperparameter drop_rate=1.5"),
+    ({"base": "ties", "base_hparams": [0.2], **SPLIT}, "base_hparams=[0.2] is invalid"),
+    # The residual form takes any data-free merge whole, with its full hyperparameters (scaling included).
+    ({"base": "nothing"}, "base='nothing' is invalid for base_form=residual"),
+    ({"base": "pretrained"}, "base='pretrained' is invalid for base_form=residual"),
+    ({"base": "iso_cts", "base_hparams": {"top_k": 0.1}}, "top_k not used by base 'iso_cts'"),
+    ({"base": "iso_cts", "base_hparams": {"scaling_coefficient": -1.0}}, "base 'iso_cts'"),
+    ({"base": "ties", "base_form": "sideways"}, "base_form"),
 ])
 def test_bad_bases_are_refused_by_the_validator_naming_the_method(hparams, message):
     spec = get_method("adamerging_layer_wise")
@@ -173,4 +182,70 @@ def test_every_learned_method_takes_a_base():
     from adamerge.methods.registry import available_methods
 
     for name in available_methods("learned"):
-        assert {"base", "base_hparams"} <= set(get_method(name).defaults), name
+        assert {"base", "base_hparams", "base_form"} <= set(get_method(name).defaults), name
+
+
+# --- the residual form: θ0 + a·(θ_base − θ0) + Σ c_k τ_k --------------------------------------------------------
+
+RESIDUAL_METHODS = ["adamerging_task_wise", "adamerging_layer_wise", "concrete_task_arithmetic",
+                    "concrete_adamerging_layer_wise", "adarank"]
+
+
+@pytest.mark.parametrize("base", ["task_arithmetic", "ties", "tsv_merge", "iso_c", "iso_cts", "wudi"])
+def test_residual_learning_starts_exactly_at_the_base_merge(base):
+    """Step 0 is the data-free merge itself: θ0 + 1·(θ_base − θ0) + Σ 0·τ_k, the raw task vectors kept as they are."""
+    backbone, tv, heads = _tiny_pool()
+    spec = get_method(base)
+    hparams = spec.resolve_hparams({"steps": 5} if base == "wudi" else {})
+    expected = spec.fn(tv, **hparams)
+    module = build_learned("adamerging_layer_wise", backbone, tv, heads, base=base,
+                           base_hparams={"steps": 5} if base == "wudi" else None)
+    assert module.merged.task_names == [*tv.task_names, "base_merge"]
+    assert module.merged.unscored_tasks == ("base_merge",) and module.task_names == tv.task_names
+    rows = module.merged.coefficient_rows()
+    assert torch.equal(rows[:, :-1], torch.zeros_like(rows[:, :-1])) and torch.equal(rows[:, -1], torch.ones(len(rows)))
+    weights = module.merged_weights()
+    for name in tv.names:
+        reference = tv.pretrained[name].float() + expected[name].float()
+        torch.testing.assert_close(weights[name].float(), reference, atol=1e-6, rtol=1e-6, msg=name)
+        torch.testing.assert_close(stored_vectors(module)[name][:-1].float(), tv.vectors[name].float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", RESIDUAL_METHODS)
+def test_residual_form_drives_every_learned_method(method):
+    backbone, tv, heads = _tiny_pool()
+    extra = {"meta_steps": 0} if method.startswith("concrete_adamerging") else {}
+    module = build_learned(method, backbone, tv, heads, base="iso_cts", **extra)
+    start = {name: w.detach().clone() for name, w in module.merged_weights().items()} if method != "concrete_task_arithmetic" else None
+    module.accumulate_gradients(next(iter(_Stream(module.task_names, 1))), module.merged_weights())
+    grads = [p.grad for p in module.trainable_parameters() if p.grad is not None]
+    assert grads and any(torch.count_nonzero(g) > 0 for g in grads)
+    if start is not None and method != "adarank":  # AdaRank's start is its masked spectrum, not the merge itself
+        expected = get_method("iso_cts").fn(tv, **get_method("iso_cts").resolve_hparams({}))
+        for name in tv.names:
+            torch.testing.assert_close(start[name].float(), tv.pretrained[name].float() + expected[name].float(),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_residual_learning_lowers_the_objective_and_respects_its_bounds():
+    backbone, tv, heads = _tiny_pool()
+    module = build_learned("adamerging_layer_wise", backbone, tv, heads, lr=0.3, base="iso_cts")
+    loader = torch.utils.data.DataLoader(_Stream(module.task_names, 25), batch_size=None)
+    L.Trainer(max_steps=25, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, loader)
+    values = [h["objective"] for h in module.history]
+    assert sum(values[-5:]) / 5 < sum(values[:5]) / 5
+    coefficients = module.merged.coefficients.detach()
+    assert coefficients[:, :-1].abs().max() <= 1.0 and coefficients[:, :-1].abs().max() > 0.05  # corrections moved
+    assert 0.0 <= coefficients[:, -1].min() and coefficients[:, -1].max() <= 2.0
+    assert (coefficients[:, -1] > 1.0).any() or (coefficients[:, -1] < 1.0).any()  # the base's scale learned too
+
+
+def test_residual_scale_may_exceed_the_corrections_clamp():
+    """The base's own bound [0, 2] applies to its column, not the corrections' [−1, 1] clamp."""
+    backbone, tv, heads = _tiny_pool()
+    module = build_learned("adamerging_task_wise", backbone, tv, heads, base="task_arithmetic")
+    with torch.no_grad():
+        module.merged.coefficients.copy_(torch.tensor([3.0, -3.0, 0.5, 1.7]))
+    module.after_optimizer_step()
+    assert module.merged.coefficients.tolist() == pytest.approx([1.0, -1.0, 0.5, 1.7])

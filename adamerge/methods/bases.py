@@ -20,6 +20,16 @@ coefficient ``c`` (task arithmetic over them):
 
 A base's hyperparameters are the data-free method's own (conf/method/<base>.yaml) without its combination
 settings (scaling coefficient, DARE's ``combine``), given as ``method.base_hparams``.
+
+That is the *split* form (``base_form: split``). The *residual* form (``base_form: residual``) keeps the base merge
+whole and learns a correction on top of it:
+
+    θ = θ0 + a_l · (θ_base − θ0)_l + Σ_k c_{k,l} · τ_{k,l},   a = 1 and c = 0 at the start,
+
+so step 0 *is* the data-free merge and learning moves away from it only where the objective says so. The base merge
+is appended to the raw task vectors as one more, unscored vector (no head, no data) whose coefficient is ``a``; any
+data-free method can be the base (its full hyperparameters, scaling included, in ``base_hparams``). With ``clamp``
+the corrections stay in [−1, 1] and the base's scale in [0, 2].
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from adamerge.errors import ConfigError
@@ -121,6 +132,44 @@ def resolve_base(method: str, base: str | None, hparams: Mapping[str, Any] | Non
         except ValueError as error:
             raise ConfigError(f"method {method!r}: base {base!r}: {error}") from error
     return {name: full[name] for name in allowed}
+
+
+BASE_FORMS = ("split", "residual")
+BASE_MERGE = "base_merge"  # the residual form's extra vector: the whole data-free merge θ_base − θ0
+RESIDUAL_BOUNDS = {"corrections": (-1.0, 1.0), "base_scale": (0.0, 2.0)}
+
+
+def resolve_residual_base(method: str, base: str, hparams: Mapping[str, Any] | None, num_tasks: int) -> dict[str, Any]:
+    """The full hyperparameters of any data-free method used whole as a residual base (its defaults ← ``hparams``)."""
+    try:
+        spec = get_method(base)
+    except ConfigError:
+        spec = None
+    if spec is None or spec.kind != "static" or base in ("pretrained",):
+        raise ConfigError(f"method {method!r}: base={base!r} is invalid for base_form=residual: it must name a data-free "
+                          "merge (task_arithmetic, ties, tsv_merge, iso_c, iso_cts, wudi, ...)")
+    if hparams is not None and not isinstance(hparams, Mapping):
+        raise ConfigError(f"method {method!r}: base_hparams={hparams!r} is invalid: it must be a mapping of {base}'s "
+                          "hyperparameters")
+    unknown = sorted(set(hparams or {}) - set(spec.defaults))
+    if unknown:
+        raise ConfigError(f"method {method!r}: base_hparams {', '.join(unknown)} not used by base {base!r}; "
+                          f"allowed: {', '.join(spec.defaults) or 'none'}")
+    full = spec.resolve_hparams(dict(hparams or {}))
+    if spec.validate is not None:
+        try:
+            spec.validate(num_tasks, full)
+        except ValueError as error:
+            raise ConfigError(f"method {method!r}: base {base!r}: {error}") from error
+    return full
+
+
+def with_residual_base(task_vectors: TaskVectors, base: str, hparams: Mapping[str, Any]) -> TaskVectors:
+    """The raw task vectors with ``base``'s whole merge ``θ_base − θ0`` appended as the unscored ``BASE_MERGE``."""
+    deltas = get_method(base).fn(task_vectors, **hparams)
+    whole = {name: deltas[name] if name in deltas else torch.zeros_like(vectors[0], dtype=torch.float32)
+             for name, vectors in task_vectors.vectors.items()}
+    return task_vectors.with_task(BASE_MERGE, whole, scored=False)
 
 
 def apply_base(task_vectors: TaskVectors, base: str | None, hparams: Mapping[str, Any]) -> TaskVectors:

@@ -15,7 +15,9 @@ from torch import nn
 from adamerge.alignment import ALIGNMENT_TASK, AlignmentVector
 from adamerge.merged import MergedModel, resolve_layer_groups
 from adamerge.methods import checks
-from adamerge.methods.bases import apply_base, resolve_base
+from adamerge.methods.bases import (
+    BASE_FORMS, BASE_MERGE, RESIDUAL_BOUNDS, apply_base, resolve_base, resolve_residual_base, with_residual_base,
+)
 from adamerge.methods.registry import HparamValidator, get_method, register_method
 from adamerge.module import AdaMergingModule
 from adamerge.objectives import Objective
@@ -33,9 +35,10 @@ ADAMERGING_DEFAULTS: dict[str, Any] = {
     "layer_groups": None,
 }
 
-# Every learned method's: the data-free method whose per-task vectors it learns over (None: the raw task vectors)
-# and that method's hyperparameters (methods/bases.py).
-LEARN_ON_TOP_DEFAULTS: dict[str, Any] = {"base": None, "base_hparams": None}
+# Every learned method's: the data-free method it learns on top of (None: the raw task vectors), that method's
+# hyperparameters, and how (methods/bases.py): "residual" keeps the base merge whole under a learned per-layer scale plus
+# per-task corrections starting at 0; "split" learns over the base's per-task vectors.
+LEARN_ON_TOP_DEFAULTS: dict[str, Any] = {"base": None, "base_hparams": None, "base_form": "residual"}
 
 LearnedBuilder = Callable[..., AdaMergingModule]
 LEARNED_BUILDERS: dict[str, LearnedBuilder] = {}
@@ -79,7 +82,11 @@ def register_learned(name: str, builder: LearnedBuilder, defaults: Mapping[str, 
     def validate_with_base(num_tasks: int, hparams: Mapping[str, Any]) -> None:
         if validate is not None:
             validate(num_tasks, hparams)
-        resolve_base(name, hparams["base"], hparams["base_hparams"], num_tasks)
+        checks.check_choice(name, "base_form", hparams["base_form"], BASE_FORMS)
+        if hparams["base"] is not None and hparams["base_form"] == "residual":
+            resolve_residual_base(name, hparams["base"], hparams["base_hparams"], num_tasks)
+        else:
+            resolve_base(name, hparams["base"], hparams["base_hparams"], num_tasks)
 
     register_method(name, kind="learned", defaults={**LEARN_ON_TOP_DEFAULTS, **defaults}, description=description,
                     validate=validate_with_base)
@@ -115,7 +122,8 @@ for _granularity in ("task_wise", "layer_wise"):
     register_learned(
         f"adamerging_{_granularity}_plus_plus",
         _adamerging_builder(_granularity),
-        {**ADAMERGING_DEFAULTS, "base": "ties", "base_hparams": {"top_k": 0.2, "scope": "model"}},
+        # The paper's AdaMerging++ learns over the TIES-trimmed per-task vectors: the split form.
+        {**ADAMERGING_DEFAULTS, "base": "ties", "base_hparams": {"top_k": 0.2, "scope": "model"}, "base_form": "split"},
         f"AdaMerging++: {_granularity.replace('_', '-')} AdaMerging over TIES-trimmed task vectors",
         _adamerging_validator(f"adamerging_{_granularity}_plus_plus"),
     )
@@ -141,13 +149,22 @@ def build_learned(
     if spec.kind != "learned":
         raise ValueError(f"method {name!r} is data-free; use adamerge.merge() for it")
     hparams = spec.resolve_hparams(hparams)
-    base = hparams.pop("base")
-    base_hparams = resolve_base(name, base, hparams.pop("base_hparams"), task_vectors.num_tasks)
-    task_vectors = apply_base(task_vectors, base, base_hparams)
+    base, base_form = hparams.pop("base"), hparams.pop("base_form")
+    residual = base is not None and base_form == "residual"
+    if residual:  # θ0 + a·(θ_base − θ0) + Σ c_k τ_k: a starts at 1, the corrections c at 0 (methods/bases.py)
+        base_hparams = resolve_residual_base(name, base, hparams.pop("base_hparams"), task_vectors.num_tasks)
+        task_vectors = with_residual_base(task_vectors, base, base_hparams)
+        hparams["init_value"] = [0.0] * (task_vectors.num_tasks - 1) + [1.0]
+    else:
+        base_hparams = resolve_base(name, base, hparams.pop("base_hparams"), task_vectors.num_tasks)
+        task_vectors = apply_base(task_vectors, base, base_hparams)
     if alignment is not None:
         hparams["init_value"] = alignment.initial_coefficients(hparams["init_value"], task_vectors.num_tasks)
         task_vectors = alignment.appended_to(task_vectors)
     module = LEARNED_BUILDERS[name](backbone, task_vectors, heads, objective=objective, **hparams)
+    if residual and module.merged.clamp is not None:
+        module.merged.clamp = RESIDUAL_BOUNDS["corrections"]
+        module.merged.set_coefficient_bounds(BASE_MERGE, *RESIDUAL_BOUNDS["base_scale"])
     if alignment is not None:
         module.merged.set_coefficient_floor(ALIGNMENT_TASK, alignment.min_coefficient)
     return module

@@ -1,0 +1,189 @@
+"""Each task's expert (its fine-tuned model, θ0 + τ_k) on that task's inputs, computed once before learning.
+
+Expert-matching objectives compare the merged model with the task's expert on the same unlabeled inputs, and every
+evaluation reports how often the two agree. Running K experts every step would cost K extra forwards per step; instead
+each expert runs once over its task's rows and its outputs (logits, backbone features) are kept per row and looked up
+by the row ``index`` every batch carries. The adaptation and evaluation splits are often one dataset: then one pass
+serves both.
+
+Within ``max_bytes`` the outputs stay in host memory. A split whose outputs would exceed what is left is not cached:
+a warning says so, and its expert outputs are recomputed for each batch that needs them (one expert model at a time).
+Per-token outputs (causal LMs) are kept per row at the unpadded positions only, so a batch padded differently from the
+caching pass still finds its tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.objectives import ExpertOutputs
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("logits", "features")
+
+
+def feature_tensor(output: Any) -> Tensor:
+    """The tensor a head reads from a backbone's output: the output itself, or a transformers output's hidden states
+    (``last_hidden_state``), else its ``logits``."""
+    if isinstance(output, Tensor):
+        return output
+    for name in ("last_hidden_state", "logits"):
+        value = getattr(output, name, None)
+        if isinstance(value, Tensor):
+            return value
+    raise TypeError(f"cannot take features from a backbone output of type {type(output).__name__}")
+
+
+def token_mask(inputs: Any, output: Tensor) -> Tensor | None:
+    """The padding mask of per-token outputs ``[N, T, ...]`` of tokenised inputs; None for one output per example."""
+    if isinstance(inputs, Mapping) and "attention_mask" in inputs and output.ndim >= 3:
+        mask = inputs["attention_mask"]
+        if tuple(mask.shape) == tuple(output.shape[:2]):
+            return mask.bool()
+    return None
+
+
+class _RowStore:
+    """One split's outputs of one kind, per row: a ``[rows, *shape]`` tensor, or a list of per-row unpadded tokens."""
+
+    def __init__(self, rows: int):
+        self.rows, self.dense, self.tokens = rows, None, None
+        self.filled = torch.zeros(rows, dtype=torch.bool)
+
+    def put(self, index: Tensor, values: Tensor, mask: Tensor | None) -> None:
+        values = values.detach().float().cpu()
+        if mask is None:
+            if self.dense is None:
+                self.dense = torch.zeros(self.rows, *values.shape[1:])
+            self.dense[index] = values
+        else:
+            if self.tokens is None:
+                self.tokens = [None] * self.rows
+            mask = mask.cpu()
+            for row, value, keep in zip(index.tolist(), values, mask):
+                self.tokens[row] = value[keep].clone()
+        self.filled[index] = True
+
+    def get(self, index: Tensor, mask: Tensor | None, like_shape: tuple[int, ...] | None) -> Tensor:
+        if self.dense is not None:
+            return self.dense[index.cpu()]
+        if mask is None or like_shape is None:
+            raise ValueError("per-token expert outputs need the batch's padding mask to be placed")
+        out = torch.zeros(*like_shape[:2], *self.tokens[int(index[0])].shape[1:])
+        for position, (row, keep) in enumerate(zip(index.tolist(), mask.cpu().bool())):
+            out[position, keep] = self.tokens[row]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        if self.dense is not None:
+            return self.dense.numel() * 4
+        return sum(t.numel() * 4 for t in self.tokens or [] if t is not None)
+
+
+class ExpertTargets:
+    """Every task's expert outputs on that task's splits, kept per row; see the module docstring.
+
+    ``experts(task)`` returns ``(backbone, head)`` of the task's fine-tuned model; ``needs`` are the outputs to keep
+    ("logits", "features"). ``datamodule`` gives each task's splits (``split_key``, ``split_size``, ``split_batches``:
+    a :class:`~adamerge.data.MultiTaskDataModule`). ``forwarded[task]`` counts the examples through the task's expert.
+    """
+
+    def __init__(self, experts: Any, datamodule: Any, device: torch.device, needs: Iterable[str] = ("logits",),
+                 max_bytes: float = 4 * 2**30, batch_size: int | None = None) -> None:
+        unknown = set(needs) - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"unknown expert outputs {sorted(unknown)}; known: {OUTPUTS}")
+        self.experts, self.datamodule, self.device = experts, datamodule, device
+        self.needs = tuple(sorted(set(needs)))
+        self.max_bytes, self.batch_size = float(max_bytes), batch_size
+        self.forwarded: dict[str, int] = {}
+        self._stores: dict[tuple[Any, str], _RowStore] = {}
+        self._lazy: set[Any] = set()
+        self._loaded: tuple[str, nn.Module, nn.Module] | None = None
+
+    # -- the experts' forward ---------------------------------------------------------------------------------
+    def _expert(self, task: str) -> tuple[nn.Module, nn.Module]:
+        """One expert model at a time on the device (a 7B pool cannot hold K of them)."""
+        if self._loaded is None or self._loaded[0] != task:
+            self._loaded = None
+            backbone, head = self.experts(task)
+            self._loaded = (task, backbone.to(self.device).eval(), head.to(self.device).eval())
+        return self._loaded[1], self._loaded[2]
+
+    @torch.no_grad()
+    def _forward(self, task: str, inputs: Any) -> dict[str, Tensor]:
+        from adamerge.module import run_backbone, to_device
+
+        backbone, head = self._expert(task)
+        inputs = to_device(inputs, self.device)
+        output = run_backbone(backbone, inputs)
+        values = {"features": feature_tensor(output), "logits": head(output)}
+        size = next(iter(values.values())).shape[0]
+        self.forwarded[task] = self.forwarded.get(task, 0) + int(size)
+        return {need: values[need] for need in self.needs}
+
+    # -- caching ------------------------------------------------------------------------------------------------
+    def prepare(self, tasks: Iterable[str], splits: Iterable[int]) -> None:
+        """Run each task's expert once over the rows of ``splits`` (a split shared with one already done is skipped)."""
+        for task in tasks:
+            for split in splits:
+                self._cache_split(task, split)
+        self._loaded = None  # the expert's weights are no longer needed on the device
+
+    def _used_bytes(self) -> int:
+        return sum(store.nbytes for store in self._stores.values())
+
+    def _cache_split(self, task: str, split: int) -> None:
+        key = self.datamodule.split_key(task, split)
+        if key in self._lazy or all((key, need) in self._stores for need in self.needs):
+            return
+        loader = self.datamodule.split_batches(task, split, self.batch_size)
+        rows = self.datamodule.split_size(task, split)
+        stores = {need: _RowStore(rows) for need in self.needs}
+        budget, seen = self.max_bytes - self._used_bytes(), 0
+        for batch in loader:
+            outputs = self._forward(task, batch["inputs"])
+            for need, values in outputs.items():
+                stores[need].put(batch["index"], values, token_mask(batch["inputs"], values))
+            seen += len(batch["index"])
+            projected = sum(store.nbytes for store in stores.values()) * rows / max(seen, 1)
+            if projected > budget:
+                log.warning("expert outputs of task %r (split %d, %d rows) would take about %.2f GB, more than the %.2f GB "
+                            "left of expert_cache_max_gb: they are recomputed for every batch instead of cached",
+                            task, split, rows, projected / 2**30, max(budget, 0) / 2**30)
+                self._lazy.add(key)
+                return
+        for need, store in stores.items():
+            self._stores[key, need] = store
+
+    def lookup(self, task: str, split: int, batch: Mapping[str, Any]) -> ExpertOutputs:
+        """The task's expert outputs on ``batch`` (its inputs and row ``index``), on the batch's device."""
+        key = self.datamodule.split_key(task, split)
+        inputs = batch["inputs"]
+        if key in self._lazy or any((key, need) not in self._stores for need in self.needs):
+            if key not in self._lazy:
+                self._cache_split(task, split)
+                self._loaded = None
+            if key in self._lazy:
+                values = self._forward(task, inputs)
+                return ExpertOutputs(**{need: values[need].float() for need in self.needs})
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        device = batch["index"].device
+        out = {}
+        for need in self.needs:
+            store = self._stores[key, need]
+            shape = tuple(mask.shape) if mask is not None and store.dense is None else None
+            out[need] = store.get(batch["index"], mask, shape).to(device)
+        return ExpertOutputs(**out)
+
+    def report(self) -> dict[str, Any]:
+        """What was cached, for results.json: bytes kept, splits recomputed lazily, examples through each expert."""
+        return {"cached_mb": self._used_bytes() / 2**20, "lazy_splits": len(self._lazy),
+                "examples_forwarded": dict(self.forwarded)}

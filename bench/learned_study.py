@@ -1,0 +1,191 @@
+"""Study: how should learned merging learn, so that it beats the best data-free merge?
+
+Learned method × objective × base (what it learns on top of, and in which form) on the demo zoos built from real
+weights and data (adamerge/demo.py), several seeds each, with the demo's budget (100 steps, conf/experiment/demo.yaml),
+through the ``adamerge`` command itself, against every data-free method on the same zoo. One job is one run of one
+(zoo, seed, objective, base) cell; finished jobs are reused, so an interrupted or extended study resumes.
+
+    python bench/learned_study.py                                   # the default grid
+    python bench/learned_study.py --zoos default --seeds 0 --objectives expert_kl --bases none iso_cts:residual
+
+Bases are ``none`` (the raw task vectors) or ``<data-free method>:<form>`` with form ``residual`` (the base merge kept
+whole under a learned per-layer scale plus per-task corrections from 0) or ``split`` (learn over the base's per-task
+vectors, starting at its α, unclamped). Writes bench/results/learned_study.{md,json}: mean ± std of the average
+accuracy over seeds, normalised accuracy (merged ÷ individual), seconds and peak memory per run; ``--readme`` also
+rewrites README.md's ``learned-study`` block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.objectives import ZOOS, objective_overrides  # noqa: E402
+
+DATA_FREE = ["weight_average", "task_arithmetic", "ties", "tsv_merge", "iso_c", "iso_cts", "wudi"]
+STATIC = ["pretrained", "individual", *DATA_FREE]
+OBJECTIVES = ["information_maximization", "expert_kl", "feature_matching", "weighted_sum"]
+BASES = ["none", "iso_cts:residual", "iso_cts:split", "tsv_merge:residual", "tsv_merge:split"]
+
+
+def base_overrides(method: str, base: str) -> list[str]:
+    """Hydra overrides that put ``method`` on ``base`` (through method_overrides, so a comparison job can carry them)."""
+    if base == "none":
+        return []
+    name, form = base.split(":")
+    key = f"++method_overrides.{method}"
+    overrides = [f"{key}.base={name}", f"{key}.base_form={form}"]
+    if form == "split":  # start at the data-free merge: λ = the method's α on its per-task pieces, not clamped to 1
+        from adamerge.methods.registry import get_method
+
+        overrides += [f"{key}.init_value={get_method(name).defaults['alpha']}", f"{key}.clamp=false"]
+    return overrides
+
+
+def safe(text: str) -> str:
+    return text.replace(":", "_").replace(",", "_").replace("=", "-")
+
+
+def run_job(zoo: str, seed: int, objective: str | None, base: str | None, methods: list[str], runs: Path,
+            cache: Path) -> Path:
+    """One comparison run (static rows when ``objective`` is None); skipped when its summary already exists."""
+    cell = "static" if objective is None else f"{safe(objective)}/{safe(base)}"
+    run_dir = runs / zoo / f"seed{seed}" / cell
+    names = STATIC if objective is None else methods
+    if all((run_dir / name / "results.json").is_file() for name in names):
+        return run_dir
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "ADAMERGE_CACHE_DIR": str(cache)}
+    extra = [] if objective is None else [*objective_overrides(objective),
+                                           *(o for m in methods for o in base_overrides(m, base))]
+    command = [
+        sys.executable, "-m", "adamerge.cli", f"experiment={ZOOS[zoo]}", f"seed={seed}", *extra,
+        f"method.methods=[{','.join(names)}]", "logger=none", "num_threads=1", "export.enabled=false",
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
+    ]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise RuntimeError(f"{zoo}/seed{seed}/{cell} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    print(f"{zoo} seed {seed} {cell}: {time.perf_counter() - start:.0f}s", flush=True)
+    return run_dir
+
+
+def load_rows(run_dir: Path) -> dict[str, dict]:
+    rows = {}
+    for result in sorted(run_dir.glob("*/results.json")):
+        rows[result.parent.name] = json.loads(result.read_text())
+    return rows
+
+
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if len(values) == 1:
+        return f"{scale * values[0]:.{digits}f}"
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def collect(args: argparse.Namespace) -> dict:
+    """{zoo: {"static": rows of seed 0, "learned": {(method, objective, base): [row per seed]}}}."""
+    results: dict = {}
+    for zoo in args.zoos:
+        static = load_rows(args.runs / zoo / f"seed{args.seeds[0]}" / "static")
+        learned: dict = {}
+        for objective in args.objectives:
+            for base in args.bases:
+                for seed in args.seeds:
+                    rows = load_rows(args.runs / zoo / f"seed{seed}" / f"{safe(objective)}/{safe(base)}")
+                    for method in args.methods:
+                        if method in rows:
+                            learned.setdefault((method, objective, base), []).append(rows[method])
+        results[zoo] = {"static": static, "learned": learned}
+    return results
+
+
+def table(results: dict, seeds: list[int]) -> str:
+    lines = []
+    for zoo, parts in results.items():
+        static, learned = parts["static"], parts["learned"]
+        individual = static["individual"]["average_accuracy"]
+        best_static = max(DATA_FREE, key=lambda m: static[m]["average_accuracy"])
+        lines += [f"### Zoo `{zoo}` ({', '.join(static['pretrained']['tasks'])}; seeds {seeds})", "",
+                  "| row | objective | base | average accuracy | normalised | seconds | peak MB |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for method in STATIC:
+            row = static[method]
+            lines.append(f"| {method} | – | – | {100 * row['average_accuracy']:.1f} | "
+                         f"{100 * row['average_accuracy'] / individual:.1f} | {row['seconds']:.1f} | "
+                         f"{row['peak_memory_mb']:.0f} |")
+        ranked = sorted(learned.items(), key=lambda item: -statistics.mean(r["average_accuracy"] for r in item[1]))
+        for (method, objective, base), rows in ranked:
+            accuracy = [r["average_accuracy"] for r in rows]
+            lines.append(f"| {method} | {objective} | {base} | {mean_std(accuracy)} | "
+                         f"{mean_std([a / individual for a in accuracy])} | "
+                         f"{statistics.mean(r['seconds'] for r in rows):.0f} | "
+                         f"{statistics.mean(r['peak_memory_mb'] for r in rows):.0f} |")
+        if ranked:
+            (method, objective, base), rows = ranked[0]
+            gap = statistics.mean(r["average_accuracy"] for r in rows) - static[best_static]["average_accuracy"]
+            lines += ["", f"Best learned row: {method} / {objective} / {base}, {100 * gap:+.1f} points against the best "
+                      f"data-free row ({best_static}, {100 * static[best_static]['average_accuracy']:.1f}).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoos", nargs="+", default=list(ZOOS), choices=list(ZOOS))
+    parser.add_argument("--objectives", nargs="+", default=OBJECTIVES)
+    parser.add_argument("--bases", nargs="+", default=BASES)
+    parser.add_argument("--methods", nargs="+", default=["adamerging_layer_wise"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 torch thread each)")
+    parser.add_argument("--runs", type=Path, default=ROOT / "bench" / "runs" / "learned_study", help="run dirs (not committed)")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("ADAMERGE_CACHE_DIR", ROOT / "bench" / "runs" / "cache")))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learned_study")
+    parser.add_argument("--readme", action="store_true", help="also rewrite README.md's learned-study block")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    from adamerge.demo import SECOND_ZOO_TASKS, build_demo_zoo
+
+    for zoo in args.zoos:  # build each zoo once, before the jobs that share it start
+        build_demo_zoo(args.cache, recipe={"tasks": list(SECOND_ZOO_TASKS)} if zoo == "second" else None)
+    jobs = [(z, args.seeds[0], None, None) for z in args.zoos]
+    jobs += [(z, s, o, b) for s in args.seeds for z in args.zoos for o in args.objectives for b in args.bases]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(lambda job: run_job(*job, args.methods, args.runs, args.cache), jobs))
+    results = collect(args)
+    text = table(results, args.seeds)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    header = (f"# Learned-merging study\n\nGenerated by `python bench/learned_study.py {' '.join(sys.argv[1:])}`".rstrip()
+              + f" on {machine}; each run one process with 1 torch thread, {args.jobs} side by side (the seconds include "
+              f"sharing the cores); this invocation {(time.perf_counter() - start) / 60:.0f} min, finished runs reused. "
+              "Average accuracy (%) over the zoo's tasks after 100 steps, mean ± std over seeds; normalised = merged ÷ "
+              "individual models (%). Data-free rows are deterministic (one run).\n\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(header + text)
+    raw = {zoo: {"static": {m: {k: r[k] for k in ("average_accuracy", "accuracy", "seconds", "peak_memory_mb")}
+                            for m, r in parts["static"].items()},
+                 "learned": [{"method": m, "objective": o, "base": b,
+                              "runs": [{k: r[k] for k in ("average_accuracy", "accuracy", "seconds", "peak_memory_mb")}
+                                       for r in rows]} for (m, o, b), rows in parts["learned"].items()]}
+           for zoo, parts in results.items()}
+    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1, sort_keys=True))
+    print(header + text)
+    if args.readme:
+        from adamerge.reporting import replace_marked_block
+
+        replace_marked_block(ROOT / "README.md", "learned-study", f"Generated by `python bench/learned_study.py` "
+                             f"({machine}); full table in bench/results/learned_study.md.\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
