@@ -103,8 +103,11 @@ def method_dir_of(cfg: DictConfig, run_dir: Path, name: str) -> Path:
     return run_dir / name if cfg.method.name == "compare" else run_dir
 
 
-def make_trainer(ctx: RunContext, name: str, logger: Any, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+def make_trainer(ctx: RunContext, name: str, logger: Any, callbacks: list[L.Callback] | None = None,
+                 max_steps: int | None = None) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(ctx.cfg.trainer, resolve=True)
+    if max_steps is not None:
+        trainer_cfg["max_steps"] = max_steps
     max_steps = trainer_cfg.get("max_steps", -1)
     if max_steps and max_steps > 0 and trainer_cfg.get("limit_train_batches") is None:
         # The unlabeled stream is endless; one 'epoch' of max_steps batches gives the bar a total.
@@ -140,7 +143,9 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
     every = int((ctx.cfg.get("checkpoint") or {}).get("every_n_steps", 0))
     saved = checkpoint_path(method_dir(ctx, name))
     resume_from = str(saved) if ctx.cfg.get("resume", False) and saved.is_file() else None
-    trainer = make_trainer(ctx, name, logger, [StepCheckpoint(saved.parent, every)] if every else [])
+    # A method that sets its own length (progressive distillation: steps per block × blocks) overrides max_steps.
+    trainer = make_trainer(ctx, name, logger, [StepCheckpoint(saved.parent, every)] if every else [],
+                           max_steps=getattr(module, "total_steps", None))
     # The starting merge is evaluated first: the reference for the label-free report (objective and
     # predictions before learning), not a labelled score anything is selected by.
     trainer.validate(module, datamodule=ctx.datamodule, verbose=False)

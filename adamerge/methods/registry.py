@@ -139,6 +139,7 @@ BUILTIN_METHOD_MODULES: tuple[str, ...] = (
     "adamerge.methods.learned",
     "adamerge.concrete",
     "adamerge.adarank",
+    "adamerge.progressive",
 )
 
 

@@ -1,0 +1,391 @@
+"""Progressive layer-wise distillation (ProDistill, Xu et al., ICML 2025) as a learned method.
+
+Block by block, the merge coefficients of one block (per task and element, or per task and tensor) learn so that the
+merged block, fed the merged model's own activations, reproduces each task's expert block fed the expert's activations:
+
+    min_α  Σ_k  mean_x ‖ f_l(θ0_l + Σ_j α_j ⊙ τ_{j,l};  h^merged_{k,l−1}(x)) − f_l(θ0_l + τ_{k,l};  h^expert_{k,l−1}(x)) ‖²
+
+over a few unlabeled inputs x of each task k. The block is then frozen and both activations are propagated through it
+(merged: the learned block; expert k: its own block) to the next one. Only the current block, its K task-vector slices
+and the cached activations take part in a step, so the cost of a step is one block's forward and backward.
+
+Where it follows the authors' code (github JingXuTHU/Scalable_Model_Merging_with_Progressive_Layerwise_Distillation,
+Vision/main_prodistill.py, utils.py, merge_models.py): the dual inputs (merged activations for the merged block, each
+expert's own for its block), element-wise coefficients starting at 0.3 without a clamp, MSE between block outputs, the
+tensors outside the blocks merged by task arithmetic with that same 0.3 and not learned, and the propagation.
+Where it differs: the blocks are found in any backbone (the largest ``nn.ModuleList``: EfficientNet's MBConv blocks,
+CLIP ViT and BERT encoder layers, a causal LM's decoder layers) and their inputs are captured by a forward hook, with
+whatever other arguments the model passes them (attention masks, position embeddings); the authors' loss sums the
+squared error over features and examples, ours averages it (a scale Adam does not care about); steps per block and
+inputs per task are settings rather than epochs over a validation split; and it composes with ``method.base`` in the
+residual form (the base merge whole, per-block corrections from 0, the tensors outside the blocks at the base merge).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from adamerge.errors import ConfigError
+from adamerge.expert_targets import feature_tensor
+from adamerge.merged import MergedModel
+from adamerge.methods import checks
+from adamerge.methods.learned import check_coefficient_learning, register_learned
+from adamerge.module import AdaMergingModule, Batch, NonFiniteError, to_device
+from adamerge.objectives import Objective
+from adamerge.task_vectors import TaskVectors
+
+log = logging.getLogger(__name__)
+GRANULARITIES = ("element", "tensor")
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the block's input is needed."""
+
+
+def find_blocks(module: nn.Module, path: str = "auto") -> tuple[str, nn.ModuleList]:
+    """The backbone's sequence of blocks: the ``nn.ModuleList`` at ``path``, or (``auto``) the one holding the most
+    parameters -- EfficientNet's ``_blocks``, a ViT's or BERT's ``encoder.layer(s)``, a causal LM's ``model.layers``."""
+    lists = {name: child for name, child in module.named_modules() if isinstance(child, nn.ModuleList) and len(child) > 1}
+    if path != "auto":
+        if path not in lists:
+            raise ConfigError(f"method 'progressive_distillation': blocks={path!r} is not a module list of "
+                              f"{type(module).__name__} with 2 or more blocks; module lists: {sorted(lists) or 'none'}")
+        return path, lists[path]
+    if not lists:
+        raise ConfigError(f"method 'progressive_distillation': {type(module).__name__} has no nn.ModuleList of blocks; "
+                          "set method.blocks to the path of the module list to distil block by block")
+    name = max(lists, key=lambda n: sum(p.numel() for p in lists[n].parameters()))
+    return name, lists[name]
+
+
+def block_of(names: Sequence[str], path: str, count: int) -> list[int | None]:
+    """The block index of every merged tensor (None for tensors outside the blocks: stem, embeddings, final norm)."""
+    prefix = f"{path}." if path else ""
+    out: list[int | None] = []
+    for name in names:
+        head = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+        out.append(int(head) if head.isdigit() and int(head) < count else None)
+    return out
+
+
+class ProgressiveMergedModel(MergedModel):
+    """Layer-wise merge whose coefficients may be one per task and *element* (``element_coefficients``)."""
+
+    def __init__(self, module: nn.Module, task_vectors: TaskVectors, *, init_value: Sequence[float],
+                 granularity: str) -> None:
+        super().__init__(module, task_vectors, granularity="layer_wise", init_value=list(init_value), clamp=None)
+        self.element_wise = granularity == "element"
+        if self.element_wise:
+            initial = torch.as_tensor(list(init_value), dtype=torch.float32)
+            self.element_coefficients = nn.ParameterList([
+                nn.Parameter(initial.reshape(-1, *[1] * (self.task_vector(i).ndim - 1))
+                             .expand_as(self.task_vector(i)).clone())
+                for i in range(len(self.names))])
+            self.coefficients.requires_grad_(False)
+
+    def tensor_coefficients(self, index: int) -> Tensor:
+        """What learns for merged tensor ``index``: ``[K, *shape]`` (element-wise) or its row ``[K]``."""
+        return self.element_coefficients[index] if self.element_wise else self.coefficients[index]
+
+    def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
+        if not self.element_wise:
+            return super().task_delta(index, row, shape)
+        alpha = self.element_coefficients[index]
+        return (alpha * self.task_vector(index).to(alpha.dtype)).sum(0)
+
+    def coefficients_as_list(self) -> list:
+        """Per tensor and task: the coefficient (its mean over the tensor's elements when element-wise)."""
+        if not self.element_wise:
+            return super().coefficients_as_list()
+        return [alpha.detach().flatten(1).mean(1).cpu().tolist() for alpha in self.element_coefficients]
+
+
+class ProgressiveDistillationModule(AdaMergingModule):
+    """Learns one block's coefficients at a time; the block of step ``s`` is ``s // steps_per_block``."""
+
+    def __init__(self, merged: ProgressiveMergedModel, heads: Mapping[str, nn.Module], *, blocks: str,
+                 steps_per_block: int, samples_per_task: int, batch_size: int, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(merged, heads, **kwargs)
+        self.block_path, block_list = find_blocks(merged.module, blocks)
+        self.num_blocks = len(block_list)
+        self.tensor_block = block_of(merged.names, self.block_path, self.num_blocks)
+        if not any(b is not None for b in self.tensor_block):
+            raise ConfigError(f"method 'progressive_distillation': no merged tensor lies in the blocks {self.block_path!r}")
+        self.steps_per_block, self.samples_per_task, self.batch_size = int(steps_per_block), int(samples_per_task), int(batch_size)
+        self.seed = int(seed)
+        self.total_steps = self.steps_per_block * self.num_blocks
+        # Where the distillation inputs come from (split_size / split_batches, as a MultiTaskDataModule has them);
+        # None: the trainer's datamodule.
+        self.distillation_source: Any = None
+        self._cache: dict[str, Any] | None = None  # the current block's captured inputs and expert targets
+        self._propagates: bool | None = None  # whether a block's output is the next block's input (checked once)
+
+    # -- what learns ------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        merged = self.merged
+        return list(merged.element_coefficients) if merged.element_wise else [merged.coefficients]
+
+    def block_tensors(self, block: int) -> list[int]:
+        return [i for i, b in enumerate(self.tensor_block) if b == block]
+
+    def block_weights(self, block: int) -> dict[str, Tensor]:
+        """The merged weights of one block's tensors only (graph to their coefficients): a step touches nothing else."""
+        pretrained, rows = self.merged.pretrained_tensors(), self.merged.coefficient_rows()
+        weights = {}
+        for index in self.block_tensors(block):
+            name = self.merged.names[index]
+            base = pretrained[name]
+            delta = self.merged.task_delta(index, rows[index].float(), base.shape)
+            weights[name] = (base.float() + delta).to(base.dtype)
+        return weights
+
+    def after_optimizer_step(self) -> None:
+        """Nothing to clamp (the authors' coefficients are free)."""
+
+    # -- capturing a block's inputs ---------------------------------------------------------------------------
+    def _block(self, index: int) -> nn.Module:
+        return self.merged.module.get_submodule(self.block_path)[index]
+
+    def _capture(self, block: int, inputs: Any, weights: Mapping[str, Tensor]) -> tuple[tuple, dict]:
+        """The arguments the backbone passes block ``block`` when run on ``inputs`` with ``weights``."""
+        captured: list[tuple[tuple, dict]] = []
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append((args, kwargs))
+            raise _StopForward
+
+        handle = self._block(block).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            functional_call(self.merged.module, dict(weights), (inputs,) if not isinstance(inputs, Mapping) else (),
+                            dict(inputs) if isinstance(inputs, Mapping) else {})
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"block {self.block_path}.{block} was not called by the backbone's forward")
+        return captured[0]
+
+    def _run_block(self, block: int, weights: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
+        prefix = f"{self.block_path}.{block}."
+        local = {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
+        return functional_call(self._block(block), local, args, kwargs)
+
+    def expert_weights(self, task: int) -> dict[str, Tensor]:
+        pretrained = self.merged.pretrained_tensors()
+        return {name: (base.float() + self.merged.task_vector(i)[task].float()).to(base.dtype)
+                for i, (name, base) in enumerate(pretrained.items())}
+
+    def _rows(self) -> dict[str, Any]:
+        """Each task's distillation inputs: ``samples_per_task`` rows of its unlabeled split, drawn by the seed."""
+        from adamerge.data import ADAPTATION
+
+        datamodule = self.distillation_source if self.distillation_source is not None else self.trainer.datamodule
+        rows = {}
+        for t, task in enumerate(self.task_names):
+            size = datamodule.split_size(task, ADAPTATION)
+            keep = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed * 1009 + t))[: self.samples_per_task]
+            wanted, parts = set(keep.tolist()), []
+            for batch in datamodule.split_batches(task, ADAPTATION):
+                chosen = [i for i, row in enumerate(batch["index"].tolist()) if row in wanted]
+                if chosen:
+                    parts.append(_select(batch["inputs"], torch.as_tensor(chosen)))
+            rows[task] = to_device(_concat(parts), self.device)
+        return rows
+
+    @torch.no_grad()
+    def _prepare_block(self, block: int) -> None:
+        """Cache block ``block``'s inputs (merged and expert, per task) and the experts' outputs, by propagating the
+        previous block's cache through it when the backbone is a plain sequence of blocks, else by a fresh capture."""
+        previous = self._cache
+        fresh = {}
+        if previous is not None and previous["block"] == block - 1 and self._propagates is not False:
+            learned = self.block_weights(block - 1)
+            for task, entry in previous["tasks"].items():
+                merged_out = self._run_block(block - 1, learned, *entry["merged"])
+                fresh[task] = {"merged": _next_inputs(entry["merged"], merged_out),
+                               "expert": _next_inputs(entry["expert"], entry["target"])}
+            if self._propagates is None:  # check once that a block's output is what the next one is given
+                self._propagates = self._check_propagation(block, fresh, self.merged.merged_weights())
+                if not self._propagates:
+                    log.warning("progressive_distillation: the blocks of %s are not a plain sequence; re-capturing each "
+                                "block's inputs by a forward through the blocks before it", self.block_path)
+                    fresh = {}
+        if not fresh:
+            rows = self._rows() if previous is None or "rows" not in previous else previous["rows"]
+            merged_weights = self.merged.merged_weights()
+            for t, task in enumerate(self.task_names):
+                fresh[task] = {"merged": self._capture(block, rows[task], merged_weights),
+                               "expert": self._capture(block, rows[task], self.expert_weights(t))}
+        else:
+            rows = previous.get("rows")
+        for t, task in enumerate(self.task_names):
+            fresh[task]["target"] = self._run_block(block, self.expert_weights(t), *fresh[task]["expert"])
+        self._cache = {"block": block, "tasks": fresh, "rows": rows if rows is not None else self._rows()}
+
+    def _check_propagation(self, block: int, propagated: Mapping[str, Any], weights: Mapping[str, Tensor]) -> bool:
+        rows = self._cache["rows"] if self._cache and "rows" in self._cache else self._rows()
+        task = self.task_names[0]
+        captured = self._capture(block, rows[task], weights)
+        return _same_arguments(captured, propagated[task]["merged"])
+
+    # -- the learning step ------------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        super().configure_optimizers()  # the check that only coefficients train
+        return torch.optim.Adam(self.trainable_parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor | None:
+        step = self.global_step
+        block = min(step // self.steps_per_block, self.num_blocks - 1)
+        optimizer = self.optimizers()
+        if self._cache is None or self._cache["block"] != block:
+            if self._cache is not None or step % self.steps_per_block == 0:
+                optimizer.optimizer.state.clear()  # a fresh Adam for every block, as the authors' one per layer
+            self._prepare_block(block)
+        optimizer.zero_grad(set_to_none=True)
+        with self.profile.phase("merge"):
+            weights = self.block_weights(block)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + step)
+        losses = {}
+        with self.profile.phase("forward"):
+            for task, entry in self._cache["tasks"].items():
+                size = _batch_size(entry["merged"])
+                pick = torch.randperm(size, generator=generator)[: self.batch_size].to(self.device)
+                args, kwargs = _select_arguments(entry["merged"], pick, size)
+                output = feature_tensor(_first(self._run_block(block, weights, args, kwargs)))
+                target = feature_tensor(_first(entry["target"]))[pick]
+                losses[task] = F.mse_loss(output.float(), target.float())
+            total = sum(losses.values())
+        values = {task: v.item() for task, v in losses.items()}
+        if not all(math.isfinite(v) for v in values.values()):  # before backward: a NaN must never reach the coefficients
+            raise NonFiniteError(f"the block {block} distillation loss is not finite at step {step} ({values}); stopping")
+        with self.profile.phase("backward"):
+            self._backward(total)
+        with self.profile.phase("optimizer"):
+            optimizer.step()
+        self.log("train/block", float(block), batch_size=1)
+        self.log("train/distillation_loss", sum(values.values()), prog_bar=True, batch_size=1)
+        for task, value in values.items():
+            self.log(f"train/distillation_loss/{task}", value, batch_size=1)
+        # The history records the block loss (what this method minimises); no prediction entropy is computed.
+        self.history.append({"step": step, "objective": sum(values.values()), "entropy": None, "block": block})
+        return total.detach()
+
+    def protect(self, tasks: Sequence[Any], seed: int = 0, eval_batch_size: int = 64) -> Any:
+        raise ConfigError("method 'progressive_distillation' cannot take protected tasks: its steps match one block's "
+                          "outputs, where a protected task's loss on the whole model has no place; use another learned method")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.global_step >= self.total_steps:
+            self.trainer.should_stop = True
+
+
+def _first(output: Any) -> Any:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _next_inputs(arguments: tuple[tuple, dict], output: Any) -> tuple[tuple, dict]:
+    """The next block's arguments: this block's (first) output in place of the hidden states, the rest unchanged."""
+    args, kwargs = arguments
+    hidden = _first(output)
+    if args:
+        return (hidden, *args[1:]), dict(kwargs)
+    return (), {**kwargs, "hidden_states": hidden}
+
+
+def _hidden(arguments: tuple[tuple, dict]) -> Tensor:
+    args, kwargs = arguments
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _same_arguments(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    x, y = _hidden(a), _hidden(b)
+    return x.shape == y.shape and bool(torch.allclose(x.float(), y.float(), atol=1e-4, rtol=1e-4))
+
+
+def _batch_size(arguments: tuple[tuple, dict]) -> int:
+    return int(_hidden(arguments).shape[0])
+
+
+def _select(value: Any, index: Tensor) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _select(v, index) for k, v in value.items()}
+    return value[index.to(value.device)] if isinstance(value, Tensor) else value
+
+
+def _select_arguments(arguments: tuple[tuple, dict], index: Tensor, size: int) -> tuple[tuple, dict]:
+    """Rows ``index`` of every batch-sized tensor argument (attention masks, hidden states); others as they are."""
+    def pick(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.ndim and value.shape[0] == size:
+            return value[index]
+        if isinstance(value, tuple):
+            return tuple(pick(v) for v in value)
+        return value
+
+    args, kwargs = arguments
+    return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
+
+
+def _concat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], Mapping):
+        return {k: _concat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+PROGRESSIVE_DEFAULTS: dict[str, Any] = {
+    "init_value": 0.3,  # the authors' init_scale (and backbone_merging_coef for the tensors outside the blocks)
+    "granularity": "element",  # element (the authors') or tensor: one coefficient per task and tensor
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "weight_decay": 0.0,
+    "clamp": False,  # the authors' coefficients are unbounded
+    "blocks": "auto",  # the module list distilled block by block; auto: the one with the most parameters
+    "steps_per_block": 50,  # trainer.max_steps is ignored: the method takes steps_per_block × blocks steps
+    "samples_per_task": 64,  # unlabeled inputs per task whose activations are cached (the authors: few-shot)
+    "batch_size": 32,  # cached inputs per task per step
+    "seed": 0,  # which inputs, and the order of the minibatches
+    "autocast_dtype": None,
+}
+
+
+def build_progressive_distillation(
+    backbone: nn.Module, task_vectors: TaskVectors, heads: Mapping[str, nn.Module], *,
+    init_value: float | Sequence[float], granularity: str, lr: float, betas: Sequence[float], weight_decay: float,
+    clamp: bool, blocks: str, steps_per_block: int, samples_per_task: int, batch_size: int, seed: int,
+    autocast_dtype: str | None, objective: Objective | None = None,
+) -> ProgressiveDistillationModule:
+    k = task_vectors.num_tasks
+    initial = [float(v) for v in init_value] if isinstance(init_value, Sequence) else [float(init_value)] * k
+    merged = ProgressiveMergedModel(backbone, task_vectors, init_value=initial, granularity=granularity)
+    return ProgressiveDistillationModule(
+        merged, heads, blocks=blocks, steps_per_block=steps_per_block, samples_per_task=samples_per_task,
+        batch_size=batch_size, seed=seed, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+        autocast_dtype=autocast_dtype, objective=objective)
+
+
+def _validate(num_tasks: int, hparams: Mapping[str, Any]) -> None:
+    method = "progressive_distillation"
+    check_coefficient_learning(method, num_tasks, hparams)
+    checks.check_choice(method, "granularity", hparams["granularity"], GRANULARITIES)
+    for name in ("steps_per_block", "samples_per_task", "batch_size"):
+        value = hparams[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise checks.fail(method, name, value, "must be a whole number >= 1")
+    if not isinstance(hparams["blocks"], str):
+        raise checks.fail(method, "blocks", hparams["blocks"], "must be 'auto' or the path of a module list")
+
+
+register_learned(
+    "progressive_distillation", build_progressive_distillation, PROGRESSIVE_DEFAULTS,
+    "ProDistill: block by block, coefficients learned so each merged block reproduces each expert block's output",
+    _validate,
+)

@@ -1,0 +1,196 @@
+"""Progressive layer-wise distillation (adamerge/progressive.py): blocks found, inputs captured and propagated,
+each merged block learning to reproduce its experts' blocks."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from adamerge.errors import ConfigError
+from adamerge.methods.learned import build_learned
+from adamerge.progressive import block_of, find_blocks
+from adamerge.task_vectors import TaskVectors
+from tests.helpers import TensorSplits, finetuned_states, make_heads
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return x + scale * torch.tanh(self.fc(self.norm(x)))
+
+
+class BlockNet(nn.Module):
+    """Stem, a list of residual blocks called with a keyword argument, and a final norm, like a transformer.
+    ``skip=True`` feeds every block the stem's output added to the previous block's: not a plain sequence."""
+
+    def __init__(self, dim: int = 6, depth: int = 3, skip: bool = False):
+        super().__init__()
+        self.stem = nn.Linear(4, dim)
+        self.blocks = nn.ModuleList([_Block(dim) for _ in range(depth)])
+        self.final = nn.LayerNorm(dim)
+        self.skip = skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = h = self.stem(x)
+        for block in self.blocks:
+            h = block(h + h0 if self.skip else h, scale=0.5)
+        return self.final(h)
+
+
+def _pool(num_tasks: int = 2, skip: bool = False, scale: float = 0.4, blocks_only: bool = False):
+    torch.manual_seed(0)
+    backbone = BlockNet(skip=skip).eval()
+    states = finetuned_states(backbone, num_tasks, scale=scale)
+    if blocks_only:  # fine-tuned inside the blocks only: the stem and the final norm stay pretrained
+        states = {t: {n: v if n.startswith("blocks.") else backbone.state_dict()[n] for n, v in s.items()}
+                  for t, s in states.items()}
+    vectors = TaskVectors.from_state_dicts(backbone.state_dict(), states)
+    heads = make_heads(vectors.task_names)
+    splits = TensorSplits({t: torch.randn(24, 4, generator=torch.Generator().manual_seed(i))
+                           for i, t in enumerate(vectors.task_names)}, batch_size=8)
+    return backbone, vectors, heads, splits
+
+
+class _Steps(torch.utils.data.IterableDataset):
+    """The trainer's batches: progressive distillation draws from its own cached activations, not from these."""
+
+    def __init__(self, tasks, steps):
+        self.tasks, self.steps = tasks, steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield {t: {"inputs": torch.zeros(1, 4)} for t in self.tasks}
+
+
+def _learn(backbone, vectors, heads, splits, **hparams):
+    module = build_learned("progressive_distillation", copy.deepcopy(backbone), vectors, heads, **hparams)
+    module.distillation_source = splits
+    L.Trainer(max_steps=module.total_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(
+        module, torch.utils.data.DataLoader(_Steps(module.task_names, module.total_steps), batch_size=None))
+    return module
+
+
+def _expert(backbone, vectors, task):
+    model = copy.deepcopy(backbone)
+    model.load_state_dict(vectors.state_dict_from_deltas(vectors.task_vector(task)), strict=False)
+    return model
+
+
+def test_blocks_are_the_largest_module_list_and_tensors_know_their_block():
+    backbone = BlockNet()
+    path, blocks = find_blocks(backbone)
+    assert path == "blocks" and len(blocks) == 3
+    names = list(backbone.state_dict())
+    assert block_of(names, "blocks", 3) == [None, None, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, None, None]
+    with pytest.raises(ConfigError, match="blocks='layers' is not a module list"):
+        find_blocks(backbone, "layers")
+    with pytest.raises(ConfigError, match="has no nn.ModuleList"):
+        find_blocks(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor"])
+def test_one_expert_is_distilled_back_exactly(granularity):
+    """K = 1: the merge that reproduces the only expert block by block is the expert itself (α = 1 everywhere)."""
+    backbone, vectors, heads, splits = _pool(num_tasks=1, blocks_only=True)
+    # Outside the blocks the merge stays at its start (task arithmetic at 0.3, as in the authors' code): the expert was
+    # fine-tuned inside the blocks only, so matching it there is matching it everywhere.
+    steps = 150
+    module = _learn(backbone, vectors, heads, splits, granularity=granularity, init_value=0.3, lr=0.1,
+                    steps_per_block=steps, samples_per_task=24, batch_size=24)
+    losses = [h["objective"] for h in module.history]
+    assert all(losses[b * steps + steps - 1] < 0.05 * losses[b * steps] for b in range(3))
+    x = splits.inputs["task0"]
+    with torch.no_grad():
+        expert = _expert(backbone, vectors, "task0")(x)
+        gap, error = (backbone(x) - expert).abs().max(), (module.merged(x) - expert).abs().max()
+    assert error < 0.03 * gap  # from the pretrained model's distance to the expert to a few percent of it
+
+
+def test_each_block_learns_and_only_its_own_coefficients_move():
+    backbone, vectors, heads, splits = _pool(num_tasks=3)
+    module = build_learned("progressive_distillation", copy.deepcopy(backbone), vectors, heads, granularity="tensor",
+                           lr=0.02, steps_per_block=15, samples_per_task=16, batch_size=16)
+    module.distillation_source = splits
+    start = module.merged.coefficients.detach().clone()
+    snapshots = []
+    trainer = L.Trainer(max_steps=module.total_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[_Snapshot(snapshots, every=15)])
+    trainer.fit(module, torch.utils.data.DataLoader(_Steps(module.task_names, module.total_steps), batch_size=None))
+    assert module.global_step == 45 and len(snapshots) == 3
+    blocks = torch.tensor([-1 if b is None else b for b in module.tensor_block])
+    for block, after in enumerate(snapshots):
+        before = start if block == 0 else snapshots[block - 1]
+        moved = (after != before).any(dim=1)
+        assert moved[blocks == block].all() and not moved[blocks != block].any()
+    assert torch.equal(snapshots[-1][blocks == -1], start[blocks == -1])  # outside the blocks: task arithmetic, fixed
+    for block in range(3):  # the block loss falls within each block
+        losses = [h["objective"] for h in module.history if h["block"] == block]
+        assert sum(losses[-3:]) < sum(losses[:3])
+
+
+class _Snapshot(L.Callback):
+    def __init__(self, out, every):
+        self.out, self.every = out, every
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every == 0:
+            self.out.append(module.merged.coefficients.detach().clone())
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_propagated_inputs_equal_a_fresh_capture_or_it_falls_back(skip, caplog):
+    """A plain sequence of blocks propagates each block's output to the next; one that is not (skip connections from
+    the stem) is detected on the first propagation and re-captured by a forward through the blocks before."""
+    backbone, vectors, heads, splits = _pool(skip=skip)
+    module = _learn(backbone, vectors, heads, splits, granularity="tensor", lr=0.05, steps_per_block=3,
+                    samples_per_task=8, batch_size=8)
+    assert module._propagates is (not skip)
+    assert ("not a plain sequence" in caplog.text) is skip
+    # Whichever way, the cached inputs of the last block are the merged model's own activations there.
+    weights = module.merged.merged_weights()
+    cached = module._cache["tasks"]["task0"]["merged"]
+    captured = module._capture(2, module._cache["rows"]["task0"], weights)
+    torch.testing.assert_close(cached[0][0], captured[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_residual_base_starts_from_the_base_and_keeps_it_outside_the_blocks():
+    backbone, vectors, heads, splits = _pool()
+    module = build_learned("progressive_distillation", copy.deepcopy(backbone), vectors, heads, base="iso_cts",
+                           granularity="tensor")
+    from adamerge.methods.registry import get_method
+
+    spec = get_method("iso_cts")
+    expected = spec.fn(vectors, **spec.resolve_hparams({}))
+    for name, weight in module.merged.merged_weights().items():
+        torch.testing.assert_close(weight, vectors.pretrained[name] + expected[name], atol=1e-5, rtol=1e-5)
+
+
+def test_protected_tasks_are_refused_clearly():
+    backbone, vectors, heads, _ = _pool()
+    module = build_learned("progressive_distillation", backbone, vectors, heads)
+    with pytest.raises(ConfigError, match="cannot take protected tasks"):
+        module.protect([])
+
+
+@pytest.mark.parametrize(("hparams", "message"), [
+    ({"granularity": "row"}, "granularity"),
+    ({"steps_per_block": 0}, "steps_per_block"),
+    ({"samples_per_task": 2.5}, "samples_per_task"),
+    ({"blocks": 3}, "blocks"),
+])
+def test_bad_settings_name_the_setting(hparams, message):
+    from adamerge.methods.registry import get_method
+
+    spec = get_method("progressive_distillation")
+    with pytest.raises(ConfigError, match=message):
+        spec.validate(2, spec.resolve_hparams(hparams))
