@@ -28,13 +28,13 @@ _in_flight: set[str] = set()
 class DiskFullError(AdamergeError, OSError):
     """The device (or the user's quota) has no room for a file adamerge must write; nothing was replaced."""
 
-    def __init__(self, path: str | os.PathLike, needed: int, cause: OSError) -> None:
+    def __init__(self, path: str | os.PathLike, needed: int, cause: OSError, *, at_least: bool = False) -> None:
         self.path, self.needed = Path(path), int(needed)
         free = _free_bytes(self.path.parent)
         shown_free = f", {free:,} free" if free is not None else ""
-        super().__init__(f"no space left to write {self.path}: it needs {self.needed:,} bytes{shown_free} "
-                         f"({os.strerror(cause.errno)}); the previous version of the file is untouched. Free "
-                         "space on that device or point the output elsewhere")
+        super().__init__(f"no space left to write {self.path}: it needs {'at least ' if at_least else ''}"
+                         f"{self.needed:,} bytes{shown_free} ({os.strerror(cause.errno)}); the previous version is "
+                         "untouched. Free space on that device or point the output elsewhere")
         self.errno = cause.errno
 
 

@@ -75,7 +75,10 @@ def run_job(cfg: DictConfig, run_dir: str | os.PathLike) -> tuple[int, float | N
         print(f"adamerge: {stopped}. Resume with:\n{resume_command(run_dir)}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT_CODE, None
     except Exception as error:
-        record_failure(Path(run_dir), cfg, error)
+        try:
+            record_failure(Path(run_dir), cfg, error)
+        except OSError:  # a full disk: the error itself still reaches the user, on stderr
+            pass
         return report_error(error), None
     (Path(run_dir) / ERROR_FILE).unlink(missing_ok=True)  # a resumed job that now finished is no failure
     return 0, job_score(outcome["rows"], selection_criterion(cfg))

@@ -36,7 +36,7 @@ from torch import nn
 
 from adamerge.errors import ExportError
 from adamerge.manifest import file_hashes
-from adamerge.atomic import fsync_path
+from adamerge.atomic import DiskFullError, fsync_path, is_disk_full
 
 __all__ = ["MERGE_CONFIG", "WEIGHTS", "ExportError", "export_merged"]
 
@@ -209,10 +209,18 @@ def export_merged(
         _write_json(staging / MERGE_CONFIG, {**config, "files": file_hashes(staging, exclude={MERGE_CONFIG})})
         _fsync_tree(staging)
         _swap_into_place(staging, directory)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error):
+            raise DiskFullError(directory, _weight_bytes(model, heads or {}), error, at_least=True) from error
         raise
     return directory
+
+
+def _weight_bytes(model: nn.Module, heads: Mapping[str, nn.Module]) -> int:
+    """The bytes of the backbone's and the heads' tensors: what an export needs at least (the rest is small)."""
+    modules = [model, *heads.values()]
+    return sum(t.numel() * t.element_size() for module in modules for t in module.state_dict().values())
 
 
 def _check_per_task_hf(model: nn.Module, records: Mapping[str, Mapping[str, Any]]) -> None:
