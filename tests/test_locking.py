@@ -36,7 +36,8 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_dead_holders_lock_i
          "trainer.enable_progress_bar=false"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: (run_dir / ".hydra" / "config.yaml").is_file() and lock.is_file(), first, "the lock")
+        # run_config.json is written by the run itself, after Hydra finished writing .hydra/
+        _wait_for(lambda: (run_dir / "run_config.json").is_file() and lock.is_file(), first, "the run to start")
         written_by_first = (run_dir / ".hydra" / "config.yaml").read_bytes()
         assert json.loads(lock.read_text())["pid"] == first.pid
 
