@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +21,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from adamerge.errors import report_cli_error
+from adamerge.locking import acquire_run_lock, release_run_lock
 from adamerge.methods.configs import CONF_DIR
+from adamerge.preemption import PREEMPTED_EXIT_CODE, RunPreempted
 from adamerge.runner import run
 from adamerge.sweep import ERROR_FILE, job_score, selection_criterion
 
@@ -43,6 +46,10 @@ def register_resolvers() -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     status, score = run_job(cfg, HydraConfig.get().runtime.output_dir)
+    # sys.exit below skips Hydra's on_run_end, where RunDirectoryGuard would release the directory's lock.
+    release_run_lock(HydraConfig.get().runtime.output_dir)
+    if status == PREEMPTED_EXIT_CODE:  # a sweep stops too: the signal was for the whole process
+        sys.exit(status)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # One failed job must not end a sweep: its error.json is in its directory, and the sweep summary
         # (adamerge.sweep.SweepSummary) lists it as a failed row and sets the exit status once all are done.
@@ -64,11 +71,30 @@ def run_job(cfg: DictConfig, run_dir: str | os.PathLike) -> tuple[int, float | N
     configured selection criterion). A failure is recorded in ``run_dir/error.json`` for the sweep summary."""
     try:
         outcome = run(cfg, run_dir)
+    except RunPreempted as stopped:
+        print(f"adamerge: {stopped}. Resume with:\n{resume_command(run_dir)}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE, None
     except Exception as error:
-        record_failure(Path(run_dir), cfg, error)
+        try:
+            record_failure(Path(run_dir), cfg, error)
+        except OSError:  # a full disk: the error itself still reaches the user, on stderr
+            pass
         return report_error(error), None
     (Path(run_dir) / ERROR_FILE).unlink(missing_ok=True)  # a resumed job that now finished is no failure
     return 0, job_score(outcome["rows"], selection_criterion(cfg))
+
+
+def resume_command(run_dir: str | os.PathLike) -> str:
+    """The command line that continues the run in ``run_dir``: this command's own overrides (from Hydra),
+    without any ``resume`` or run directory given, plus ``resume=true hydra.run.dir=<run_dir>``."""
+    try:
+        overrides = HydraConfig.get().overrides
+        given = [*overrides.task, *overrides.hydra]
+    except ValueError:  # composed in Python (execute), not from a command line: no overrides to repeat
+        given = []
+    replaced = ("resume", "hydra.run.dir", "hydra.mode", "hydra.sweep.dir", "hydra.sweep.subdir")
+    kept = [o for o in given if o.split("=", 1)[0].lstrip("+~") not in replaced]
+    return shlex.join(["adamerge", *kept, "resume=true", f"hydra.run.dir={Path(run_dir).absolute()}"])
 
 
 def record_failure(run_dir: Path, cfg: DictConfig, error: BaseException) -> None:
@@ -99,10 +125,18 @@ class RunDirectoryGuard(Callback):
         from adamerge.errors import AdamergeError
         from adamerge.runner import check_outputs
 
+        run_dir = Path(str(config.hydra.run.dir))
         try:
-            check_outputs(config, Path(str(config.hydra.run.dir)))
+            # Held until the run ends (run() takes it again): a second process on this directory is refused
+            # before Hydra writes its .hydra/ over the first one's.
+            acquire_run_lock(run_dir)
+            check_outputs(config, run_dir)
         except AdamergeError as error:
+            release_run_lock(run_dir)
             sys.exit(report_error(error))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        release_run_lock(Path(str(config.hydra.run.dir)))
 
 
 def shown_error(error: BaseException) -> BaseException:

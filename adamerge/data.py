@@ -24,6 +24,7 @@ from adamerge.errors import AdamergeError
 from adamerge.input_cache import cacheable, encode_split
 # Re-exported: configs written for adamerge 0.1 name the preprocessors here.
 from adamerge.preprocessing import ImagePreprocessor, TextPreprocessor, labels_of  # noqa: F401
+from adamerge.preprocessing import BadExampleError
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,16 @@ def _check_not_empty(task: TaskData, adaptation: Any, evaluation: Any) -> None:
             limit = f" after max_eval_samples={task.max_eval_samples}" if limited else ""
             raise TaskDataError(f"task {task.name!r} ({task.path!r}): the {role} split {name!r} is empty "
                                 f"(0 examples{limit})")
+
+
+def _check_text_column(where: str, split: Any, column: str) -> None:
+    """A text column holds strings in every row: a tokenizer given a number or a null fails far from the cause."""
+    dtype = getattr(split.features.get(column), "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise TaskDataError(f"{where}: column {column!r} holds {split.features.get(column)}, not text")
+    row = next((i for i, value in enumerate(split[column]) if not isinstance(value, str)), None)
+    if row is not None:
+        raise TaskDataError(f"{where}, row {row}: column {column!r} is empty (null), not text")
 
 
 def seeded_subset(split: Any, limit: int | None, seed: int) -> Any:
@@ -269,10 +280,12 @@ class MultiTaskDataModule(L.LightningDataModule):
                 continue  # Lightning calls setup once per stage; load each dataset once
             train, ev = self._load(task)
             pre = self._preprocessor(task)
-            for d in (train, ev):
+            for d, split in ((train, task.split), (ev, task.eval_split or task.split)):
                 if missing := [c for c in getattr(pre, "required_columns", ()) if c not in d.column_names]:
                     raise TaskDataError(f"task {name!r} ({task.path!r}): missing column(s) {missing}; "
                                         f"available columns: {d.column_names}")
+                for column in getattr(pre, "text_columns", ()):
+                    _check_text_column(f"task {name!r} ({task.path!r}), split {split!r}", d, column)
             ev = seeded_subset(ev, task.max_eval_samples, self.seed)
             _check_not_empty(task, train, ev)
             self._raw[name] = (train, ev)
@@ -312,7 +325,12 @@ class MultiTaskDataModule(L.LightningDataModule):
             if key not in self._cache:
                 cached = sum(split.nbytes for split in self._cache.values() if split is not None)
                 budget = self.cache_max_gb * 2**30 - cached  # one budget for every split of the run
-                self._cache[key] = encode_split(raw, preprocessor, task.label_column, budget)
+                try:
+                    self._cache[key] = encode_split(raw, preprocessor, task.label_column, budget)
+                except BadExampleError as error:
+                    split = task.split if which == 0 else task.eval_split or task.split
+                    raise TaskDataError(f"task {name!r} ({task.path!r}), split {split!r}, row {error.index}: "
+                                        f"{error.problem}") from error
             if self._cache[key] is not None:
                 return self._cache[key]
         return raw.with_transform(_Transformed(preprocessor, task.label_column))

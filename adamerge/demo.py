@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -52,6 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adamerge.demo_tasks import TASK_BUILDERS, TaskSplit, make_task_data
+from adamerge.locking import build_lock
+from adamerge.manifest import manifest_problem, write_manifest
 from adamerge.models.efficientnet import efficientnet_lite0, normalize_images
 
 __all__ = [
@@ -65,6 +68,7 @@ __all__ = [
     "zoo_path",
     "build_demo_zoo",
     "is_complete_zoo",
+    "zoo_problem",
     "make_task_data",
     "load_zoo_split",
 ]
@@ -138,9 +142,18 @@ def zoo_path(recipe: Mapping[str, Any] | None = None, cache_dir: str | Path | No
     return root / f"demo-zoo-{recipe_hash(recipe)}"
 
 
+def zoo_problem(path: str | Path) -> str | None:
+    """Why the zoo at ``path`` cannot be used (not built, interrupted, a file changed, truncated, missing or
+    added since it was built), or None. Its ``manifest.json`` is written last, over the bytes on disk."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} does not exist"
+    return manifest_problem(path)
+
+
 def is_complete_zoo(path: str | Path) -> bool:
-    """A zoo counts only once ``zoo.json`` exists: it is written last, inside the not-yet-renamed build dir."""
-    return (Path(path) / "zoo.json").is_file()
+    """Built to the end and every file as it was written (checked against the zoo's sha256 manifest)."""
+    return zoo_problem(path) is None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,6 +302,7 @@ def _build_into(target: Path, recipe: Mapping[str, Any], progress: bool) -> None
     # Written last: its presence is what marks the zoo complete. No timings in it: every file of a build is
     # a pure function of the recipe (and the package versions), so two builds compare equal byte for byte.
     (target / "zoo.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(target)  # last: its presence marks the zoo complete, its hashes keep it honest
     _log(progress, f"built in {time.perf_counter() - start:.0f}s")
 
 
@@ -301,26 +315,33 @@ def build_demo_zoo(cache_dir: str | Path | None = None, *, force: bool = False, 
     into place only when complete, so an interrupted build never leaves a half zoo behind. It runs with the
     recipe's thread count and deterministic algorithms, so the same recipe on the same software gives the same
     bytes; the caller's torch settings are restored afterwards.
+
+    Every use checks the zoo against its sha256 manifest: a changed, truncated, missing or added file makes it
+    rebuilt, never used. Concurrent callers build once: the others wait on the zoo's lock and reuse the result.
     """
     recipe = demo_recipe() if recipe is None else demo_recipe(**recipe)
     target = zoo_path(recipe, cache_dir)
-    if not force and is_complete_zoo(target):
+    if not force and zoo_problem(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    _log(progress, f"building {target} (first run only; recipe {recipe_hash(recipe)})")
-    try:
-        with _deterministic_torch(int(recipe["threads"])):
-            _build_into(staging, recipe, progress)
+    # One builder per zoo: a second process waits here, then reuses what the first one built.
+    with build_lock(target.parent / f".{target.name}.lock", f"the demo zoo {target}"):
+        problem = zoo_problem(target)
+        if not force and problem is None:
+            return target
         if target.exists():
-            if is_complete_zoo(target) and not force:  # another process finished first: keep theirs
-                shutil.rmtree(staging)
-                return target
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            print(f"adamerge: the cached demo zoo cannot be used: {problem}; rebuilding it", file=sys.stderr)
+        staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        _log(progress, f"building {target} (first run only; recipe {recipe_hash(recipe)})")
+        try:
+            with _deterministic_torch(int(recipe["threads"])):
+                _build_into(staging, recipe, progress)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return target
 
 

@@ -34,11 +34,11 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from adamerge.checkpoints import sha256_of
 from adamerge.errors import ExportError
-from adamerge.reporting import fsync_path
+from adamerge.manifest import file_hashes
+from adamerge.atomic import DiskFullError, fsync_path, is_disk_full
 
-__all__ = ["MERGE_CONFIG", "WEIGHTS", "ExportError", "export_merged", "export_file_hashes"]
+__all__ = ["MERGE_CONFIG", "WEIGHTS", "ExportError", "export_merged"]
 
 MERGE_CONFIG = "merge_config.json"
 WEIGHTS = "model.safetensors"
@@ -121,15 +121,6 @@ def _copy_extra(source: Path | bytes, target: Path) -> None:
             dst.write_bytes(bytes(source))
         else:
             shutil.copyfile(src, dst)
-
-
-def export_file_hashes(directory: Path) -> dict[str, str]:
-    """sha256 of every file of an export directory but ``merge_config.json``, by relative POSIX path."""
-    return {
-        file.relative_to(directory).as_posix(): sha256_of(file)
-        for file in sorted(directory.rglob("*"))
-        if file.is_file() and file.relative_to(directory).as_posix() != MERGE_CONFIG
-    }
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
@@ -215,13 +206,21 @@ def export_merged(
         if model_card:
             write_model_card(staging, config, name=directory.name, license=license)
         # Written last, over the bytes actually on disk: the loader checks every file against these.
-        _write_json(staging / MERGE_CONFIG, {**config, "files": export_file_hashes(staging)})
+        _write_json(staging / MERGE_CONFIG, {**config, "files": file_hashes(staging, exclude={MERGE_CONFIG})})
         _fsync_tree(staging)
         _swap_into_place(staging, directory)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error):
+            raise DiskFullError(directory, _weight_bytes(model, heads or {}), error, at_least=True) from error
         raise
     return directory
+
+
+def _weight_bytes(model: nn.Module, heads: Mapping[str, nn.Module]) -> int:
+    """The bytes of the backbone's and the heads' tensors: what an export needs at least (the rest is small)."""
+    modules = [model, *heads.values()]
+    return sum(t.numel() * t.element_size() for module in modules for t in module.state_dict().values())
 
 
 def _check_per_task_hf(model: nn.Module, records: Mapping[str, Mapping[str, Any]]) -> None:

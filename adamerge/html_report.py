@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from adamerge.atomic import write_atomic
 from adamerge.errors import AdamergeError, ConfigError, report_cli_error
 from adamerge.report_plots import PNG_SIGNATURE, accuracy_bars, coefficient_heatmap_png, learning_curves
-from adamerge.reporting import read_json, read_run_results, write_text_atomic
+from adamerge.reporting import read_json, read_run_results
 from adamerge.sweep import job_dirs, write_summary_files
 
 EXPECTED = "summary.json or results.json (a run) or sweep_summary.json (a sweep)"
@@ -263,7 +264,7 @@ def write_report(directory: str | Path, output: str | Path | None = None) -> Pat
             f'<p class="muted">{esc(directory.resolve())}</p>{body}</body></html>\n')
     try:
         # Pure ASCII (other characters as references) reads the same whatever the locale's encoding.
-        return write_text_atomic(output, page.encode("ascii", "xmlcharrefreplace").decode("ascii"))
+        return write_atomic(output, page.encode("ascii", "xmlcharrefreplace").decode("ascii"))
     except OSError as error:
         raise ConfigError(f"cannot write the report to {output} ({error.strerror}); "
                           "choose another path with -o") from error

@@ -10,11 +10,14 @@ whose padding depends on the batch) keep the lazy per-batch path.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+
+from adamerge.preprocessing import BadExampleError
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +53,34 @@ class CachedSplit:
         return self.encoded.numel() * self.encoded.element_size()
 
 
+def _read_rows(split: Any, start: int, stop: int) -> Any:
+    """``split[start:stop]``; when the dataset cannot decode one of them (a corrupt image file), the row that fails."""
+    try:
+        return split[start:stop]
+    except Exception as error:
+        for row in range(start, stop):
+            try:
+                split[row]
+            except Exception as row_error:
+                detail = re.sub(r"\s*<[^<>]+ at 0x[0-9a-fA-F]+>", "", str(row_error))  # no memory addresses
+                raise BadExampleError(row, f"the example cannot be read ({type(row_error).__name__}: "
+                                           f"{detail})") from row_error
+        raise error
+
+
 def encode_split(split: Any, preprocessor: Any, label_column: str, max_bytes: float) -> CachedSplit | None:
     """Encode every row of a raw ``datasets`` split, or None when it would take more than ``max_bytes``."""
     parts: list[torch.Tensor] = []
     total = 0
     for start in range(0, len(split), ENCODE_BATCH):
-        part = preprocessor.encode(split[start: start + ENCODE_BATCH])
+        batch = _read_rows(split, start, min(start + ENCODE_BATCH, len(split)))
+        try:
+            part = preprocessor.encode(batch)
+        except BadExampleError as error:  # its index is within the batch: make it the split's row
+            raise BadExampleError(start + error.index, error.problem) from error
+        if part.is_floating_point() and not torch.isfinite(part).all():
+            row = int((~torch.isfinite(part.flatten(1))).any(1).nonzero()[0])
+            raise BadExampleError(start + row, "its preprocessed input holds NaN/Inf values")
         parts.append(part)
         total += part.numel() * part.element_size()
         projected = total * len(split) / min(start + ENCODE_BATCH, len(split))

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import load_file, load_model
 from torch import nn
 
-from adamerge.checkpoints import sha256_of
 from adamerge.export import MERGE_CONFIG, WEIGHTS, WEIGHTS_INDEX, ExportError
+from adamerge.manifest import find_damage
 
 if TYPE_CHECKING:
     from adamerge.multitask import MultiTaskModel, TaskModel
@@ -63,19 +63,17 @@ def verify_export(path: str | Path, config: Mapping[str, Any] | None = None) -> 
     if not isinstance(recorded, Mapping) or not recorded:
         raise ExportError(f"{path / MERGE_CONFIG} records no file checksums, so the export cannot be verified "
                           "(written by adamerge < 0.2?); pass verify=False to load it anyway")
-    for name, expected in recorded.items():
-        file = path / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ExportError(f"{path / MERGE_CONFIG} records a file outside the export: {name!r}")
-        if not file.is_file():
-            raise ExportError(f"{file} is missing: {MERGE_CONFIG} records it as part of the export")
-        actual = sha256_of(file)
-        if actual != expected:
-            raise ExportError(
-                f"{file} does not match the sha256 recorded in {MERGE_CONFIG} (recorded {str(expected)[:16]}…, "
-                f"found {actual[:16]}…): it was modified, truncated or corrupted after export; "
-                "pass verify=False to load it anyway"
-            )
+    damage = find_damage(path, recorded)
+    if damage is not None and damage.problem == "outside":
+        raise ExportError(f"{path / MERGE_CONFIG} records a file outside the export: {damage.name!r}")
+    if damage is not None and damage.problem == "missing":
+        raise ExportError(f"{path / damage.name} is missing: {MERGE_CONFIG} records it as part of the export")
+    if damage is not None:
+        raise ExportError(
+            f"{path / damage.name} does not match the sha256 recorded in {MERGE_CONFIG} (recorded "
+            f"{str(damage.expected)[:16]}…, found {str(damage.actual)[:16]}…): it was modified, truncated or "
+            "corrupted after export; pass verify=False to load it anyway"
+        )
 
 
 def load_backbone(

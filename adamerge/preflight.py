@@ -214,6 +214,7 @@ def _check_labels(datamodule: Any, task: str) -> None:
     if not datamodule.has_labels(task):
         raise TaskDataError(f"task {task!r} ({settings.path!r}): evaluation needs labels but column "
                             f"{settings.label_column!r} is missing; available columns: {evaluation.column_names}")
+    _evaluation_labels(datamodule, task)
 
 
 def dataset_classes(datamodule: Any, task: str) -> tuple[int, bool]:
@@ -221,8 +222,7 @@ def dataset_classes(datamodule: Any, task: str) -> tuple[int, bool]:
     declared = datamodule.num_classes(task)
     if declared is not None:
         return int(declared), True
-    labels = np.asarray(datamodule.raw_splits(task)[1][datamodule.tasks[task].label_column])
-    return int(labels.max()) + 1, False
+    return int(_evaluation_labels(datamodule, task).max()) + 1, False
 
 
 @torch.no_grad()
@@ -255,4 +255,26 @@ def _check_head(pool: Any, datamodule: Any, task: str) -> None:
         kind = "declares" if declared else "has labels up to"
         raise PoolDataMismatchError(f"{where} has {outputs} outputs but task {task!r}'s dataset {kind} {classes} "
                                     f"classes ({datamodule.tasks[task].path!r})")
+    labels = _evaluation_labels(datamodule, task)
+    outside = np.flatnonzero((labels < 0) | (labels >= outputs))
+    if outside.size:  # e.g. -1, the "no label" marker of benchmark test splits
+        row = int(outside[0])
+        raise TaskDataError(f"{_split_name(datamodule, task)}, row {row}: label {labels[row]} is outside 0..{outputs - 1} "
+                            f"({where} has {outputs} outputs){f'; {outside.size} rows in all' if outside.size > 1 else ''}")
+
+
+def _split_name(datamodule: Any, task: str) -> str:
+    settings = datamodule.tasks[task]
+    return f"task {task!r} ({settings.path!r}), split {settings.eval_split or settings.split!r}"
+
+
+def _evaluation_labels(datamodule: Any, task: str) -> np.ndarray:
+    """The evaluation split's labels: integer class ids, refused naming the column otherwise."""
+    column = datamodule.tasks[task].label_column
+    labels = np.asarray(datamodule.raw_splits(task)[1][column])
+    if labels.dtype.kind not in "iu":
+        first = next((i for i, v in enumerate(labels.tolist()) if not isinstance(v, int)), 0)
+        raise TaskDataError(f"{_split_name(datamodule, task)}, row {first}: label column {column!r} holds "
+                            f"{labels.tolist()[first]!r} ({labels.dtype}), not an integer class id")
+    return labels
 

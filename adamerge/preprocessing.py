@@ -17,19 +17,46 @@ import numpy as np
 import torch
 
 
+# PIL modes whose conversion to RGB keeps what the pixels mean. 32-bit integer ("I", "I;16", ...) and float ("F")
+# images are clipped to 0..255 by the conversion: a 16-bit scan would become a nearly white picture.
+RGB_CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                                   "LAB", "HSV"})
+
+
+class BadExampleError(ValueError):
+    """One example of a batch cannot be made into a model input; ``index`` is its position in the batch (the
+    data module turns it into the task, split and row)."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(problem)
+        self.index, self.problem = index, problem
+
+
 def _to_rgb_uint8(img: Any):
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if isinstance(img, dict):  # undecoded datasets Image: {"bytes", "path"}
         import io
 
-        img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
+        try:
+            img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
+            img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL raises SyntaxError for some bad headers
+            raise ValueError(f"the image cannot be decoded ({type(error).__name__}: {error})") from error
     if not isinstance(img, Image.Image):
         arr = np.asarray(img)
+        if arr.dtype.kind not in "uif" or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+            raise ValueError(f"an image array must be HxW or HxWxC (C = 1, 3 or 4) of numbers, got shape "
+                             f"{arr.shape} of {arr.dtype}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError(f"the image has {int((~np.isfinite(arr)).sum())} NaN/Inf pixel values")
         if arr.dtype != np.uint8:  # float images in [0, 1] are common in numpy pipelines
             arr = arr * 255.0 if arr.dtype.kind == "f" and arr.max() <= 1.0 else arr
             arr = np.clip(arr, 0, 255).astype(np.uint8)
         img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    if img.mode not in RGB_CONVERTIBLE_MODES:
+        raise ValueError(f"image mode {img.mode!r} cannot be converted to RGB without clipping its values; convert "
+                         "the images to 8-bit (L or RGB) first")
     return img.convert("RGB")
 
 
@@ -98,7 +125,13 @@ class ImagePreprocessor:
     # which store exactly; normalising them is cheap and done per batch.
     def encode(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Decoded, resized uint8 pixels ``[N, 3, H, W]``."""
-        return torch.from_numpy(np.stack([self._pixels(im) for im in batch[self.image_column]])).permute(0, 3, 1, 2)
+        pixels = []
+        for index, image in enumerate(batch[self.image_column]):
+            try:
+                pixels.append(self._pixels(image))
+            except ValueError as error:
+                raise BadExampleError(index, str(error)) from error
+        return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
 
     def decode(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels to the model's float input ``(x/255 − mean)/std``."""

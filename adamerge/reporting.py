@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from adamerge.atomic import write_atomic
 from adamerge.errors import ConfigError
 
 RESULT_KEYS = ("method", "config", "tasks", "accuracy", "average_accuracy", "coefficients", "seconds", "peak_memory_mb")
@@ -17,7 +16,7 @@ RESULT_KEYS = ("method", "config", "tasks", "accuracy", "average_accuracy", "coe
 
 def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Strict JSON written atomically, so a crash never leaves a truncated results file."""
-    return write_text_atomic(path, json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n")
+    return write_atomic(path, json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -40,40 +39,6 @@ def read_run_results(run_dir: Path) -> list[dict[str, Any]]:
     files = {p.parent.name: p for p in run_dir.glob("*/results.json")}
     names = [n for n in order if n in files] + sorted(n for n in files if n not in order)
     return [read_json(files[name]) for name in names]
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write through a temporary file in the same directory and rename it over ``path``: readers see the
-    old file or the new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600); results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a directory's entries, to disk (what makes a rename durable after a crash)."""
-    if path.is_dir() and not hasattr(os, "O_DIRECTORY"):
-        return  # directories cannot be opened for fsync on Windows
-    fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def replace_marked_block(path: str | Path, name: str, block: str) -> None:
@@ -159,7 +124,7 @@ def write_summary(run_dir: str | Path, rows: Sequence[Mapping[str, Any]], tasks:
         for r in rows
     ]
     write_json(Path(run_dir) / "summary.json", {"tasks": list(tasks), "rows": summary_rows})
-    (Path(run_dir) / "summary.md").write_text(table + "\n")
+    write_atomic(Path(run_dir) / "summary.md", table + "\n")
     return table
 
 
@@ -170,6 +135,5 @@ def coefficient_heatmap(
     from adamerge.report_plots import coefficient_heatmap_png
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(coefficient_heatmap_png(coefficients, task_names, title))
+    write_atomic(path, coefficient_heatmap_png(coefficients, task_names, title))
     return path

@@ -11,10 +11,11 @@ continues from its checkpoint, the rest run, and the summary is rebuilt from eve
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import random
 import shutil
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from adamerge.atomic import write_atomic
 from adamerge.errors import AdamergeError, RunDirectoryError
 from adamerge.methods.checks import is_count
-from adamerge.reporting import fsync_path, write_json
+from adamerge.preemption import RunPreempted, stop_requested
+from adamerge.reporting import write_json
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -63,16 +67,28 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-class StepCheckpoint(L.Callback):
-    """Saves the trainer state to ``directory/last.ckpt`` every ``every_n_steps`` steps and at the end.
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer through :func:`adamerge.atomic.write_atomic`: a kill at any moment leaves
+    the old checkpoint or the new one, never a torn file, and a full disk raises a DiskFullError naming the
+    checkpoint and its size while the previous checkpoint stays usable."""
 
-    Atomic: written to a temporary file in the same directory, then renamed over the previous one, so a kill
-    at any moment leaves either the old checkpoint or the new one, never a torn file.
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomic(path, buffer.getbuffer())
+
+
+class StepCheckpoint(L.Callback):
+    """Saves the trainer state to ``directory/last.ckpt`` every ``every_n_steps`` steps (0: never) and at the end,
+    and when a stop signal arrived (:mod:`adamerge.preemption`): then at the end of the step under way, after
+    which it stops the run with :class:`adamerge.preemption.RunPreempted`.
     """
 
     def __init__(self, directory: str | Path, every_n_steps: int) -> None:
-        if not is_count(every_n_steps, minimum=1):
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        if not is_count(every_n_steps, minimum=0):
+            raise ValueError(f"every_n_steps must be an integer >= 0, got {every_n_steps!r}")
         self.directory = Path(directory)
         self.every_n_steps = every_n_steps
 
@@ -81,21 +97,23 @@ class StepCheckpoint(L.Callback):
         return self.directory / LAST_CHECKPOINT
 
     def save(self, trainer: L.Trainer) -> None:
-        partial = self.directory / (LAST_CHECKPOINT + ".partial")
-        if trainer.is_global_zero:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(partial, weights_only=False)  # with optimiser state; every rank takes part, rank 0 writes
-        if trainer.is_global_zero:
-            fsync_path(partial)
-            os.replace(partial, self.path)
-        trainer.strategy.barrier("adamerge.StepCheckpoint")
+        # With optimiser state; every rank takes part, rank 0 writes (through AtomicCheckpointIO).
+        trainer.save_checkpoint(self.path, weights_only=False)
+
+    def _due(self, step: int) -> bool:
+        return self.every_n_steps > 0 and step % self.every_n_steps == 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        signum = stop_requested()
+        # Under DDP a scheduler may signal only some ranks: all of them stop when any one was asked to.
+        stop = trainer.strategy.reduce_boolean_decision(signum is not None, all=False)
+        if self._due(trainer.global_step) or stop:
             self.save(trainer)
+        if stop:
+            raise RunPreempted(signum or signal.SIGTERM, f"at learning step {trainer.global_step}", self.path)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step % self.every_n_steps != 0:  # else the last step was just saved
+        if self.every_n_steps > 0 and not self._due(trainer.global_step):  # else the last step was just saved
             self.save(trainer)
 
 

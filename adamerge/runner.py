@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adamerge.alignment import AlignmentVector, alignment_from_config
-from adamerge.errors import adamerge_cause
 from adamerge.data import ADAPTATION, EVALUATION
+from adamerge.errors import ConfigError, adamerge_cause
 from adamerge.evaluation import evaluate, finite_scores
 from adamerge.expert_targets import ExpertTargets
+from adamerge.locking import run_directory_lock
 from adamerge.loggers import (
     finish, log_coefficients, log_final, log_label_free, log_profile, log_protected, log_run_config, run_identity,
 )
@@ -32,12 +33,13 @@ from adamerge.methods.learned import build_learned
 from adamerge.methods.registry import get_method
 from adamerge.modelpool import ModelPool
 from adamerge.objectives import Objective, build_objective
+from adamerge.preemption import handle_preemption, keep_lightning_off_signals, stop_if_requested
 from adamerge.preflight import EVALUATION_ONLY, check_export_heads, check_pool_and_data, check_run_dir, check_settings
 from adamerge.protected import ProtectedTask
 from adamerge.protection import static_scores
 from adamerge.protected_config import build_protected_tasks
 from adamerge.reporting import average, coefficient_heatmap, protected_lines, write_json, write_summary
-from adamerge.resume import StepCheckpoint, checkpoint_path, remove_checkpoints, write_run_record
+from adamerge.resume import AtomicCheckpointIO, StepCheckpoint, checkpoint_path, remove_checkpoints, write_run_record
 from adamerge.task_vectors import TaskVectors
 
 @dataclass
@@ -113,8 +115,13 @@ def make_trainer(ctx: RunContext, name: str, logger: Any, callbacks: list[L.Call
         # The unlabeled stream is endless; one 'epoch' of max_steps batches gives the bar a total.
         trainer_cfg["limit_train_batches"] = max_steps
         trainer_cfg["max_epochs"] = 1
-    return instantiate(trainer_cfg, logger=logger if logger is not None else False, callbacks=callbacks or [],
-                       default_root_dir=str(method_dir(ctx, name)))
+    if trainer_cfg.get("plugins"):
+        raise ConfigError("trainer.plugins is not supported: adamerge sets the trainer's checkpoint writer itself "
+                          "(adamerge.resume.AtomicCheckpointIO)")
+    trainer = instantiate(trainer_cfg, logger=logger if logger is not None else False, callbacks=callbacks or [],
+                          default_root_dir=str(method_dir(ctx, name)), plugins=[AtomicCheckpointIO()])
+    keep_lightning_off_signals(trainer)
+    return trainer
 
 
 def make_logger(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> Any:
@@ -144,13 +151,15 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
     saved = checkpoint_path(method_dir(ctx, name))
     resume_from = str(saved) if ctx.cfg.get("resume", False) and saved.is_file() else None
     # A method that sets its own length (progressive distillation: steps per block × blocks) overrides max_steps.
-    trainer = make_trainer(ctx, name, logger, [StepCheckpoint(saved.parent, every)] if every else [],
+    trainer = make_trainer(ctx, name, logger, [StepCheckpoint(saved.parent, every)],  # also saves when stopped
                            max_steps=getattr(module, "total_steps", None))
     # The starting merge is evaluated first: the reference for the label-free report (objective and
     # predictions before learning), not a labelled score anything is selected by.
     trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
     if resume_from:
         print(f"{name}: resuming from {resume_from}")
+    print(f"{name}: learning to step {ctx.cfg.trainer.max_steps}; SIGTERM or SIGINT saves a checkpoint and stops",
+          flush=True)
     trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=resume_from, weights_only=True)
     if hasattr(module, "save_artifacts"):
         module.save_artifacts(method_dir(ctx, name))
@@ -279,6 +288,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     an interrupted learned method continues from its checkpoint, and the summary covers them all.
     """
     run_dir = Path(run_dir)
+    # One process per run directory; SIGTERM / SIGINT stop at the next step boundary with a checkpoint.
+    with run_directory_lock(run_dir), handle_preemption():
+        return _run_locked(cfg, run_dir)
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     names = method_names(cfg)
     # A typo, a bad value or a directory that would lose results fails here, before any checkpoint is read.
     check_settings(cfg, names, method_config)
@@ -310,6 +325,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             rows.append(json.loads(finished.read_text()))
             print(f"{name}: finished before the interruption; kept {finished}")
             continue
+        stop_if_requested(f"before {name} started")
         result = run_method(ctx, name)
         if rank_zero_only.rank != 0:  # DDP workers only help learning; rank 0 reports and exports
             continue

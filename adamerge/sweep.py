@@ -20,7 +20,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from adamerge.errors import AdamergeError, ConfigError, report_cli_error
-from adamerge.reporting import read_json, read_run_results, write_json, write_text_atomic
+from adamerge.atomic import write_atomic
+from adamerge.reporting import read_json, read_run_results, write_json
 from adamerge.selection import get_criterion, pick, pick_by_accuracy, unlabeled_means
 
 ERROR_FILE = "error.json"
@@ -201,8 +202,8 @@ def write_summary_files(sweep_dir: str | Path, criterion: str = "objective", plo
     sweep_dir = Path(sweep_dir)
     summary = summarize(sweep_dir, criterion)
     # The tables first: a plot that fails must not cost the table of the jobs that finished.
-    write_text_atomic(sweep_dir / f"{SUMMARY_NAME}.md", to_markdown(summary))
-    write_text_atomic(sweep_dir / f"{SUMMARY_NAME}.csv", to_csv(summary))
+    write_atomic(sweep_dir / f"{SUMMARY_NAME}.md", to_markdown(summary))
+    write_atomic(sweep_dir / f"{SUMMARY_NAME}.csv", to_csv(summary))
     write_json(sweep_dir / f"{SUMMARY_NAME}.json", summary)
     if plots and summary["swept"]:
         for key in summary["swept"]:

@@ -21,6 +21,7 @@ def plot_swept_parameter(summary: Mapping[str, Any], key: str, path: str | Path)
     series per method, the label-free pick and the test-accuracy pick circled. ``None`` when no job finished."""
     from matplotlib.figure import Figure
 
+    from adamerge.atomic import write_atomic
     from adamerge.report_plots import png_bytes
 
     rows = [(i, row) for i, row in enumerate(summary["rows"]) if row["status"] == "ok" and key in row["overrides"]]
@@ -63,6 +64,4 @@ def plot_swept_parameter(summary: Mapping[str, Any], key: str, path: str | Path)
     top.legend(fontsize=7, markerscale=0.5)
     top.set_title(f"sweep over {key}")
     fig.tight_layout()
-    path = Path(path)
-    path.write_bytes(png_bytes(fig))
-    return path
+    return write_atomic(path, png_bytes(fig))

@@ -124,6 +124,51 @@ def _empty_test_split(d):
     return d.__class__({"train": d["train"], "test": d["test"].filter(lambda _: False)})
 
 
+def _with_test_image(row: int, image_bytes: bytes) -> Callable:
+    """Replace the encoded bytes of one test image (the image column read undecoded, so any bytes can go in)."""
+
+    def edit(d):
+        import datasets
+
+        test = d["test"].cast_column("image", datasets.Image(decode=False))
+        test = test.map(lambda example, index: {"image": {"bytes": image_bytes, "path": None}} if index == row
+                        else example, with_indices=True)
+        return datasets.DatasetDict({"train": d["train"], "test": test.cast_column("image", datasets.Image())})
+
+    return edit
+
+
+def _test_image_bytes(row: int) -> Callable:
+    def check(d) -> bool:
+        import datasets
+
+        return d["test"].cast_column("image", datasets.Image(decode=False))[row]["image"]["bytes"]
+
+    return check
+
+
+def _png_16bit() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _test_label(row: int, value: int) -> Callable:
+    def edit(d):
+        import datasets
+
+        test = d["test"].cast_column("label", datasets.Value("int64"))
+        test = test.map(lambda example, index: {"label": value} if index == row else example, with_indices=True)
+        return datasets.DatasetDict({"train": d["train"], "test": test})
+
+    return edit
+
+
 # --- what the run dir held before -----------------------------------------------------------------------------------
 def existing_export(run_dir: Path) -> None:
     (run_dir / "merged_model").mkdir(parents=True)
@@ -257,6 +302,26 @@ CASES: dict[str, Case] = {
     "34-max-eval-samples-0": Case((STATIC, "++data.tasks.digits.max_eval_samples=0"),
                                   ("digits", re.compile(rf"{EMPTY.pattern}|max_eval_samples=0", re.IGNORECASE))),
     "x5-unknown-split": Case((STATIC, "data.tasks.digits.split=validation"), ("digits", "validation")),
+    "x8-undecodable-image": Case(
+        (LEARNED, "data.tasks.digits.path={inputs}/ds_copy"), ("task 'digits'", "split 'test', row 5", "cannot be read",
+                                                               "UnidentifiedImageError"),
+        make_input=edited_dataset(_with_test_image(5, b"not an image at all"),
+                                  lambda d: _test_image_bytes(5)(d) == b"not an image at all"),
+        fails_before_loading=True, error_class="TaskDataError"),
+    "x9-16-bit-image": Case(
+        (LEARNED, "data.tasks.digits.path={inputs}/ds_copy"), ("task 'digits'", "split 'test', row 3", "mode 'I"),
+        make_input=edited_dataset(_with_test_image(3, _png_16bit()), lambda d: _test_image_bytes(3)(d) == _png_16bit()),
+        fails_before_loading=True, error_class="TaskDataError"),
+    "x10-label-minus-one": Case(
+        (LEARNED, "data.tasks.digits.path={inputs}/ds_copy"), ("task 'digits'", "split 'test', row 4", "label -1",
+                                                               "0..9"),
+        make_input=edited_dataset(_test_label(4, -1), lambda d: d["test"][4]["label"] == -1),
+        fails_before_loading=True, error_class="TaskDataError"),
+    "x11-label-not-an-integer": Case(
+        (STATIC, "data.tasks.digits.path={inputs}/ds_copy"), ("task 'digits'", "split 'test'", "not an integer"),
+        make_input=edited_dataset(lambda d: d.__class__({"train": d["train"], "test": d["test"].cast_column(
+            "label", __import__("datasets").Value("float32"))}), lambda d: d["test"].features["label"].dtype == "float32"),
+        fails_before_loading=True, error_class="TaskDataError"),
     # --- export ---
     "x6-per-task-hf-with-linear-heads": Case((LEARNED, "export.per_task_hf=true"), ("export.per_task_hf", "Linear"),
                                              fails_before_loading=True, error_class="ConfigError"),

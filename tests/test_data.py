@@ -264,3 +264,42 @@ def test_cache_budget_covers_all_splits_together(two_tasks):
     room_for_one = make((first.nbytes + 1) / 2**30)
     assert [key[0] for key, split in room_for_one._cache.items() if split is not None] == ["a"]
     assert [key[0] for key, split in room_for_one._cache.items() if split is None] == ["b"]
+
+
+def _saved_test_split(directory, columns: dict, features=None):
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(columns, features=features)}).save_to_disk(str(directory))
+    return str(directory)
+
+
+def test_nan_pixels_are_refused_naming_task_split_and_row(tmp_path):
+    import datasets
+    import numpy as np
+
+    from adamerge.data import MultiTaskDataModule, TaskDataError
+    from adamerge.preprocessing import ImagePreprocessor
+
+    images = np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32)
+    images[2, 1, 1, 0] = np.nan
+    features = datasets.Features({"image": datasets.Array3D((8, 8, 3), "float32"), "label": datasets.Value("int64")})
+    path = _saved_test_split(tmp_path / "ds", {"image": list(images), "label": [0, 1, 0, 1]}, features)
+    module = MultiTaskDataModule({"noisy": {"path": path, "split": "test"}}, preprocessor=ImagePreprocessor(8))
+    module.setup()
+    with pytest.raises(TaskDataError, match=r"task 'noisy' .*split 'test', row 2: the image has 1 NaN/Inf pixel"):
+        module.eval_dataloader("noisy")
+
+
+@pytest.mark.parametrize("sentences, expected", [
+    ([1, 2, 3], r"split 'test': column 'sentence' holds Value\('int64'"),
+    (["fine", None, "also fine"], r"split 'test', row 1: column 'sentence' is empty \(null\), not text"),
+])
+def test_text_columns_must_hold_text_in_every_row(tmp_path, sentences, expected):
+    from adamerge.data import MultiTaskDataModule, TaskDataError
+    from adamerge.preprocessing import TextPreprocessor
+
+    path = _saved_test_split(tmp_path / "ds", {"sentence": sentences, "label": [0, 1, 0]})
+    module = MultiTaskDataModule({"sst": {"path": path, "split": "test"}},
+                                 preprocessor=TextPreprocessor("never-loaded-tokenizer"))
+    with pytest.raises(TaskDataError, match=rf"task 'sst' .*{expected}"):
+        module.setup()

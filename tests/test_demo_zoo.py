@@ -123,7 +123,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "_fit_probe", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         demo.build_demo_zoo(tmp_path, recipe=dict(TINY, tasks=["digits"]), progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no staging dir, and the build lock is removed with it
     assert not demo.is_complete_zoo(demo.zoo_path(demo.demo_recipe(**dict(TINY, tasks=["digits"])), tmp_path))
 
 
@@ -132,3 +132,49 @@ def test_task_data_is_deterministic():
     b = demo.make_task_data("textures", 32, 16, 8, seed=0)
     assert (a[0][0] == b[0][0]).all() and (a[1][1] == b[1][1]).all()
     assert a[0][0].shape == (16, 32, 32, 3) and a[0][0].dtype.name == "uint8"
+
+
+def _flip_inside_tensor_data(path, count: int = 64) -> None:
+    """Invert ``count`` bytes in the tensor data of a safetensors file; its header (and so its shapes) stays valid."""
+    data = bytearray(path.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    start = header_end + (len(data) - header_end) // 2
+    data[start:start + count] = bytes(b ^ 0xFF for b in data[start:start + count])
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_cached_checkpoint_is_rebuilt_not_used(tiny_zoo, capsys):
+    cache, path = tiny_zoo
+    checkpoint = path / "finetuned" / "digits.safetensors"
+    before = file_hashes(path)
+    _flip_inside_tensor_data(checkpoint)
+    assert load_file(str(checkpoint)).keys()  # still a loadable safetensors: only the hashes can tell
+    assert demo.zoo_problem(path).startswith(f"{checkpoint} does not match its recorded sha256")
+
+    assert demo.build_demo_zoo(cache, recipe=TINY, progress=False) == path
+    assert f"cannot be used: {checkpoint} does not match" in capsys.readouterr().err
+    assert file_hashes(path) == before and demo.is_complete_zoo(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "added", "zoo.json edited", "no manifest"])
+def test_every_kind_of_damage_to_a_cached_zoo_is_detected(tiny_zoo, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo[1], copy)
+    assert demo.zoo_problem(copy) is None
+    head = copy / "heads" / "digits.safetensors"
+    if damage == "truncated":
+        head.write_bytes(head.read_bytes()[:-10])
+    elif damage == "missing":
+        head.unlink()
+    elif damage == "added":
+        (copy / "heads" / "extra.safetensors").write_bytes(b"not built by the recipe")
+    elif damage == "zoo.json edited":
+        (copy / "zoo.json").write_text((copy / "zoo.json").read_text().replace('"digits"', '"digitz"'))
+    else:
+        (copy / "manifest.json").unlink()
+    expected = {"truncated": f"{head} does not match", "missing": f"{head} is missing",
+                "added": "extra.safetensors is not in the manifest", "zoo.json edited": "zoo.json does not match",
+                "no manifest": "manifest.json is missing"}[damage]
+    assert expected in demo.zoo_problem(copy) and not demo.is_complete_zoo(copy)
