@@ -144,7 +144,7 @@ def _load_file(path: Path) -> StateDict:
     )
 
 
-def _hf_dir_weight_files(directory: Path) -> list[Path]:
+def hf_dir_weight_files(directory: Path) -> list[Path]:
     """The weight files of a save_pretrained directory, shards in sorted order."""
     for name in HF_WEIGHT_FILES:
         candidate = directory / name
@@ -172,7 +172,7 @@ def _hf_dir_weight_files(directory: Path) -> list[Path]:
 
 def _load_hf_dir(directory: Path) -> StateDict:
     state: StateDict = {}
-    for f in _hf_dir_weight_files(directory):
+    for f in hf_dir_weight_files(directory):
         part = _load_file(f)
         dup = state.keys() & part.keys()
         if dup:
@@ -260,7 +260,7 @@ def sha256_of(source: Any) -> str | None:
     name = os.fspath(source)
     path = Path(name).expanduser()
     if path.is_dir():
-        files = _hf_dir_weight_files(path)
+        files = hf_dir_weight_files(path)
     elif path.is_file():
         files = [path]
     elif isinstance(source, str) and not looks_like_path(name):
