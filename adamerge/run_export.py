@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from adamerge.export import export_merged
+from adamerge.mergekit_bridge import LEARNED_AS_TASK_ARITHMETIC, MERGEKIT_FILE, mergekit_config, mergekit_yaml
+from adamerge.methods.registry import get_method
 from adamerge.models.hf import export_extra_files
 
 if TYPE_CHECKING:
@@ -43,6 +45,13 @@ def export_run_model(ctx: RunContext, directory: Path, name: str, model: nn.Modu
                                      for task, entry in result["protected"].items()}
     if module is not None and hasattr(module, "export_extras"):
         merge_config.update(module.export_extras())
+    extras: dict[str, Path | bytes] = dict(export_extra_files(model))
+    mergekit = mergekit_file(ctx, name, hparams, model, module)
+    if isinstance(mergekit, bytes):
+        extras[MERGEKIT_FILE] = mergekit
+        merge_config["mergekit"] = {"config": MERGEKIT_FILE}
+    else:
+        merge_config["mergekit"] = {"not_expressible": mergekit}
     data = ctx.datamodule
     return export_merged(
         model.cpu(),
@@ -51,13 +60,34 @@ def export_run_model(ctx: RunContext, directory: Path, name: str, model: nn.Modu
         architecture=ctx.pool.architecture,
         # A resumed run may replace the export its interrupted self wrote before it could record results.json.
         overwrite=bool(ctx.cfg.export.overwrite) or bool(ctx.cfg.get("resume", False)),
-        extra_files=export_extra_files(model),
+        extra_files=extras,
         heads={task: ctx.pool.heads[task] for task in tasks},
         class_names={task: data.class_names(task) for task in tasks} if hasattr(data, "class_names") else None,
         preprocessors={task: data.task_preprocessor(task) for task in tasks} if hasattr(data, "task_preprocessor") else None,
         per_task_hf=bool(ctx.cfg.export.get("per_task_hf", False)),
         license=ctx.cfg.export.get("license"),
     )
+
+
+def mergekit_file(ctx: RunContext, name: str, hparams: Mapping[str, Any], model: nn.Module, module: Any) -> bytes | str:
+    """``mergekit.yaml`` replaying this merge (see :mod:`adamerge.mergekit_bridge`), or why mergekit cannot."""
+    vectors = ctx.task_vectors
+    if ctx.alignment is not None:
+        return "an alignment vector is merged, which is not one of the pool's fine-tuned models"
+    if ctx.pool.exclude:
+        return "modelpool.exclude drops entries of the checkpoints, which mergekit would merge"
+    learned_rows = module is not None and name in LEARNED_AS_TASK_ARITHMETIC
+    rows = module.merged.coefficient_rows().detach().cpu().tolist() if learned_rows else None
+    merged = set(vectors.names)
+    kept = [n for n, t in vectors.pretrained.items() if t.is_floating_point() and n not in merged]
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    pretrained = ctx.pool.pretrained_source or (ctx.pool.architecture or {}).get("model")
+    config = mergekit_config(name, get_method(name).resolve_hparams(hparams), pretrained=pretrained,
+                             finetuned={task: ctx.pool.finetuned_sources[task] for task in vectors.task_names},
+                             merged_names=vectors.names, kept_names=kept, coefficient_rows=rows, out_dtype=dtype)
+    if isinstance(config, str):
+        return config
+    return mergekit_yaml(*config, method=name).encode()
 
 
 def evaluation_data(datamodule: Any, tasks: list[str]) -> dict[str, dict[str, Any]]:
