@@ -47,6 +47,9 @@ HF_WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 
+# A PEFT adapter directory: its configuration and its factors.
+PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
 # Hub ids are "name" or "org/name"; anything with more structure is a path.
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -259,7 +262,9 @@ def sha256_of(source: Any) -> str | None:
         return None
     name = os.fspath(source)
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir() and (path / PEFT_ADAPTER_FILES[0]).is_file():  # a LoRA adapter (adamerge.lora)
+        files = [path / name for name in PEFT_ADAPTER_FILES if (path / name).is_file()]
+    elif path.is_dir():
         files = hf_dir_weight_files(path)
     elif path.is_file():
         files = [path]

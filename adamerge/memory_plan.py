@@ -158,7 +158,8 @@ def model_shape(inventory: Mapping[str, TensorSpec], *, merged: Iterable[str] | 
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n < 10 * GIB else f"{n / GIB:.1f} GiB"
+    """Bytes for people: MiB below 1 GiB, else GiB."""
+    return f"{n / 2**20:.1f} MiB" if n < GIB else f"{n / GIB:.2f} GiB" if n < 10 * GIB else f"{n / GIB:.1f} GiB"
 
 
 def _terms(parts: dict[str, int]) -> str:
@@ -195,10 +196,11 @@ def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet =
         "task vectors": vectors,
         "merged weights": weight_bytes,
         "their gradients": weight_bytes,
-        # LoRA: B@A·scale of every task for the tensor being merged, float32, then dropped.
-        "lazy deltas": run.num_tasks * model.largest_tensor * 4 if run.adapter_parameters else 0,
+        # LoRA (adamerge.lora.LoRAMergedModel): one tensor's B_cat·diag(λ·s)·A_cat, float32, then dropped.
+        "lazy deltas": model.largest_tensor * 4 if run.adapter_parameters else 0,
         # MergedModel.merge_deltas, per tensor: float32 Σ_k λ_k τ_k and θ0 + it; a 16-bit τ is upcast for the sum.
-        "merge buffer": (2 + (run.num_tasks if run.storage_bytes < 4 else 0)) * model.largest_tensor * 4,
+        "merge buffer": (2 + (run.num_tasks if run.storage_bytes < 4 and not run.adapter_parameters else 0))
+        * model.largest_tensor * 4,
         "optimiser": run.coefficient_rows * run.num_tasks * 4 * 4,  # value, gradient, two Adam moments (float32)
     }
     parts.update(activation_bytes(model, run, progressive))

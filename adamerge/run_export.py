@@ -3,6 +3,7 @@ preprocessing from the data, and the run's results (for ``merge_config.json`` an
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from adamerge.export import export_merged
+from adamerge.lora import LoRATaskVectors, save_linear_adapter
 from adamerge.mergekit_bridge import LEARNED_AS_TASK_ARITHMETIC, MERGEKIT_FILE, mergekit_config, mergekit_yaml
 from adamerge.methods.registry import get_method
 from adamerge.models.hf import export_extra_files
@@ -17,7 +19,9 @@ from adamerge.models.hf import export_extra_files
 if TYPE_CHECKING:
     from adamerge.runner import RunContext
 
-__all__ = ["evaluation_data", "export_run_model"]
+__all__ = ["evaluation_data", "export_run_model", "MERGED_ADAPTER"]
+
+MERGED_ADAPTER = "adapter"
 
 
 def export_run_model(ctx: RunContext, directory: Path, name: str, model: nn.Module, hparams: Mapping[str, Any],
@@ -46,6 +50,11 @@ def export_run_model(ctx: RunContext, directory: Path, name: str, model: nn.Modu
     if module is not None and hasattr(module, "export_extras"):
         merge_config.update(module.export_extras())
     extras: dict[str, Path | bytes] = dict(export_extra_files(model))
+    if isinstance(ctx.task_vectors, LoRATaskVectors) and name in LEARNED_AS_TASK_ARITHMETIC:
+        # The linear merge of the adapters is one adapter again: PeftModel.from_pretrained(base, "<export>/adapter").
+        weights = module.merged.coefficient_rows().detach().cpu()
+        extras[MERGED_ADAPTER] = save_linear_adapter(ctx.task_vectors, weights, Path(tempfile.mkdtemp()) / "adapter")
+        merge_config["merged_adapter"] = MERGED_ADAPTER
     mergekit = mergekit_file(ctx, name, hparams, model, module)
     if isinstance(mergekit, bytes):
         extras[MERGEKIT_FILE] = mergekit
@@ -74,6 +83,8 @@ def mergekit_file(ctx: RunContext, name: str, hparams: Mapping[str, Any], model:
     vectors = ctx.task_vectors
     if ctx.alignment is not None:
         return "an alignment vector is merged, which is not one of the pool's fine-tuned models"
+    if isinstance(vectors, LoRATaskVectors):
+        return "the task vectors are LoRA adapters; the merged adapter is written next to the model instead"
     if ctx.pool.exclude:
         return "modelpool.exclude drops entries of the checkpoints, which mergekit would merge"
     learned_rows = module is not None and name in LEARNED_AS_TASK_ARITHMETIC

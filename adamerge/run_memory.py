@@ -8,14 +8,19 @@ memory or the GPU's free memory (times ``memory_plan.headroom``) is refused with
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.checkpoint_inventory import DTYPE_BYTES, InventoryUnavailable, checkpoint_inventory, model_config
+from adamerge.checkpoint_inventory import (
+    DTYPE_BYTES, InventoryUnavailable, TensorSpec, checkpoint_inventory, model_config, safetensors_header,
+)
 from adamerge.errors import ConfigError
 from adamerge.key_filters import drop_excluded, select_tensors
+from adamerge.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, is_adapter_dir
 from adamerge.memory_plan import MemoryPlan, RunShape, gib, model_shape, plan_memory, smallest_fitting_change
 
 __all__ = ["MemoryPlanError", "plan_for_pool", "plan_for_config", "check_memory_plan", "memory_limits"]
@@ -36,18 +41,31 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
     inventory = drop_excluded(checkpoint_inventory(pretrained, auto_class), exclude)
     floating = [name for name, spec in inventory.items() if spec.is_floating_point]
     merged = select_tensors(floating, include, what="modelpool.include") if include is not None else floating
+    adapters = {task: adapter_inventory(source) for task, source in finetuned.items() if is_adapter_dir(source)}
+    if adapters:  # LoRA pool: the targeted weights are merged, the adapters are the task vectors
+        merged = [n for n in floating if any(n in targets for targets, _ in adapters.values())]
     parameter_bytes = DTYPE_BYTES[backbone_dtype] if backbone_dtype in DTYPE_BYTES else None
     model = model_shape(inventory, merged=merged, parameter_bytes=parameter_bytes, config=model_config(pretrained))
-    checkpoint_bytes = max((_checkpoint_bytes(source, auto_class, exclude, default=model.model_bytes)
-                            for source in finetuned.values()), default=0)
+    checkpoint_bytes = max((adapters[task][1].nbytes if task in adapters else
+                            _checkpoint_bytes(source, auto_class, exclude, default=model.model_bytes)
+                            for task, source in finetuned.items()), default=0)
     activation = autocast_dtype or backbone_dtype
     run = RunShape(
         num_tasks=len(finetuned), storage_bytes=DTYPE_BYTES[storage_dtype], checkpoint_bytes=checkpoint_bytes,
         activation_bytes=DTYPE_BYTES.get(activation, round(model.bytes_per_parameter)),
         batch_size=batch_size, sequence_length=sequence_length, tasks_per_step=tasks_per_step,
         coefficient_rows=len(merged),
+        adapter_parameters=max((spec.numel for _, spec in adapters.values()), default=0),
     )
     return plan_memory(model, run, on_device=on_device), run, model
+
+
+def adapter_inventory(source: Any) -> tuple[set[str], TensorSpec]:
+    """(the backbone weights a PEFT adapter targets, one spec summing its factors) from its safetensors header."""
+    header = safetensors_header(Path(os.fspath(source)).expanduser() / ADAPTER_WEIGHTS)
+    targets = {key.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0] + ".weight" for key in header}
+    dtype = next(iter(header.values())).dtype if header else "F32"
+    return targets, TensorSpec((sum(spec.numel for spec in header.values()),), dtype)
 
 
 def _checkpoint_bytes(source: Any, auto_class: str, exclude: Sequence[str] | None, default: int) -> int:
