@@ -47,6 +47,9 @@ HF_WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 
+# A PEFT adapter directory: its configuration and its factors.
+PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
 # Hub ids are "name" or "org/name"; anything with more structure is a path.
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -144,7 +147,7 @@ def _load_file(path: Path) -> StateDict:
     )
 
 
-def _hf_dir_weight_files(directory: Path) -> list[Path]:
+def hf_dir_weight_files(directory: Path) -> list[Path]:
     """The weight files of a save_pretrained directory, shards in sorted order."""
     for name in HF_WEIGHT_FILES:
         candidate = directory / name
@@ -172,7 +175,7 @@ def _hf_dir_weight_files(directory: Path) -> list[Path]:
 
 def _load_hf_dir(directory: Path) -> StateDict:
     state: StateDict = {}
-    for f in _hf_dir_weight_files(directory):
+    for f in hf_dir_weight_files(directory):
         part = _load_file(f)
         dup = state.keys() & part.keys()
         if dup:
@@ -259,8 +262,10 @@ def sha256_of(source: Any) -> str | None:
         return None
     name = os.fspath(source)
     path = Path(name).expanduser()
-    if path.is_dir():
-        files = _hf_dir_weight_files(path)
+    if path.is_dir() and (path / PEFT_ADAPTER_FILES[0]).is_file():  # a LoRA adapter (adamerge.lora)
+        files = [path / name for name in PEFT_ADAPTER_FILES if (path / name).is_file()]
+    elif path.is_dir():
+        files = hf_dir_weight_files(path)
     elif path.is_file():
         files = [path]
     elif isinstance(source, str) and not looks_like_path(name):

@@ -76,9 +76,7 @@ class MergedModel(nn.Module):
         self.granularity = granularity
         self.clamp = tuple(clamp) if clamp is not None else None
         self._load_pretrained(task_vectors)
-        for index, name in enumerate(self.names):
-            # Buffers follow the module across devices; they are constants, never saved twice.
-            self.register_buffer(f"_task_vector_{index}", task_vectors.vectors[name], persistent=False)
+        self.register_task_vectors(task_vectors)
 
         if granularity == "task_wise":
             groups = [0] * len(self.names)
@@ -112,6 +110,12 @@ class MergedModel(nn.Module):
             for name, tensor in own.items():
                 if name in task_vectors.pretrained:
                     tensor.copy_(task_vectors.pretrained[name])
+
+    def register_task_vectors(self, task_vectors: TaskVectors) -> None:
+        """Keep the task vectors as buffers (a subclass may keep them in another form, with its own task_delta)."""
+        for index, name in enumerate(self.names):
+            # Buffers follow the module across devices; they are constants, never saved twice.
+            self.register_buffer(f"_task_vector_{index}", task_vectors.vectors[name], persistent=False)
 
     def task_vector(self, index: int) -> Tensor:
         return getattr(self, f"_task_vector_{index}")

@@ -14,6 +14,7 @@ from torch import nn
 from adamerge.checkpoints import CheckpointError, describe_source, load_state_dict, sha256_of
 from adamerge.errors import ConfigError, adamerge_cause
 from adamerge.key_filters import drop_excluded
+from adamerge.lora import LoRATaskVectors, is_adapter_dir
 from adamerge.task_vectors import TaskVectors, tied_aliases
 
 
@@ -99,10 +100,13 @@ class ModelPool:
         tasks = tasks or self.task_names
         return self.vectors_of({task: self.finetuned_sources[task] for task in tasks})
 
-    def vectors_of(self, sources: Mapping[str, Any]) -> TaskVectors:
+    def vectors_of(self, sources: Mapping[str, Any]) -> TaskVectors | LoRATaskVectors:
         """``θ − θ0`` of every checkpoint in ``sources`` (name → source), each validated against θ0 first: the
         fine-tuned models' task vectors, or other checkpoints of the same architecture (an aligned model)."""
         pretrained = drop_excluded(self.backbone.state_dict(), self.exclude)
+        adapters = [is_adapter_dir(source) for source in sources.values()]
+        if any(adapters):
+            return self._adapter_vectors(pretrained, sources, all(adapters))
         states = {name: drop_excluded(self.load_checkpoint(source), self.exclude) for name, source in sources.items()}
         return TaskVectors.from_state_dicts(
             pretrained,
@@ -113,6 +117,16 @@ class ModelPool:
             sources={name: describe_source(source) for name, source in sources.items()},
             pretrained_source=describe_source(self.pretrained_source or self.backbone),
         )
+
+    def _adapter_vectors(self, pretrained: dict, sources: Mapping[str, Any], only_adapters: bool) -> LoRATaskVectors:
+        """A pool of PEFT LoRA adapter directories: task vectors kept as factors (:mod:`adamerge.lora`)."""
+        if not only_adapters:
+            raise ConfigError("modelpool.finetuned mixes PEFT adapter directories and full checkpoints: give all "
+                              f"tasks as adapters or all as checkpoints ({ {n: describe_source(s) for n, s in sources.items()} })")
+        if self.include is not None:
+            raise ConfigError("modelpool.include cannot choose tensors of a LoRA pool: the adapters' target_modules do")
+        base = self.pretrained_source or (self.architecture or {}).get("model")
+        return LoRATaskVectors.from_adapters(pretrained, sources, base_model=None if base is None else describe_source(base))
 
     def fresh_backbone(self) -> nn.Module:
         """An independent copy of the pretrained backbone (merges must not touch the pool's own)."""

@@ -37,8 +37,8 @@ LAST_CHECKPOINT = "last.ckpt"
 RUN_RECORD = "run_config.json"
 # Settings that change how a run is shown or how often it is saved, not what it computes: a resumed run may
 # change them. Every other difference would splice two different runs into one result.
-RESUMABLE_CHANGES = ("resume", "logger", "selection", "num_threads", "checkpoint", "trainer.enable_progress_bar",
-                     "trainer.log_every_n_steps", "trainer.enable_model_summary")
+RESUMABLE_CHANGES = ("resume", "logger", "selection", "num_threads", "checkpoint", "memory_plan",
+                     "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.enable_model_summary")
 
 
 class ResumeError(AdamergeError, RuntimeError):

@@ -40,6 +40,7 @@ from adamerge.protection import static_scores
 from adamerge.protected_config import build_protected_tasks
 from adamerge.reporting import average, coefficient_heatmap, protected_lines, write_json, write_summary
 from adamerge.resume import AtomicCheckpointIO, StepCheckpoint, checkpoint_path, remove_checkpoints, write_run_record
+from adamerge.run_memory import check_memory_plan
 from adamerge.task_vectors import TaskVectors
 
 @dataclass
@@ -298,6 +299,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # A typo, a bad value or a directory that would lose results fails here, before any checkpoint is read.
     check_settings(cfg, names, method_config)
     check_outputs(cfg, run_dir)
+    device = pick_device(cfg.trainer.get("accelerator", "auto"))
+    learned = any(name not in EVALUATION_ONLY and get_method(name).kind == "learned" for name in names)
+    check_memory_plan(cfg, learned, on_device=device.type == "cuda")
     objective = build_objective(**OmegaConf.to_container(cfg.objective, resolve=True))
     if not cfg.get("resume", False):
         write_run_record(run_dir, cfg)
@@ -310,7 +314,6 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     check_export_heads(cfg, names, pool)
     task_vectors = pool.task_vectors(list(datamodule.task_names))
     print(f"task vectors: {task_vectors.memory_report()}")
-    device = pick_device(cfg.trainer.get("accelerator", "auto"))
     protected_node = build_from_config(cfg.protected, _convert_="all") if cfg.get("protected") else {}
     protected = build_protected_tasks(protected_node, pool, task_vectors, getattr(datamodule, "preprocessor", None),
                                       seed=int(cfg.seed))

@@ -9,6 +9,7 @@ import datasets
 import pytest
 import torch
 import transformers
+import yaml
 
 from adamerge import load_merged
 from adamerge.checkpoints import CheckpointError
@@ -194,6 +195,10 @@ def test_causal_lm_experiment_runs_end_to_end(lm_zoo, tmp_path):
         logits = lm(**enc).logits
         assert torch.equal(model(dict(enc), task="math"), logits)
     assert model.predict(dict(enc), task="code") == logits.argmax(-1).tolist()  # next-token ids
+    # The learned per-tensor coefficients, replayable by mergekit (tests/test_mergekit_bridge.py applies such files).
+    recipe = yaml.safe_load((exported / "mergekit.yaml").read_text())
+    assert recipe["merge_method"] == "task_arithmetic" and len(recipe["models"]) == len(TASKS)
+    assert json.loads((exported / "merge_config.json").read_text())["mergekit"] == {"config": "mergekit.yaml"}
     card = (exported / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card and 'AutoModelForCausalLM.from_pretrained("merged_model")' in card
     assert 'AutoTokenizer.from_pretrained("merged_model")' in card

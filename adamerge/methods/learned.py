@@ -59,7 +59,10 @@ def _adamerging_builder(granularity: str) -> LearnedBuilder:
         layer_groups: Any = None,
         objective: Objective | None = None,
     ) -> AdaMergingModule:
-        merged = MergedModel(
+        from adamerge.lora import LoRAMergedModel, LoRATaskVectors
+
+        merged_class = LoRAMergedModel if isinstance(task_vectors, LoRATaskVectors) else MergedModel
+        merged = merged_class(
             backbone,
             task_vectors,
             granularity=granularity,

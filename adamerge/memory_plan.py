@@ -1,0 +1,268 @@
+"""The memory a merge will need, worked out from shapes before a byte of weights is read.
+
+The terms follow what the code holds at its peaks (:mod:`adamerge.modelpool`, :mod:`adamerge.task_vectors`,
+:mod:`adamerge.merged`, the learning step of :mod:`adamerge.module`):
+
+* **host, loading**: the pool's frozen model θ0, all K fine-tuned checkpoints (``ModelPool.vectors_of`` reads every
+  one before stacking), the stacked task vectors ``[K, ...]`` in the storage dtype, and the float32 differences of
+  the largest tensor while it is stacked;
+* **host, resident**: θ0 and the task vectors, plus the copy of θ0 the learned module is built from;
+* **device, one learning step** (end to end): the module's copy of θ0, the task vectors, the merged weights and
+  their gradients (one per merged tensor, alive together until the merge's own backward), the activations autograd
+  saves for the batch, the logits and the float32 copies the entropy takes of them, and Adam's state;
+* **device, block by block** (progressive): the same for the largest block only, plus the hidden states at the
+  block's input and output -- the working set of a merge that learns one block at a time (not yet what the trainer
+  runs; the bench reports it to size that design).
+
+Activations are estimated for decoder LMs (Llama-like: gated MLP, SDPA attention, so no ``seq²`` term) from hidden
+size, layers, sequence length and batch; the constants are the tensors autograd saves per token and layer, counted
+with ``saved_tensors_hooks`` on transformers' Llama. Other backbones get no activation term (the plan says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from adamerge.checkpoint_inventory import DTYPE_BYTES, TensorSpec
+from adamerge.merged import BLOCK_PATTERN
+
+GIB = 2**30
+WorkingSet = Literal["end_to_end", "progressive"]
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """A decoder LM's sizes, as in its config.json."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_hidden: int  # num_key_value_heads × head_dim
+    vocab: int
+
+    def layer_bytes_per_token(self, activation_bytes: int) -> int:
+        """One decoder layer's share of a learning step's peak, per token.
+
+        autograd saves ``8h + 2kv + 4i`` values per token and layer (q/k/v, rope, attention output and norm inputs;
+        k and v; the gated MLP's four intermediates), RMSNorm keeps float32 copies under 16-bit (2h); the peak
+        resident memory measured on CPU (bench/memory_plan_check.py, fitted at h=256 with 4 and 12 layers and two
+        MLP widths) is ``12h + 2kv + 5.5i``: backward's gradients and the allocator's slack come on top.
+        """
+        values = 12 * self.hidden + 2 * self.kv_hidden + 11 * self.intermediate // 2
+        return activation_bytes * values + max(0, 4 - activation_bytes) * 2 * self.hidden
+
+    def logits_bytes_per_token(self, activation_bytes: int) -> int:
+        """The logits and the four float32 tensors of their size the entropy holds (upcast, log-probs, probs,
+        product)."""
+        return (activation_bytes + 16) * self.vocab
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The pretrained model, as far as memory goes (from safetensors headers or a meta-device build)."""
+
+    parameters: int  # every tensor of θ0, tied copies once
+    model_bytes: int  # θ0 at the backbone's dtype
+    merged_parameters: int  # the tensors that are merged
+    largest_tensor: int  # elements of the largest merged tensor
+    largest_block: int  # merged elements of the largest block (a decoder layer, or a tensor outside the blocks)
+    decoder: DecoderShape | None = None
+
+    @property
+    def bytes_per_parameter(self) -> float:
+        return self.model_bytes / max(1, self.parameters)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The run's settings that change its memory."""
+
+    num_tasks: int
+    storage_bytes: int  # per task-vector element (modelpool.storage_dtype)
+    checkpoint_bytes: int  # one fine-tuned checkpoint as loaded
+    activation_bytes: int  # autocast dtype, else the model's
+    batch_size: int
+    sequence_length: int
+    tasks_per_step: int = 1  # task_batching: 1 (sequential) or K (joint)
+    coefficient_rows: int = 1
+    adapter_parameters: int = 0  # per task: LoRA pools keep adapters, and form one tensor's deltas at a time
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes by component: the host's peak and each device's (``device`` empty when everything runs on the host)."""
+
+    host: dict[str, int]
+    device: dict[str, int] = field(default_factory=dict)
+    device_count: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def device_peak(self) -> int:
+        return sum(self.device.values())
+
+    def fits(self, host_limit: float | None, device_limit: float | None) -> bool:
+        host_ok = host_limit is None or self.host_peak <= host_limit
+        return host_ok and (device_limit is None or not self.device or self.device_peak <= device_limit)
+
+    def render(self) -> str:
+        lines = [f"  host peak {gib(self.host_peak)}: " + _terms(self.host)]
+        if self.device:
+            each = f" on each of {self.device_count}" if self.device_count > 1 else ""
+            lines.append(f"  device peak {gib(self.device_peak)}{each}: " + _terms(self.device))
+        return "\n".join(lines + [f"  note: {note}" for note in self.notes])
+
+    def to_json(self) -> dict:
+        return {"host": self.host, "device": self.device, "host_peak": self.host_peak,
+                "device_peak": self.device_peak, "device_count": self.device_count, "notes": self.notes}
+
+
+def decoder_shape(config: Mapping[str, Any] | None) -> DecoderShape | None:
+    """The sizes of a decoder LM's config.json (None for other models: no activation formula)."""
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    if config is None or not all(isinstance(config.get(key), int) for key in keys):
+        return None
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return DecoderShape(hidden=config["hidden_size"], intermediate=config["intermediate_size"],
+                        layers=config["num_hidden_layers"], vocab=config["vocab_size"],
+                        kv_hidden=(config.get("num_key_value_heads") or heads) * head_dim)
+
+
+def model_shape(inventory: Mapping[str, TensorSpec], *, merged: Iterable[str] | None = None,
+                parameter_bytes: int | None = None, config: Mapping[str, Any] | None = None) -> ModelShape:
+    """The :class:`ModelShape` of a checkpoint's tensors; ``merged`` names the merged ones (default: every floating
+    tensor), ``parameter_bytes`` the backbone's dtype when it differs from the checkpoint's."""
+    names = [n for n, spec in inventory.items() if spec.is_floating_point] if merged is None else list(merged)
+    blocks: dict[str, int] = {}
+    for name in names:
+        match = re.search(BLOCK_PATTERN, name)
+        key = f"block {match.group(1)}" if match else name
+        blocks[key] = blocks.get(key, 0) + inventory[name].numel
+    model_bytes = sum(spec.numel * (parameter_bytes if parameter_bytes and spec.is_floating_point else
+                                    DTYPE_BYTES[spec.dtype]) for spec in inventory.values())
+    return ModelShape(
+        parameters=sum(spec.numel for spec in inventory.values()), model_bytes=model_bytes,
+        merged_parameters=sum(inventory[n].numel for n in names),
+        largest_tensor=max((inventory[n].numel for n in names), default=0),
+        largest_block=max(blocks.values(), default=0), decoder=decoder_shape(config),
+    )
+
+
+def gib(n: float) -> str:
+    """Bytes for people: MiB below 1 GiB, else GiB."""
+    return f"{n / 2**20:.1f} MiB" if n < GIB else f"{n / GIB:.2f} GiB" if n < 10 * GIB else f"{n / GIB:.1f} GiB"
+
+
+def _terms(parts: dict[str, int]) -> str:
+    return " + ".join(f"{name} {gib(n)}" for name, n in parts.items() if n)
+
+
+def task_vector_bytes(model: ModelShape, run: RunShape) -> int:
+    per_task = run.adapter_parameters or model.merged_parameters
+    return run.num_tasks * per_task * run.storage_bytes
+
+
+def loading_peak(model: ModelShape, run: RunShape) -> dict[str, int]:
+    """The host while the pool stacks the task vectors (every fine-tuned checkpoint is alive then)."""
+    return {
+        "frozen model": model.model_bytes,
+        f"{run.num_tasks} checkpoints being read": run.num_tasks * run.checkpoint_bytes,
+        "task vectors": task_vector_bytes(model, run),
+        # torch.stack of the K float32 differences, and the differences themselves, for one tensor.
+        "stacking buffer": 0 if run.adapter_parameters else 2 * run.num_tasks * model.largest_tensor * 4,
+    }
+
+
+def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet = "end_to_end") -> dict[str, int]:
+    """What one learning step holds where the merged model runs (the task vectors included)."""
+    progressive = working_set == "progressive"
+    merged = model.largest_block if progressive else model.merged_parameters
+    weight_bytes = int(merged * model.bytes_per_parameter)
+    frozen = int(model.largest_block * model.bytes_per_parameter) if progressive else model.model_bytes
+    vectors = task_vector_bytes(model, run)
+    if progressive:
+        vectors = vectors * model.largest_block // max(1, model.merged_parameters)
+    parts = {
+        "frozen model": frozen,
+        "task vectors": vectors,
+        "merged weights": weight_bytes,
+        "their gradients": weight_bytes,
+        # LoRA (adamerge.lora.LoRAMergedModel): one tensor's B_cat·diag(λ·s)·A_cat, float32, then dropped.
+        "lazy deltas": model.largest_tensor * 4 if run.adapter_parameters else 0,
+        # MergedModel.merge_deltas, per tensor: float32 Σ_k λ_k τ_k and θ0 + it; a 16-bit τ is upcast for the sum.
+        "merge buffer": (2 + (run.num_tasks if run.storage_bytes < 4 and not run.adapter_parameters else 0))
+        * model.largest_tensor * 4,
+        "optimiser": run.coefficient_rows * run.num_tasks * 4 * 4,  # value, gradient, two Adam moments (float32)
+    }
+    parts.update(activation_bytes(model, run, progressive))
+    return parts
+
+
+def activation_bytes(model: ModelShape, run: RunShape, progressive: bool = False) -> dict[str, int]:
+    shape = model.decoder
+    if shape is None:
+        return {}
+    tokens = run.batch_size * run.sequence_length * run.tasks_per_step
+    layer = shape.layer_bytes_per_token(run.activation_bytes)
+    if progressive:  # one block's activations, and its input and target hidden states
+        return {"activations": tokens * (2 * layer + 2 * shape.hidden * run.activation_bytes)}
+    # Every layer's saved tensors, one more layer's worth while backward runs through it, the embeddings and norms.
+    return {"activations": tokens * ((shape.layers + 1) * layer + 16 * shape.hidden),
+            "logits": tokens * shape.logits_bytes_per_token(run.activation_bytes)}
+
+
+def plan_memory(model: ModelShape, run: RunShape, *, on_device: bool, working_set: WorkingSet = "end_to_end",
+                devices: int = 1, split_over_devices: bool = False) -> MemoryPlan:
+    """The memory plan of a learned merge.
+
+    ``on_device=False``: everything on the host (a CPU run: the task vectors the step uses are the pool's own).
+    ``devices`` > 1 replicates the working set on every device (DDP, what ``trainer=ddp`` runs) unless
+    ``split_over_devices``, which spreads the blocks over them (a model-parallel layout adamerge does not run yet).
+    """
+    loading = loading_peak(model, run)
+    step = step_working_set(model, run, working_set)
+    notes = [] if model.decoder is not None else ["activations not estimated (only decoder LMs have a formula)"]
+    if not on_device:
+        resident = {"frozen model": model.model_bytes, **{f"step: {k}": v for k, v in step.items()}}
+        host = max(loading, resident, key=lambda parts: sum(parts.values()))
+        return MemoryPlan(host=dict(host), notes=notes)
+    resident = {"frozen model": model.model_bytes, "task vectors": task_vector_bytes(model, run),
+                "copy moved to the device": model.model_bytes}
+    host = max(loading, resident, key=lambda parts: sum(parts.values()))
+    if devices > 1 and split_over_devices:
+        step = {name: value if name == "logits" else -(-value // devices) for name, value in step.items()}
+    return MemoryPlan(host=dict(host), device=step, device_count=devices, notes=notes)
+
+
+def smallest_fitting_change(run: RunShape, plan_of: Callable[[RunShape], MemoryPlan], host_limit: float | None,
+                            device_limit: float | None) -> tuple[list[str], MemoryPlan] | None:
+    """The usual memory settings, applied one after the other, up to the first with which the plan fits, as
+    ``key=value`` overrides (None if even all of them do not make it fit)."""
+    changes: dict[str, str] = {}
+    for key, value, changed in _memory_settings(run):
+        changes[key] = value
+        plan = plan_of(changed)
+        if plan.fits(host_limit, device_limit):
+            return [f"{k}={v}" for k, v in changes.items()], plan
+    return None
+
+
+def _memory_settings(run: RunShape) -> Iterable[tuple[str, str, RunShape]]:
+    if run.storage_bytes > 2:
+        run = dataclasses.replace(run, storage_bytes=2)
+        yield "modelpool.storage_dtype", "bfloat16", run
+    if run.tasks_per_step > 1:
+        run = dataclasses.replace(run, tasks_per_step=1)
+        yield "task_batching", "sequential", run
+    while run.batch_size > 1:
+        run = dataclasses.replace(run, batch_size=run.batch_size // 2)
+        yield "data.batch_size", str(run.batch_size), run

@@ -1,0 +1,150 @@
+"""The memory plan of a configured run, printed and checked before any checkpoint is read.
+
+Shapes come from the checkpoints' safetensors headers (or a cached hub id's config on the meta device, see
+:mod:`adamerge.checkpoint_inventory`); settings from the run configuration. A plan that exceeds the host's available
+memory or the GPU's free memory (times ``memory_plan.headroom``) is refused with the settings that would make it fit;
+``memory_plan.force=true`` runs it anyway.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from adamerge.checkpoint_inventory import (
+    DTYPE_BYTES, InventoryUnavailable, TensorSpec, checkpoint_inventory, model_config, safetensors_header,
+)
+from adamerge.errors import ConfigError
+from adamerge.key_filters import drop_excluded, select_tensors
+from adamerge.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, is_adapter_dir
+from adamerge.memory_plan import MemoryPlan, RunShape, gib, model_shape, plan_memory, smallest_fitting_change
+
+__all__ = ["MemoryPlanError", "plan_for_pool", "plan_for_config", "check_memory_plan", "memory_limits"]
+
+
+class MemoryPlanError(ConfigError):
+    """The run would not fit in the host's or the device's memory."""
+
+
+def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: str = "AutoModel",
+                  backbone_dtype: str | None = None, storage_dtype: str = "float32",
+                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                  batch_size: int = 1, sequence_length: int = 0, tasks_per_step: int = 1,
+                  autocast_dtype: str | None = None, on_device: bool = False) -> tuple[MemoryPlan, RunShape, Any]:
+    """The plan of learning over these checkpoints; also returns the run shape and the model shape (for
+    :func:`~adamerge.memory_plan.smallest_fitting_change`). Raises :class:`InventoryUnavailable` when the shapes
+    cannot be read without loading."""
+    inventory = drop_excluded(checkpoint_inventory(pretrained, auto_class), exclude)
+    floating = [name for name, spec in inventory.items() if spec.is_floating_point]
+    merged = select_tensors(floating, include, what="modelpool.include") if include is not None else floating
+    adapters = {task: adapter_inventory(source) for task, source in finetuned.items() if is_adapter_dir(source)}
+    if adapters:  # LoRA pool: the targeted weights are merged, the adapters are the task vectors
+        merged = [n for n in floating if any(n in targets for targets, _ in adapters.values())]
+    parameter_bytes = DTYPE_BYTES[backbone_dtype] if backbone_dtype in DTYPE_BYTES else None
+    model = model_shape(inventory, merged=merged, parameter_bytes=parameter_bytes, config=model_config(pretrained))
+    checkpoint_bytes = max((adapters[task][1].nbytes if task in adapters else
+                            _checkpoint_bytes(source, auto_class, exclude, default=model.model_bytes)
+                            for task, source in finetuned.items()), default=0)
+    activation = autocast_dtype or backbone_dtype
+    run = RunShape(
+        num_tasks=len(finetuned), storage_bytes=DTYPE_BYTES[storage_dtype], checkpoint_bytes=checkpoint_bytes,
+        activation_bytes=DTYPE_BYTES.get(activation, round(model.bytes_per_parameter)),
+        batch_size=batch_size, sequence_length=sequence_length, tasks_per_step=tasks_per_step,
+        coefficient_rows=len(merged),
+        adapter_parameters=max((spec.numel for _, spec in adapters.values()), default=0),
+    )
+    return plan_memory(model, run, on_device=on_device), run, model
+
+
+def adapter_inventory(source: Any) -> tuple[set[str], TensorSpec]:
+    """(the backbone weights a PEFT adapter targets, one spec summing its factors) from its safetensors header."""
+    header = safetensors_header(Path(os.fspath(source)).expanduser() / ADAPTER_WEIGHTS)
+    targets = {key.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0] + ".weight" for key in header}
+    dtype = next(iter(header.values())).dtype if header else "F32"
+    return targets, TensorSpec((sum(spec.numel for spec in header.values()),), dtype)
+
+
+def _checkpoint_bytes(source: Any, auto_class: str, exclude: Sequence[str] | None, default: int) -> int:
+    try:
+        return sum(spec.nbytes for spec in drop_excluded(checkpoint_inventory(source, auto_class), exclude).values())
+    except InventoryUnavailable:
+        return default  # a fine-tuned checkpoint of the same architecture: as large as θ0
+
+
+def _sequence_length(data: Mapping[str, Any]) -> int:
+    """The longest ``max_length`` of the data's preprocessors (batches are padded up to it at most)."""
+    preprocessors = [data.get("preprocessor")] + [(t or {}).get("preprocessor") for t in (data.get("tasks") or {}).values()]
+    lengths = [p.get("max_length") for p in preprocessors if isinstance(p, Mapping)]
+    return max((int(n) for n in lengths if isinstance(n, int)), default=0)
+
+
+def memory_limits(on_device: bool, headroom: float) -> tuple[float | None, float | None]:
+    """(host, device) bytes the plan may use: ``headroom`` × available host memory and × free GPU memory."""
+    import psutil
+
+    host = headroom * psutil.virtual_memory().available
+    if not on_device:
+        return host, None
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    return host, headroom * free
+
+
+def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool) -> tuple[MemoryPlan, RunShape, Any] | str:
+    """The plan of ``cfg``'s run, or why there is none (a pickled checkpoint, a hub id not in the cache...)."""
+    pool = OmegaConf.to_container(cfg.modelpool, resolve=True)
+    data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else {}
+    backbone = pool.get("backbone") if isinstance(pool.get("backbone"), Mapping) else {}
+    pretrained = pool.get("pretrained") or backbone.get("model")
+    if pretrained is None:
+        return "the pool names no pretrained checkpoint"
+    joint = cfg.get("task_batching", "sequential") == "joint"
+    try:
+        return plan_for_pool(
+            pretrained, pool.get("finetuned") or {}, auto_class=pool.get("auto_class", "AutoModel"),
+            backbone_dtype=backbone.get("dtype"), storage_dtype=pool.get("storage_dtype", "float32"),
+            include=pool.get("include"), exclude=pool.get("exclude"),
+            batch_size=int(data.get("batch_size", 1)) if learned else 0,
+            sequence_length=_sequence_length(data), tasks_per_step=len(pool.get("finetuned") or {}) if joint else 1,
+            autocast_dtype=(cfg.get("method") or {}).get("autocast_dtype"), on_device=on_device,
+        )
+    except InventoryUnavailable as reason:
+        return str(reason)
+
+
+def check_memory_plan(cfg: DictConfig, learned: bool, on_device: bool) -> MemoryPlan | None:
+    """Print the run's memory plan; refuse a run that would not fit (unless ``memory_plan.force``)."""
+    settings = cfg.get("memory_plan") or {}
+    if not settings.get("enabled", True):
+        return None
+    headroom = float(settings.get("headroom", 0.9))
+    if not 0 < headroom <= 1:
+        raise ConfigError(f"memory_plan.headroom={headroom!r} is invalid: a fraction of free memory in (0, 1]")
+    planned = plan_for_config(cfg, learned, on_device)
+    if isinstance(planned, str):
+        print(f"memory plan: not made ({planned})")
+        return None
+    plan, run, model = planned
+    where = "a GPU" if on_device else "the CPU"
+    print(f"memory plan (before loading; {run.num_tasks} tasks, learning on {where}):\n{plan.render()}")
+    host_limit, device_limit = memory_limits(on_device, headroom)
+    if plan.fits(host_limit, device_limit):
+        return plan
+    over = [f"host {gib(plan.host_peak)} > {gib(host_limit)}" if plan.host_peak > host_limit else "",
+            f"device {gib(plan.device_peak)} > {gib(device_limit)}" if device_limit and plan.device_peak > device_limit
+            else ""]
+    message = (f"the memory plan exceeds {headroom:.0%} of the free memory ({', '.join(o for o in over if o)})")
+    if settings.get("force", False):
+        print(f"memory plan: warning: {message}; running anyway (memory_plan.force=true)")
+        return plan
+    fix = smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=on_device), host_limit, device_limit)
+    advice = (f"it fits with {' '.join(fix[0])} (plan: host {gib(fix[1].host_peak)}"
+              + (f", device {gib(fix[1].device_peak)})" if fix[1].device else ")")
+              if fix else "no storage dtype, task batching or batch size makes it fit: merge fewer tasks or use a "
+                          "larger machine")
+    raise MemoryPlanError(f"{message}; {advice}; memory_plan.force=true runs it anyway")

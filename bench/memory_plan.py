@@ -1,0 +1,110 @@
+"""The memory plan of learning merge coefficients over Llama-2-7B, 13B and 70B-shaped pools, before any download.
+
+Shapes come from each model's config.json values (below), built on the meta device (no weights, no network).
+Pools: K = 4 and K = 8 full fine-tunes (task vectors stored in bf16) and LoRA pools (rank 16 on every projection,
+adapters in bf16, deltas formed one tensor at a time). The model runs in bf16 with bf16 activations, batch 4 ×
+512 tokens per task, tasks one after the other (``task_batching=sequential``). For 1 and 8 × 80 GB GPUs:
+
+* ``end to end``: what adamerge's trainer runs -- the whole merged model and its task vectors on each GPU (with
+  8 GPUs, DDP replicates it; ``split`` spreads the blocks over the 8, a layout the trainer does not run yet);
+* ``progressive``: one block at a time (its θ0, task vectors, merged weights, gradients and activations, plus the
+  block's input and output hidden states), the working set of a block-by-block learner.
+
+Writes bench/results/memory_plan.{json,md} (and README's ``memory-plan`` block).
+
+    python bench/memory_plan.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+GPU_BYTES = 80 * 10**9
+HOST_NOTE = "host: the peak of loading (θ0, the K checkpoints being read, the task vectors) or of holding θ0 and them"
+# config.json values of meta-llama/Llama-2-{7b,13b,70b}-hf.
+LLAMA2 = {
+    "Llama-2-7B": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 32},
+    "Llama-2-13B": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+                    "num_attention_heads": 40, "num_key_value_heads": 40},
+    "Llama-2-70B": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                    "num_attention_heads": 64, "num_key_value_heads": 8},
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_RANK = 16
+BATCH, SEQUENCE = 4, 512
+
+
+def llama_config(sizes: dict) -> dict:
+    return {"model_type": "llama", "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False, **sizes}
+
+
+def lora_parameters(inventory: dict, rank: int) -> int:
+    """Elements of one rank-``rank`` adapter on every projection: r·(in + out) per targeted weight."""
+    return sum(rank * (spec.shape[0] + spec.shape[1]) for name, spec in inventory.items()
+               if name.endswith(".weight") and name.split(".")[-2] in LORA_TARGETS)
+
+
+def plans_for(name: str, sizes: dict) -> list[dict]:
+    from adamerge.checkpoint_inventory import meta_inventory
+    from adamerge.memory_plan import RunShape, model_shape, plan_memory
+
+    config = llama_config(sizes)
+    inventory = meta_inventory(config, "AutoModelForCausalLM", dtype="bfloat16")
+    full = model_shape(inventory, config=config)
+    targeted = [n for n in inventory if n.endswith(".weight") and n.split(".")[-2] in LORA_TARGETS]
+    lora = model_shape(inventory, merged=targeted, config=config)
+    rows = []
+    for pool, model, adapter in (("full", full, 0), ("LoRA r16", lora, lora_parameters(inventory, LORA_RANK))):
+        for tasks in (4, 8):
+            run = RunShape(num_tasks=tasks, storage_bytes=2, activation_bytes=2, batch_size=BATCH,
+                           sequence_length=SEQUENCE, checkpoint_bytes=2 * adapter if adapter else full.model_bytes,
+                           coefficient_rows=sizes["num_hidden_layers"] + 3, adapter_parameters=adapter)
+            cells = {
+                "1 GPU, end to end": plan_memory(model, run, on_device=True),
+                "8 GPUs (DDP), end to end": plan_memory(model, run, on_device=True, devices=8),
+                "8 GPUs, split": plan_memory(model, run, on_device=True, devices=8, split_over_devices=True),
+                "1 GPU, progressive": plan_memory(model, run, on_device=True, working_set="progressive"),
+            }
+            rows.append({"model": name, "pool": pool, "tasks": tasks, "parameters": full.parameters,
+                         "adapter_parameters_per_task": adapter,
+                         "plans": {cell: plan.to_json() for cell, plan in cells.items()}})
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    cells = list(rows[0]["plans"])
+    lines = ["| model | pool | K | host peak (GB) | " + " | ".join(f"{c}: per GPU (GB)" for c in cells) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(cells)]
+    for row in rows:
+        plans = row["plans"]
+        host = plans[cells[0]]["host_peak"] / 1e9
+        per_gpu = [f"{p['device_peak'] / 1e9:.0f}{'' if p['device_peak'] <= GPU_BYTES else ' ✗'}"
+                   for p in plans.values()]
+        lines.append(f"| {row['model']} | {row['pool']} | {row['tasks']} | {host:.0f} | " + " | ".join(per_gpu) + " |")
+    lines.append(
+        f"\nGenerated by `python bench/memory_plan.py` from the Llama-2 configs built on the meta device: bf16 model, "
+        f"task vectors and activations, batch {BATCH} × {SEQUENCE} tokens per task (tasks in turn), LoRA rank "
+        f"{LORA_RANK} on {', '.join(LORA_TARGETS)}; ✗ = more than 80 GB. {HOST_NOTE}. The progressive and split "
+        "columns size designs the trainer does not run yet; end to end is what it runs.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from adamerge.reporting import replace_marked_block, write_json
+
+    rows = [row for name, sizes in LLAMA2.items() for row in plans_for(name, sizes)]
+    block = render(rows)
+    write_json(RESULTS / "memory_plan.json", {"batch": BATCH, "sequence": SEQUENCE, "gpu_bytes": GPU_BYTES,
+                                              "rows": rows})
+    (RESULTS / "memory_plan.md").write_text(block + "\n")
+    print(block)
+    if "<!-- memory-plan:start -->" in (ROOT / "README.md").read_text():
+        replace_marked_block(ROOT / "README.md", "memory-plan", block)
+
+
+if __name__ == "__main__":
+    main()

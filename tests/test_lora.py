@@ -1,0 +1,178 @@
+"""LoRA adapters as task vectors, checked against peft on a tiny Llama: the deltas (scale, rsLoRA), a linear merge
+exported as one adapter that PeftModel loads, the refusals, and learning over adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from adamerge.checkpoints import CheckpointError
+from adamerge.lora import LoRATaskVectors, save_linear_adapter
+
+peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[lora]')")
+TASKS = ("alpha", "beta")
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _base(directory: Path) -> Path:
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def _adapter(base: Path, directory: Path, seed: int, **lora) -> Path:
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    tuned = peft.get_peft_model(model, peft.LoraConfig(target_modules=TARGETS, **lora))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # B starts at zero: give both factors values, as training would
+        for name, p in tuned.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    tuned.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora")
+    base = _base(root / "base")
+    return {"base": base,
+            "alpha": _adapter(base, root / "alpha", 1, r=4, lora_alpha=8),
+            "beta": _adapter(base, root / "beta", 2, r=2, lora_alpha=4, use_rslora=True)}
+
+
+def _pretrained(zoo) -> dict[str, torch.Tensor]:
+    return transformers.AutoModelForCausalLM.from_pretrained(zoo["base"]).state_dict()
+
+
+def _vectors(zoo) -> LoRATaskVectors:
+    return LoRATaskVectors.from_adapters(_pretrained(zoo), {t: zoo[t] for t in TASKS}, base_model=str(zoo["base"]))
+
+
+def test_each_adapter_s_delta_is_peft_s(zoo):
+    vectors = _vectors(zoo)
+    assert len(vectors.names) == 2 * len(TARGETS)
+    for k, task in enumerate(TASKS):
+        merged = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(zoo["base"]),
+                                                zoo[task]).merge_and_unload().state_dict()
+        ours = vectors.state_dict_from_weights(torch.eye(len(TASKS))[k])
+        for name in vectors.pretrained:
+            torch.testing.assert_close(ours[name], merged[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_linear_merge_exports_as_one_adapter_peft_loads(zoo, tmp_path):
+    vectors = _vectors(zoo)
+    weights = torch.rand(len(vectors.names), len(TASKS), generator=torch.Generator().manual_seed(3))
+    out = save_linear_adapter(vectors, weights, tmp_path / "merged")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 + 2 and config["lora_alpha"] == 6 and not config["use_rslora"]
+    dense = transformers.AutoModelForCausalLM.from_pretrained(zoo["base"])
+    dense.load_state_dict(vectors.state_dict_from_weights(weights))
+    loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(zoo["base"]), out)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, dense.eval()(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _edited(zoo, tmp_path, **changes) -> Path:
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    (copy / "adapter_model.safetensors").write_bytes((zoo["alpha"] / "adapter_model.safetensors").read_bytes())
+    config = json.loads((zoo["alpha"] / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return copy
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"use_dora": True}, "use_dora=true: a DoRA adapter"),
+    ({"base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}, "was trained on 'meta-llama/Llama-2-7b-hf'"),
+    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"r": 8}, r"with r=8 .* must be A \(8, "),
+])
+def test_adapters_that_are_not_b_at_a_scale_are_refused(zoo, tmp_path, changes, message):
+    with pytest.raises(CheckpointError, match=message):
+        LoRATaskVectors.from_adapters(_pretrained(zoo), {"alpha": _edited(zoo, tmp_path, **changes)},
+                                      base_model=str(zoo["base"]))
+
+
+def test_learning_over_adapters_keeps_them_as_factors(zoo):
+    from adamerge.errors import ConfigError
+    from adamerge.methods.learned import build_learned
+    from adamerge.methods.registry import get_method
+    from adamerge.models.heads import Identity
+    from adamerge.models.hf import HFModelPool
+
+    pool = HFModelPool(backbone={"_target_": "adamerge.models.hf.causal_lm", "model": str(zoo["base"])},
+                       finetuned={t: str(zoo[t]) for t in TASKS}, heads={t: Identity() for t in TASKS},
+                       pretrained=str(zoo["base"]), auto_class="AutoModelForCausalLM")
+    vectors = pool.task_vectors()
+    assert isinstance(vectors, LoRATaskVectors) and vectors.memory_bytes() < 20_000
+    module = build_learned("adamerging_layer_wise", pool.fresh_backbone(), vectors, pool.heads, lr=0.05)
+    assert not [n for n, _ in module.merged.named_buffers() if "_task_vector_" in n]
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    batch = {t: {"inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}} for t in TASKS}
+    module.accumulate_gradients(batch, module.merged.merged_weights())
+    assert module.merged.coefficients.grad.abs().min() > 0  # every targeted weight's row gets a gradient
+    with torch.no_grad():
+        module.merged.coefficients.uniform_(0.0, 1.0)
+    expected = vectors.state_dict_from_weights(module.merged.coefficient_rows().detach())
+    for name, tensor in module.merge_and_unload().state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ConfigError, match="dense tensor.*learned method"):
+        get_method("ties").fn(vectors)
+
+
+def test_memory_plan_of_an_adapter_pool_counts_the_adapters(zoo):
+    from adamerge.run_memory import plan_for_pool
+
+    vectors = _vectors(zoo)
+    plan, run, model = plan_for_pool(zoo["base"], {t: zoo[t] for t in TASKS}, auto_class="AutoModelForCausalLM",
+                                     batch_size=2, sequence_length=8, on_device=True)
+    assert model.merged_parameters == sum(vectors.pretrained[n].numel() for n in vectors.names)
+    assert plan.device["task vectors"] == len(TASKS) * max(
+        sum(f.A.numel() + f.B.numel() for f in a.factors.values()) for a in vectors.adapters.values()) * 4
+
+
+def test_a_run_over_adapters_exports_the_merged_adapter(tmp_path):
+    """adamerge over a pool of adapter directories: the export holds the dense merged model and adapter/, which
+    PeftModel loads onto the base with the same outputs."""
+    import datasets
+    from hydra import compose, initialize_config_dir
+
+    from adamerge.methods.configs import CONF_DIR
+    from adamerge.runner import run
+    from test_causal_lm import PROMPTS, char_tokenizer
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    char_tokenizer(tmp_path / "base")
+    overrides = ["experiment=causal_lm_qwen25_1p5b", f"modelpool.pretrained={tmp_path / 'base'}", "trainer=cpu",
+                 "modelpool.backbone.dtype=float32", "method.autocast_dtype=null", "trainer.max_steps=2", "logger=none",
+                 "trainer.enable_progress_bar=false", "data.num_workers=0", "~modelpool.finetuned", "~modelpool.heads",
+                 "~data.tasks"]
+    for k, task in enumerate(("math", "code")):
+        _adapter(tmp_path / "base", tmp_path / task, k + 1, r=4, lora_alpha=8)
+        datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": PROMPTS[task]})}).save_to_disk(tmp_path / task / "data")
+        overrides += [f"+modelpool.finetuned.{task}={tmp_path / task}", f"+modelpool.heads.{task}._target_=adamerge.models.heads.Identity",
+                      f"+data.tasks.{task}.path={tmp_path / task / 'data'}", f"+data.tasks.{task}.split=test",
+                      f"+data.tasks.{task}.preprocessor._target_=adamerge.models.hf.PromptPreprocessor",
+                      f"+data.tasks.{task}.preprocessor.tokenizer={tmp_path / 'base'}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    exported = Path(run(cfg, tmp_path / "run")["rows"][0]["export"])
+    assert json.loads((exported / "merge_config.json").read_text())["merged_adapter"] == "adapter"
+    dense = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                             exported / "adapter").eval()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,123 @@
+"""The memory plan: shapes from headers and meta builds, its terms against the real objects, and preflight's
+refusal. The plan against measured peak RSS takes a fresh process per pool size (tens of seconds on two cores): that
+check is bench/memory_plan_check.py (bench/results/memory_plan_check.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from hydra import compose, initialize_config_dir
+
+from adamerge.checkpoint_inventory import InventoryUnavailable, checkpoint_inventory, meta_inventory
+from adamerge.memory_plan import RunShape, model_shape, plan_memory, smallest_fitting_change
+from adamerge.methods.configs import CONF_DIR
+from adamerge.models.heads import Identity
+from adamerge.models.hf import HFModelPool
+from adamerge.run_memory import MemoryPlanError, check_memory_plan, plan_for_pool
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = importlib.util.spec_from_file_location("memory_plan_check", ROOT / "bench" / "memory_plan_check.py")
+bench = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(bench)
+
+
+@pytest.fixture(scope="module")
+def pool_dirs(tmp_path_factory) -> dict[str, Path]:
+    return bench.build_pool(tmp_path_factory.mktemp("plan"), hidden=64, intermediate=96, layers=2, vocab=256, tasks=2)
+
+
+def test_headers_and_meta_build_give_the_checkpoint_s_tensors(pool_dirs, tmp_path):
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(pool_dirs["pretrained"]).state_dict()
+    inventory = checkpoint_inventory(pool_dirs["pretrained"])
+    assert {n: s.shape for n, s in inventory.items()} == {n: tuple(t.shape) for n, t in loaded.items()}
+    assert all(spec.dtype == "F32" for spec in inventory.values())
+    config = json.loads((pool_dirs["pretrained"] / "config.json").read_text())
+    meta = meta_inventory(config, "AutoModelForCausalLM")
+    assert {n: s.shape for n, s in meta.items()} == {n: s.shape for n, s in inventory.items()}
+    tied = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    tied.save_pretrained(tmp_path / "gpt2")  # save_pretrained drops the tied lm_head; the meta build must too
+    assert set(meta_inventory(tied.config.to_dict(), "AutoModelForCausalLM")) == set(checkpoint_inventory(tmp_path / "gpt2"))
+    torch.save(loaded, tmp_path / "model.bin")
+    with pytest.raises(InventoryUnavailable, match="pickled"):
+        checkpoint_inventory(tmp_path / "model.bin")
+
+
+def test_plan_terms_equal_what_the_pool_holds(pool_dirs):
+    finetuned = {t: str(p) for t, p in pool_dirs.items() if t != "pretrained"}
+    pool = HFModelPool(backbone={"_target_": "adamerge.models.hf.causal_lm", "model": str(pool_dirs["pretrained"])},
+                       finetuned=finetuned, heads={t: Identity() for t in finetuned}, storage_dtype="bfloat16",
+                       pretrained=str(pool_dirs["pretrained"]), auto_class="AutoModelForCausalLM")
+    vectors = pool.task_vectors()
+    plan, run, model = plan_for_pool(pool_dirs["pretrained"], finetuned, auto_class="AutoModelForCausalLM",
+                                     storage_dtype="bfloat16", batch_size=2, sequence_length=16, on_device=True)
+    assert plan.device["task vectors"] == vectors.memory_bytes()
+    assert plan.device["frozen model"] == sum(t.numel() * t.element_size() for t in pool.backbone.state_dict().values())
+    assert model.largest_tensor == max(v[0].numel() for v in vectors.vectors.values())
+    assert model.decoder is not None and model.decoder.layers == 2 and model.decoder.kv_hidden == 32
+
+
+def test_fitting_settings_are_found_in_order():
+    model = model_shape(checkpoint_inventory_like(), config={"hidden_size": 64, "intermediate_size": 128,
+                                                             "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                             "vocab_size": 1000})
+    run = RunShape(num_tasks=4, storage_bytes=4, checkpoint_bytes=model.model_bytes, activation_bytes=4,
+                   batch_size=64, sequence_length=256, tasks_per_step=4)
+    plan = plan_memory(model, run, on_device=False)
+    limit = plan_memory(model, RunShape(**{**run.__dict__, "storage_bytes": 2, "tasks_per_step": 1,
+                                           "batch_size": 8}), on_device=False).host_peak
+    changes, fitted = smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=False), limit, None)
+    assert changes == ["modelpool.storage_dtype=bfloat16", "task_batching=sequential", "data.batch_size=8"]
+    assert fitted.host_peak <= limit < plan.host_peak
+    assert smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=False), 1.0, None) is None
+
+
+def checkpoint_inventory_like() -> dict:
+    from adamerge.checkpoint_inventory import TensorSpec
+
+    return {"model.embed_tokens.weight": TensorSpec((1000, 64), "F32"),
+            **{f"model.layers.{i}.mlp.up_proj.weight": TensorSpec((128, 64), "F32") for i in range(2)}}
+
+
+def _run_config(pool_dirs, *overrides: str):
+    tasks = [t for t in pool_dirs if t != "pretrained"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[
+            "experiment=causal_lm_qwen25_1p5b", f"modelpool.pretrained={pool_dirs['pretrained']}",
+            "modelpool.backbone.dtype=float32", "modelpool.storage_dtype=float32", "method.autocast_dtype=null",
+            "~modelpool.finetuned", "~modelpool.heads", "~data.tasks", "data.batch_size=32",
+            *[f"+modelpool.finetuned.{t}={pool_dirs[t]}" for t in tasks],
+            *[f"+data.tasks.{t}.preprocessor.max_length=512" for t in tasks], *overrides])
+
+
+def test_preflight_prints_the_plan_and_refuses_what_does_not_fit(pool_dirs, monkeypatch, capsys):
+    cfg = _run_config(pool_dirs)
+    plan = check_memory_plan(cfg, learned=True, on_device=False)
+    out = capsys.readouterr().out
+    assert "memory plan (before loading; 2 tasks, learning on the CPU)" in out and "activations" in out
+    smaller = plan_for_pool(pool_dirs["pretrained"], {t: pool_dirs[t] for t in ("alpha", "beta")},
+                            auto_class="AutoModelForCausalLM", storage_dtype="bfloat16", batch_size=4,
+                            sequence_length=512)[0]
+    monkeypatch.setattr("adamerge.run_memory.memory_limits",
+                        lambda on_device, headroom: ((smaller.host_peak + plan.host_peak) / 2, None))
+    with pytest.raises(MemoryPlanError, match=r"exceeds 90% of the free memory \(host .*it fits with "
+                                              r"modelpool.storage_dtype=bfloat16 data.batch_size=\d+ .*"
+                                              r"memory_plan.force=true runs it anyway"):
+        check_memory_plan(cfg, learned=True, on_device=False)
+    assert check_memory_plan(_run_config(pool_dirs, "memory_plan.force=true"), learned=True, on_device=False)
+    assert "running anyway (memory_plan.force=true)" in capsys.readouterr().out
+    monkeypatch.setattr("adamerge.run_memory.memory_limits", lambda on_device, headroom: (1.0, None))
+    with pytest.raises(MemoryPlanError, match="no storage dtype, task batching or batch size makes it fit"):
+        check_memory_plan(cfg, learned=True, on_device=False)
+
+
+def test_a_plan_without_shapes_says_why(pool_dirs, tmp_path, capsys):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "model.bin")
+    cfg = _run_config(pool_dirs, f"modelpool.pretrained={tmp_path / 'model.bin'}")
+    assert check_memory_plan(cfg, learned=True, on_device=False) is None
+    out = capsys.readouterr().out
+    assert "memory plan: not made" in out and "pickled checkpoint" in out
