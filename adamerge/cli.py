@@ -1,7 +1,8 @@
 """The ``adamerge`` command: a Hydra entry point over ``conf/``.
 
-``adamerge`` alone runs the embedded offline demo (``experiment=demo``); ``adamerge method=...``,
-``modelpool=...``, ``data=...`` point the same run at other methods, models and data.
+``adamerge`` alone runs the embedded offline demo (the demo pool on the demo data, with the settings in
+``conf/pool_data/demo_demo.yaml``); ``adamerge method=...``, ``modelpool=...``, ``data=...`` point the same run at
+other methods, models and data, which then get the methods' documented defaults.
 """
 
 from __future__ import annotations

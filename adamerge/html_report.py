@@ -25,7 +25,8 @@ EXPECTED = "summary.json or results.json (a run) or sweep_summary.json (a sweep)
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 h1, h2, h3 { font-weight: 600; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: .8em 0; font-size: 14px; }
+table { border-collapse: collapse; font-size: 14px; }
+.table-scroll { overflow-x: auto; max-width: 100%; margin: .8em 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; } th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } td.error { color: #a00; }
 tr.failed { background: #fff3f3; } .pick { background: #e7f1ff; border-radius: 3px; padding: 0 4px; font-size: 12px; }
@@ -71,7 +72,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Cell]], row_classes: Se
     for index, row in enumerate(rows):
         css = f' class="{row_classes[index]}"' if index < len(row_classes) and row_classes[index] else ""
         lines.append(f"<tr{css}>" + "".join(f"<td{attributes}>{inner}</td>" for inner, attributes in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+    # Wide tables (many tasks) scroll inside their own box instead of being cut at the page's edge.
+    return f'<div class="table-scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table></div>'
 
 
 def task_cells(values: Sequence[Mapping[str, float | None]], columns: Sequence[str],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -152,3 +153,9 @@ class ModelPool:
             role: {"source": describe_source(source), "sha256": sha256_of(source)}
             for role, source in entries.items()
         }
+
+
+def pool_from_yaml(path: str | Path) -> ModelPool:
+    """The pool a ``conf/modelpool``-style YAML file describes (its ``_target_``: ModelPool or a subclass), built as
+    the command builds it: the backbone's ``_target_`` config is kept, so an export can rebuild the backbone."""
+    return instantiate(OmegaConf.load(Path(path)), _recursive_=False)

@@ -29,9 +29,10 @@ from adamerge.loggers import (
     finish, log_coefficients, log_final, log_label_free, log_profile, log_protected, log_run_config, run_identity,
 )
 from adamerge.methods.configs import method_config
-from adamerge.methods.learned import build_learned
+from adamerge.methods.learned import build_learned_module, learned_outcome
 from adamerge.methods.registry import get_method
 from adamerge.modelpool import ModelPool
+from adamerge.module import AdaMergingModule
 from adamerge.objectives import Objective, build_objective
 from adamerge.preemption import handle_preemption, keep_lightning_off_signals, stop_if_requested
 from adamerge.preflight import EVALUATION_ONLY, check_export_heads, check_pool_and_data, check_run_dir, check_settings
@@ -40,6 +41,7 @@ from adamerge.protection import static_scores
 from adamerge.protected_config import build_protected_tasks
 from adamerge.reporting import average, coefficient_heatmap, protected_lines, write_json, write_summary
 from adamerge.resume import AtomicCheckpointIO, StepCheckpoint, checkpoint_path, remove_checkpoints, write_run_record
+from adamerge.run_export import export_learned, export_merge
 from adamerge.run_memory import check_memory_plan
 from adamerge.task_vectors import TaskVectors
 
@@ -134,11 +136,11 @@ def make_logger(ctx: RunContext, name: str, hparams: Mapping[str, Any]) -> Any:
     return logger
 
 
-def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: Any) -> tuple[dict, nn.Module, Any]:
-    module = build_learned(
-        name, ctx.pool.fresh_backbone(), ctx.task_vectors, ctx.pool.heads, objective=ctx.objective,
-        alignment=ctx.alignment, **hparams
-    )
+def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: Any) -> tuple[dict, AdaMergingModule]:
+    """Learn ``name`` through the Python API (build_learned_module, then a Lightning Trainer) with the run's
+    settings: the experts' outputs, protected tasks, task batching, compile, checkpoints and resume."""
+    module = build_learned_module(ctx.pool, name, ctx.objective, task_vectors=ctx.task_vectors,
+                                  alignment=ctx.alignment, **hparams)
     if ctx.experts is not None:
         module.use_experts(ctx.experts)
     module.check_experts()
@@ -168,14 +170,12 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
     label_free = module.label_free_report()
     log_label_free(logger, label_free)
     log_profile(logger, module.profile.report())
-    coefficients = module.coefficients()
+    outcome = learned_outcome(module)
     columns = module.merged.task_names  # the merged vectors: the tasks, then an alignment vector if there is one
-    heatmap = coefficient_heatmap(coefficients, columns, method_dir(ctx, name) / "coefficients.png", title=name)
-    log_coefficients(logger, coefficients, columns, module.merged.names, heatmap)
+    heatmap = coefficient_heatmap(outcome["coefficients"], columns, method_dir(ctx, name) / "coefficients.png", title=name)
+    log_coefficients(logger, outcome["coefficients"], columns, module.merged.names, heatmap)
     result = {
-        "accuracy": dict(module.last_accuracy),
-        "coefficients": coefficients,
-        "objective": module.objective.config(),
+        **outcome,
         "label_free": label_free,
         "unlabeled": finite_scores({score: module.evaluations[-1][score] for score in ("objective", "entropy", "expert_agreement")
                                     if module.evaluations[-1].get(score)}),
@@ -187,17 +187,21 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
         "profile": module.profile.report(),
         "heatmap": str(heatmap),
     }
-    if columns != module.task_names:
-        result["coefficient_columns"] = list(columns)
-    if module.protection is not None:
-        result["protected"] = module.protection.report()
-    return result, module.merge_and_unload(), module
+    return result, module
 
 
-def export_model(ctx: RunContext, name: str, model: nn.Module, hparams: Mapping, result: Mapping, module: Any) -> Path:
-    from adamerge.run_export import export_run_model
-
-    return export_run_model(ctx, method_dir(ctx, name) / "merged_model", name, model, hparams, result, module)
+def export_model(ctx: RunContext, name: str, model: nn.Module | None, hparams: Mapping, result: Mapping,
+                 module: AdaMergingModule | None) -> Path:
+    """A learned method's export through the Python API (export_learned); a data-free merge's fused ``model``."""
+    directory = method_dir(ctx, name) / "merged_model"
+    # A resumed run may replace the export its interrupted self wrote before it could record results.json.
+    settings = {"overwrite": bool(ctx.cfg.export.overwrite) or bool(ctx.cfg.get("resume", False)),
+                "per_task_hf": bool(ctx.cfg.export.get("per_task_hf", False)), "license": ctx.cfg.export.get("license")}
+    if module is not None:
+        return export_learned(module, directory, ctx.pool, ctx.datamodule, task_vectors=ctx.task_vectors, **settings)
+    return export_merge(directory, name, model, ctx.pool, ctx.datamodule, tasks=ctx.task_vectors.task_names,
+                        merged_tensors=ctx.task_vectors.names, hyperparameters=hparams, outcome=result,
+                        alignment=ctx.alignment, task_vectors=ctx.task_vectors, **settings)
 
 
 def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
@@ -216,7 +220,7 @@ def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
         elif get_method(name).kind == "static":
             result, model = run_static(ctx, name, hparams)
         else:
-            result, model, module = run_learned(ctx, name, hparams, logger)
+            result, module = run_learned(ctx, name, hparams, logger)
         result = {
             "method": name,
             "config": hparams,
@@ -236,8 +240,7 @@ def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
         finish(logger)
     exported = (
         ctx.cfg.export.enabled
-        and model is not None
-        and (module is not None or ctx.cfg.export.static)
+        and (module is not None or (model is not None and ctx.cfg.export.static))
         and rank_zero_only.rank == 0
     )
     if exported:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,21 @@ def _as_number(value: str | None) -> float | None:
     except ValueError:
         return None
     return number if number is not None and math.isfinite(number) else None
+
+
+def log_spaced(numbers: Sequence[float]) -> bool:
+    """Whether swept values read best on a log axis: all positive, spanning a decade or more, and spread more
+    evenly on a log scale than on a linear one (step sizes 1e-4, 3e-4, 1e-3, ... but not 1, 2, ..., 10)."""
+    values = sorted(set(numbers))
+    if len(values) < 2 or values[0] <= 0 or values[-1] / values[0] < 10:
+        return False
+    return _unevenness([math.log(v) for v in values]) <= _unevenness(values)
+
+
+def _unevenness(values: Sequence[float]) -> float:
+    """The widest gap between neighbouring sorted values over the narrowest (1: evenly spaced)."""
+    gaps = [b - a for a, b in zip(values, values[1:])]
+    return max(gaps) / min(gaps)
 
 
 def plot_swept_parameter(summary: Mapping[str, Any], key: str, path: str | Path) -> Path | None:
@@ -57,8 +72,8 @@ def plot_swept_parameter(summary: Mapping[str, Any], key: str, path: str | Path)
     top.set_ylabel("average accuracy (%)")
     bottom.set_ylabel(f"label-free {criterion}\n(unlabeled inputs, lower = picked)")
     bottom.set_xlabel(key)
-    if numeric and min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
-        bottom.set_xscale("log")
+    if numeric and log_spaced(numbers):
+        bottom.set_xscale("log")  # shared with the top panel
     if not numeric:
         bottom.set_xticks(list(positions.values()), list(positions), rotation=30, ha="right")
     top.legend(fontsize=7, markerscale=0.5)

@@ -2,7 +2,7 @@
 
 Runs objective × learned method on two zoos built from real weights and data (the default demo zoo and the
 second zoo with other tasks, see ``adamerge/demo.py``), several seeds each, with the demo's budget (100 steps
-per method, ``conf/experiment/demo.yaml``), through the ``adamerge`` command itself. Every job is one
+per method, ``conf/pool_data/demo_demo.yaml``), through the ``adamerge`` command itself. Every job is one
 comparison run (static baselines + every learned method) for one (zoo, objective, seed); finished jobs are
 reused, so an interrupted study resumes where it stopped. Writes a markdown table (mean ± std of the average
 accuracy over seeds, seconds per method, how often each learned method beats task arithmetic, the pretrained

@@ -65,7 +65,7 @@ def test_model_card_of_a_demo_export(demo_run, zoo, monkeypatch, capsys):
         export = Path(json.loads((demo_run / method / "results.json").read_text())["export"])
         card = (export / "README.md").read_text()
         front = yaml.safe_load(card.split("---")[1])
-        # The demo's weights derive from EfficientNet-Lite0 (Apache-2.0, declared by the demo experiment).
+        # The demo's weights derive from EfficientNet-Lite0 (Apache-2.0, declared by conf/pool_data/demo_demo.yaml).
         assert front["license"] == "apache-2.0" and front["pipeline_tag"] == "image-classification"
         assert method in front["tags"] and "base_model" not in front  # local sources only: no hub ids
         config = json.loads((export / "merge_config.json").read_text())

@@ -78,6 +78,9 @@ def assert_self_contained(page: str) -> None:
     assert 'src="http' not in page and "<link" not in page and "<script" not in page
     assert re.findall(r'src="([^"]{0,22})', page) == ["data:image/png;base64,"] * page.count('src="')
     assert all(png.startswith(PNG_SIGNATURE) and len(png) > 1000 for png in embedded_pngs(page))
+    # Every table scrolls inside its own box (many tasks make wide tables), not cut at the page's edge.
+    assert page.count("<table>") == page.count('<div class="table-scroll"><table>') > 0
+    assert ".table-scroll { overflow-x: auto;" in page
 
 
 def test_report_of_a_comparison_run_shows_every_result_and_figure(run, capsys):

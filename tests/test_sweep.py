@@ -13,6 +13,7 @@ import yaml
 from adamerge.html_report import write_report
 from adamerge.selection import get_criterion, pick, pick_by_accuracy
 from adamerge.sweep import ERROR_FILE, job_score, main as sweep_main, summarize, write_summary_files
+from adamerge.sweep_plots import log_spaced
 from tests.helpers import wandb_records
 from tests.test_cli import adamerge
 
@@ -133,6 +134,32 @@ def test_job_score_is_the_picked_methods_objective():
     assert job_score(rows) == pytest.approx(-0.7)
     assert job_score(rows, "entropy") == pytest.approx(0.2)
     assert job_score([result("a", [0.5, 0.5], [math.inf, 0.1], [0.5, 0.5])]) is None
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ([1e-3, 3e-3, 1e-2, 3e-2], True),  # step sizes
+    ([1e-4, 1e-3], True),
+    ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], False),  # a decade, linearly spaced
+    ([0.1, 0.2, 0.3], False),  # less than a decade
+    ([0.0, 1e-3, 1e-2], False),
+    ([-1e-2, 1e-3, 1e-1], False),
+])
+def test_log_spaced_values_are_told_apart(values, expected):
+    assert log_spaced(values) is expected
+
+
+def test_a_swept_step_size_is_plotted_on_a_log_axis(tmp_path, monkeypatch):
+    from adamerge import report_plots
+
+    figures = []
+    monkeypatch.setattr(report_plots, "png_bytes", lambda fig: figures.append(fig) or PNG)
+    sweep = tmp_path / "sweep"
+    for index, lr in enumerate(("0.0003", "0.001", "0.003", "0.01")):
+        make_job(sweep, f"{index}_a", [f"method.lr={lr}"], {"a": result("a", [0.5, 0.6], [-0.1 * index, 0.1], [0.2, 0.2])})
+    make_job(sweep, "4_a", ["method.lr=bad"], error={"type": "ValueError", "message": "bad lr"})
+    write_summary_files(sweep)
+    (top, bottom) = figures[0].axes
+    assert bottom.get_xscale() == top.get_xscale() == "log"
 
 
 def test_pick_on_edge_cases():

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+
+def shipped_conf_dir() -> Path:
+    """The configuration tree: ``adamerge/conf`` inside an installed package (setup.py maps the repository's
+    ``conf/`` there when building), else the top-level ``conf/`` of the source checkout this module runs from."""
+    installed = Path(str(files("adamerge") / "conf"))  # wheels install unzipped: a real directory
+    if (installed / "config.yaml").is_file():
+        return installed
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    raise FileNotFoundError(f"adamerge's configs are missing: neither {installed} (an installed package) nor {checkout} "
+                            "(a source checkout) holds config.yaml; reinstall adamerge")
+
+
+CONF_DIR = shipped_conf_dir()
 
 
 def method_config(cfg: DictConfig, name: str) -> dict[str, Any]:

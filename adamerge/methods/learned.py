@@ -19,8 +19,9 @@ from adamerge.methods.bases import (
     BASE_FORMS, BASE_MERGE, RESIDUAL_BOUNDS, apply_base, resolve_base, resolve_residual_base, with_residual_base,
 )
 from adamerge.methods.registry import HparamValidator, get_method, register_method
+from adamerge.modelpool import ModelPool
 from adamerge.module import AdaMergingModule
-from adamerge.objectives import Objective
+from adamerge.objectives import Objective, build_objective
 from adamerge.task_vectors import TaskVectors
 
 ADAMERGING_DEFAULTS: dict[str, Any] = {
@@ -152,6 +153,7 @@ def build_learned(
     if spec.kind != "learned":
         raise ValueError(f"method {name!r} is data-free; use adamerge.merge() for it")
     hparams = spec.resolve_hparams(hparams)
+    resolved = dict(hparams)
     base, base_form = hparams.pop("base"), hparams.pop("base_form")
     residual = base is not None and base_form == "residual"
     if residual:  # θ0 + a·(θ_base − θ0) + Σ c_k τ_k: a starts at 1, the corrections c at 0 (methods/bases.py)
@@ -170,4 +172,46 @@ def build_learned(
         module.merged.set_coefficient_bounds(BASE_MERGE, *RESIDUAL_BOUNDS["base_scale"])
     if alignment is not None:
         module.merged.set_coefficient_floor(ALIGNMENT_TASK, alignment.min_coefficient)
+    # What its export records (run_export.export_learned): the method, every hyperparameter, the alignment vector.
+    module.method_name, module.method_hyperparameters, module.alignment = name, resolved, alignment
     return module
+
+
+def build_learned_module(
+    pool: ModelPool,
+    method: str,
+    objective: str | Mapping[str, Any] | Objective = "information_maximization",
+    *,
+    task_vectors: TaskVectors | None = None,
+    alignment: AlignmentVector | None = None,
+    **hyperparameters: Any,
+) -> AdaMergingModule:
+    """The LightningModule that learns ``method`` on ``pool``, for a Lightning ``Trainer`` of the caller's own.
+
+    ``objective``: a registered name (the command's default, ``information_maximization``), ``{"name": ...,
+    **settings}`` or an :class:`~adamerge.objectives.Objective`. ``hyperparameters`` override the method's
+    documented defaults (``conf/method/<method>.yaml``). ``task_vectors``: the pool's, when already loaded (the
+    command loads them once for every method it runs); else all of the pool's tasks are loaded here. Fit it with
+    ``trainer.fit(module, datamodule=...)``, then export it with :func:`adamerge.export_learned`.
+    """
+    if isinstance(objective, str):
+        objective = build_objective(objective)
+    elif isinstance(objective, Mapping):
+        objective = build_objective(**objective)
+    vectors = task_vectors if task_vectors is not None else pool.task_vectors()
+    return build_learned(method, pool.fresh_backbone(), vectors, pool.heads, objective=objective, alignment=alignment,
+                         **hyperparameters)
+
+
+def learned_outcome(module: AdaMergingModule) -> dict[str, Any]:
+    """What a fitted learned module measured, as its results and its export record it: the accuracy of its last
+    validation, the learned coefficients, the objective, and the protected tasks' scores."""
+    outcome = {"accuracy": dict(module.last_accuracy), "coefficients": module.coefficients(),
+               "objective": module.objective.config()}
+    if module.merged.task_names != module.task_names:  # the tasks, then an alignment vector
+        outcome["coefficient_columns"] = list(module.merged.task_names)
+    if module.protection is not None:
+        outcome["protected"] = module.protection.report()
+    if module.evaluations and module.evaluations[-1].get("expert_agreement"):
+        outcome["expert_agreement"] = dict(module.evaluations[-1]["expert_agreement"])
+    return outcome
