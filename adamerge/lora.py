@@ -187,6 +187,21 @@ class LoRATaskVectors:
         delta = (b * (weights[task] * scale)) @ a
         return delta.T if transposed else delta
 
+    def task_vector(self, task: str | int) -> dict[str, Tensor]:
+        """One task's dense delta ``s_k B_k A_k`` per targeted weight: what its expert model (θ0 + τ_k) is built from,
+        one task at a time, never all K together."""
+        index = task if isinstance(task, int) else self.task_names.index(task)
+        weights = torch.zeros(self.num_tasks)
+        weights[index] = 1.0
+        return {name: self.delta(name, weights) for name in self.names}
+
+    def state_dict_from_deltas(self, deltas: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """θ0 with ``deltas`` added to the weights they name (the rest as pretrained)."""
+        state = {name: tensor.clone() for name, tensor in self.pretrained.items()}
+        for name, delta in deltas.items():
+            state[name] = (self.pretrained[name].float() + delta.float()).to(self.pretrained[name].dtype)
+        return state
+
     def state_dict_from_weights(self, weights: Tensor) -> dict[str, Tensor]:
         """θ0 with every targeted weight merged: ``weights`` is ``[K]`` or one row per name ``[len(names), K]``."""
         rows = weights.expand(len(self.names), -1) if weights.ndim == 1 else weights

@@ -214,7 +214,8 @@ def _check_labels(datamodule: Any, task: str) -> None:
     if not datamodule.has_labels(task):
         raise TaskDataError(f"task {task!r} ({settings.path!r}): evaluation needs labels but column "
                             f"{settings.label_column!r} is missing; available columns: {evaluation.column_names}")
-    _evaluation_labels(datamodule, task)
+    if settings.label_column in evaluation.column_names:  # else the preprocessor makes them (causal-LM prompts)
+        _evaluation_labels(datamodule, task)
 
 
 def dataset_classes(datamodule: Any, task: str) -> tuple[int, bool]:
