@@ -108,6 +108,13 @@ class ExpertTargets:
         self._lazy: set[Any] = set()
         self._loaded: tuple[str, nn.Module, nn.Module] | None = None
 
+    @classmethod
+    def from_pool(cls, pool: Any, task_vectors: Any, datamodule: Any, device: torch.device, needs: Iterable[str],
+                  max_bytes: float = 4 * 2**30, batch_size: int | None = None) -> ExpertTargets:
+        """The experts of a :class:`~adamerge.modelpool.ModelPool`: task k's backbone at θ0 + τ_k with its head."""
+        return cls(lambda task: (pool.backbone_with(task_vectors, task), pool.heads[task]), datamodule, device, needs,
+                   max_bytes=max_bytes, batch_size=batch_size)
+
     # -- the experts' forward ---------------------------------------------------------------------------------
     def _expert(self, task: str) -> tuple[nn.Module, nn.Module]:
         """One expert model at a time on the device (a 7B pool cannot hold K of them)."""

@@ -211,6 +211,9 @@ class AdaMergingModule(L.LightningModule):
             return None
         return self.expert_targets.lookup(task, split, batch)
 
+    def on_fit_start(self) -> None:
+        self.check_experts()
+
     # -- what trains ---------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.merged.coefficients]

@@ -274,9 +274,9 @@ def build_expert_targets(cfg: DictConfig, pool: ModelPool, task_vectors: TaskVec
     """Each task's expert (θ0 + τ_k with its head) run once over its evaluation rows (the agreement signal) and, for an
     objective that compares with the experts, its adaptation rows: never once per step (adamerge.expert_targets)."""
     needs = {"logits", *objective.needs}
-    experts = ExpertTargets(lambda task: (pool.backbone_with(task_vectors, task), pool.heads[task]), datamodule, device,
-                            needs, max_bytes=float(cfg.get("expert_cache_max_gb", 4.0)) * 2**30,
-                            batch_size=int(cfg.data.get("eval_batch_size", 64)))
+    experts = ExpertTargets.from_pool(pool, task_vectors, datamodule, device, needs,
+                                      max_bytes=float(cfg.get("expert_cache_max_gb", 4.0)) * 2**30,
+                                      batch_size=int(cfg.data.get("eval_batch_size", 64)))
     start = time.perf_counter()
     experts.prepare(task_vectors.task_names, [EVALUATION, ADAPTATION] if objective.needs else [EVALUATION])
     report = experts.report()

@@ -32,12 +32,15 @@ def test_readme_python_api_learns_exports_and_loads_back(zoo, tmp_path, monkeypa
     assert trainer.global_step == 10 and len(module.history) == 10
     assert any((tmp_path / "logs").rglob("metrics.csv"))  # the user's own logger got the run's metrics
     coefficients = torch.tensor(module.coefficients())
-    assert coefficients.shape == (len(module.merged.names), 4) and not torch.allclose(coefficients, torch.full_like(coefficients, 0.3))
+    # Four tasks' corrections from 0, then Iso-CTS's scale from 1 (the residual form): learning moved them.
+    assert coefficients.shape == (len(module.merged.names), 5) and coefficients[:, :4].abs().max() > 0
+    assert module.merged.task_names[-1] == "base_merge" and not torch.allclose(coefficients[:, 4], torch.ones(len(coefficients)))
 
     config = json.loads((tmp_path / "merged_model" / "merge_config.json").read_text())
-    assert config["method"] == "adamerging_layer_wise" and config["coefficients"] == module.coefficients()
-    assert config["hyperparameters"]["lr"] == 3e-3 and config["hyperparameters"]["init_value"] == 0.3  # the default
-    assert config["objective"]["name"] == "information_maximization"
+    assert config["method"] == "adamerging_layer_wise_on_iso_cts" and config["coefficients"] == module.coefficients()
+    assert config["hyperparameters"]["lr"] == 1e-2 and config["hyperparameters"]["base"] == "iso_cts"  # the default
+    assert config["objective"]["name"] == "expert_kl"
+    assert set(config["expert_agreement"]) == set(model.tasks)  # the experts ran once over the data it was given
     assert config["accuracy"] == module.last_accuracy and set(config["accuracy"]) == set(model.tasks)
     images = torch.randn(3, 3, 32, 32)
     fused = module.merge_and_unload().eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from adamerge.alignment import ALIGNMENT_TASK, AlignmentVector
@@ -132,6 +133,16 @@ for _granularity in ("task_wise", "layer_wise"):
         _adamerging_validator(f"adamerging_{_granularity}_plus_plus"),
     )
 
+# adamerge's recommended learned merge (bench/learned_study.py): layer-wise AdaMerging on top of the data-free Iso-CTS in
+# the residual form -- it starts exactly at Iso-CTS and learns per-layer corrections, so it cannot start below it.
+register_learned(
+    "adamerging_layer_wise_on_iso_cts",
+    _adamerging_builder("layer_wise"),
+    {**ADAMERGING_DEFAULTS, "base": "iso_cts", "base_form": "residual"},
+    "Layer-wise AdaMerging on top of Iso-CTS: θ0 + a_l·(Iso-CTS − θ0)_l + Σ_k c_{k,l} τ_{k,l}, from a = 1, c = 0",
+    _adamerging_validator("adamerging_layer_wise_on_iso_cts"),
+)
+
 
 def build_learned(
     name: str,
@@ -180,18 +191,21 @@ def build_learned(
 def build_learned_module(
     pool: ModelPool,
     method: str,
-    objective: str | Mapping[str, Any] | Objective = "information_maximization",
+    objective: str | Mapping[str, Any] | Objective = "expert_kl",
     *,
+    datamodule: Any = None,
     task_vectors: TaskVectors | None = None,
     alignment: AlignmentVector | None = None,
     **hyperparameters: Any,
 ) -> AdaMergingModule:
     """The LightningModule that learns ``method`` on ``pool``, for a Lightning ``Trainer`` of the caller's own.
 
-    ``objective``: a registered name (the command's default, ``information_maximization``), ``{"name": ...,
-    **settings}`` or an :class:`~adamerge.objectives.Objective`. ``hyperparameters`` override the method's
-    documented defaults (``conf/method/<method>.yaml``). ``task_vectors``: the pool's, when already loaded (the
-    command loads them once for every method it runs); else all of the pool's tasks are loaded here. Fit it with
+    ``objective``: a registered name (the command's default, ``expert_kl``), ``{"name": ..., **settings}`` or an
+    :class:`~adamerge.objectives.Objective`. ``hyperparameters`` override the method's documented defaults
+    (``conf/method/<method>.yaml``). ``datamodule``: the data it will be fitted on; given, each task's expert runs once
+    over its rows here (adamerge.expert_targets), for an expert-matching objective and the agreement signal -- an
+    objective that compares with the experts needs it. ``task_vectors``: the pool's, when already loaded (the command
+    loads them once for every method it runs); else all of the pool's tasks are loaded here. Fit it with
     ``trainer.fit(module, datamodule=...)``, then export it with :func:`adamerge.export_learned`.
     """
     if isinstance(objective, str):
@@ -199,8 +213,18 @@ def build_learned_module(
     elif isinstance(objective, Mapping):
         objective = build_objective(**objective)
     vectors = task_vectors if task_vectors is not None else pool.task_vectors()
-    return build_learned(method, pool.fresh_backbone(), vectors, pool.heads, objective=objective, alignment=alignment,
-                         **hyperparameters)
+    module = build_learned(method, pool.fresh_backbone(), vectors, pool.heads, objective=objective, alignment=alignment,
+                           **hyperparameters)
+    if datamodule is not None:
+        from adamerge.data import ADAPTATION, EVALUATION
+        from adamerge.expert_targets import ExpertTargets
+
+        datamodule.setup("fit")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        experts = ExpertTargets.from_pool(pool, vectors, datamodule, device, {"logits", *objective.needs})
+        experts.prepare(vectors.task_names, [EVALUATION, ADAPTATION] if objective.needs else [EVALUATION])
+        module.use_experts(experts)
+    return module
 
 
 def learned_outcome(module: AdaMergingModule) -> dict[str, Any]:
