@@ -52,7 +52,9 @@ def test_comparison_run_learns_writes_schema_and_exports(zoo, tmp_path):
     assert summary["tasks"] == tasks
     assert [r["method"] for r in summary["rows"]] == ["pretrained", "individual", "task_arithmetic", "ties", "adamerging_layer_wise"]
     for row in summary["rows"]:
-        assert set(row) == {"method", "accuracy", "average_accuracy"} and set(row["accuracy"]) == set(tasks)
+        # Agreement with each task's expert is measured for every method, data-free ones included.
+        assert set(row) == {"method", "accuracy", "average_accuracy", "expert_agreement"} and set(row["accuracy"]) == set(tasks)
+        assert set(row["expert_agreement"]) == set(tasks)
         assert abs(row["average_accuracy"] - sum(row["accuracy"].values()) / len(tasks)) < 1e-9
     assert "| adamerging_layer_wise |" in (run_dir / "summary.md").read_text()
 
@@ -166,7 +168,8 @@ def test_default_settings_learned_merging_beats_static(tmp_path):
     assert rows["adamerging_layer_wise"] > max(rows["task_arithmetic"], rows["pretrained"]), rows
 
     result = json.loads((run_dir / "adamerging_layer_wise_on_iso_cts" / "results.json").read_text())
-    assert result["objective"]["name"] == "expert_kl"
+    assert result["objective"]["name"] == "weighted_sum"
+    assert [t["name"] for t in result["objective"]["terms"]] == ["expert_kl", "information_maximization"]
     tasks = result["tasks"]
     assert set(result["label_free"]) == set(tasks)
     for signals in result["label_free"].values():

@@ -39,7 +39,7 @@ def test_readme_python_api_learns_exports_and_loads_back(zoo, tmp_path, monkeypa
     config = json.loads((tmp_path / "merged_model" / "merge_config.json").read_text())
     assert config["method"] == "adamerging_layer_wise_on_iso_cts" and config["coefficients"] == module.coefficients()
     assert config["hyperparameters"]["lr"] == 1e-2 and config["hyperparameters"]["base"] == "iso_cts"  # the default
-    assert config["objective"]["name"] == "expert_kl"
+    assert config["objective"]["name"] == "weighted_sum"
     assert set(config["expert_agreement"]) == set(model.tasks)  # the experts ran once over the data it was given
     assert config["accuracy"] == module.last_accuracy and set(config["accuracy"]) == set(model.tasks)
     images = torch.randn(3, 3, 32, 32)

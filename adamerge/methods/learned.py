@@ -191,7 +191,7 @@ def build_learned(
 def build_learned_module(
     pool: ModelPool,
     method: str,
-    objective: str | Mapping[str, Any] | Objective = "expert_kl",
+    objective: str | Mapping[str, Any] | Objective = "weighted_sum",
     *,
     datamodule: Any = None,
     task_vectors: TaskVectors | None = None,
@@ -200,7 +200,7 @@ def build_learned_module(
 ) -> AdaMergingModule:
     """The LightningModule that learns ``method`` on ``pool``, for a Lightning ``Trainer`` of the caller's own.
 
-    ``objective``: a registered name (the command's default, ``expert_kl``), ``{"name": ..., **settings}`` or an
+    ``objective``: a registered name (the command's default, ``weighted_sum``: expert_kl + 0.5 · information_maximization), ``{"name": ..., **settings}`` or an
     :class:`~adamerge.objectives.Objective`. ``hyperparameters`` override the method's documented defaults
     (``conf/method/<method>.yaml``). ``datamodule``: the data it will be fitted on; given, each task's expert runs once
     over its rows here (adamerge.expert_targets), for an expert-matching objective and the agreement signal -- an
