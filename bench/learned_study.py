@@ -57,16 +57,18 @@ def safe(text: str) -> str:
 
 
 def run_job(zoo: str, seed: int, objective: str | None, base: str | None, methods: list[str], runs: Path,
-            cache: Path) -> Path:
-    """One comparison run (static rows when ``objective`` is None); skipped when its summary already exists."""
-    cell = "static" if objective is None else f"{safe(objective)}/{safe(base)}"
+            cache: Path, settings: list[str]) -> Path:
+    """One comparison run (static rows when ``objective`` is None); skipped when its results already exist.
+    ``settings`` (``key=value``) apply to every learned method of the job and name its cell."""
+    cell = "static" if objective is None else cell_name(objective, base, settings)
     run_dir = runs / zoo / f"seed{seed}" / cell
     names = STATIC if objective is None else methods
     if all((run_dir / name / "results.json").is_file() for name in names):
         return run_dir
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "ADAMERGE_CACHE_DIR": str(cache)}
     extra = [] if objective is None else [*objective_overrides(objective),
-                                           *(o for m in methods for o in base_overrides(m, base))]
+                                           *(o for m in methods for o in base_overrides(m, base)),
+                                           *(f"++method_overrides.{m}.{s}" for m in methods for s in settings)]
     command = [
         sys.executable, "-m", "adamerge.cli", f"experiment={ZOOS[zoo]}", f"seed={seed}", *extra,
         f"method.methods=[{','.join(names)}]", "logger=none", "num_threads=1", "export.enabled=false",
@@ -93,6 +95,10 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
+def cell_name(objective: str, base: str, settings: list[str]) -> str:
+    return f"{safe(objective)}/{safe(base)}" + "".join(f"_{safe(s)}" for s in settings)
+
+
 def collect(args: argparse.Namespace) -> dict:
     """{zoo: {"static": rows of seed 0, "learned": {(method, objective, base): [row per seed]}}}."""
     results: dict = {}
@@ -102,10 +108,11 @@ def collect(args: argparse.Namespace) -> dict:
         for objective in args.objectives:
             for base in args.bases:
                 for seed in args.seeds:
-                    rows = load_rows(args.runs / zoo / f"seed{seed}" / f"{safe(objective)}/{safe(base)}")
+                    rows = load_rows(args.runs / zoo / f"seed{seed}" / cell_name(objective, base, args.set))
+                    label = base + "".join(f" {s}" for s in args.set)
                     for method in args.methods:
                         if method in rows:
-                            learned.setdefault((method, objective, base), []).append(rows[method])
+                            learned.setdefault((method, objective, label), []).append(rows[method])
         results[zoo] = {"static": static, "learned": learned}
     return results
 
@@ -146,6 +153,7 @@ def main() -> None:
     parser.add_argument("--bases", nargs="+", default=BASES)
     parser.add_argument("--methods", nargs="+", default=["adamerging_layer_wise"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", nargs="*", default=[], help="key=value hyperparameters of every learned method, e.g. lr=0.01")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 torch thread each)")
     parser.add_argument("--runs", type=Path, default=ROOT / "bench" / "runs" / "learned_study", help="run dirs (not committed)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("ADAMERGE_CACHE_DIR", ROOT / "bench" / "runs" / "cache")))
@@ -161,7 +169,7 @@ def main() -> None:
     jobs = [(z, args.seeds[0], None, None) for z in args.zoos]
     jobs += [(z, s, o, b) for s in args.seeds for z in args.zoos for o in args.objectives for b in args.bases]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(lambda job: run_job(*job, args.methods, args.runs, args.cache), jobs))
+        list(pool.map(lambda job: run_job(*job, args.methods, args.runs, args.cache, args.set), jobs))
     results = collect(args)
     text = table(results, args.seeds)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

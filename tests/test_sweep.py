@@ -172,6 +172,27 @@ def test_pick_on_edge_cases():
         get_criterion("accuracy")
 
 
+def test_expert_agreement_picks_across_objectives_where_the_objective_may_not():
+    """Agreement with each task's expert is one quantity whatever a job minimised; objective values of different
+    objectives never compare."""
+    from adamerge.sweep import result_row
+
+    def row(method, objective, value, agreement):
+        return result_row({"method": method, "objective": {"name": objective}, "average_accuracy": 0.5,
+                           "accuracy": {"a": 0.5, "b": 0.5},
+                           "unlabeled": {"objective": {"a": value, "b": value}, "entropy": {"a": 0.1, "b": 0.1},
+                                         "expert_agreement": {"a": agreement[0], "b": agreement[1]}}})
+
+    rows = [row("x", "entropy", -5.0, (0.8, 0.9)), row("y", "expert_kl", 0.1, (0.95, 0.97)),
+            row("z", "information_maximization", -2.0, (0.9, 0.9))]
+    assert rows[1]["expert_agreement"] == pytest.approx(0.96)
+    assert pick(rows, get_criterion("expert_agreement")) == (1, None)
+    index, reason = pick(rows, get_criterion("objective"))
+    assert index is None and "different objectives" in reason
+    missing = [dict(rows[0], expert_agreement=None), rows[2]]  # a run that did not measure it is no candidate
+    assert pick(missing, get_criterion("expert_agreement")) == (1, None)
+
+
 def test_rebuilding_a_summary_by_hand_and_bad_directories(sweep, tmp_path, capsys):
     assert sweep_main([str(sweep)]) == 1  # a failed job makes the exit status non-zero
     assert "label-free pick" in capsys.readouterr().out and (sweep / "sweep_summary.md").exists()
