@@ -146,8 +146,15 @@ class _AdaptationStream(IterableDataset):
             idx = {k: [next(s) for _ in range(self.batch_size)] for k, s in streams.items()}
             if step >= self.start_step and step % nw == wid:
                 # Row indices travel with the batch: expert outputs cached per row (expert_targets) are looked up by them.
-                yield {k: {**self.datasets[k][i], "index": torch.as_tensor(i, dtype=torch.long)} for k, i in idx.items()}
+                yield {k: _with_index(self.datasets[k][i], i) for k, i in idx.items()}
             step += 1
+
+
+def _with_index(rows: Any, index: list[int]) -> Any:
+    """A batch (a mapping) with its row indices added; a split that gives no mapping is passed on as it is."""
+    if isinstance(rows, Mapping):
+        return {**rows, "index": torch.as_tensor(index, dtype=torch.long)}
+    return rows
 
 
 class _AdaptationLoader(DataLoader):

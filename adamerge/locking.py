@@ -107,10 +107,17 @@ class FileLock:
 _held_run_locks: dict[Path, tuple[FileLock, int]] = {}
 
 
+def is_helper_rank() -> bool:
+    """Whether this process is a non-zero rank that a distributed launcher (Lightning's DDP, torchrun) started."""
+    return any(os.environ.get(name, "0") not in ("", "0") for name in ("LOCAL_RANK", "RANK", "NODE_RANK"))
+
+
 def acquire_run_lock(run_dir: str | os.PathLike) -> None:
     """Lock ``run_dir`` for this process (re-entrant); refuse with the holder's details if another process
     holds it. A lock left by a process that died is taken over, and said so."""
     key = Path(run_dir).absolute()
+    if is_helper_rank():  # a DDP worker that rank 0's run launched: it works for that run, which holds the lock
+        return
     if key in _held_run_locks:
         lock, count = _held_run_locks[key]
         _held_run_locks[key] = (lock, count + 1)

@@ -363,6 +363,11 @@ def build_progressive_distillation(
     clamp: bool, blocks: str, steps_per_block: int, samples_per_task: int, batch_size: int, seed: int,
     autocast_dtype: str | None, objective: Objective | None = None,
 ) -> ProgressiveDistillationModule:
+    from adamerge.alignment import ALIGNMENT_TASK
+
+    if ALIGNMENT_TASK in task_vectors.task_names:  # its floor is a bound on whole-model coefficients, not a block's
+        raise ConfigError("method 'progressive_distillation' cannot take an alignment vector (protected.alignment); "
+                          "use another learned method")
     k = task_vectors.num_tasks
     initial = [float(v) for v in init_value] if isinstance(init_value, Sequence) else [float(init_value)] * k
     merged = ProgressiveMergedModel(backbone, task_vectors, init_value=initial, granularity=granularity)

@@ -175,11 +175,16 @@ def test_residual_base_starts_from_the_base_and_keeps_it_outside_the_blocks():
         torch.testing.assert_close(weight, vectors.pretrained[name] + expected[name], atol=1e-5, rtol=1e-5)
 
 
-def test_protected_tasks_are_refused_clearly():
+def test_protected_tasks_and_alignment_vectors_are_refused_clearly():
+    from adamerge.alignment import AlignmentVector
+
     backbone, vectors, heads, _ = _pool()
     module = build_learned("progressive_distillation", backbone, vectors, heads)
     with pytest.raises(ConfigError, match="cannot take protected tasks"):
         module.protect([])
+    alignment = AlignmentVector({name: torch.zeros_like(v[0]) for name, v in vectors.vectors.items()}, 0.9, 0.6)
+    with pytest.raises(ConfigError, match="cannot take an alignment vector"):
+        build_learned("progressive_distillation", backbone, vectors, heads, alignment=alignment)
 
 
 @pytest.mark.parametrize(("hparams", "message"), [

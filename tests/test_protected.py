@@ -82,13 +82,18 @@ def test_batch_rows_cover_every_example_once_per_pass_and_depend_only_on_the_ste
 def test_a_penalty_adds_its_gradient_and_never_touches_the_objective(objective):
     """Protected data never enters the objective term: the per-task objectives are the same with and without
     protection, and the gradient is the plain one plus β times the protected loss's own."""
+    from tests.helpers import TensorSplits, expert_targets_for
+
     net, vectors, heads = pool()
     x, y = labelled_set()
-    batch = task_batch(vectors.task_names)
+    splits = TensorSplits({t: b["inputs"] for t, b in task_batch(vectors.task_names).items()})
+    batch = {t: splits.batch(t, list(range(8))) for t in vectors.task_names}  # with row indices: the experts' lookup
+    experts = expert_targets_for(net, vectors, heads, splits)
     settings = {"objective": build_objective(objective, **({"threshold": 1.0} if objective == "confident_entropy" else {}))}
 
     def gradient(weight: float | None):
         module = build_learned("adamerging_layer_wise", TinyConvNet(), vectors, heads, **settings)
+        module.use_experts(experts)
         if weight is not None:
             module.protect([ProtectedTask("task0", x, heads["task0"], labels=y, weight=weight, batch_size=8)])
         objectives = module.accumulate_gradients(batch, module.merged_weights())
@@ -149,7 +154,12 @@ def fit(module, steps: int = 8) -> None:
     trainer.fit(module, torch.utils.data.DataLoader(_Stream(module.task_names, steps), batch_size=None))
 
 
-@pytest.mark.parametrize("method", available_methods("learned"))
+# Progressive distillation matches one block's outputs per step: it refuses protected tasks and alignment vectors
+# (tests/test_progressive.py).
+BLOCKWISE = ("progressive_distillation",)
+
+
+@pytest.mark.parametrize("method", [m for m in available_methods("learned") if m not in BLOCKWISE])
 def test_every_learned_method_learns_to_keep_a_protected_task(method):
     """Each learned method, trained by the same stream, ends with a lower protected loss when the task is protected
     than when it is not (its coefficients, masks or rank masks learn it through the one merge backward)."""
@@ -273,13 +283,18 @@ def alignment_setup(min_coefficient: float = 0.6):
     return model_pool, model_pool.task_vectors(), aligned, alignment
 
 
-@pytest.mark.parametrize("method", available_methods("learned"))
+@pytest.mark.parametrize("method", [m for m in available_methods("learned") if m not in BLOCKWISE])
 def test_alignment_vector_enters_every_learned_merge_with_a_floor(method):
+    from adamerge.methods.registry import get_method
+
     model_pool, vectors, aligned, alignment = alignment_setup()
     settings = METHOD_SETTINGS.get(method, {"lr": 0.05})
     module = build_learned(method, model_pool.fresh_backbone(), vectors, model_pool.heads, alignment=alignment,
                            **settings)
-    assert module.merged.task_names == [*vectors.task_names, "alignment"] and module.task_names == vectors.task_names
+    defaults = get_method(method).defaults
+    residual = ["base_merge"] if defaults["base"] is not None and defaults["base_form"] == "residual" else []
+    assert module.merged.task_names == [*vectors.task_names, *residual, "alignment"]
+    assert module.task_names == vectors.task_names
     # The starting merge: the method's start plus 0.9 · (aligned − θ0), the alignment vector untrimmed by any base.
     name = "fc.weight"
     plain = build_learned(method, model_pool.fresh_backbone(), vectors, model_pool.heads, **settings)
