@@ -50,9 +50,37 @@ def read_merge_config(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise ExportError(f"{path} is not an export: it has no {MERGE_CONFIG}")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ExportError(f"{file} is not valid JSON: {exc}") from exc
+    _check_layout(config, file)
+    return config
+
+
+def _check_layout(config: Any, file: Path) -> None:
+    """Refuse a merge_config.json whose parts the loader reads have the wrong JSON type, naming the part: an export
+    is shared, so its file may be hand-edited or forged, and must fail as a bad export, not as a crash."""
+    if not isinstance(config, dict):
+        raise ExportError(f"{file} is not an export's config: it holds a JSON {type(config).__name__}, not an object")
+    architecture = config.get("architecture")
+    if architecture is not None and not isinstance(architecture, dict):
+        raise ExportError(f"{file}: architecture must be an object, not {architecture!r}")
+    for key in ("_target_", "transformers_class", "class"):
+        if isinstance(architecture, dict) and key in architecture and not isinstance(architecture[key], str):
+            raise ExportError(f"{file}: architecture.{key} must be a string, not {architecture[key]!r}")
+    files = config.get("files")
+    if files is not None and not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+        raise ExportError(f"{file}: files must map file names to sha256 strings, not {files!r}"[:300])
+    heads = config.get("heads")
+    if heads is not None and not (isinstance(heads, dict) and all(isinstance(v, dict) for v in heads.values())):
+        raise ExportError(f"{file}: heads must map task names to head records (objects), not {heads!r}"[:300])
+    for task, record in (heads or {}).items():
+        names = record.get("class_names")
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ExportError(f"{file}: heads.{task}.class_names must be a list of strings or null, not {names!r}"[:300])
+        inputs = record.get("inputs")
+        if inputs is not None and not isinstance(inputs, dict):
+            raise ExportError(f"{file}: heads.{task}.inputs must be an object or null, not {inputs!r}"[:300])
 
 
 def verify_export(path: str | Path, config: Mapping[str, Any] | None = None) -> None:
@@ -216,10 +244,11 @@ def _load_weights(model: nn.Module, path: Path, map_location: str) -> None:
             load_model(model, path / WEIGHTS, strict=True, device=map_location)
         else:
             _load_sharded(model, path, map_location)
-    except (RuntimeError, KeyError) as exc:
-        if isinstance(exc, ExportError):
-            raise
-        raise ExportError(f"the weights in {path} do not fit {type(model).__name__}: {exc}") from exc
+    except ExportError:
+        raise
+    except Exception as exc:  # a foreign or forged file: safetensors, json and torch each raise their own types
+        raise ExportError(f"the weights in {path} cannot be read into {type(model).__name__} (a damaged or forged "
+                          f"safetensors header, or weights that do not fit): {type(exc).__name__}: {exc}") from exc
 
 
 def _load_sharded(model: nn.Module, path: Path, map_location: str) -> None:
