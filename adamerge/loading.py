@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,13 @@ def _check_layout(config: Any, file: Path) -> None:
             raise ExportError(f"{file}: heads.{task}.inputs must be an object or null, not {inputs!r}"[:300])
 
 
+def _check_signature(path: Path, signature: str | os.PathLike | Mapping[str, Any] | None) -> None:
+    if signature is not None:  # first: merge_config.json, which every later check trusts, is one of the signed files
+        from adamerge.signing import verify_signature
+
+        verify_signature(path, signature)
+
+
 def verify_export(path: str | Path, config: Mapping[str, Any] | None = None) -> None:
     """Check every file recorded in ``merge_config.json`` exists with its recorded sha256."""
     path = Path(path).expanduser()
@@ -111,13 +119,17 @@ def load_backbone(
     map_location: str = "cpu",
     verify: bool = True,
     trust: Iterable[str] = (),
+    signature: str | os.PathLike | Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """The merged backbone of an export alone (or ``model`` filled with its weights), in eval mode.
 
     ``verify`` checks every file against its recorded sha256 first. ``trust`` names extra architecture
     targets (``"my_package.MyBackbone"``) you allow this export to build, beyond ``TRUSTED_ARCHITECTURES``.
+    ``signature`` (the signer's public key, see :func:`adamerge.signing.verify_signature`) checks the export's
+    signature before anything of it is read.
     """
     path = Path(path).expanduser()
+    _check_signature(path, signature)
     return _load_backbone(path, read_merge_config(path), model, map_location, verify, frozenset(trust))
 
 
@@ -130,6 +142,7 @@ def load_merged(
     map_location: str = "cpu",
     verify: bool = True,
     trust: Iterable[str] = (),
+    signature: str | os.PathLike | Mapping[str, Any] | None = None,
 ) -> MultiTaskModel | TaskModel:
     """The exported multi-task model (merged backbone + every task's frozen head), in eval mode.
 
@@ -137,6 +150,8 @@ def load_merged(
     (backbone + head, ``forward(inputs) -> logits``) is returned. ``model`` is a backbone module to fill
     instead of rebuilding one; ``heads`` maps tasks to head modules to fill (needed for heads of classes an
     export does not rebuild by itself). ``trust`` allows extra architecture and head classes by name.
+    ``signature`` (the signer's public key PEM, or ``{key: ...}`` / ``{certificate_chain: [...]}``) refuses an
+    export whose files or ``merge_config.json`` changed since it was signed, naming the file.
     Exports written without heads load with :func:`load_backbone`.
     """
     from adamerge.export_heads import read_head
@@ -144,6 +159,7 @@ def load_merged(
     from adamerge.preprocessing import preprocessor_from_record
 
     path = Path(path).expanduser()
+    _check_signature(path, signature)
     config = read_merge_config(path)
     records = config.get("heads")
     if not isinstance(records, Mapping) or not records:
