@@ -262,7 +262,12 @@ def build_from_config(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def method_names(cfg: DictConfig) -> list[str]:
-    return list(cfg.method.methods) if cfg.method.name == "compare" else [cfg.method.name]
+    if cfg.method.name != "compare":
+        return [cfg.method.name]
+    if not cfg.method.get("methods"):  # a comparison of nothing would "succeed" and write an empty summary
+        raise ConfigError(f"method.methods={cfg.method.get('methods')!r} is empty: list the methods to compare, "
+                          "e.g. method.methods=[task_arithmetic,ties]")
+    return list(cfg.method.methods)
 
 
 def check_outputs(cfg: DictConfig, run_dir: Path) -> None:
