@@ -64,12 +64,16 @@ def safetensors_header(path: str | os.PathLike) -> Inventory:
         if len(length_bytes) != 8:
             raise InventoryUnavailable(f"{os.fspath(path)!r} is too short to be a safetensors file")
         (length,) = struct.unpack("<Q", length_bytes)
+        # A foreign file's first 8 bytes can announce more bytes than exist (a text file: a MemoryError on read).
+        if length > os.fstat(handle.fileno()).st_size - 8:
+            raise InventoryUnavailable(f"{os.fspath(path)!r} is not a safetensors file: its header length {length} "
+                                       "exceeds the file")
         try:
             header = json.loads(handle.read(length))
-        except ValueError as error:
+            return {name: TensorSpec(tuple(entry["shape"]), entry["dtype"])
+                    for name, entry in header.items() if name != "__metadata__"}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise InventoryUnavailable(f"{os.fspath(path)!r} has no readable safetensors header: {error}") from error
-    return {name: TensorSpec(tuple(entry["shape"]), entry["dtype"])
-            for name, entry in header.items() if name != "__metadata__"}
 
 
 def _cached_file(repo_id: str, filename: str) -> Path | None:

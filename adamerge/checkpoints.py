@@ -104,10 +104,25 @@ def _check_tensor_mapping(obj: Any, name: str) -> StateDict:
     return out
 
 
+def _first_bytes(path: Path, count: int) -> bytes:
+    with open(path, "rb") as file:
+        return file.read(count)
+
+
 def _load_safetensors(path: Path) -> StateDict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        size, head = path.stat().st_size, _first_bytes(path, 8)
+    except OSError as e:
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {e}") from e
+    # Checked before safetensors reads it: a foreign file's first 8 bytes, read as the header length, can ask for
+    # more memory than exists (a text file gave a bare MemoryError).
+    length = int.from_bytes(head, "little") if len(head) == 8 else None
+    if length is None or length > size - 8:
+        raise CheckpointError(f"{str(path)!r} is not a safetensors file: its first 8 bytes announce a header of "
+                              f"{length} bytes in a file of {size} bytes")
     try:
         return load_file(os.fspath(path), device="cpu")
     except (SafetensorError, OSError) as e:

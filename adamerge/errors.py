@@ -43,3 +43,7 @@ class RunDirectoryError(AdamergeError, RuntimeError):
 
 class ExportError(AdamergeError, RuntimeError):
     """An export could not be written, or a directory is not a loadable export (a file missing, modified or unreadable)."""
+
+
+class SignatureError(ExportError):
+    """A signed export does not match its signature (a file changed, added or missing), or is not signed by that key."""

@@ -146,6 +146,7 @@ def export_merged(
     per_task_hf: bool = False,
     license: str | None = None,
     model_card: bool = True,
+    sign: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (the merged backbone), the task ``heads`` and ``merge_config`` to ``directory`` atomically.
 
@@ -154,7 +155,8 @@ def export_merged(
     per task. ``per_task_hf`` also writes ``tasks/<task>/`` transformers classifiers (sequence-classification
     heads on a transformers body only), each with a copy of the top-level extra files (the tokenizer).
     ``license`` is the model card's license (default: what the sources' own model cards declare).
-    Returns the directory.
+    ``sign`` (``{key: <EC private key PEM>}`` or ``{certificate: ..., key: ..., chain: [...]}``) signs every file,
+    ``merge_config.json`` included, into ``model.sig`` (:mod:`adamerge.signing`). Returns the directory.
     """
     from adamerge.export_heads import HEADS_DIR, head_records, write_head_files
     from adamerge.merged import MergedModel
@@ -175,6 +177,10 @@ def export_merged(
         _check_extra_name(name, reserved)
         if isinstance(source, Path) and not source.exists():
             raise ExportError(f"extra file {name!r}: {source} does not exist")
+    if sign is not None:
+        from adamerge.signing import check_sign_config
+
+        check_sign_config(sign, where="sign")
     records = head_records(heads or {}, class_names, preprocessors)
     if per_task_hf:
         _check_per_task_hf(model, records)
@@ -207,6 +213,10 @@ def export_merged(
             write_model_card(staging, config, name=directory.name, license=license)
         # Written last, over the bytes actually on disk: the loader checks every file against these.
         _write_json(staging / MERGE_CONFIG, {**config, "files": file_hashes(staging, exclude={MERGE_CONFIG})})
+        if sign is not None:  # over the final bytes, before the rename: an export appears signed or not at all
+            from adamerge.signing import sign_export
+
+            sign_export(staging, sign)
         _fsync_tree(staging)
         _swap_into_place(staging, directory)
     except BaseException as error:

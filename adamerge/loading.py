@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,9 +51,44 @@ def read_merge_config(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise ExportError(f"{path} is not an export: it has no {MERGE_CONFIG}")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ExportError(f"{file} is not valid JSON: {exc}") from exc
+    _check_layout(config, file)
+    return config
+
+
+def _check_layout(config: Any, file: Path) -> None:
+    """Refuse a merge_config.json whose parts the loader reads have the wrong JSON type, naming the part: an export
+    is shared, so its file may be hand-edited or forged, and must fail as a bad export, not as a crash."""
+    if not isinstance(config, dict):
+        raise ExportError(f"{file} is not an export's config: it holds a JSON {type(config).__name__}, not an object")
+    architecture = config.get("architecture")
+    if architecture is not None and not isinstance(architecture, dict):
+        raise ExportError(f"{file}: architecture must be an object, not {architecture!r}")
+    for key in ("_target_", "transformers_class", "class"):
+        if isinstance(architecture, dict) and key in architecture and not isinstance(architecture[key], str):
+            raise ExportError(f"{file}: architecture.{key} must be a string, not {architecture[key]!r}")
+    files = config.get("files")
+    if files is not None and not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+        raise ExportError(f"{file}: files must map file names to sha256 strings, not {files!r}"[:300])
+    heads = config.get("heads")
+    if heads is not None and not (isinstance(heads, dict) and all(isinstance(v, dict) for v in heads.values())):
+        raise ExportError(f"{file}: heads must map task names to head records (objects), not {heads!r}"[:300])
+    for task, record in (heads or {}).items():
+        names = record.get("class_names")
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ExportError(f"{file}: heads.{task}.class_names must be a list of strings or null, not {names!r}"[:300])
+        inputs = record.get("inputs")
+        if inputs is not None and not isinstance(inputs, dict):
+            raise ExportError(f"{file}: heads.{task}.inputs must be an object or null, not {inputs!r}"[:300])
+
+
+def _check_signature(path: Path, signature: str | os.PathLike | Mapping[str, Any] | None) -> None:
+    if signature is not None:  # first: merge_config.json, which every later check trusts, is one of the signed files
+        from adamerge.signing import verify_signature
+
+        verify_signature(path, signature)
 
 
 def verify_export(path: str | Path, config: Mapping[str, Any] | None = None) -> None:
@@ -83,13 +119,17 @@ def load_backbone(
     map_location: str = "cpu",
     verify: bool = True,
     trust: Iterable[str] = (),
+    signature: str | os.PathLike | Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """The merged backbone of an export alone (or ``model`` filled with its weights), in eval mode.
 
     ``verify`` checks every file against its recorded sha256 first. ``trust`` names extra architecture
     targets (``"my_package.MyBackbone"``) you allow this export to build, beyond ``TRUSTED_ARCHITECTURES``.
+    ``signature`` (the signer's public key, see :func:`adamerge.signing.verify_signature`) checks the export's
+    signature before anything of it is read.
     """
     path = Path(path).expanduser()
+    _check_signature(path, signature)
     return _load_backbone(path, read_merge_config(path), model, map_location, verify, frozenset(trust))
 
 
@@ -102,6 +142,7 @@ def load_merged(
     map_location: str = "cpu",
     verify: bool = True,
     trust: Iterable[str] = (),
+    signature: str | os.PathLike | Mapping[str, Any] | None = None,
 ) -> MultiTaskModel | TaskModel:
     """The exported multi-task model (merged backbone + every task's frozen head), in eval mode.
 
@@ -109,6 +150,8 @@ def load_merged(
     (backbone + head, ``forward(inputs) -> logits``) is returned. ``model`` is a backbone module to fill
     instead of rebuilding one; ``heads`` maps tasks to head modules to fill (needed for heads of classes an
     export does not rebuild by itself). ``trust`` allows extra architecture and head classes by name.
+    ``signature`` (the signer's public key PEM, or ``{key: ...}`` / ``{certificate_chain: [...]}``) refuses an
+    export whose files or ``merge_config.json`` changed since it was signed, naming the file.
     Exports written without heads load with :func:`load_backbone`.
     """
     from adamerge.export_heads import read_head
@@ -116,6 +159,7 @@ def load_merged(
     from adamerge.preprocessing import preprocessor_from_record
 
     path = Path(path).expanduser()
+    _check_signature(path, signature)
     config = read_merge_config(path)
     records = config.get("heads")
     if not isinstance(records, Mapping) or not records:
@@ -216,10 +260,11 @@ def _load_weights(model: nn.Module, path: Path, map_location: str) -> None:
             load_model(model, path / WEIGHTS, strict=True, device=map_location)
         else:
             _load_sharded(model, path, map_location)
-    except (RuntimeError, KeyError) as exc:
-        if isinstance(exc, ExportError):
-            raise
-        raise ExportError(f"the weights in {path} do not fit {type(model).__name__}: {exc}") from exc
+    except ExportError:
+        raise
+    except Exception as exc:  # a foreign or forged file: safetensors, json and torch each raise their own types
+        raise ExportError(f"the weights in {path} cannot be read into {type(model).__name__} (a damaged or forged "
+                          f"safetensors header, or weights that do not fit): {type(exc).__name__}: {exc}") from exc
 
 
 def _load_sharded(model: nn.Module, path: Path, map_location: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from adamerge import task_batching
 from adamerge.checkpoints import CheckpointError, check_finite, describe_source, looks_like_path
@@ -121,6 +121,11 @@ def check_export_options(cfg: DictConfig, names: Sequence[str]) -> None:
     license_id = export.get("license")
     if license_id is not None and (not isinstance(license_id, str) or not license_id.strip()):
         raise ConfigError(f"export.license={license_id!r} is invalid: give a license id (e.g. apache-2.0) or null")
+    sign = export.get("sign")
+    if sign is not None and exported_methods(cfg, names):
+        from adamerge.signing import check_sign_config
+
+        check_sign_config(OmegaConf.to_container(sign, resolve=True) if isinstance(sign, DictConfig) else sign)
     if exported_methods(cfg, names):
         try:
             check_task_names((cfg.get("modelpool") or {}).get("finetuned") or {}, where="modelpool.finetuned task")

@@ -28,7 +28,7 @@ MERGED_ADAPTER = "adapter"
 
 def export_learned(module: AdaMergingModule, directory: str | Path, pool: ModelPool, datamodule: Any = None, *,
                    overwrite: bool = False, per_task_hf: bool = False, license: str | None = None,
-                   task_vectors: TaskVectors | None = None) -> Path:
+                   task_vectors: TaskVectors | None = None, sign: Mapping[str, Any] | None = None) -> Path:
     """Export a fitted learned ``module`` (built by :func:`adamerge.build_learned_module`) to ``directory``: the
     fused backbone with ``pool``'s heads, the method, its hyperparameters and learned coefficients, and, from
     ``datamodule``, each task's class names, input preprocessing and the accuracy of the last validation. Load it
@@ -39,7 +39,7 @@ def export_learned(module: AdaMergingModule, directory: str | Path, pool: ModelP
         directory, module.method_name, module.merge_and_unload(), pool, datamodule, tasks=module.task_names,
         merged_tensors=module.merged.names, hyperparameters=module.method_hyperparameters,
         outcome=learned_outcome(module), module=module, alignment=module.alignment, overwrite=overwrite,
-        per_task_hf=per_task_hf, license=license, task_vectors=task_vectors,
+        per_task_hf=per_task_hf, license=license, task_vectors=task_vectors, sign=sign,
     )
 
 
@@ -47,7 +47,7 @@ def export_merge(directory: str | Path, method: str, model: nn.Module, pool: Mod
                  tasks: Sequence[str], merged_tensors: Sequence[str], hyperparameters: Mapping[str, Any],
                  outcome: Mapping[str, Any], module: Any = None, alignment: AlignmentVector | None = None,
                  overwrite: bool = False, per_task_hf: bool = False, license: str | None = None,
-                 task_vectors: TaskVectors | None = None) -> Path:
+                 task_vectors: TaskVectors | None = None, sign: Mapping[str, Any] | None = None) -> Path:
     """Export ``method``'s fused ``model`` to ``directory`` with the pool's heads, the data's class names and
     preprocessing, and what was measured (``outcome``: accuracy, coefficients, objective, protected scores) for
     merge_config.json and the model card."""
@@ -101,6 +101,7 @@ def export_merge(directory: str | Path, method: str, model: nn.Module, pool: Mod
                        if hasattr(datamodule, "task_preprocessor") else None),
         per_task_hf=per_task_hf,
         license=license,
+        sign=sign,
     )
 
 

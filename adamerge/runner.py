@@ -196,7 +196,8 @@ def export_model(ctx: RunContext, name: str, model: nn.Module | None, hparams: M
     directory = method_dir(ctx, name) / "merged_model"
     # A resumed run may replace the export its interrupted self wrote before it could record results.json.
     settings = {"overwrite": bool(ctx.cfg.export.overwrite) or bool(ctx.cfg.get("resume", False)),
-                "per_task_hf": bool(ctx.cfg.export.get("per_task_hf", False)), "license": ctx.cfg.export.get("license")}
+                "per_task_hf": bool(ctx.cfg.export.get("per_task_hf", False)), "license": ctx.cfg.export.get("license"),
+                "sign": OmegaConf.to_container(ctx.cfg.export.sign, resolve=True) if ctx.cfg.export.get("sign") else None}
     if module is not None:
         return export_learned(module, directory, ctx.pool, ctx.datamodule, task_vectors=ctx.task_vectors, **settings)
     return export_merge(directory, name, model, ctx.pool, ctx.datamodule, tasks=ctx.task_vectors.task_names,
@@ -261,7 +262,12 @@ def build_from_config(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def method_names(cfg: DictConfig) -> list[str]:
-    return list(cfg.method.methods) if cfg.method.name == "compare" else [cfg.method.name]
+    if cfg.method.name != "compare":
+        return [cfg.method.name]
+    if not cfg.method.get("methods"):  # a comparison of nothing would "succeed" and write an empty summary
+        raise ConfigError(f"method.methods={cfg.method.get('methods')!r} is empty: list the methods to compare, "
+                          "e.g. method.methods=[task_arithmetic,ties]")
+    return list(cfg.method.methods)
 
 
 def check_outputs(cfg: DictConfig, run_dir: Path) -> None:

@@ -192,6 +192,20 @@ def file_as_parent(run_dir: Path) -> None:
     run_dir.parent.write_text("a regular file where the run directory's parent should be\n")
 
 
+def unreadable_run_record(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "run_config.json").write_text("{half a record")
+
+
+def foreign_run_record(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "run_config.json").write_text('{"seed": 12345}\n')
+
+
+def not_a_checkpoint(zoo: Path, inputs: Path) -> None:
+    (inputs / "notes.safetensors").write_text("these are notes, not tensors\n")
+
+
 # --- the cases -------------------------------------------------------------------------------------------------------
 @dataclass
 class Case:
@@ -240,6 +254,51 @@ CASES: dict[str, Case] = {
     "x1-seed-not-a-number": Case((STATIC, "seed=abc"), ("seed", "abc"), **CONFIG),
     "x1-unknown-selection-criterion": Case((STATIC, "selection.name=accuracy"), ("selection.name='accuracy'",
                                                                                   "entropy", "objective"), **CONFIG),
+    "y01-ties-scope-unknown": Case(("method=ties", "method.scope=layer"), ("scope", "layer"), **CONFIG),
+    "y02-ties-scaling-not-a-number": Case(("method=ties", "method.scaling_coefficient=abc"),
+                                          ("scaling_coefficient", "abc"), **CONFIG),
+    "y03-dare-combine-unknown": Case(("method=dare", "method.combine=sum"), ("combine", "sum"), **CONFIG),
+    "y04-breadcrumbs-band-empty": Case(("method=breadcrumbs", "method.top_beta=0.6", "method.bottom_gamma=0.6"),
+                                       ("top_beta", "bottom_gamma"), **CONFIG),
+    "y05-pcb-clamp-ratio-half": Case(("method=pcb", "method.clamp_ratio=0.5"), ("clamp_ratio", "0.5"), **CONFIG),
+    "y06-pcb-inter-balancing-unknown": Case(("method=pcb", "method.inter_balancing=softmax"),
+                                            ("inter_balancing", "softmax"), **CONFIG),
+    "y07-tsv-rank-fraction-0": Case(("method=tsv_merge", "method.rank_fraction=0"), ("rank_fraction",), **CONFIG),
+    "y08-iso-cts-common-fraction-above-1": Case(("method=iso_cts", "method.common_space_fraction=1.5"),
+                                                ("common_space_fraction", "1.5"), **CONFIG),
+    "y09-iso-c-pointwise-not-a-bool": Case(("method=iso_c", "method.pointwise_convs=maybe"), ("pointwise_convs",),
+                                           **CONFIG),
+    "y10-wudi-negative-steps": Case(("method=wudi", "method.steps=-1"), ("steps", "-1"), **CONFIG),
+    "y11-wudi-lr-0": Case(("method=wudi", "method.lr=0"), ("lr",), **CONFIG),
+    "y12-wudi-non-matrix-unknown": Case(("method=wudi", "method.non_matrix=average"), ("non_matrix", "average"),
+                                        **CONFIG),
+    "y13-task-arithmetic-one-lambda-too-few": Case((STATIC, "method.scaling_coefficient=[0.3]"),
+                                                   ("scaling_coefficient",), **CONFIG),
+    "y14-unknown-hyperparameter": Case((STATIC, "+method.scaling=0.3"), ("scaling",), **CONFIG),
+    "y15-learned-lr-negative": Case((LEARNED, "method.lr=-1"), ("lr",), **CONFIG),
+    "y16-max-steps-negative": Case((LEARNED, "trainer.max_steps=-5"), ("trainer.max_steps=-5",), **CONFIG),
+    "y17-batch-size-not-a-number": Case((LEARNED, "data.batch_size=abc"), ("data.batch_size", "abc"), **CONFIG),
+    "y18-export-overwrite-not-a-bool": Case((LEARNED, "export.overwrite=maybe"), ("export.overwrite", "maybe"),
+                                            **CONFIG),
+    "y19-export-static-not-a-bool": Case((STATIC, "export.static=sometimes"), ("export.static", "sometimes"),
+                                         **CONFIG),
+    "y20-sign-key-missing": Case((LEARNED, "export.sign={key:{inputs}/absent.pem}"), ("export.sign.key",
+                                                                                     "absent.pem"), **CONFIG),
+    "y21-sign-unknown-setting": Case((LEARNED, "export.sign={private_key:{inputs}/absent.pem}"),
+                                     ("export.sign", "private_key"), **CONFIG),
+    "y22-sign-not-a-mapping": Case((LEARNED, "export.sign=mykey.pem"), ("export.sign", "mykey.pem"), **CONFIG),
+    "y23-comparison-with-no-methods": Case(("method=compare", "method.methods=[]"), ("method.methods",), **CONFIG),
+    "y24-finetuned-not-a-checkpoint": Case((STATIC, "modelpool.finetuned.digits={inputs}/notes.safetensors"),
+                                           ("notes.safetensors",), make_input=not_a_checkpoint),
+    "y25-pretrained-not-a-checkpoint": Case((STATIC, "modelpool.pretrained={inputs}/notes.safetensors"),
+                                            ("notes.safetensors",), make_input=not_a_checkpoint,
+                                            fails_before_loading=True),
+    "y26-resume-record-unreadable": Case((LEARNED, "resume=true"), ("run_config.json", "unreadable"),
+                                         prepare=unreadable_run_record, fails_before_loading=True,
+                                         error_class="RunDirectoryError"),
+    "y27-resume-with-other-settings": Case((LEARNED, "resume=true"), ("other settings", "data.batch_size"),
+                                           prepare=foreign_run_record, fails_before_loading=True,
+                                           error_class="RunDirectoryError"),
     # --- pool and data disagree ---
     "15-data-lacks-a-pool-task": Case((STATIC, "~data.tasks.science"), ("science",), fails_before_loading=True),
     "x2-head-key-misspelled": Case(
@@ -470,6 +529,6 @@ def test_bad_input_fails_with_one_specific_message(case_id, zoo, tmp_path, capsy
 
 
 def test_every_case_has_its_own_id_and_the_battery_is_complete():
-    assert len(CASES) >= 32
+    assert len(CASES) >= 74  # 47 before issue 25b; the battery only grows
     numbered = {k.split("-", 1)[0].rstrip("b") for k in CASES if k[0].isdigit()}
     assert numbered == {f"{i:02d}" for i in range(1, 35)}
