@@ -128,6 +128,27 @@ def test_zero_shot_head_averages_templates_and_is_cached(clip_zoo, monkeypatch):
         zero_shot_head(clip_zoo["pretrained"], classnames=["x", "y"], templates=["{}"])
 
 
+def test_a_damaged_cached_head_is_recomputed_never_used(clip_zoo, monkeypatch):
+    """Bytes changed inside a cached head (its safetensors header intact), or its recorded hash gone: recomputed."""
+    head = zero_shot_head(clip_zoo["pretrained"], "mnist")
+    names, templates = clip_module.clip_task("mnist")
+    key = clip_module.head_cache_key(clip_zoo["pretrained"], names, templates, None)
+    entry = Path(os.environ["ADAMERGE_CACHE_DIR"]) / "zero_shot_heads" / f"{key}.safetensors"
+    assert entry.is_file() and entry.with_name(entry.name + ".sha256").is_file()
+    calls = []
+    real = clip_module.zero_shot_weights
+    monkeypatch.setattr(clip_module, "zero_shot_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = bytearray(entry.read_bytes())
+    data[-64:] = bytes(64)  # the tensors' last bytes, header untouched: safetensors would load it
+    entry.write_bytes(bytes(data))
+    again = zero_shot_head(clip_zoo["pretrained"], "mnist")
+    assert calls == [1]
+    torch.testing.assert_close(again.text_embeddings, head.text_embeddings)
+    entry.with_name(entry.name + ".sha256").unlink()
+    zero_shot_head(clip_zoo["pretrained"], "mnist")
+    assert calls == [1, 1]
+
+
 def test_checkpoint_keys_of_all_clip_layouts_line_up(clip_zoo, tmp_path):
     """5.x CLIPVisionModel files, 4.x 'vision_model.'-prefixed files and full CLIPModel files all align."""
     from safetensors.torch import load_file, save_file

@@ -16,6 +16,7 @@ from adamerge.module import AdaMergingModule
 from adamerge.objectives import ExpertOutputs, ObjectiveError, build_objective
 from adamerge.task_vectors import TaskVectors
 from tests.helpers import TensorSplits, TinyConvNet, expert_targets_for, finetuned_states, make_heads
+from tests.test_objectives import _Identity, _Repeat
 
 
 def softmax(row: list[float], t: float = 1.0) -> list[float]:
@@ -195,27 +196,6 @@ def test_per_token_outputs_are_found_again_under_other_padding():
 
 
 # --- learning: matching the experts recovers them where entropy collapses ------------------------------------------
-
-class _Identity(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, dim)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.eye(dim))
-            self.linear.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
-
-
-class _Repeat(torch.utils.data.IterableDataset):
-    def __init__(self, batch, steps):
-        self.batch, self.steps = batch, steps
-
-    def __iter__(self):
-        for _ in range(self.steps):
-            yield self.batch
-
 
 def _learn(objective: str, classes: int = 4, steps: int = 80):
     """One task whose expert sharpens the features (confident and right), and one more vector in the merge without a

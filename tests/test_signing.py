@@ -157,3 +157,19 @@ def test_certificate_signed_export_verifies_against_its_chain(tmp_path):
     _change_config(out)
     with pytest.raises(SignatureError, match=f"{MERGE_CONFIG} was changed"):
         load_backbone(out, trust=TRUST, signature={"certificate_chain": [tmp_path / "ca.pem"]})
+
+
+def test_a_run_signs_its_export_and_the_verify_command_checks_it(zoo, tmp_path, keys, capsys):
+    """End to end: `adamerge ... export.sign.key=<pem>` writes a signed export that adamerge-verify accepts with the
+    signer's public key and refuses with another's, naming what failed."""
+    from tests.test_cli import adamerge
+
+    run_dir = tmp_path / "run"
+    adamerge(run_dir, zoo, "method=ties", "export.static=true", "logger=none", f"+export.sign.key={keys['private']}")
+    export = run_dir / "merged_model"
+    assert (export / SIGNATURE).is_file() and (export / MERGE_CONFIG).is_file()
+    assert verify_main([str(export), "--key", str(keys["public"])]) == 0
+    assert verify_main([str(export), "--key", str(keys["other_public"])]) != 0
+    load_merged(export, signature=str(keys["public"]))
+    with pytest.raises(SignatureError):
+        load_merged(export, signature=str(keys["other_public"]))

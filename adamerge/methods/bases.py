@@ -34,7 +34,7 @@ the corrections stay in [−1, 1] and the base's scale in [0, 2].
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,18 +120,27 @@ def resolve_base(method: str, base: str | None, hparams: Mapping[str, Any] | Non
     if hparams is not None and not isinstance(hparams, Mapping):
         raise ConfigError(f"method {method!r}: base_hparams={hparams!r} is invalid: it must be a mapping of "
                           f"{base}'s hyperparameters ({', '.join(BASES[base].hparams)})")
-    spec, allowed = get_method(base), BASES[base].hparams
+    allowed = BASES[base].hparams
+    full = _checked_hparams(method, base, hparams, allowed, num_tasks)
+    return {name: full[name] for name in allowed}
+
+
+def _checked_hparams(method: str, base: str, hparams: Mapping[str, Any] | None, allowed: Sequence[str],
+                     num_tasks: int) -> dict[str, Any]:
+    """``base``'s full hyperparameters (its defaults ← ``hparams``, which may only name ``allowed``), checked by the
+    data-free method's own validator; a ConfigError naming ``method``, the parameter and the value otherwise."""
+    spec = get_method(base)
     unknown = sorted(set(hparams or {}) - set(allowed))
     if unknown:
         raise ConfigError(f"method {method!r}: base_hparams {', '.join(unknown)} not used by base {base!r}; "
-                          f"allowed: {', '.join(allowed)}")
+                          f"allowed: {', '.join(allowed) or 'none'}")
     full = spec.resolve_hparams(dict(hparams or {}))
     if spec.validate is not None:
         try:
             spec.validate(num_tasks, full)
         except ValueError as error:
             raise ConfigError(f"method {method!r}: base {base!r}: {error}") from error
-    return {name: full[name] for name in allowed}
+    return full
 
 
 BASE_FORMS = ("split", "residual")
@@ -151,17 +160,7 @@ def resolve_residual_base(method: str, base: str, hparams: Mapping[str, Any] | N
     if hparams is not None and not isinstance(hparams, Mapping):
         raise ConfigError(f"method {method!r}: base_hparams={hparams!r} is invalid: it must be a mapping of {base}'s "
                           "hyperparameters")
-    unknown = sorted(set(hparams or {}) - set(spec.defaults))
-    if unknown:
-        raise ConfigError(f"method {method!r}: base_hparams {', '.join(unknown)} not used by base {base!r}; "
-                          f"allowed: {', '.join(spec.defaults) or 'none'}")
-    full = spec.resolve_hparams(dict(hparams or {}))
-    if spec.validate is not None:
-        try:
-            spec.validate(num_tasks, full)
-        except ValueError as error:
-            raise ConfigError(f"method {method!r}: base {base!r}: {error}") from error
-    return full
+    return _checked_hparams(method, base, hparams, list(spec.defaults), num_tasks)
 
 
 def with_residual_base(task_vectors: TaskVectors, base: str, hparams: Mapping[str, Any]) -> TaskVectors:

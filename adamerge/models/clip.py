@@ -35,7 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from adamerge.checkpoints import CheckpointError, describe_source
+from adamerge.atomic import write_atomic
+from adamerge.checkpoints import CheckpointError, describe_source, sha256_of
 from adamerge.models.hf import cache_dir, load_pretrained_model, load_tokenizer
 
 __all__ = [
@@ -215,6 +216,17 @@ def zero_shot_weights(model: str | os.PathLike, classnames: Sequence[str], templ
     return result
 
 
+def _hash_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _cached_head_intact(path: Path) -> bool:
+    """A cached head is used only when its recorded sha256 matches: a changed, truncated or half-written entry (or
+    one without its hash) is recomputed, never trusted."""
+    recorded = _hash_file(path)
+    return recorded.is_file() and recorded.read_text().strip() == sha256_of(path)
+
+
 def zero_shot_head(
     model: str | os.PathLike,
     task: str | None = None,
@@ -250,7 +262,7 @@ def zero_shot_head(
     if cache:
         root = Path(cache_directory).expanduser() if cache_directory is not None else cache_dir()
         path = root / "zero_shot_heads" / f"{head_cache_key(model, classnames, templates, revision)}.safetensors"
-        if path.is_file():
+        if path.is_file() and _cached_head_intact(path):
             try:
                 weights = load_file(str(path))
             except Exception:  # a corrupt cache entry is recomputed, never trusted
@@ -265,6 +277,7 @@ def zero_shot_head(
             save_file(weights, str(tmp), metadata={"model": os.fspath(model), "task": task or "",
                                                    "classes": str(len(classnames))})
             os.replace(tmp, path)
+            write_atomic(_hash_file(path), sha256_of(path))  # written last: a head without it is never used
     head = ZeroShotHead(weights["text_embeddings"], weights["logit_scale"],
                         weights["visual_projection"] if project else None, class_names=classnames, templates=templates)
     return head.eval()
