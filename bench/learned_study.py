@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.objectives import ZOOS, objective_overrides  # noqa: E402
+from bench.objectives import ZOOS, build_zoos, objective_overrides  # noqa: E402
 
 DATA_FREE = ["weight_average", "task_arithmetic", "ties", "tsv_merge", "iso_c", "iso_cts", "wudi"]
 STATIC = ["pretrained", "individual", *DATA_FREE]
@@ -183,10 +183,7 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    from adamerge.demo import SECOND_ZOO_TASKS, build_demo_zoo
-
-    for zoo in args.zoos:  # build each zoo once, before the jobs that share it start
-        build_demo_zoo(args.cache, recipe={"tasks": list(SECOND_ZOO_TASKS)} if zoo == "second" else None)
+    build_zoos(args.zoos, args.cache)
     jobs = [(z, args.seeds[0], None, None) for z in args.zoos]
     jobs += [(z, s, o, b) for s in args.seeds for z in args.zoos for o in args.objectives for b in args.bases]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -41,6 +41,14 @@ LEARNED = [
 ZOOS = {"default": "demo", "second": "demo_second"}  # zoo -> experiment config
 
 
+def build_zoos(zoos: list[str], cache: Path) -> None:
+    """Build each study zoo once, before the jobs that share it start."""
+    from adamerge.demo import SECOND_ZOO_TASKS, build_demo_zoo
+
+    for zoo in zoos:
+        build_demo_zoo(cache, recipe={"tasks": list(SECOND_ZOO_TASKS)} if zoo == "second" else None)
+
+
 def objective_overrides(spec: str) -> list[str]:
     """``name`` or ``name:key=value,key=value`` as Hydra overrides."""
     name, _, settings = spec.partition(":")
@@ -145,10 +153,7 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    from adamerge.demo import SECOND_ZOO_TASKS, build_demo_zoo
-
-    for zoo in args.zoos:  # build each zoo once, before the jobs that share it start
-        build_demo_zoo(args.cache, recipe={"tasks": list(SECOND_ZOO_TASKS)} if zoo == "second" else None)
+    build_zoos(args.zoos, args.cache)
     jobs = [(z, o, s) for z in args.zoos for o in args.objectives for s in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         dirs = list(pool.map(lambda job: run_job(*job, args.methods, args.runs, args.cache), jobs))
