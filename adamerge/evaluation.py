@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from adamerge.data import EVALUATION
 from adamerge.module import SCORE_COUNTS, batch_scores, run_backbone, to_device
 from adamerge.objectives import Objective
 
@@ -24,8 +25,6 @@ def evaluate(
     """``backbone`` + each task's head on that task's evaluation split: accuracy (labels) and the label-free
     scores a sweep selects by (``unlabeled``: the objective, the prediction entropy and, given the experts' outputs,
     the share of predictions that agree with each task's expert; inputs only)."""
-    from adamerge.data import EVALUATION
-
     backbone = backbone.to(device).eval()
     scores: dict[str, dict[str, float]] = {"accuracy": {}, "objective": {}, "entropy": {}, "expert_agreement": {}}
     for task in tasks:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adamerge.objectives import ExpertOutputs
+from adamerge.data import ADAPTATION, EVALUATION
+from adamerge.objectives import ExpertOutputs, Objective
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,16 @@ class ExpertTargets:
         """The experts of a :class:`~adamerge.modelpool.ModelPool`: task k's backbone at θ0 + τ_k with its head."""
         return cls(lambda task: (pool.backbone_with(task_vectors, task), pool.heads[task]), datamodule, device, needs,
                    max_bytes=max_bytes, batch_size=batch_size)
+
+    @classmethod
+    def for_objective(cls, pool: Any, task_vectors: Any, datamodule: Any, device: torch.device, objective: Objective,
+                      max_bytes: float = 4 * 2**30, batch_size: int | None = None) -> ExpertTargets:
+        """The pool's experts run once over what a run needs: every task's evaluation rows (the agreement signal) and,
+        for an objective that compares with the experts, its adaptation rows with the outputs that objective reads."""
+        experts = cls.from_pool(pool, task_vectors, datamodule, device, {"logits", *objective.needs},
+                                max_bytes=max_bytes, batch_size=batch_size)
+        experts.prepare(task_vectors.task_names, [EVALUATION, ADAPTATION] if objective.needs else [EVALUATION])
+        return experts
 
     # -- the experts' forward ---------------------------------------------------------------------------------
     def _expert(self, task: str) -> tuple[nn.Module, nn.Module]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from adamerge import task_batching
+from adamerge.data import ADAPTATION, EVALUATION
 from adamerge.errors import AdamergeError
 from adamerge.expert_targets import feature_tensor
 from adamerge.merged import MergedModel
@@ -283,8 +284,6 @@ class AdaMergingModule(L.LightningModule):
 
     def _task_loss(self, task: str, batch: Batch, output: Any, logits: Tensor) -> tuple[Tensor, float]:
         """The task's objective (checked finite before any backward) and its prediction entropy, logged."""
-        from adamerge.data import ADAPTATION
-
         inputs = batch["inputs"]
         mask = entropy_mask(inputs, logits)
         needs = self.objective.needs
@@ -458,8 +457,6 @@ class AdaMergingModule(L.LightningModule):
         self._predictions = {}
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        from adamerge.data import EVALUATION
-
         task = self.task_names[dataloader_idx]
         with torch.no_grad(), self._autocast():
             output, logits = self.task_outputs(task, batch["inputs"], self._eval_weights)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from adamerge.data import ADAPTATION
 from adamerge.errors import ConfigError
 from adamerge.expert_targets import feature_tensor
 from adamerge.merged import MergedModel
@@ -179,15 +180,15 @@ class ProgressiveDistillationModule(AdaMergingModule):
         local = {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
         return functional_call(self._block(block), local, args, kwargs)
 
-    def expert_weights(self, task: int) -> dict[str, Tensor]:
+    def expert_weights(self, task: int, block: int | None = None) -> dict[str, Tensor]:
+        """θ0 + τ_task: of one block's tensors (all it takes to run that block), or of every tensor (a capture)."""
         pretrained = self.merged.pretrained_tensors()
-        return {name: (base.float() + self.merged.task_vector(i)[task].float()).to(base.dtype)
-                for i, (name, base) in enumerate(pretrained.items())}
+        indices = self.block_tensors(block) if block is not None else range(len(self.merged.names))
+        return {self.merged.names[i]: (pretrained[self.merged.names[i]].float() + self.merged.task_vector(i)[task].float())
+                .to(pretrained[self.merged.names[i]].dtype) for i in indices}
 
     def _rows(self) -> dict[str, Any]:
         """Each task's distillation inputs: ``samples_per_task`` rows of its unlabeled split, drawn by the seed."""
-        from adamerge.data import ADAPTATION
-
         datamodule = self.distillation_source if self.distillation_source is not None else self.trainer.datamodule
         rows = {}
         for t, task in enumerate(self.task_names):
@@ -228,7 +229,7 @@ class ProgressiveDistillationModule(AdaMergingModule):
         else:
             rows = previous.get("rows")
         for t, task in enumerate(self.task_names):
-            fresh[task]["target"] = self._run_block(block, self.expert_weights(t), *fresh[task]["expert"])
+            fresh[task]["target"] = self._run_block(block, self.expert_weights(t, block), *fresh[task]["expert"])
         self._cache = {"block": block, "tasks": fresh, "rows": rows if rows is not None else self._rows()}
 
     def _check_propagation(self, block: int, propagated: Mapping[str, Any], weights: Mapping[str, Tensor]) -> bool:

@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adamerge.alignment import AlignmentVector, alignment_from_config
-from adamerge.data import ADAPTATION, EVALUATION
 from adamerge.errors import ConfigError, adamerge_cause
 from adamerge.evaluation import evaluate, finite_scores
 from adamerge.expert_targets import ExpertTargets
@@ -279,12 +278,10 @@ def build_expert_targets(cfg: DictConfig, pool: ModelPool, task_vectors: TaskVec
                          device: torch.device, objective: Objective) -> ExpertTargets:
     """Each task's expert (θ0 + τ_k with its head) run once over its evaluation rows (the agreement signal) and, for an
     objective that compares with the experts, its adaptation rows: never once per step (adamerge.expert_targets)."""
-    needs = {"logits", *objective.needs}
-    experts = ExpertTargets.from_pool(pool, task_vectors, datamodule, device, needs,
-                                      max_bytes=float(cfg.get("expert_cache_max_gb", 4.0)) * 2**30,
-                                      batch_size=int(cfg.data.get("eval_batch_size", 64)))
     start = time.perf_counter()
-    experts.prepare(task_vectors.task_names, [EVALUATION, ADAPTATION] if objective.needs else [EVALUATION])
+    experts = ExpertTargets.for_objective(pool, task_vectors, datamodule, device, objective,
+                                          max_bytes=float(cfg.get("expert_cache_max_gb", 4.0)) * 2**30,
+                                          batch_size=int(cfg.data.get("eval_batch_size", 64)))
     report = experts.report()
     print(f"expert outputs: {sum(report['examples_forwarded'].values())} inputs through the experts, "
           f"{report['cached_mb']:.1f} MB kept ({time.perf_counter() - start:.1f} s)")

@@ -154,7 +154,7 @@ def resolve_residual_base(method: str, base: str, hparams: Mapping[str, Any] | N
         spec = get_method(base)
     except ConfigError:
         spec = None
-    if spec is None or spec.kind != "static" or base in ("pretrained",):
+    if spec is None or spec.kind != "static" or base == "pretrained":
         raise ConfigError(f"method {method!r}: base={base!r} is invalid for base_form=residual: it must name a data-free "
                           "merge (task_arithmetic, ties, tsv_merge, iso_c, iso_cts, wudi, ...)")
     if hparams is not None and not isinstance(hparams, Mapping):

@@ -216,14 +216,11 @@ def build_learned_module(
     module = build_learned(method, pool.fresh_backbone(), vectors, pool.heads, objective=objective, alignment=alignment,
                            **hyperparameters)
     if datamodule is not None:
-        from adamerge.data import ADAPTATION, EVALUATION
         from adamerge.expert_targets import ExpertTargets
 
         datamodule.setup("fit")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        experts = ExpertTargets.from_pool(pool, vectors, datamodule, device, {"logits", *objective.needs})
-        experts.prepare(vectors.task_names, [EVALUATION, ADAPTATION] if objective.needs else [EVALUATION])
-        module.use_experts(experts)
+        module.use_experts(ExpertTargets.for_objective(pool, vectors, datamodule, device, objective))
     return module
 
 
