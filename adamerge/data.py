@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
 from adamerge.errors import AdamergeError
-from adamerge.input_cache import cacheable, encode_split
+from adamerge.input_cache import cacheable, check_split, encode_split, nonfinite_row
 # Re-exported: configs written for adamerge 0.1 name the preprocessors here.
 from adamerge.preprocessing import ImagePreprocessor, TextPreprocessor, labels_of  # noqa: F401
 from adamerge.preprocessing import BadExampleError
@@ -120,6 +120,35 @@ class _Transformed:
         return out
 
 
+class _LazySplit:
+    """A split preprocessed batch by batch (not cached) whose bad example, when a batch reaches it, is named by task,
+    split and row: what the up-front check (``check_inputs``) reports before learning, for a run that skipped it."""
+
+    def __init__(self, raw: Any, transform: _Transformed, where: str):
+        self.raw, self.transform, self.where = raw, transform, where
+        self.rows = raw.with_transform(transform)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, rows: Any) -> Any:
+        indices = list(range(*rows.indices(len(self)))) if isinstance(rows, slice) else rows
+        try:
+            out = self.rows[rows]
+        except Exception as error:
+            for row in ([indices] if isinstance(indices, int) else indices):
+                try:
+                    self.transform(self.raw[row:row + 1])
+                except Exception as row_error:
+                    raise TaskDataError(f"{self.where}, row {row}: the example cannot be read or preprocessed "
+                                        f"({type(row_error).__name__}: {row_error})") from row_error
+            raise error
+        if isinstance(out, Mapping) and (bad := nonfinite_row(out.get("inputs"))) is not None:
+            row = indices if isinstance(indices, int) else indices[bad]
+            raise TaskDataError(f"{self.where}, row {row}: its preprocessed input holds NaN/Inf values")
+        return out
+
+
 class _AdaptationStream(IterableDataset):
     """Yields ``{task: batch}`` forever. Each task walks seeded permutations back to back, so every
     example appears once per pass and every batch is full. Worker ``w`` of ``W`` yields steps
@@ -197,7 +226,8 @@ ADAPTATION, EVALUATION = 0, 1  # a task's two splits: unlabeled inputs learning 
 class MultiTaskDataModule(L.LightningDataModule):
     def __init__(self, tasks: Sequence[TaskData] | Mapping[str, TaskData | Mapping], batch_size: int = 16,
                  eval_batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                 preprocessor: Callable | None = None, cache_inputs: bool = True, cache_max_gb: float = 8.0):
+                 preprocessor: Callable | None = None, cache_inputs: bool = True, cache_max_gb: float = 8.0,
+                 check_inputs: bool = True):
         super().__init__()
         self.tasks = self._as_tasks(tasks)
         self.task_names: list[str] = list(self.tasks)
@@ -207,6 +237,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         # Preprocess each split once and reuse it (uint8 pixels for images), up to cache_max_gb in all.
         self.cache_inputs, self.cache_max_gb = cache_inputs, cache_max_gb
         self._cache: dict[tuple[str, int], Any] = {}
+        # A split that stays lazy is read and preprocessed once before learning, so a bad row is refused up front
+        # (a cached split is checked as it is encoded); false skips that pass for very large splits.
+        self.check_inputs = check_inputs
+        self._checked: set[tuple[str, int]] = set()
 
     @staticmethod
     def _as_tasks(tasks: Any) -> dict[str, TaskData]:
@@ -327,20 +361,24 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._ensure_setup(name)
         task, raw = self.tasks[name], self._raw[name][which]
         preprocessor = self._preprocessor(task)
-        if self.cache_inputs and cacheable(preprocessor):
-            key = (name, id(raw))  # the adaptation and evaluation splits are often the same rows: one cache
-            if key not in self._cache:
-                cached = sum(split.nbytes for split in self._cache.values() if split is not None)
-                budget = self.cache_max_gb * 2**30 - cached  # one budget for every split of the run
-                try:
+        split = task.split if which == ADAPTATION else task.eval_split or task.split
+        where = f"task {name!r} ({task.path!r}), split {split!r}"
+        key = (name, id(raw))  # the adaptation and evaluation splits are often the same rows: one cache, one check
+        try:
+            if self.cache_inputs and cacheable(preprocessor):
+                if key not in self._cache:
+                    cached = sum(part.nbytes for part in self._cache.values() if part is not None)
+                    budget = self.cache_max_gb * 2**30 - cached  # one budget for every split of the run
                     self._cache[key] = encode_split(raw, preprocessor, task.label_column, budget)
-                except BadExampleError as error:
-                    split = task.split if which == 0 else task.eval_split or task.split
-                    raise TaskDataError(f"task {name!r} ({task.path!r}), split {split!r}, row {error.index}: "
-                                        f"{error.problem}") from error
-            if self._cache[key] is not None:
-                return self._cache[key]
-        return raw.with_transform(_Transformed(preprocessor, task.label_column))
+                if self._cache[key] is not None:  # every row was read and encoded on the way (None: over budget)
+                    return self._cache[key]
+            transform = _Transformed(preprocessor, task.label_column)
+            if self.check_inputs and key not in self._checked:
+                check_split(raw, transform)
+                self._checked.add(key)
+        except BadExampleError as error:
+            raise TaskDataError(f"{where}, row {error.index}: {error.problem}") from error
+        return _LazySplit(raw, transform, where)
 
     # --- loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

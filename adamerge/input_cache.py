@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,21 @@ class CachedSplit:
         return self.encoded.numel() * self.encoded.element_size()
 
 
+def _without_addresses(error: BaseException) -> str:
+    return re.sub(r"\s*<[^<>]+ at 0x[0-9a-fA-F]+>", "", str(error))  # messages stay the same from run to run
+
+
+def failing_row(batch: Mapping[str, Any], preprocess: Callable[[Any], Any]) -> int | None:
+    """The first row of a raw batch (a mapping of columns) that ``preprocess`` fails on alone, if any."""
+    rows = len(next(iter(batch.values()))) if batch else 0
+    for row in range(rows):
+        try:
+            preprocess({column: values[row:row + 1] for column, values in batch.items()})
+        except Exception:
+            return row
+    return None
+
+
 def _read_rows(split: Any, start: int, stop: int) -> Any:
     """``split[start:stop]``; when the dataset cannot decode one of them (a corrupt image file), the row that fails."""
     try:
@@ -62,25 +77,55 @@ def _read_rows(split: Any, start: int, stop: int) -> Any:
             try:
                 split[row]
             except Exception as row_error:
-                detail = re.sub(r"\s*<[^<>]+ at 0x[0-9a-fA-F]+>", "", str(row_error))  # no memory addresses
                 raise BadExampleError(row, f"the example cannot be read ({type(row_error).__name__}: "
-                                           f"{detail})") from row_error
+                                           f"{_without_addresses(row_error)})") from row_error
         raise error
+
+
+def nonfinite_row(inputs: Any) -> int | None:
+    """The first row of a batch of model inputs (a tensor, or a mapping of them) holding a NaN/Inf value."""
+    tensors = inputs.values() if isinstance(inputs, Mapping) else [inputs]
+    rows = [int(bad.nonzero()[0]) for t in tensors if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0
+            if (bad := (~torch.isfinite(t.flatten(1) if t.dim() > 1 else t.unsqueeze(1))).any(1)).any()]
+    return min(rows) if rows else None
+
+
+def preprocessed_chunks(split: Any, preprocess: Callable[[Any], Any], inputs_of: Callable[[Any], Any] = lambda x: x,
+                        ) -> Iterator[tuple[int, Any]]:
+    """``(first row, preprocess(rows))`` over a raw split, ``ENCODE_BATCH`` rows at a time.
+
+    A row that cannot be read or preprocessed, or whose model input holds NaN/Inf (``inputs_of`` picks the input out
+    of what ``preprocess`` returns), raises :class:`BadExampleError` with its row in the split.
+    """
+    for start in range(0, len(split), ENCODE_BATCH):
+        batch = _read_rows(split, start, min(start + ENCODE_BATCH, len(split)))
+        try:
+            part = preprocess(batch)
+        except BadExampleError as error:  # its index is within the batch: make it the split's row
+            raise BadExampleError(start + error.index, error.problem) from error
+        except Exception as error:  # a preprocessor that does not say which row: find it, one row at a time
+            row = failing_row(batch, preprocess)
+            if row is None:
+                raise
+            raise BadExampleError(start + row, f"the example cannot be preprocessed ({type(error).__name__}: "
+                                               f"{_without_addresses(error)})") from error
+        if (row := nonfinite_row(inputs_of(part))) is not None:
+            raise BadExampleError(start + row, "its preprocessed input holds NaN/Inf values")
+        yield start, part
+
+
+def check_split(split: Any, preprocess: Callable[[Any], Mapping[str, Any]]) -> None:
+    """Read and preprocess every row of a split once, keeping nothing: a split that stays lazy (not cached) is
+    checked before learning, so a bad example is refused up front rather than when a batch reaches it."""
+    for _ in preprocessed_chunks(split, preprocess, inputs_of=lambda out: out.get("inputs")):
+        pass
 
 
 def encode_split(split: Any, preprocessor: Any, label_column: str, max_bytes: float) -> CachedSplit | None:
     """Encode every row of a raw ``datasets`` split, or None when it would take more than ``max_bytes``."""
     parts: list[torch.Tensor] = []
     total = 0
-    for start in range(0, len(split), ENCODE_BATCH):
-        batch = _read_rows(split, start, min(start + ENCODE_BATCH, len(split)))
-        try:
-            part = preprocessor.encode(batch)
-        except BadExampleError as error:  # its index is within the batch: make it the split's row
-            raise BadExampleError(start + error.index, error.problem) from error
-        if part.is_floating_point() and not torch.isfinite(part).all():
-            row = int((~torch.isfinite(part.flatten(1))).any(1).nonzero()[0])
-            raise BadExampleError(start + row, "its preprocessed input holds NaN/Inf values")
+    for start, part in preprocessed_chunks(split, preprocessor.encode):
         parts.append(part)
         total += part.numel() * part.element_size()
         projected = total * len(split) / min(start + ENCODE_BATCH, len(split))

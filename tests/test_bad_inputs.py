@@ -371,6 +371,18 @@ CASES: dict[str, Case] = {
         (LEARNED, "data.tasks.digits.path={inputs}/ds_copy"), ("task 'digits'", "split 'test', row 3", "mode 'I"),
         make_input=edited_dataset(_with_test_image(3, _png_16bit()), lambda d: _test_image_bytes(3)(d) == _png_16bit()),
         fails_before_loading=True, error_class="TaskDataError"),
+    # The same images on the lazy path (no input cache): read once before learning, refused with the same detail.
+    "x8b-undecodable-image-lazy": Case(
+        (LEARNED, "data.tasks.digits.path={inputs}/ds_copy", "data.cache_inputs=false"),
+        ("task 'digits'", "split 'test', row 5", "cannot be read", "UnidentifiedImageError"),
+        make_input=edited_dataset(_with_test_image(5, b"not an image at all"),
+                                  lambda d: _test_image_bytes(5)(d) == b"not an image at all"),
+        fails_before_loading=True, error_class="TaskDataError"),
+    "x9b-16-bit-image-lazy": Case(
+        (LEARNED, "data.tasks.digits.path={inputs}/ds_copy", "data.cache_inputs=false"),
+        ("task 'digits'", "split 'test', row 3", "mode 'I"),
+        make_input=edited_dataset(_with_test_image(3, _png_16bit()), lambda d: _test_image_bytes(3)(d) == _png_16bit()),
+        fails_before_loading=True, error_class="TaskDataError"),
     "x10-label-minus-one": Case(
         (LEARNED, "data.tasks.digits.path={inputs}/ds_copy"), ("task 'digits'", "split 'test', row 4", "label -1",
                                                                "0..9"),

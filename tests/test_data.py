@@ -303,3 +303,82 @@ def test_text_columns_must_hold_text_in_every_row(tmp_path, sentences, expected)
                                  preprocessor=TextPreprocessor("never-loaded-tokenizer"))
     with pytest.raises(TaskDataError, match=rf"task 'sst' .*{expected}"):
         module.setup()
+
+
+def _images_with_bad_row(directory, row: int, bad: bytes, n: int = 6):
+    """A saved test split of n small PNGs whose row ``row`` holds ``bad`` bytes instead."""
+    import io
+
+    pngs = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((6, 6, 3), i * 30, dtype=np.uint8)).save(buffer, format="PNG")
+        pngs.append({"bytes": bad if i == row else buffer.getvalue(), "path": None})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    return _saved_test_split(directory, {"image": pngs, "label": [i % 2 for i in range(n)]}, features)
+
+
+@pytest.mark.parametrize("cache_inputs", [True, False])
+def test_a_corrupt_image_is_refused_before_learning_on_the_cached_and_the_lazy_path(tmp_path, cache_inputs):
+    path = _images_with_bad_row(tmp_path / "ds", 4, b"not an image at all")
+    dm = MultiTaskDataModule({"photos": {"path": path, "split": "test"}}, batch_size=2, cache_inputs=cache_inputs,
+                             preprocessor=ImagePreprocessor(8))
+    dm.setup()
+    # The first loader asked for (preflight asks for one example) reads every row once, whichever path the split takes.
+    with pytest.raises(TaskDataError, match=r"task 'photos' .*split 'test', row 4: the example cannot be read "
+                                            r"\(UnidentifiedImageError"):
+        dm.eval_dataloader("photos", batch_size=1)
+
+
+def test_nan_inputs_on_the_lazy_path_are_refused_naming_the_row(tmp_path):
+    images = np.random.default_rng(0).random((5, 8, 8, 3), dtype=np.float32)
+    images[3, 2, 2, 1] = np.inf
+    features = datasets.Features({"image": datasets.Array3D((8, 8, 3), "float32"), "label": datasets.Value("int64")})
+    path = _saved_test_split(tmp_path / "ds", {"image": list(images), "label": [0, 1, 0, 1, 0]}, features)
+    dm = MultiTaskDataModule({"noisy": {"path": path, "split": "test"}}, cache_inputs=False,
+                             preprocessor=ImagePreprocessor(8))
+    with pytest.raises(TaskDataError, match=r"task 'noisy' .*split 'test', row 3: the image has 1 NaN/Inf pixel"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_a_preprocessor_that_names_no_row_gets_its_row_found(tmp_path):
+    """A user's own preprocessor (or a tokenizer) raising on one example: the row is found by retrying alone."""
+    path = _saved_test_split(tmp_path / "ds", {"x": [1.0, 2.0, -1.0, 4.0], "label": [0, 1, 0, 1]})
+
+    def square_root(batch):
+        if any(value < 0 for value in batch["x"]):
+            raise ValueError("negative input")
+        return {"inputs": torch.tensor(batch["x"]).sqrt().unsqueeze(1)}
+
+    dm = MultiTaskDataModule({"roots": {"path": path, "split": "test"}}, preprocessor=square_root)
+    with pytest.raises(TaskDataError, match=r"task 'roots' .*split 'test', row 2: the example cannot be preprocessed "
+                                            r"\(ValueError: negative input\)"):
+        dm.eval_dataloader("roots")
+
+
+def test_without_the_up_front_check_a_bad_row_is_still_named_when_a_batch_reaches_it(tmp_path):
+    path = _images_with_bad_row(tmp_path / "ds", 1, b"\x89PNG broken")
+    dm = MultiTaskDataModule({"photos": {"path": path, "split": "test"}}, eval_batch_size=2, cache_inputs=False,
+                             check_inputs=False, preprocessor=ImagePreprocessor(8))
+    loader = dm.eval_dataloader("photos")  # no pass over the rows: nothing is read yet
+    with pytest.raises(TaskDataError, match=r"task 'photos' .*split 'test', row 1: the example cannot be read or "
+                                            r"preprocessed"):
+        list(loader)
+    with pytest.raises(TaskDataError, match=r"split 'test', row 1"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_the_up_front_check_reads_each_lazy_split_once(tmp_path, two_tasks):
+    calls = []
+
+    class Counting(ImagePreprocessor):
+        def __call__(self, batch):
+            calls.append(len(batch["image"]))
+            return super().__call__(batch)
+
+    dm = MultiTaskDataModule(two_tasks, batch_size=4, eval_batch_size=3, cache_inputs=False,
+                             preprocessor=Counting(8))
+    dm.setup()
+    for _ in range(2):
+        dm.eval_dataloader("a"), dm.eval_dataloader("b"), dm.train_dataloader()
+    assert sum(calls) == N + 7  # task a's one split and task b's test split, once each
