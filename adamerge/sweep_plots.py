@@ -25,6 +25,19 @@ def log_spaced(numbers: Sequence[float]) -> bool:
     return _unevenness([math.log(v) for v in values]) <= _unevenness(values)
 
 
+def is_step_size(key: str) -> bool:
+    """Whether a swept override names a step size (``method.lr``, ``method.mask_lr``, ...): always a log axis."""
+    name = key.rsplit(".", 1)[-1].lower()
+    return name == "lr" or name.endswith("_lr")
+
+
+def log_axis(key: str, numbers: Sequence[float]) -> bool:
+    """A log x axis for a swept step size with positive values, or for values that are log-spaced (``log_spaced``)."""
+    if numbers and min(numbers) > 0 and is_step_size(key):
+        return True
+    return log_spaced(numbers)
+
+
 def _unevenness(values: Sequence[float]) -> float:
     """The widest gap between neighbouring sorted values over the narrowest (1: evenly spaced)."""
     gaps = [b - a for a, b in zip(values, values[1:])]
@@ -72,7 +85,7 @@ def plot_swept_parameter(summary: Mapping[str, Any], key: str, path: str | Path)
     top.set_ylabel("average accuracy (%)")
     bottom.set_ylabel(f"label-free {criterion}\n(unlabeled inputs, lower = picked)")
     bottom.set_xlabel(key)
-    if numeric and log_spaced(numbers):
+    if numeric and log_axis(key, numbers):
         bottom.set_xscale("log")  # shared with the top panel
     if not numeric:
         bottom.set_xticks(list(positions.values()), list(positions), rotation=30, ha="right")

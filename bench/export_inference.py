@@ -1,10 +1,10 @@
-"""Regenerate README.md's export-inference block from a real export of the demo zoo.
+"""Regenerate docs/export.md's export-inference block from a real export of the demo zoo.
 
 Runs ``adamerge method=adamerging_layer_wise`` on the demo zoo (default settings) unless ``--run-dir`` names a
 finished run, then uses its export as a user would: ``adamerge.load_merged``, ``predict`` on one image, and
 ``predict`` over each task's whole test split (raw images, the preprocessing the export recorded, the run's
 evaluation batch size). It fails unless every task's accuracy from ``predict`` equals the run's results.json
-exactly, and rewrites the part of README.md between the ``export-inference`` markers.
+exactly, and rewrites the part of docs/export.md between the ``export-inference`` markers.
 
     python bench/export_inference.py                                   # runs the method into a temporary dir
     python bench/export_inference.py --run-dir outputs/demo_layer_wise
@@ -28,6 +28,7 @@ from adamerge.reporting import replace_marked_block
 from readme_demo import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "export.md"  # the page holding this script's generated block
 METHOD = "adamerging_layer_wise"
 EVAL_BATCH = 256  # conf/data/demo.yaml data.eval_batch_size: the run's evaluation batches
 
@@ -73,7 +74,7 @@ def render(measured: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, help="a finished `adamerge method=adamerging_layer_wise` run")
-    parser.add_argument("--no-readme", action="store_true", help="print the block instead of writing README.md")
+    parser.add_argument("--no-readme", action="store_true", help="print the block instead of writing docs/export.md")
     args = parser.parse_args()
     run_dir = args.run_dir
     if run_dir is None:
@@ -84,7 +85,7 @@ def main() -> None:
     if args.no_readme:
         print(block)
     else:
-        replace_marked_block(ROOT / "README.md", "export-inference", block)
+        replace_marked_block(PAGE, "export-inference", block)
         print(block)
 
 

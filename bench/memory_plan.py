@@ -10,7 +10,7 @@ adapters in bf16, deltas formed one tensor at a time). The model runs in bf16 wi
 * ``progressive``: one block at a time (its θ0, task vectors, merged weights, gradients and activations, plus the
   block's input and output hidden states), the working set of a block-by-block learner.
 
-Writes bench/results/memory_plan.{json,md} (and README's ``memory-plan`` block).
+Writes bench/results/memory_plan.{json,md} (and the ``memory-plan`` block of docs/performance.md).
 
     python bench/memory_plan.py
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "performance.md"  # the page holding this script's generated block
 RESULTS = ROOT / "bench" / "results"
 GPU_BYTES = 80 * 10**9
 HOST_NOTE = "host: the peak of loading (θ0, the K checkpoints being read, the task vectors) or of holding θ0 and them"
@@ -102,8 +103,8 @@ def main() -> None:
                                               "rows": rows})
     (RESULTS / "memory_plan.md").write_text(block + "\n")
     print(block)
-    if "<!-- memory-plan:start -->" in (ROOT / "README.md").read_text():
-        replace_marked_block(ROOT / "README.md", "memory-plan", block)
+    if "<!-- memory-plan:start -->" in PAGE.read_text():
+        replace_marked_block(PAGE, "memory-plan", block)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ is made from their safetensors headers and config.json (what preflight does), an
 stacks the task vectors, builds layer-wise AdaMerging and runs one learning step (forward, entropy, backward, Adam)
 on a batch of ``batch × seq`` tokens per task. That process resets its peak-RSS counter (``/proc/self/clear_refs``)
 after its imports and a warm-up step on a minuscule model, and reports ``VmHWM`` minus the resident memory at that
-point: the memory the run itself added. Writes bench/results/memory_plan_check.{json,md} (and README's ``memory-plan-check`` block).
+point: the memory the run itself added. Writes bench/results/memory_plan_check.{json,md} (and the ``memory-plan-check`` block of docs/performance.md).
 
     python bench/memory_plan_check.py
 """
@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "performance.md"  # the page holding this script's generated block
 RESULTS = ROOT / "bench" / "results"
 TASKS = ("alpha", "beta", "gamma", "delta")
 # name: (hidden, intermediate, layers, vocab, tasks, storage dtype, batch, sequence)
@@ -168,8 +169,8 @@ def main() -> None:
     block = render(rows)
     (RESULTS / "memory_plan_check.md").write_text(block + "\n")
     print(block)
-    if "<!-- memory-plan-check:start -->" in (ROOT / "README.md").read_text():
-        replace_marked_block(ROOT / "README.md", "memory-plan-check", block)
+    if "<!-- memory-plan-check:start -->" in PAGE.read_text():
+        replace_marked_block(PAGE, "memory-plan-check", block)
 
 
 if __name__ == "__main__":

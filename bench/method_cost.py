@@ -7,7 +7,7 @@ merges, and reports seconds and the peak above the baseline.
 Pools: ``demo`` (the embedded demo zoo: EfficientNet-Lite0, K = 4 real task vectors) and ``clip`` (a CLIP
 ViT-B/32 vision tower's tensor shapes -- width 768, MLP 3072, 7.7 M parameters per block -- with random task
 vectors, K = 8; ``--clip-blocks`` of its 12 blocks, so a CPU run stays short; costs of the per-block methods
-scale with the number of blocks). Writes bench/results/method_cost.{json,md} (and README's ``method-cost`` block where README has its markers).
+scale with the number of blocks). Writes bench/results/method_cost.{json,md} (and the ``method-cost`` block of docs/performance.md where it has its markers).
 
     python bench/method_cost.py                          # demo + a 1-block CLIP-shaped pool, on this machine
     python bench/method_cost.py --pools clip --clip-blocks 12 --device cuda
@@ -27,6 +27,7 @@ import torch
 from readme_demo import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "performance.md"  # the page holding this script's generated block
 RESULTS = ROOT / "bench" / "results"
 STATIC = ["weight_average", "task_arithmetic", "ties", "dare", "breadcrumbs", "pcb", "tsv_merge", "iso_c", "iso_cts",
           "wudi"]
@@ -192,8 +193,8 @@ def main() -> None:
                                               "wudi_steps": args.wudi_steps, "results": results})
     (RESULTS / "method_cost.md").write_text(block + "\n")
     print(block)
-    if not args.no_readme and "<!-- method-cost:start -->" in (ROOT / "README.md").read_text():
-        replace_marked_block(ROOT / "README.md", "method-cost", block)
+    if not args.no_readme and "<!-- method-cost:start -->" in PAGE.read_text():
+        replace_marked_block(PAGE, "method-cost", block)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "performance.md"  # the page holding this script's generated block
 RESULTS = ROOT / "bench" / "results"
 IMPLS = ("plain", "adamerge", "fusionbench")
 MODELS = {  # tasks, images per task, image size
@@ -575,7 +576,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/peer_step.*")
-    parser.add_argument("--readme", action="store_true", help="also rewrite README.md's peer-step block")
+    parser.add_argument("--readme", action="store_true", help="also rewrite the peer-step block of docs/performance.md")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
@@ -632,7 +633,7 @@ def main() -> None:
     if args.readme:
         from adamerge.reporting import replace_marked_block
 
-        replace_marked_block(RESULTS.parent.parent / "README.md", "peer-step", text.split("\n", 2)[2].strip())
+        replace_marked_block(PAGE, "peer-step", text.split("\n", 2)[2].strip())
 
 
 def fusion_bench_version() -> str:

@@ -10,10 +10,10 @@ same protected set -- 64 images of digits' *training* split, which no evaluation
 4. plain entropy with ``protected=demo_digits_kl``: KL to the fine-tuned digits model on the set's images (labels
    unused), penalty β = 1.
 
-Writes bench/results/protected_demo.{json,md} and README's ``protected-demo`` block.
+Writes bench/results/protected_demo.{json,md} and the ``protected-demo`` block of docs/protected-tasks.md.
 
     python bench/protected_demo.py                  # four runs (~4 min on 2 idle cores; the zoo is built if absent)
-    python bench/protected_demo.py --render-only    # README block from bench/results/protected_demo.json
+    python bench/protected_demo.py --render-only    # the docs block from bench/results/protected_demo.json
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from adamerge.reporting import replace_marked_block, write_json
 from readme_demo import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "protected-tasks.md"  # the page holding this script's generated block
 RESULTS = ROOT / "bench" / "results"
 RUNS = ROOT / "bench" / "runs" / "protected_demo"
 BASE = ["method=adamerging_task_wise", "logger=none", "export.enabled=false", "trainer.enable_progress_bar=false",
@@ -92,7 +93,7 @@ def render(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-readme", action="store_true")
-    parser.add_argument("--render-only", action="store_true", help="render README from the saved results")
+    parser.add_argument("--render-only", action="store_true", help="render the docs block from the saved results")
     args = parser.parse_args()
     path = RESULTS / "protected_demo.json"
     if args.render_only:
@@ -105,7 +106,7 @@ def main() -> None:
     block = render(results)
     (RESULTS / "protected_demo.md").write_text(block + "\n")
     if not args.no_readme:
-        replace_marked_block(ROOT / "README.md", "protected-demo", block)
+        replace_marked_block(PAGE, "protected-demo", block)
     print(block)
 
 

@@ -3,7 +3,7 @@
 For each zoo, runs ``adamerge --multirun`` over ``method.lr`` (the choice a user most often sweeps) and two
 seeds, reads the sweep summary and reports, per zoo and seed, the job the label-free criterion picks (lowest
 final objective on the unlabeled inputs), the job test accuracy would have picked, and the accuracy lost by
-not peeking. Writes bench/results/selection_cost.{json,md} and README's ``selection-cost`` block.
+not peeking. Writes bench/results/selection_cost.{json,md} and the ``selection-cost`` block of docs/sweeps.md.
 
     python bench/selection_cost.py                    # both zoos, 5 step sizes x 2 seeds (~20 min on 2 cores)
     python bench/selection_cost.py --zoos demo --lrs 0.001,0.01 --seeds 0
@@ -22,6 +22,7 @@ from pathlib import Path
 from adamerge.reporting import replace_marked_block, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "sweeps.md"  # the page holding this script's generated block
 RESULTS = ROOT / "bench" / "results"
 RUNS = ROOT / "bench" / "runs" / "selection_cost"
 EXPERIMENTS = {"demo": "demo", "second": "demo_second"}
@@ -84,7 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--render-only", action="store_true",
-                        help="rewrite the README block from bench/results/selection_cost.json without running")
+                        help="rewrite the docs/sweeps.md block from bench/results/selection_cost.json without running")
     args = parser.parse_args()
     if args.render_only:
         saved = json.loads((RESULTS / "selection_cost.json").read_text())
@@ -96,7 +97,7 @@ def main() -> None:
     (RESULTS / "selection_cost.md").write_text(block + "\n")
     print(block)
     if not args.no_readme:
-        replace_marked_block(ROOT / "README.md", "selection-cost", block)
+        replace_marked_block(PAGE, "selection-cost", block)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Prints ratios to a plain forward+backward of the same model on the same batches, for: our step (sequential and
 joint task batching, bf16 autocast, ``torch.compile`` of the merged forward) and a per-task re-merge as in the
-official / FusionBench loops. ``--readme`` rewrites README.md's ``step-time`` block.
+official / FusionBench loops. ``--readme`` rewrites the ``step-time`` block of docs/performance.md.
 
     python bench/step_time.py                 # ~3 min on 2 CPU cores (the compile row includes no compile time)
 """
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--readme", action="store_true", help="rewrite README.md's step-time block")
+    parser.add_argument("--readme", action="store_true", help="rewrite the step-time block of docs/performance.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def main() -> None:
     block = "\n".join(lines)
     print(block)
     if args.readme:
-        replace_marked_block(Path(__file__).resolve().parent.parent / "README.md", "step-time", block)
+        replace_marked_block(Path(__file__).resolve().parent.parent / "docs" / "performance.md", "step-time", block)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""README's "Python API" block, run as written on the reduced demo zoo: a pool and a MultiTaskDataModule, the learned
+"""The "Python API" block of docs/own-models.md, run as written on the reduced demo zoo: a pool and a MultiTaskDataModule, the learned
 module by name, the user's own Lightning Trainer (logger, strategy), export, and load_merged back."""
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ import adamerge
 from adamerge import demo
 from adamerge.methods.configs import CONF_DIR
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "own-models.md"
 
 
-def readme_python_api() -> str:
-    block = re.search(r"<!-- python-api:start -->\n```python\n(.*?)```\n<!-- python-api:end -->", README.read_text(), re.S)
-    assert block, "README has no python-api block"
+def docs_python_api() -> str:
+    block = re.search(r"<!-- python-api:start -->\n```python\n(.*?)```\n<!-- python-api:end -->", PAGE.read_text(), re.S)
+    assert block, "docs/own-models.md has no python-api block"
     return block.group(1)
 
 
-def test_readme_python_api_learns_exports_and_loads_back(zoo, tmp_path, monkeypatch):
+def test_docs_python_api_learns_exports_and_loads_back(zoo, tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "build_demo_zoo", lambda *args, **kwargs: zoo)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(readme_python_api(), namespace)
+    exec(docs_python_api(), namespace)
     module, model, pool, trainer = namespace["module"], namespace["model"], namespace["pool"], namespace["trainer"]
 
     assert trainer.global_step == 10 and len(module.history) == 10

@@ -13,7 +13,7 @@ import yaml
 from adamerge.html_report import write_report
 from adamerge.selection import get_criterion, pick, pick_by_accuracy
 from adamerge.sweep import ERROR_FILE, job_score, main as sweep_main, summarize, write_summary_files
-from adamerge.sweep_plots import log_spaced
+from adamerge.sweep_plots import log_axis, log_spaced
 from tests.helpers import wandb_records
 from tests.test_cli import adamerge
 
@@ -160,6 +160,37 @@ def test_a_swept_step_size_is_plotted_on_a_log_axis(tmp_path, monkeypatch):
     write_summary_files(sweep)
     (top, bottom) = figures[0].axes
     assert bottom.get_xscale() == top.get_xscale() == "log"
+
+
+@pytest.mark.parametrize(("key", "values", "expected"), [
+    ("method.lr", [1e-3, 2e-3, 3e-3], True),  # a step size: a log axis even within a decade
+    ("method.mask_lr", [0.01, 0.02], True),
+    ("lr", [0.5, 1.0], True),
+    ("method.lr", [0.0, 1e-3], False),  # a zero has no place on a log axis
+    ("trainer.max_steps", [100.0, 200.0, 300.0], False),
+    ("method.init_value", [0.1, 0.3, 1.0], True),  # not a step size, but positive and log-spaced over a decade
+    ("method.init_value", [0.1, 1.0, 10.0], True),
+    ("method.slr", [1.0, 2.0, 3.0], False),  # only the name 'lr' or a '_lr' suffix counts
+])
+def test_log_axis_for_step_sizes_and_decade_spanning_values(key, values, expected):
+    assert log_axis(key, values) is expected
+
+
+@pytest.mark.parametrize(("key", "values", "scale"), [
+    ("method.lr", ("0.001", "0.002", "0.003"), "log"),
+    ("method.init_value", ("0.1", "0.2", "0.3"), "linear"),
+])
+def test_sweep_plot_axis_scale_follows_the_parameter(tmp_path, monkeypatch, key, values, scale):
+    from adamerge import report_plots
+
+    figures = []
+    monkeypatch.setattr(report_plots, "png_bytes", lambda fig: figures.append(fig) or PNG)
+    sweep = tmp_path / "sweep"
+    for index, value in enumerate(values):
+        make_job(sweep, f"{index}_a", [f"{key}={value}"], {"a": result("a", [0.5, 0.6], [-0.1 * index, 0.1], [0.2, 0.2])})
+    write_summary_files(sweep)
+    (top, bottom) = figures[0].axes
+    assert bottom.get_xscale() == top.get_xscale() == scale
 
 
 def test_pick_on_edge_cases():
