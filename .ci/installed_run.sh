@@ -20,7 +20,7 @@ python - <<'PY'
 from pathlib import Path
 
 import adamerge
-from adamerge.demo import build_demo_zoo
+from adamerge.demo.zoo import build_demo_zoo
 from adamerge.methods.configs import CONF_DIR
 
 assert "site-packages" in adamerge.__file__ and "site-packages" in str(CONF_DIR), (adamerge.__file__, CONF_DIR)

@@ -13,17 +13,17 @@ For Lightning users: ``adamerge.ModelPool`` (or ``adamerge.pool_from_yaml``) and
 from importlib import import_module
 from typing import Any
 
-from adamerge.loading import load_backbone, load_merged
-from adamerge.methods import merge
-from adamerge.task_vectors import TaskVectors
+from adamerge.export.loading import load_backbone, load_merged
+from adamerge.methods.data_free import merge
+from adamerge.pool.task_vectors import TaskVectors
 
 # Imported on first use: loading an export (load_merged) need not import Lightning.
 _LEARNING_API = {
-    "ModelPool": "adamerge.modelpool",
-    "MultiTaskDataModule": "adamerge.data",
-    "build_learned_module": "adamerge.methods.learned",
-    "export_learned": "adamerge.run_export",
-    "pool_from_yaml": "adamerge.modelpool",
+    "ModelPool": "adamerge.pool.modelpool",
+    "MultiTaskDataModule": "adamerge.data.datamodule",
+    "build_learned_module": "adamerge.methods.learned.adamerging",
+    "export_learned": "adamerge.export.from_run",
+    "pool_from_yaml": "adamerge.pool.modelpool",
 }
 
 __all__ = ["TaskVectors", "load_backbone", "load_merged", "merge", *_LEARNING_API]

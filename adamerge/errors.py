@@ -47,3 +47,7 @@ class ExportError(AdamergeError, RuntimeError):
 
 class SignatureError(ExportError):
     """A signed export does not match its signature (a file changed, added or missing), or is not signed by that key."""
+
+
+class NonFiniteError(AdamergeError, FloatingPointError):
+    """A NaN/Inf objective or gradient: learning stops before it can reach the coefficients or an export."""

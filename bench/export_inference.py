@@ -23,8 +23,8 @@ from pathlib import Path
 import datasets
 
 import adamerge
-from adamerge.demo import zoo_path
-from adamerge.reporting import replace_marked_block
+from adamerge.demo.zoo import zoo_path
+from adamerge.reporting.results import replace_marked_block
 from readme_demo import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def main() -> None:
     run_dir = args.run_dir
     if run_dir is None:
         run_dir = Path(tempfile.mkdtemp(prefix="adamerge-export-inference-")) / "run"
-        subprocess.run([sys.executable, "-m", "adamerge.cli", f"method={METHOD}", f"hydra.run.dir={run_dir}",
+        subprocess.run([sys.executable, "-m", "adamerge.cli.main", f"method={METHOD}", f"hydra.run.dir={run_dir}",
                         "logger=none"], check=True)
     block = render(measure(run_dir))
     if args.no_readme:

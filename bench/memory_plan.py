@@ -50,8 +50,8 @@ def lora_parameters(inventory: dict, rank: int) -> int:
 
 
 def plans_for(name: str, sizes: dict) -> list[dict]:
-    from adamerge.checkpoint_inventory import meta_inventory
-    from adamerge.memory_plan import RunShape, model_shape, plan_memory
+    from adamerge.pool.inventory import meta_inventory
+    from adamerge.pool.memory_plan import RunShape, model_shape, plan_memory
 
     config = llama_config(sizes)
     inventory = meta_inventory(config, "AutoModelForCausalLM", dtype="bfloat16")
@@ -95,7 +95,7 @@ def render(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    from adamerge.reporting import replace_marked_block, write_json
+    from adamerge.reporting.results import replace_marked_block, write_json
 
     rows = [row for name, sizes in LLAMA2.items() for row in plans_for(name, sizes)]
     block = render(rows)

@@ -55,7 +55,7 @@ def build_pool(root: Path, hidden: int, intermediate: int, layers: int, vocab: i
 
 
 def planned(paths: dict[str, Path], storage: str, batch: int, sequence: int) -> dict:
-    from adamerge.run_memory import plan_for_pool
+    from adamerge.cli.run_memory import plan_for_pool
 
     finetuned = {task: path for task, path in paths.items() if task != "pretrained"}
     plan, _, _ = plan_for_pool(paths["pretrained"], finetuned, auto_class="AutoModelForCausalLM",
@@ -75,16 +75,16 @@ def measure(paths: dict[str, str], storage: str, batch: int, sequence: int) -> d
     import torch
     import transformers
 
-    from adamerge.methods.learned import build_learned
-    from adamerge.models.heads import Identity
-    from adamerge.models.hf import HFModelPool
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.methods.learned.adamerging import build_learned
+    from adamerge.backbones.heads import Identity
+    from adamerge.backbones.hf_checkpoints import HFModelPool
+    from adamerge.pool.task_vectors import TaskVectors
 
     torch.set_num_threads(1)
     tasks = [task for task in paths if task != "pretrained"]
 
     def pool_of(pretrained: str, finetuned: dict[str, str]) -> HFModelPool:
-        return HFModelPool(backbone={"_target_": "adamerge.models.hf.causal_lm", "model": pretrained},
+        return HFModelPool(backbone={"_target_": "adamerge.backbones.hf.causal_lm", "model": pretrained},
                            finetuned=finetuned, heads={t: Identity() for t in finetuned}, pretrained=pretrained,
                            storage_dtype=storage, auto_class="AutoModelForCausalLM")
 
@@ -158,7 +158,7 @@ def main() -> None:
         paths, storage, batch, sequence = args.measure
         print(json.dumps(measure(json.loads(paths), storage, int(batch), int(sequence))))
         return
-    from adamerge.reporting import replace_marked_block, write_json
+    from adamerge.reporting.results import replace_marked_block, write_json
 
     with tempfile.TemporaryDirectory() as root:
         rows = [check_size(name, Path(root)) for name in args.sizes.split(",")]

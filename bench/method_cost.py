@@ -36,7 +36,7 @@ LEARNED_BUILD = ["adarank"]  # its one-off decomposition of every task vector; t
 
 def clip_shaped_task_vectors(blocks: int, num_tasks: int, seed: int = 0):
     """Random task vectors with a CLIP ViT-B/32 vision tower's tensor shapes (open_clip names)."""
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.pool.task_vectors import TaskVectors
 
     shapes = {"conv1.weight": (768, 3, 32, 32), "class_embedding": (768,), "positional_embedding": (50, 768),
               "ln_pre.weight": (768,), "ln_pre.bias": (768,), "ln_post.weight": (768,), "ln_post.bias": (768,),
@@ -73,9 +73,9 @@ def module_holding(tensors: dict) -> torch.nn.Module:
 def demo_pool():
     from hydra import compose, initialize_config_dir
 
-    from adamerge.cli import register_resolvers
+    from adamerge.cli.main import register_resolvers
     from adamerge.methods.configs import CONF_DIR
-    from adamerge.runner import build_from_config
+    from adamerge.cli.runner import build_from_config
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -108,8 +108,8 @@ def _status_mb(field: str) -> float:
 
 def measure_one(pool: str, method: str, clip_blocks: int, device: str, wudi_steps: int) -> dict:
     """In this process: load the pool, then time one merge and its peak memory above the loaded pool."""
-    from adamerge.methods import merge_task_vectors
-    from adamerge.methods.learned import build_learned
+    from adamerge.methods.data_free import merge_task_vectors
+    from adamerge.methods.learned.adamerging import build_learned
 
     torch.manual_seed(0)
     backbone = heads = None
@@ -117,7 +117,7 @@ def measure_one(pool: str, method: str, clip_blocks: int, device: str, wudi_step
         model_pool = demo_pool()
         task_vectors, backbone, heads = model_pool.task_vectors(), model_pool.fresh_backbone(), model_pool.heads
     else:
-        from adamerge.models.heads import Identity
+        from adamerge.backbones.heads import Identity
 
         task_vectors = clip_shaped_task_vectors(clip_blocks, 8)
         backbone = module_holding(task_vectors.pretrained)
@@ -186,7 +186,7 @@ def main() -> None:
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[pool][method] = json.loads(output.strip().splitlines()[-1])
             print(pool, method, results[pool][method], flush=True)
-    from adamerge.reporting import replace_marked_block, write_json
+    from adamerge.reporting.results import replace_marked_block, write_json
 
     block = render(results, args)
     write_json(RESULTS / "method_cost.json", {"device": args.device, "clip_blocks": args.clip_blocks,

@@ -12,7 +12,7 @@ Implementations
     through the backbone, each task's frozen head gives logits, their mean prediction entropy is
     back-propagated into the weights' ``.grad`` (set to None at the start of the step).
 ``adamerge``
-    ``adamerge.merged.MergedModel(granularity="layer_wise", init_value=0.3, clamp=None)`` on
+    ``adamerge.methods.learned.merged.MergedModel(granularity="layer_wise", init_value=0.3, clamp=None)`` on
     ``TaskVectors.from_state_dicts`` and ``AdaMergingModule(lr=1e-3, objective=Entropy())``, driven without a
     Lightning Trainer: ``zero_grad(set_to_none=True)``; ``accumulate_gradients(batch, merged_weights())``;
     ``optimizer.step()`` (merge once, per-task forward+backward into detached leaves, one backward through
@@ -35,7 +35,7 @@ Models (``--models``)
 ---------------------
 ``clip``: ``transformers.CLIPVisionModel`` (hidden 256, 6 layers, 4 heads, MLP 1024, 224 px, patch 32), random
 seeded weights, features = ``pooler_output`` (:class:`PooledCLIPVision`); K = 8 tasks × 16 images, 224 px.
-``efficientnet``: ``adamerge.models.efficientnet.EfficientNetLite0(num_classes=None)`` (pooled 1280-d
+``efficientnet``: ``adamerge.backbones.efficientnet.EfficientNetLite0(num_classes=None)`` (pooled 1280-d
 features), eval mode; K = 8 × 16 images at 64 px. Its random init has BatchNorm running statistics (0, 1)
 that let the features vanish (~1e-9), so the "pretrained" model's running statistics are first calibrated
 on seeded noise images (a cumulative average over 4 train-mode batches, then eval).
@@ -169,7 +169,7 @@ def build_backbone(model: str, seed: int):
     if model == "clip":
         net = make_clip_wrapper()()
     else:
-        from adamerge.models.efficientnet import EfficientNetLite0
+        from adamerge.backbones.efficientnet import EfficientNetLite0
 
         net = EfficientNetLite0(num_classes=None)
         calibrate_batchnorm(net, MODELS[model]["image"], seed)
@@ -292,10 +292,10 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             return {}
 
     elif args.impl == "adamerge":
-        from adamerge.merged import MergedModel
-        from adamerge.module import AdaMergingModule
+        from adamerge.methods.learned.merged import MergedModel
+        from adamerge.training.module import AdaMergingModule
         from adamerge.objectives import Entropy
-        from adamerge.task_vectors import TaskVectors
+        from adamerge.pool.task_vectors import TaskVectors
 
         pretrained_state = backbone.state_dict()
         vectors = TaskVectors.from_state_dicts(
@@ -631,7 +631,7 @@ def main() -> None:
         (RESULTS / "peer_step.json").write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {RESULTS / 'peer_step.md'} and {RESULTS / 'peer_step.json'}")
     if args.readme:
-        from adamerge.reporting import replace_marked_block
+        from adamerge.reporting.results import replace_marked_block
 
         replace_marked_block(PAGE, "peer-step", text.split("\n", 2)[2].strip())
 

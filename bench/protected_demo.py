@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from adamerge.reporting import replace_marked_block, write_json
+from adamerge.reporting.results import replace_marked_block, write_json
 from readme_demo import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ CASES = {
 
 def run_case(name: str, overrides: list[str]) -> dict:
     run_dir = RUNS / name.replace(" ", "_").replace(",", "").replace("+", "and")
-    command = [sys.executable, "-m", "adamerge.cli", *BASE, *overrides, f"hydra.run.dir={run_dir}"]
+    command = [sys.executable, "-m", "adamerge.cli.main", *BASE, *overrides, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=ROOT)

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from adamerge.reporting import replace_marked_block
+from adamerge.reporting.results import replace_marked_block
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adamerge.reporting import replace_marked_block, write_json
+from adamerge.reporting.results import replace_marked_block, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "sweeps.md"  # the page holding this script's generated block
@@ -31,7 +31,7 @@ EXPERIMENTS = {"demo": "demo", "second": "demo_second"}
 def run_sweep(zoo: str, lrs: str, seeds: str, steps: int) -> dict:
     sweep_dir = RUNS / zoo
     shutil.rmtree(sweep_dir, ignore_errors=True)  # a rerun must not mix in an older sweep's jobs
-    command = [sys.executable, "-m", "adamerge.cli", "--multirun", f"experiment={EXPERIMENTS[zoo]}",
+    command = [sys.executable, "-m", "adamerge.cli.main", "--multirun", f"experiment={EXPERIMENTS[zoo]}",
                "method=adamerging_layer_wise", f"method.lr={lrs}", f"seed={seeds}", f"trainer.max_steps={steps}",
                "logger=none", "export.enabled=false", "hydra.sweep.subdir=${hydra.job.num}",
                f"hydra.sweep.dir={sweep_dir}"]
@@ -42,7 +42,7 @@ def run_sweep(zoo: str, lrs: str, seeds: str, steps: int) -> dict:
 
 def per_seed(summary: dict) -> list[dict]:
     """The two picks within each seed's jobs (a seed is one user's sweep)."""
-    from adamerge.selection import get_criterion, pick, pick_by_accuracy
+    from adamerge.reporting.selection import get_criterion, pick, pick_by_accuracy
 
     out = []
     for seed in sorted({row["overrides"]["seed"] for row in summary["rows"]}, key=int):

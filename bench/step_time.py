@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
-from adamerge.merged import MergedModel
-from adamerge.models.efficientnet import efficientnet_lite0
-from adamerge.module import AdaMergingModule
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.backbones.efficientnet import efficientnet_lite0
+from adamerge.training.module import AdaMergingModule
 from adamerge.objectives import prediction_entropy
-from adamerge.reporting import replace_marked_block
-from adamerge.task_vectors import TaskVectors
+from adamerge.reporting.results import replace_marked_block
+from adamerge.pool.task_vectors import TaskVectors
 from readme_demo import cpu_name  # a sibling script: bench/ is on sys.path when run
 
 

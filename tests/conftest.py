@@ -19,7 +19,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     """The reduced demo zoo (tests.helpers.REDUCED_RECIPE), built once for every end-to-end test."""
-    from adamerge.demo import build_demo_zoo
+    from adamerge.demo.zoo import build_demo_zoo
     from tests.helpers import REDUCED_RECIPE
 
     return build_demo_zoo(tmp_path_factory.mktemp("cache"), recipe=REDUCED_RECIPE, progress=False)

@@ -117,7 +117,7 @@ def wandb_records(path: str | Path) -> list:
 
 
 class TensorSplits:
-    """In-memory stand-in for a MultiTaskDataModule's splits (what adamerge.expert_targets reads): every task's inputs
+    """In-memory stand-in for a MultiTaskDataModule's splits (what adamerge.objectives.expert_targets reads): every task's inputs
     are one tensor, the adaptation and evaluation splits are the same rows."""
 
     def __init__(self, inputs: dict[str, torch.Tensor], batch_size: int = 4):
@@ -143,7 +143,7 @@ def expert_targets_for(backbone: nn.Module, vectors, heads: dict, splits: Tensor
     """ExpertTargets over ``splits`` whose expert k is ``backbone`` at θ0 + τ_k with head k."""
     import copy
 
-    from adamerge.expert_targets import ExpertTargets
+    from adamerge.objectives.expert_targets import ExpertTargets
 
     def expert(task: str):
         model = copy.deepcopy(backbone)

@@ -6,12 +6,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adamerge.adarank import MASK_FILE, RANKS_FILE, AdaRankModule, SpectralMergedModel, spectral_sum
+from adamerge.methods.learned.adarank import MASK_FILE, RANKS_FILE, AdaRankModule, SpectralMergedModel, spectral_sum
 from adamerge.errors import ConfigError
-from adamerge.methods.learned import build_learned
+from adamerge.methods.learned.adamerging import build_learned
 from adamerge.methods.registry import get_method
-from adamerge.report_plots import PNG_SIGNATURE
-from adamerge.task_vectors import TaskVectors
+from adamerge.reporting.plots import PNG_SIGNATURE
+from adamerge.pool.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states, make_heads
 from tests.test_module import _Stream, random_batch
 
@@ -246,7 +246,7 @@ def test_registered_as_learned():
 
 
 def test_pointwise_convolutions_are_decomposed_as_matrices():
-    from adamerge.merged import MergedModel
+    from adamerge.methods.learned.merged import MergedModel
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 6, 1)

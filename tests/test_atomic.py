@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamerge.atomic import DiskFullError, write_atomic
+from adamerge.storage.atomic import DiskFullError, write_atomic
 from adamerge.errors import AdamergeError
-from adamerge.export import export_merged
-from adamerge.reporting import write_json, write_summary
-from adamerge.resume import AtomicCheckpointIO
+from adamerge.export.writer import export_merged
+from adamerge.reporting.results import write_json, write_summary
+from adamerge.training.resume import AtomicCheckpointIO
 from tests.helpers import TinyConvNet
 
 
@@ -87,7 +87,7 @@ def test_a_checkpoint_that_does_not_fit_keeps_the_last_one(tmp_path, full_disk_u
 
 
 def test_an_export_that_does_not_fit_keeps_the_previous_export(tmp_path, monkeypatch):
-    import adamerge.export
+    import adamerge.export.writer
 
     directory = tmp_path / "merged_model"
     export_merged(TinyConvNet(5), directory, merge_config={"method": "first"}, model_card=False)
@@ -96,7 +96,7 @@ def test_an_export_that_does_not_fit_keeps_the_previous_export(tmp_path, monkeyp
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(adamerge.export, "save_model", disk_full)
+    monkeypatch.setattr(adamerge.export.writer, "save_model", disk_full)
     model = TinyConvNet(5)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     with pytest.raises(DiskFullError, match=f"{directory}: it needs at least {weights:,} bytes"):

@@ -2,9 +2,9 @@
 
 Every case composes the real configuration (``conf/``) with Hydra's compose API and runs it in-process, twice:
 
-- through :func:`adamerge.cli.execute`, the command's own path: exit code 1, one ``adamerge: error: ...`` line on
+- through :func:`adamerge.cli.main.execute`, the command's own path: exit code 1, one ``adamerge: error: ...`` line on
   stderr that names the file / parameter / value to change, no traceback;
-- through :func:`adamerge.runner.run`, the Python API: it raises an :class:`adamerge.errors.AdamergeError` carrying
+- through :func:`adamerge.cli.runner.run`, the Python API: it raises an :class:`adamerge.errors.AdamergeError` carrying
   the same text.
 
 Each run gets its own run directory; after it, no ``results.json`` / ``summary.json`` / ``merged_model`` /
@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import adamerge.cli
+import adamerge.cli.main
 import adamerge.methods.configs
-import adamerge.runner
+import adamerge.cli.runner
 from adamerge.errors import AdamergeError
 
 # The runner's line after every fine-tuned checkpoint is loaded: absent when a run fails before loading them.
@@ -303,7 +303,7 @@ CASES: dict[str, Case] = {
     "15-data-lacks-a-pool-task": Case((STATIC, "~data.tasks.science"), ("science",), fails_before_loading=True),
     "x2-head-key-misspelled": Case(
         (STATIC, "~modelpool.heads.digits",
-         "+modelpool.heads.digit={_target_:adamerge.models.heads.linear_head,path:'{zoo}/heads/digits.safetensors'}"),
+         "+modelpool.heads.digit={_target_:adamerge.backbones.heads.linear_head,path:'{zoo}/heads/digits.safetensors'}"),
         ("modelpool.heads", "digits"), fails_before_loading=True),
     # --- checkpoints ---
     "16-missing-finetuned-checkpoint": Case((STATIC, "modelpool.finetuned.digits={inputs}/missing.safetensors"),
@@ -421,7 +421,7 @@ def compose(zoo: Path, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    adamerge.cli.register_resolvers()
+    adamerge.cli.main.register_resolvers()
     with initialize_config_dir(config_dir=str(adamerge.methods.configs.CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=[f"zoo_dir={zoo}", *BASE_OVERRIDES, *overrides])
 
@@ -507,7 +507,7 @@ def test_bad_input_fails_with_one_specific_message(case_id, zoo, tmp_path, capsy
 
     # 1. The command: exit code 1 and one clean, specific line.
     base, run_dir, before = attempt("cli")
-    status = adamerge.cli.execute(copy.deepcopy(cfg), run_dir)
+    status = adamerge.cli.main.execute(copy.deepcopy(cfg), run_dir)
     out, err = capsys.readouterr()
     assert status == 1, f"exit code {status}, not 1; stderr: {err[-1500:]}"
     assert "adamerge: error: " in err, err[-1500:]
@@ -527,7 +527,7 @@ def test_bad_input_fails_with_one_specific_message(case_id, zoo, tmp_path, capsy
     # 2. The Python API: an AdamergeError with the same text.
     base, run_dir, before = attempt("api")
     with pytest.raises(Exception) as raised:
-        adamerge.runner.run(copy.deepcopy(cfg), run_dir)
+        adamerge.cli.runner.run(copy.deepcopy(cfg), run_dir)
     capsys.readouterr()
     error = raised.value
     assert isinstance(error, AdamergeError), (

@@ -6,12 +6,12 @@ import lightning as L
 import pytest
 import torch
 
-from adamerge.methods import merge_task_vectors as merge
+from adamerge.methods.data_free import merge_task_vectors as merge
 from adamerge.errors import ConfigError
-from adamerge.methods.bases import BASES, apply_base, resolve_base
-from adamerge.methods.learned import build_learned
+from adamerge.methods.learned.bases import BASES, apply_base, resolve_base
+from adamerge.methods.learned.adamerging import build_learned
 from adamerge.methods.registry import get_method
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states, make_heads
 from tests.test_methods import as_lists, make_task_vectors, ref_ties_trim
 from tests.test_module import _Stream

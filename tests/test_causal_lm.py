@@ -12,20 +12,14 @@ import transformers
 import yaml
 
 from adamerge import load_merged
-from adamerge.checkpoints import CheckpointError
-from adamerge.export import export_merged
-from adamerge.methods.learned import build_learned
-from adamerge.models.heads import Identity
+from adamerge.pool.checkpoints import CheckpointError
+from adamerge.export.writer import export_merged
+from adamerge.methods.learned.adamerging import build_learned
+from adamerge.backbones.heads import Identity
 from adamerge.objectives import ObjectiveError, build_objective
-from adamerge.models.hf import (
-    HFModelPool,
-    PromptDataModule,
-    PromptPreprocessor,
-    block_layer_groups,
-    causal_lm,
-    export_extra_files,
-    resolve_layer_groups,
-)
+from adamerge.backbones.hf import PromptDataModule, PromptPreprocessor, causal_lm, export_extra_files
+from adamerge.backbones.hf_checkpoints import HFModelPool
+from adamerge.pool.key_filters import block_layer_groups, resolve_layer_groups
 
 TASKS = ("math", "code")
 PROMPTS = {
@@ -108,7 +102,7 @@ def test_prompt_preprocessor_pads_masks_and_shifts(lm_zoo):
 
 def _pool(lm_zoo) -> HFModelPool:
     return HFModelPool(
-        backbone={"_target_": "adamerge.models.hf.causal_lm", "model": str(lm_zoo["pretrained"])},
+        backbone={"_target_": "adamerge.backbones.hf.causal_lm", "model": str(lm_zoo["pretrained"])},
         finetuned={t: str(lm_zoo[t]) for t in TASKS}, heads={t: Identity() for t in TASKS},
         pretrained=str(lm_zoo["pretrained"]), storage_dtype="bfloat16", auto_class="AutoModelForCausalLM",
     )
@@ -163,7 +157,7 @@ def test_causal_lm_experiment_runs_end_to_end(lm_zoo, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from adamerge.methods.configs import CONF_DIR
-    from adamerge.runner import run
+    from adamerge.cli.runner import run
 
     overrides = [
         "experiment=causal_lm_qwen25_1p5b", f"modelpool.pretrained={lm_zoo['pretrained']}",

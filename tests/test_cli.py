@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from adamerge import load_backbone
-from adamerge.checkpoints import load_state_dict
-from adamerge.demo import build_demo_zoo
-from adamerge.merged import MergedModel
-from adamerge.models.heads import linear_head
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.checkpoints import load_state_dict
+from adamerge.demo.zoo import build_demo_zoo
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.backbones.heads import linear_head
+from adamerge.pool.task_vectors import TaskVectors
 
 # Big enough that fine-tuning matters (each fine-tuned model clearly beats the probe) and that task arithmetic
 # loses to interference, small enough for CI (about a minute to build on 2 cores).
@@ -32,7 +32,7 @@ def adamerge(run_dir: Path, zoo: Path, *overrides: str, check: bool = True) -> s
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     flags = [o for o in overrides if o.startswith("--")]
     overrides = tuple(o for o in overrides if not o.startswith("--"))
-    command = [sys.executable, "-m", "adamerge.cli", *flags, f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
+    command = [sys.executable, "-m", "adamerge.cli.main", *flags, f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
                "data.eval_batch_size=64", "data.batch_size=8", *overrides]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
     if check and result.returncode != 0:

@@ -13,16 +13,16 @@ import torch
 import transformers
 
 from adamerge import load_merged
-from adamerge.checkpoints import CheckpointError
-from adamerge.models import clip as clip_module
-from adamerge.models.clip import (
+from adamerge.pool.checkpoints import CheckpointError
+from adamerge.backbones import clip as clip_module
+from adamerge.backbones.clip import (
     CLIP_EIGHT_TASKS,
     ZeroShotHead,
     clip_task,
     clip_vision_model,
     zero_shot_head,
 )
-from adamerge.models.hf import HFModelPool, align_state_dict
+from adamerge.backbones.hf_checkpoints import HFModelPool, align_state_dict
 from tests.helpers import char_tokenizer
 
 TASKS = ("eurosat", "mnist")  # real class names and templates from the shipped resources
@@ -187,7 +187,7 @@ def test_unreachable_hub_id_names_it(monkeypatch):
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from adamerge.cli import register_resolvers
+    from adamerge.cli.main import register_resolvers
     from adamerge.methods.configs import CONF_DIR
 
     register_resolvers()
@@ -197,7 +197,7 @@ def _compose(overrides: list[str]):
 
 def test_clip_experiment_config_runs_end_to_end(clip_zoo, tmp_path):
     """The shipped experiment file, pointed at the tiny zoo, through the runner (the CLI's code path)."""
-    from adamerge.runner import run
+    from adamerge.cli.runner import run
 
     others = [t for t in CLIP_EIGHT_TASKS if t not in TASKS]
     overrides = [

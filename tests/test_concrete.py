@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from adamerge.concrete import MASK_FILE, ConcreteAdaMergingModule, ConcreteTaskArithmeticModule, split_batch
-from adamerge.concrete_mask import ConcreteMask, rescale
-from adamerge.key_filters import select_tensors
-from adamerge.methods.learned import build_learned
+from adamerge.methods.learned.concrete import MASK_FILE, ConcreteAdaMergingModule, ConcreteTaskArithmeticModule, split_batch
+from adamerge.methods.learned.concrete_mask import ConcreteMask, rescale
+from adamerge.pool.key_filters import select_tensors
+from adamerge.methods.learned.adamerging import build_learned
 from adamerge.methods.registry import get_method
 from adamerge.objectives import prediction_entropy
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states, make_heads
 from tests.test_module import _Stream, random_batch
 

@@ -1,4 +1,5 @@
-"""The Hydra tree mirrors the code: one conf/method file per registered method, same defaults."""
+"""The Hydra tree mirrors the code: one conf/method file per registered method, same defaults; one conf/selection
+file per selection criterion (conf/objective mirrors the objectives: tests/test_objectives.py)."""
 
 
 import pytest
@@ -7,7 +8,7 @@ from omegaconf import OmegaConf
 
 from adamerge.methods.registry import available_methods, get_method
 from adamerge.methods.configs import CONF_DIR, method_config
-from adamerge.runner import EVALUATION_ONLY
+from adamerge.cli.settings import EVALUATION_ONLY
 
 COMPOSITE = ("compare",)
 
@@ -29,6 +30,15 @@ def test_method_group_mirrors_registry():
         for key, value in spec.defaults.items():
             expected = list(value) if isinstance(value, tuple) else value
             assert hparams[key] == expected, f"{name}.{key}: yaml {hparams[key]!r} != code {expected!r}"
+
+
+def test_selection_group_mirrors_the_criteria():
+    """conf/selection: one file per label-free selection criterion of adamerge.reporting.selection, named as it."""
+    from adamerge.reporting.selection import CRITERIA
+
+    files = {p.stem: OmegaConf.load(p) for p in sorted((CONF_DIR / "selection").glob("*.yaml"))}
+    assert set(files) == set(CRITERIA)
+    assert all(node.name == name for name, node in files.items())
 
 
 def test_compare_lists_only_known_methods():
@@ -67,8 +77,8 @@ def test_every_group_option_composes(group):
 def test_composing_an_experiment_never_builds_a_zoo(monkeypatch):
     """Zoos are built when a run reads zoo_dir, never while Hydra composes (merging over an interpolation
     makes OmegaConf evaluate it: an experiment that replaced zoo_dir would build the default zoo first)."""
-    from adamerge import demo
-    from adamerge.cli import register_resolvers
+    from adamerge.demo import zoo as demo
+    from adamerge.cli.main import register_resolvers
 
     register_resolvers()
     built = []

@@ -1,4 +1,4 @@
-"""Offline tests for adamerge.data: tiny datasets built in tmp_path in every supported format."""
+"""Offline tests for adamerge.data.datamodule: tiny datasets built in tmp_path in every supported format."""
 
 from __future__ import annotations
 
@@ -12,13 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from adamerge.data import (
-    ImagePreprocessor,
-    MultiTaskDataModule,
-    TaskData,
-    TaskDataError,
-    TextPreprocessor,
-)
+from adamerge.data.datamodule import MultiTaskDataModule
+from adamerge.data.preprocessing import ImagePreprocessor, TextPreprocessor
+from adamerge.data.tasks import TaskData, TaskDataError
 
 N = 10  # examples per task
 
@@ -213,10 +209,10 @@ def test_hydra_instantiate(two_tasks):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"_target_": "adamerge.data.MultiTaskDataModule", "batch_size": 2, "eval_batch_size": 5,
-                            "tasks": two_tasks, "preprocessor": {"_target_": "adamerge.data.ImagePreprocessor",
+    cfg = OmegaConf.create({"_target_": "adamerge.data.datamodule.MultiTaskDataModule", "batch_size": 2, "eval_batch_size": 5,
+                            "tasks": two_tasks, "preprocessor": {"_target_": "adamerge.data.preprocessing.ImagePreprocessor",
                                                                  "image_size": 4}})
-    cfg.tasks.b.preprocessor = {"_target_": "adamerge.data.ImagePreprocessor", "image_size": 6}
+    cfg.tasks.b.preprocessor = {"_target_": "adamerge.data.preprocessing.ImagePreprocessor", "image_size": 6}
     dm = instantiate(cfg)
     assert dm.task_names == ["a", "b"] and dm.tasks["a"].split == "test"
     batch = next(iter(dm.train_dataloader()))
@@ -277,8 +273,8 @@ def test_nan_pixels_are_refused_naming_task_split_and_row(tmp_path):
     import datasets
     import numpy as np
 
-    from adamerge.data import MultiTaskDataModule, TaskDataError
-    from adamerge.preprocessing import ImagePreprocessor
+    from adamerge.data.datamodule import MultiTaskDataModule, TaskDataError
+    from adamerge.data.preprocessing import ImagePreprocessor
 
     images = np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32)
     images[2, 1, 1, 0] = np.nan
@@ -295,8 +291,8 @@ def test_nan_pixels_are_refused_naming_task_split_and_row(tmp_path):
     (["fine", None, "also fine"], r"split 'test', row 1: column 'sentence' is empty \(null\), not text"),
 ])
 def test_text_columns_must_hold_text_in_every_row(tmp_path, sentences, expected):
-    from adamerge.data import MultiTaskDataModule, TaskDataError
-    from adamerge.preprocessing import TextPreprocessor
+    from adamerge.data.datamodule import MultiTaskDataModule, TaskDataError
+    from adamerge.data.preprocessing import TextPreprocessor
 
     path = _saved_test_split(tmp_path / "ds", {"sentence": sentences, "label": [0, 1, 0]})
     module = MultiTaskDataModule({"sst": {"path": path, "split": "test"}},

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from adamerge import load_backbone, load_merged
-from adamerge.multitask import TaskModel
+from adamerge.export.multitask import TaskModel
 
 METHODS = ("task_arithmetic", "adamerging_layer_wise")
 EVAL_BATCH = 16
@@ -22,9 +22,9 @@ EVAL_BATCH = 16
 def demo_run(zoo, tmp_path_factory) -> Path:
     from hydra import compose, initialize_config_dir
 
-    from adamerge.cli import register_resolvers
+    from adamerge.cli.main import register_resolvers
     from adamerge.methods.configs import CONF_DIR
-    from adamerge.runner import run
+    from adamerge.cli.runner import run
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

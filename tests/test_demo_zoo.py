@@ -12,7 +12,7 @@ pytest.importorskip("sklearn")
 datasets = pytest.importorskip("datasets")
 from safetensors.torch import load_file  # noqa: E402
 
-from adamerge import demo  # noqa: E402
+from adamerge.demo import zoo as demo  # noqa: E402
 
 TINY = {
     "tasks": ["digits", "textures"],

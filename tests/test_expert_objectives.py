@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from adamerge.expert_targets import ExpertTargets
-from adamerge.merged import MergedModel
-from adamerge.module import AdaMergingModule
+from adamerge.objectives.expert_targets import ExpertTargets
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.training.module import AdaMergingModule
 from adamerge.objectives import ExpertOutputs, ObjectiveError, build_objective
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.task_vectors import TaskVectors
 from tests.helpers import TensorSplits, TinyConvNet, expert_targets_for, finetuned_states, make_heads
 from tests.test_objectives import _Identity, _Repeat
 
@@ -136,7 +136,7 @@ def _pool(num_tasks: int = 2):
 
 
 def test_each_expert_runs_once_per_input_however_many_steps_and_evaluations():
-    from adamerge.methods.learned import build_learned
+    from adamerge.methods.learned.adamerging import build_learned
 
     backbone, vectors, heads = _pool()
     splits = TensorSplits({t: torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(i))
@@ -170,7 +170,7 @@ def test_beyond_the_memory_budget_outputs_are_recomputed_per_batch_with_a_warnin
         return model, heads[task]
 
     lazy = ExpertTargets(expert, splits, torch.device("cpu"), ("logits", "features"), max_bytes=0)
-    with caplog.at_level(logging.WARNING, logger="adamerge.expert_targets"):
+    with caplog.at_level(logging.WARNING, logger="adamerge.objectives.expert_targets"):
         lazy.prepare(vectors.task_names, [0])
     assert "recomputed for every batch" in caplog.text
     batch = splits.batch(vectors.task_names[0], [1, 5, 6])
@@ -183,7 +183,7 @@ def test_beyond_the_memory_budget_outputs_are_recomputed_per_batch_with_a_warnin
 
 def test_per_token_outputs_are_found_again_under_other_padding():
     """A causal LM's per-token outputs are kept at the unpadded positions: a batch padded otherwise finds them."""
-    from adamerge.expert_targets import _RowStore
+    from adamerge.objectives.expert_targets import _RowStore
 
     store = _RowStore(2)
     values = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)

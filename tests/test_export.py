@@ -8,11 +8,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from adamerge import export
-from adamerge.export import MERGE_CONFIG, WEIGHTS, ExportError, export_merged
-from adamerge.loading import TRUSTED_ARCHITECTURES, load_backbone, load_merged, read_merge_config
-from adamerge.merged import MergedModel
-from adamerge.task_vectors import TaskVectors
+from adamerge.export import writer as export
+from adamerge.export.writer import MERGE_CONFIG, WEIGHTS, ExportError, export_merged
+from adamerge.export.loading import TRUSTED_ARCHITECTURES, load_backbone, load_merged, read_merge_config
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.pool.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states
 
 ARCH = {"_target_": "tests.helpers.TinyConvNet", "features": 5}
@@ -438,11 +438,11 @@ def test_an_export_never_chooses_code_to_run(tmp_path, where):
 
 
 def test_own_architectures_rebuild_without_trust(tmp_path):
-    from adamerge.models.efficientnet import EfficientNetLite0
+    from adamerge.backbones.efficientnet import EfficientNetLite0
 
     net = EfficientNetLite0(num_classes=None).eval()
     out = export_merged(net, tmp_path / "e", merge_config={},
-                        architecture={"_target_": "adamerge.models.efficientnet.EfficientNetLite0", "num_classes": None})
+                        architecture={"_target_": "adamerge.backbones.efficientnet.EfficientNetLite0", "num_classes": None})
     loaded = load_backbone(out)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

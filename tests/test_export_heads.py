@@ -16,12 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from adamerge import export_heads, load_backbone, load_merged
-from adamerge.export import MERGE_CONFIG, ExportError, export_merged
-from adamerge.loading import read_merge_config
-from adamerge.models.clip import ZeroShotHead
-from adamerge.multitask import MultiTaskModel, TaskModel
-from adamerge.preprocessing import ImagePreprocessor
+from adamerge import load_backbone, load_merged
+from adamerge.export import heads as export_heads
+from adamerge.export.writer import MERGE_CONFIG, ExportError, export_merged
+from adamerge.export.loading import read_merge_config
+from adamerge.backbones.clip import ZeroShotHead
+from adamerge.export.multitask import MultiTaskModel, TaskModel
+from adamerge.data.preprocessing import ImagePreprocessor
 from tests.helpers import ScaledHead, TinyConvNet
 
 ARCH = {"_target_": "tests.helpers.TinyConvNet", "features": 5}

@@ -11,14 +11,15 @@ import torch
 import transformers
 
 from adamerge import load_merged
-from adamerge.data import MultiTaskDataModule
-from adamerge.evaluation import evaluate
-from adamerge.export import export_merged
-from adamerge.export_heads import head_records, read_head, write_head_files
-from adamerge.merged import MergedModel
-from adamerge.models.hf import HFModelPool, export_extra_files, sequence_classification_body, sequence_classification_head
+from adamerge.data.datamodule import MultiTaskDataModule
+from adamerge.training.evaluation import evaluate
+from adamerge.export.writer import export_merged
+from adamerge.export.heads import head_records, read_head, write_head_files
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.backbones.hf import export_extra_files, sequence_classification_body, sequence_classification_head
+from adamerge.backbones.hf_checkpoints import HFModelPool
 from adamerge.objectives import build_objective
-from adamerge.preprocessing import TextPreprocessor
+from adamerge.data.preprocessing import TextPreprocessor
 from tests.helpers import char_tokenizer
 
 # Two tasks with different label counts: one declares its class names in the dataset (ClassLabel), the other
@@ -144,7 +145,7 @@ def test_every_family_head_survives_a_head_file(family, tmp_path):
 
 def test_sentence_pairs_are_preprocessed_as_pairs(text_pool):
     """A two-column text task (GLUE's RTE, MRPC...) takes 2-tuples; a bare sentence is refused, naming the columns."""
-    from adamerge.multitask import TaskModel
+    from adamerge.export.multitask import TaskModel
 
     root = text_pool["root"]
     pre = TextPreprocessor(str(root / "pretrained"), text_columns=["premise", "hypothesis"])

@@ -12,13 +12,9 @@ import torch
 import transformers
 
 from adamerge import load_merged
-from adamerge.checkpoints import CheckpointError
-from adamerge.models.hf import (
-    HFModelPool,
-    SequenceClassificationHead,
-    sequence_classification_body,
-    sequence_classification_head,
-)
+from adamerge.pool.checkpoints import CheckpointError
+from adamerge.backbones.hf import SequenceClassificationHead, sequence_classification_body, sequence_classification_head
+from adamerge.backbones.hf_checkpoints import HFModelPool
 
 GOOD = ["wonderful", "great", "delightful", "excellent", "lovely", "brilliant", "superb", "charming"]
 BAD = ["awful", "terrible", "dreadful", "horrible", "boring", "dull", "painful", "miserable"]
@@ -133,7 +129,7 @@ def test_glue_style_experiment_runs_on_minilm_finetunes(text_zoo, tmp_path):
     from omegaconf import OmegaConf
 
     from adamerge.methods.configs import CONF_DIR
-    from adamerge.runner import run
+    from adamerge.cli.runner import run
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[

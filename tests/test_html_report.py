@@ -15,8 +15,8 @@ import pytest
 from nbclient import NotebookClient
 
 from adamerge.errors import ConfigError
-from adamerge.html_report import main, write_report
-from adamerge.report_plots import PNG_SIGNATURE
+from adamerge.reporting.html import main, write_report
+from adamerge.reporting.plots import PNG_SIGNATURE
 from tests.test_cli import adamerge
 
 METHODS = ["pretrained", "task_arithmetic", "adamerging_task_wise", "adamerging_layer_wise"]
@@ -188,7 +188,7 @@ def test_bad_directories_fail_with_one_line_naming_the_path(tmp_path, capsys, ma
 
 def test_module_entry_point_exits_2_on_a_missing_directory(tmp_path):
     missing = tmp_path / "nowhere"
-    result = subprocess.run([sys.executable, "-m", "adamerge.html_report", str(missing)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "adamerge.reporting.html", str(missing)], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and str(missing) in result.stderr and "Traceback" not in result.stderr
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from adamerge.locking import RUN_LOCK, FileLock, LockHeldError, acquire_run_lock, release_run_lock
+from adamerge.storage.locking import RUN_LOCK, FileLock, LockHeldError, acquire_run_lock, release_run_lock
 from tests.test_cli import adamerge
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -31,7 +31,7 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_dead_holders_lock_i
     run_dir = tmp_path / "run"
     lock = run_dir / RUN_LOCK
     first = subprocess.Popen(
-        [sys.executable, "-m", "adamerge.cli", f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
+        [sys.executable, "-m", "adamerge.cli.main", f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
          "method=adamerging_task_wise", "trainer.max_steps=10000", "logger=none", "export.enabled=false",
          "trainer.enable_progress_bar=false"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
@@ -62,7 +62,7 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_dead_holders_lock_i
 
 def test_run_lock_is_reentrant_within_a_process_and_refuses_another(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from adamerge.locking import acquire_run_lock; "
+        [sys.executable, "-c", "import sys, time; from adamerge.storage.locking import acquire_run_lock; "
          "acquire_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(tmp_path)],
         env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -83,7 +83,7 @@ def test_run_lock_is_reentrant_within_a_process_and_refuses_another(tmp_path):
 
 TINY_RECIPE = {"tasks": ["digits"], "train_size": 64, "test_size": 16, "threads": 1,
                "probe": {"C": 1.0, "max_iter": 20}, "finetune": {"steps": 1, "batch_size": 4}}
-BUILD = ("import json, sys; from adamerge.demo import build_demo_zoo; "
+BUILD = ("import json, sys; from adamerge.demo.zoo import build_demo_zoo; "
          "print('zoo', build_demo_zoo(recipe=json.loads(sys.argv[1])), flush=True)")
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from adamerge.checkpoints import CheckpointError
-from adamerge.lora import LoRATaskVectors, save_linear_adapter
+from adamerge.pool.checkpoints import CheckpointError
+from adamerge.pool.lora import LoRATaskVectors, save_linear_adapter
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[lora]')")
 TASKS = ("alpha", "beta")
@@ -105,12 +105,12 @@ def test_adapters_that_are_not_b_at_a_scale_are_refused(zoo, tmp_path, changes, 
 
 def test_learning_over_adapters_keeps_them_as_factors(zoo):
     from adamerge.errors import ConfigError
-    from adamerge.methods.learned import build_learned
+    from adamerge.methods.learned.adamerging import build_learned
     from adamerge.methods.registry import get_method
-    from adamerge.models.heads import Identity
-    from adamerge.models.hf import HFModelPool
+    from adamerge.backbones.heads import Identity
+    from adamerge.backbones.hf_checkpoints import HFModelPool
 
-    pool = HFModelPool(backbone={"_target_": "adamerge.models.hf.causal_lm", "model": str(zoo["base"])},
+    pool = HFModelPool(backbone={"_target_": "adamerge.backbones.hf.causal_lm", "model": str(zoo["base"])},
                        finetuned={t: str(zoo[t]) for t in TASKS}, heads={t: Identity() for t in TASKS},
                        pretrained=str(zoo["base"]), auto_class="AutoModelForCausalLM")
     vectors = pool.task_vectors()
@@ -131,7 +131,7 @@ def test_learning_over_adapters_keeps_them_as_factors(zoo):
 
 
 def test_memory_plan_of_an_adapter_pool_counts_the_adapters(zoo):
-    from adamerge.run_memory import plan_for_pool
+    from adamerge.cli.run_memory import plan_for_pool
 
     vectors = _vectors(zoo)
     plan, run, model = plan_for_pool(zoo["base"], {t: zoo[t] for t in TASKS}, auto_class="AutoModelForCausalLM",
@@ -148,7 +148,7 @@ def test_a_run_over_adapters_exports_the_merged_adapter(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from adamerge.methods.configs import CONF_DIR
-    from adamerge.runner import run
+    from adamerge.cli.runner import run
     from test_causal_lm import PROMPTS, char_tokenizer
 
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -162,9 +162,9 @@ def test_a_run_over_adapters_exports_the_merged_adapter(tmp_path):
     for k, task in enumerate(("math", "code")):
         _adapter(tmp_path / "base", tmp_path / task, k + 1, r=4, lora_alpha=8)
         datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": PROMPTS[task]})}).save_to_disk(tmp_path / task / "data")
-        overrides += [f"+modelpool.finetuned.{task}={tmp_path / task}", f"+modelpool.heads.{task}._target_=adamerge.models.heads.Identity",
+        overrides += [f"+modelpool.finetuned.{task}={tmp_path / task}", f"+modelpool.heads.{task}._target_=adamerge.backbones.heads.Identity",
                       f"+data.tasks.{task}.path={tmp_path / task / 'data'}", f"+data.tasks.{task}.split=test",
-                      f"+data.tasks.{task}.preprocessor._target_=adamerge.models.hf.PromptPreprocessor",
+                      f"+data.tasks.{task}.preprocessor._target_=adamerge.backbones.hf.PromptPreprocessor",
                       f"+data.tasks.{task}.preprocessor.tokenizer={tmp_path / 'base'}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

@@ -13,12 +13,12 @@ import torch
 import transformers
 from hydra import compose, initialize_config_dir
 
-from adamerge.checkpoint_inventory import InventoryUnavailable, checkpoint_inventory, meta_inventory
-from adamerge.memory_plan import RunShape, model_shape, plan_memory, smallest_fitting_change
+from adamerge.pool.inventory import InventoryUnavailable, checkpoint_inventory, meta_inventory
+from adamerge.pool.memory_plan import RunShape, model_shape, plan_memory, smallest_fitting_change
 from adamerge.methods.configs import CONF_DIR
-from adamerge.models.heads import Identity
-from adamerge.models.hf import HFModelPool
-from adamerge.run_memory import MemoryPlanError, check_memory_plan, plan_for_pool
+from adamerge.backbones.heads import Identity
+from adamerge.backbones.hf_checkpoints import HFModelPool
+from adamerge.cli.run_memory import MemoryPlanError, check_memory_plan, plan_for_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = importlib.util.spec_from_file_location("memory_plan_check", ROOT / "bench" / "memory_plan_check.py")
@@ -49,7 +49,7 @@ def test_headers_and_meta_build_give_the_checkpoint_s_tensors(pool_dirs, tmp_pat
 
 def test_plan_terms_equal_what_the_pool_holds(pool_dirs):
     finetuned = {t: str(p) for t, p in pool_dirs.items() if t != "pretrained"}
-    pool = HFModelPool(backbone={"_target_": "adamerge.models.hf.causal_lm", "model": str(pool_dirs["pretrained"])},
+    pool = HFModelPool(backbone={"_target_": "adamerge.backbones.hf.causal_lm", "model": str(pool_dirs["pretrained"])},
                        finetuned=finetuned, heads={t: Identity() for t in finetuned}, storage_dtype="bfloat16",
                        pretrained=str(pool_dirs["pretrained"]), auto_class="AutoModelForCausalLM")
     vectors = pool.task_vectors()
@@ -77,7 +77,7 @@ def test_fitting_settings_are_found_in_order():
 
 
 def checkpoint_inventory_like() -> dict:
-    from adamerge.checkpoint_inventory import TensorSpec
+    from adamerge.pool.inventory import TensorSpec
 
     return {"model.embed_tokens.weight": TensorSpec((1000, 64), "F32"),
             **{f"model.layers.{i}.mlp.up_proj.weight": TensorSpec((128, 64), "F32") for i in range(2)}}
@@ -102,7 +102,7 @@ def test_preflight_prints_the_plan_and_refuses_what_does_not_fit(pool_dirs, monk
     smaller = plan_for_pool(pool_dirs["pretrained"], {t: pool_dirs[t] for t in ("alpha", "beta")},
                             auto_class="AutoModelForCausalLM", storage_dtype="bfloat16", batch_size=4,
                             sequence_length=512)[0]
-    monkeypatch.setattr("adamerge.run_memory.memory_limits",
+    monkeypatch.setattr("adamerge.cli.run_memory.memory_limits",
                         lambda on_device, headroom: ((smaller.host_peak + plan.host_peak) / 2, None))
     with pytest.raises(MemoryPlanError, match=r"exceeds 90% of the free memory \(host .*it fits with "
                                               r"modelpool.storage_dtype=bfloat16 data.batch_size=\d+ .*"
@@ -110,7 +110,7 @@ def test_preflight_prints_the_plan_and_refuses_what_does_not_fit(pool_dirs, monk
         check_memory_plan(cfg, learned=True, on_device=False)
     assert check_memory_plan(_run_config(pool_dirs, "memory_plan.force=true"), learned=True, on_device=False)
     assert "running anyway (memory_plan.force=true)" in capsys.readouterr().out
-    monkeypatch.setattr("adamerge.run_memory.memory_limits", lambda on_device, headroom: (1.0, None))
+    monkeypatch.setattr("adamerge.cli.run_memory.memory_limits", lambda on_device, headroom: (1.0, None))
     with pytest.raises(MemoryPlanError, match="no storage dtype, task batching or batch size makes it fit"):
         check_memory_plan(cfg, learned=True, on_device=False)
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from adamerge.merged import MergedModel
-from adamerge.task_vectors import TaskVectors
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.pool.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states
 
 
@@ -111,7 +111,7 @@ def test_layer_groups_share_coefficients():
 
 
 def test_efficientnet_lite0_real_weights():
-    from adamerge.models.efficientnet import efficientnet_lite0
+    from adamerge.backbones.efficientnet import efficientnet_lite0
 
     backbone = efficientnet_lite0(pretrained=True, num_classes=None).eval()
     pretrained = {k: v.clone() for k, v in backbone.state_dict().items()}

@@ -9,12 +9,12 @@ import torch
 import transformers
 import yaml
 
-from adamerge.checkpoints import load_state_dict
-from adamerge.merged import MergedModel
-from adamerge.mergekit_bridge import mergekit_config, mergekit_yaml
+from adamerge.pool.checkpoints import load_state_dict
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.export.mergekit_config import mergekit_config, mergekit_yaml
 from adamerge.methods.registry import get_method
-from adamerge.models.heads import Identity
-from adamerge.models.hf import HFModelPool
+from adamerge.backbones.heads import Identity
+from adamerge.backbones.hf_checkpoints import HFModelPool
 
 mergekit = pytest.importorskip("mergekit.merge", reason="mergekit is not installed (pip install -e '.[mergekit]')")
 TASKS = ("alpha", "beta")
@@ -45,7 +45,7 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 
 
 def _pool(zoo, include=None) -> HFModelPool:
-    return HFModelPool(backbone={"_target_": "adamerge.models.hf.causal_lm", "model": str(zoo["pretrained"])},
+    return HFModelPool(backbone={"_target_": "adamerge.backbones.hf.causal_lm", "model": str(zoo["pretrained"])},
                        finetuned={t: str(zoo[t]) for t in TASKS}, heads={t: Identity() for t in TASKS},
                        pretrained=str(zoo["pretrained"]), auto_class="AutoModelForCausalLM", include=include)
 

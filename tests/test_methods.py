@@ -14,13 +14,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from adamerge import TaskVectors, merge
-from adamerge.methods import (
-    available_methods,
-    get_method,
-    merge_task_vectors,
-    register_method,
-    steps,
-)
+from adamerge.methods import available_methods, get_method, register_method
+from adamerge.methods.data_free import merge_task_vectors, steps
 
 CONF_METHOD = Path(__file__).resolve().parents[1] / "conf" / "method"
 SHAPES = {"a.weight": (3, 4), "a.bias": (5,), "b.weight": (2, 3, 5)}

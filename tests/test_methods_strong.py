@@ -13,10 +13,11 @@ import torch
 from omegaconf import OmegaConf
 
 from adamerge import TaskVectors, merge
-from adamerge.methods import get_method, merge_task_vectors, spectral
-from adamerge.methods.isotropic import subspace_sizes
-from adamerge.methods.tsv import components_per_task
-from adamerge.methods.wudi import wudi_objective
+from adamerge.methods import get_method
+from adamerge.methods.data_free import merge_task_vectors, spectral
+from adamerge.methods.data_free.isotropic import subspace_sizes
+from adamerge.methods.data_free.tsv import components_per_task
+from adamerge.methods.data_free.wudi import wudi_objective
 
 CONF_METHOD = Path(__file__).resolve().parents[1] / "conf" / "method"
 STRONG = ["pcb", "tsv_merge", "iso_c", "iso_cts", "wudi"]

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from adamerge.merged import MergedModel
-from adamerge.module import AdaMergingModule
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.training.module import AdaMergingModule
 from adamerge.objectives import prediction_entropy
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states, make_heads
 
 
@@ -50,7 +50,7 @@ def test_per_task_accumulation_equals_single_graph(granularity):
 
 
 def test_merge_graph_traversed_once_per_step(monkeypatch):
-    from adamerge import merged as merged_module
+    from adamerge.methods.learned import merged as merged_module
 
     calls = {"backward": 0}
     original = merged_module._WeightedTaskSum.backward
@@ -164,7 +164,7 @@ def test_label_free_report_compares_the_first_and_last_evaluation():
 
 
 def test_non_finite_objective_stops_before_the_coefficients_change():
-    from adamerge.module import NonFiniteError
+    from adamerge.training.module import NonFiniteError
 
     model = build_module()
     batch = random_batch(model.task_names)
@@ -192,7 +192,7 @@ class _PoisonedStream(torch.utils.data.IterableDataset):
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_steps_stop_the_run_or_are_skipped_without_an_update(policy):
-    from adamerge.module import NonFiniteError
+    from adamerge.training.module import NonFiniteError
 
     model = build_module(lr=5e-2)
     model.on_nonfinite = policy

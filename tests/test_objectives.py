@@ -11,11 +11,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from adamerge.merged import MergedModel
-from adamerge.module import AdaMergingModule
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.training.module import AdaMergingModule
 from adamerge.objectives import OBJECTIVES, ObjectiveError, build_objective
 from adamerge.methods.configs import CONF_DIR
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.task_vectors import TaskVectors
 
 
 def entropy_of(probs: list[float]) -> float:
@@ -223,7 +223,7 @@ SETTINGS = {"entropy": {}, "information_maximization": {}, "confident_entropy": 
     "concrete_task_arithmetic", "concrete_adamerging_task_wise", "concrete_adamerging_layer_wise",
 ])
 def test_every_objective_drives_every_learned_method(method, objective):
-    from adamerge.methods.learned import build_learned
+    from adamerge.methods.learned.adamerging import build_learned
     from tests.helpers import TensorSplits, TinyConvNet, expert_targets_for, finetuned_states, make_heads
 
     backbone = TinyConvNet()

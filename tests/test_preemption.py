@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamerge.preemption import PREEMPTED_EXIT_CODE
+from adamerge.training.preemption import PREEMPTED_EXIT_CODE
 from tests.test_resume import _assert_close, _stable
 
 MAX_STEPS = 30
@@ -28,7 +28,7 @@ ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARN
 
 
 def _start(run_dir: Path, zoo: Path, *settings: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "adamerge.cli", f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
+    command = [sys.executable, "-m", "adamerge.cli.main", f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
                "data.eval_batch_size=64", "data.batch_size=8", *settings]
     return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
@@ -81,7 +81,7 @@ def test_sigterm_mid_learning_saves_exits_75_and_the_printed_command_resumes_to_
     assert len(lines) == 1, err[-2000:]
     command = shlex.split(lines[0])
     assert command[-2:] == ["resume=true", f"hydra.run.dir={stopped_dir.absolute()}"]
-    resumed = subprocess.run([sys.executable, "-m", "adamerge.cli", *command[1:]], env=ENV, capture_output=True,
+    resumed = subprocess.run([sys.executable, "-m", "adamerge.cli.main", *command[1:]], env=ENV, capture_output=True,
                              text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {checkpoint}" in resumed.stdout

@@ -1,4 +1,4 @@
-"""Progressive layer-wise distillation (adamerge/progressive.py): blocks found, inputs captured and propagated,
+"""Progressive layer-wise distillation (adamerge/methods/learned/progressive.py): blocks found, inputs captured and propagated,
 each merged block learning to reproduce its experts' blocks."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from adamerge.errors import ConfigError
-from adamerge.methods.learned import build_learned
-from adamerge.progressive import block_of, find_blocks
-from adamerge.task_vectors import TaskVectors
+from adamerge.methods.learned.adamerging import build_learned
+from adamerge.methods.learned.progressive import block_of, find_blocks
+from adamerge.pool.task_vectors import TaskVectors
 from tests.helpers import TensorSplits, finetuned_states, make_heads
 
 
@@ -176,7 +176,7 @@ def test_residual_base_starts_from_the_base_and_keeps_it_outside_the_blocks():
 
 
 def test_protected_tasks_and_alignment_vectors_are_refused_clearly():
-    from adamerge.alignment import AlignmentVector
+    from adamerge.training.alignment import AlignmentVector
 
     backbone, vectors, heads, _ = _pool()
     module = build_learned("progressive_distillation", backbone, vectors, heads)

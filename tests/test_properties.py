@@ -14,7 +14,7 @@ scaling coefficient, α the spectral methods' scale, K the number of tasks; "mat
   [0, K] (each copy keeps the entry or not); Iso-C K × its K = 1 merge on matrices (the SVD of Kτ), α·τ on vectors.
   TSV-M and Iso-CTS on matrices: no relation — K identical blocks make the concatenated singular vectors rank
   deficient, and the polar factor then depends on the directions of zero singular value the SVD returns
-  (documented in adamerge/methods/tsv.py and isotropic.py); only their vectors (α · mean) are asserted. WUDI: Adam
+  (documented in adamerge/methods/data_free/tsv.py and isotropic.py); only their vectors (α · mean) are asserted. WUDI: Adam
   moves each entry at most ≈ lr·(1−β1)/√(1−β2) ≤ 3.17·lr per step from the start Kτ, and its objective decreases.
 - Zero task vectors: every method returns the pretrained model.
 - Permuted tasks: the same merge (per-task λ permuted with its task), except DARE, whose one seeded generator draws
@@ -33,8 +33,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adamerge.methods import available_methods, merge, steps
-from adamerge.methods.wudi import wudi_objective
+from adamerge.methods import available_methods
+from adamerge.methods.data_free import merge, steps
+from adamerge.methods.data_free.wudi import wudi_objective
 
 MATRIX, VECTOR = "layer.weight", "layer.bias"
 SHAPES = {MATRIX: (5, 4), VECTOR: (5,)}
@@ -245,7 +246,7 @@ def record_call(*args: Any, **kwargs: Any) -> None:
 
 @pytest.fixture(scope="module")
 def clean_export(tmp_path_factory):
-    from adamerge.export import export_merged
+    from adamerge.export.writer import export_merged
     from tests.helpers import TinyConvNet, make_heads
 
     return export_merged(TinyConvNet(5).eval(), tmp_path_factory.mktemp("export") / "merged", model_card=False,
@@ -320,7 +321,7 @@ def _fresh_copy(clean_export, tmp_path_factory):
 def test_mutated_merge_config_fails_only_with_typed_errors(clean_export, tmp_path_factory, data):
     import json
 
-    from adamerge.export import MERGE_CONFIG
+    from adamerge.export.writer import MERGE_CONFIG
 
     directory = _fresh_copy(clean_export, tmp_path_factory)
     document = json.loads((directory / MERGE_CONFIG).read_text())
@@ -343,7 +344,7 @@ def test_mutated_safetensors_headers_fail_only_with_typed_errors(clean_export, t
     import json
     import struct
 
-    from adamerge.export import MERGE_CONFIG, WEIGHTS
+    from adamerge.export.writer import MERGE_CONFIG, WEIGHTS
 
     directory = _fresh_copy(clean_export, tmp_path_factory)
     name = data.draw(st.sampled_from([WEIGHTS, "heads/a.safetensors"]), label="file")

@@ -14,11 +14,11 @@ from omegaconf import OmegaConf
 
 from adamerge.errors import ConfigError
 from adamerge.methods.configs import CONF_DIR
-from adamerge.methods.learned import build_learned
+from adamerge.methods.learned.adamerging import build_learned
 from adamerge.methods.registry import available_methods
 from adamerge.objectives import OBJECTIVES, build_objective
-from adamerge.protected import ProtectedTask, batch_rows, protected_terms
-from adamerge.task_vectors import TaskVectors
+from adamerge.training.protected import ProtectedTask, batch_rows, protected_terms
+from adamerge.pool.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states, make_heads
 
 # Small enough for seconds per method, with a few steps of every method's schedule.
@@ -218,7 +218,7 @@ def config_group():
 
 
 def test_protected_config_group_files_are_valid(tmp_path):
-    from adamerge.protected_config import check_protected_config
+    from adamerge.training.protected_config import parse_protected
 
     files = config_group()
     (tmp_path / "data" / "digits").mkdir(parents=True)  # the demo zoo's layout
@@ -233,7 +233,7 @@ def test_protected_config_group_files_are_valid(tmp_path):
             node.alignment.aligned = str(tmp_path)
         cfg = OmegaConf.create({"protected": node, "modelpool": {"finetuned": {"digits": "x", "instruct": "y"}},
                                 "zoo_dir": str(tmp_path)})
-        check_protected_config(cfg)
+        parse_protected(OmegaConf.to_container(cfg.protected, resolve=True), cfg.modelpool.finetuned)
 
 
 @pytest.mark.parametrize(("node", "message"), [
@@ -247,12 +247,11 @@ def test_protected_config_group_files_are_valid(tmp_path):
     ({"tasks": {}, "extra": 1}, "unknown key(s) ['extra']"),
 ])
 def test_bad_protected_config_fails_before_loading(node, message):
-    from adamerge.checkpoints import CheckpointError
-    from adamerge.protected_config import check_protected_config
+    from adamerge.pool.checkpoints import CheckpointError
+    from adamerge.training.protected_config import parse_protected
 
-    cfg = OmegaConf.create({"protected": node, "modelpool": {"finetuned": {"digits": "x"}}})
     with pytest.raises((ConfigError, CheckpointError)) as error:
-        check_protected_config(cfg)
+        parse_protected(node, pool_tasks={"digits"})
     assert message in str(error.value)
 
 
@@ -271,8 +270,8 @@ def test_start_reference_is_the_merge_before_learning():
 
 
 def alignment_setup(min_coefficient: float = 0.6):
-    from adamerge.alignment import load_alignment_vector
-    from adamerge.modelpool import ModelPool
+    from adamerge.training.alignment import load_alignment_vector
+    from adamerge.pool.modelpool import ModelPool
 
     torch.manual_seed(0)
     net = TinyConvNet()
@@ -337,7 +336,7 @@ def test_alignment_vector_floor_binds_when_the_objective_pushes_it_down():
 
 
 def test_alignment_vector_is_added_to_data_free_merges_and_refused_by_cart():
-    from adamerge.methods import merge_task_vectors
+    from adamerge.methods.data_free import merge_task_vectors
 
     model_pool, vectors, aligned, alignment = alignment_setup()
     deltas = alignment.added_to(merge_task_vectors("task_arithmetic", vectors, scaling_coefficient=0.3))
@@ -357,8 +356,8 @@ def test_demo_zoo_protected_task_stays_within_budget_while_it_drops_without_prot
     ε = 0.05 nats over the starting merge) the loss stays within budget and the test accuracy does not drop."""
     from hydra import compose, initialize_config_dir
 
-    from adamerge.cli import register_resolvers
-    from adamerge.runner import run
+    from adamerge.cli.main import register_resolvers
+    from adamerge.cli.runner import run
 
     register_resolvers()
     common = [f"zoo_dir={zoo}", "method=adamerging_task_wise", "objective=entropy", "method.lr=0.05",

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import adamerge
-from adamerge import demo
+from adamerge.demo import zoo as demo
 from adamerge.methods.configs import CONF_DIR
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "own-models.md"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from adamerge.reporting import replace_marked_block
+from adamerge.reporting.results import replace_marked_block
 
 
 def test_generated_readme_blocks_replace_only_their_markers(tmp_path):

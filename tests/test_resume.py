@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamerge.data import _AdaptationStream
-from adamerge.resume import capture_rng, restore_rng
+from adamerge.data.datamodule import _AdaptationStream
+from adamerge.training.resume import capture_rng, restore_rng
 from tests.test_cli import adamerge
 
 # Stage 1 (mask meta-learning) for 5 steps, then stage 2 with a *sampled* frozen mask: resuming must restore
@@ -33,7 +33,7 @@ VARYING = {"seconds", "peak_memory_mb", "heatmap", "export", "profile"}  # timin
 
 
 def _command(run_dir: Path, zoo: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "adamerge.cli", f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
+    return [sys.executable, "-m", "adamerge.cli.main", f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
             "data.eval_batch_size=64", "data.batch_size=8", *SETTINGS, *extra]
 
 
@@ -153,7 +153,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("every", [-1, 1.5])
 def test_checkpoint_frequency_must_be_a_count(every):
-    from adamerge.resume import StepCheckpoint
+    from adamerge.training.resume import StepCheckpoint
 
     with pytest.raises(ValueError, match="every_n_steps"):
         StepCheckpoint("/tmp/unused", every)

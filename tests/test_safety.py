@@ -13,13 +13,14 @@ import torch
 import transformers
 from tokenizers import decoders
 
-from adamerge.methods.learned import build_learned
-from adamerge.models.heads import Identity
-from adamerge.models.hf import HFModelPool, PromptDataModule, PromptPreprocessor
+from adamerge.methods.learned.adamerging import build_learned
+from adamerge.backbones.heads import Identity
+from adamerge.backbones.hf import PromptDataModule, PromptPreprocessor
+from adamerge.backbones.hf_checkpoints import HFModelPool
 from adamerge.objectives import build_objective
-from adamerge.protected import ProtectedTask, protected_terms
-from adamerge.protected_config import resolve_reference
-from adamerge.safety import (
+from adamerge.training.protected import ProtectedTask, protected_terms
+from adamerge.training.protected_config import resolve_reference
+from adamerge.training.safety import (
     REFUSAL_PREFIXES, ChatPreprocessor, RefusalCheck, greedy_continuations, is_refusal, register_guard, resolve_guard,
 )
 from tests.test_causal_lm import PROMPTS, TASKS, char_tokenizer, save_perturbed_copy, tiny_config
@@ -58,7 +59,7 @@ def llm(tmp_path_factory) -> dict[str, Path]:
 
 def lm_pool(llm) -> HFModelPool:
     return HFModelPool(
-        backbone={"_target_": "adamerge.models.hf.causal_lm", "model": str(llm["pretrained"])},
+        backbone={"_target_": "adamerge.backbones.hf.causal_lm", "model": str(llm["pretrained"])},
         finetuned={t: str(llm[t]) for t in TASKS}, heads={t: Identity() for t in TASKS},
         pretrained=str(llm["pretrained"]), auto_class="AutoModelForCausalLM",
     )
@@ -216,7 +217,7 @@ def test_causal_lm_run_with_safety_set_reports_before_and_after(llm, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from adamerge.methods.configs import CONF_DIR
-    from adamerge.runner import run
+    from adamerge.cli.runner import run
 
     register_guard("refuses", lambda prompts, responses: [is_refusal(r) for r in responses])
     overrides = [
@@ -264,18 +265,18 @@ def test_refusal_prompts_from_another_dataset_and_a_guard_target(llm, tmp_path):
     """``refusal.prompts`` names the user's own prompt set; ``refusal.guard`` may be an instantiated ``_target_``."""
     from hydra.utils import instantiate
 
-    from adamerge.protected_config import build_protected_tasks
+    from adamerge.training.protected_config import build_protected_tasks, parse_protected
 
     prompts = tmp_path / "user_prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Describe the colour of cloud number {i}."}) + "\n" for i in range(5)))
     node = instantiate({"tasks": {"safety": {
-        "data": {"path": str(llm["safety"]), "preprocessor": {"_target_": "adamerge.safety.ChatPreprocessor",
+        "data": {"path": str(llm["safety"]), "preprocessor": {"_target_": "adamerge.training.safety.ChatPreprocessor",
                                                                  "tokenizer": str(llm["chat_tokenizer"])}},
-        "head": {"_target_": "adamerge.models.heads.Identity"},
+        "head": {"_target_": "adamerge.backbones.heads.Identity"},
         "refusal": {"prompts": {"path": str(prompts)}, "max_new_tokens": 3,
-                    "guard": {"_target_": "adamerge.safety.keyword_guard", "_partial_": True}}}}}, _convert_="all")
+                    "guard": {"_target_": "adamerge.training.safety.keyword_guard", "_partial_": True}}}}}, _convert_="all")
     pool = lm_pool(llm)
-    [task] = build_protected_tasks(node, pool, pool.task_vectors(), None)
+    [task] = build_protected_tasks(parse_protected(node, pool.task_names), pool, pool.task_vectors(), None)
     assert task.refusal.prompts == [f"Describe the colour of cloud number {i}." for i in range(5)]
     assert task.refusal.inputs["input_ids"].shape[0] == 5 and task.labels.shape[0] == len(SAFETY_ROWS)
     model = transformers.AutoModelForCausalLM.from_pretrained(llm["pretrained"]).eval()

@@ -1,4 +1,4 @@
-"""Signed exports (adamerge.signing): a recipient refuses an export whose files or merge_config.json changed."""
+"""Signed exports (adamerge.export.signing): a recipient refuses an export whose files or merge_config.json changed."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 from adamerge import load_backbone, load_merged  # noqa: E402
 from adamerge.errors import ConfigError, SignatureError  # noqa: E402
-from adamerge.export import MERGE_CONFIG, WEIGHTS, export_merged  # noqa: E402
-from adamerge.signing import SIGNATURE, main as verify_main  # noqa: E402
+from adamerge.export.writer import MERGE_CONFIG, WEIGHTS, export_merged  # noqa: E402
+from adamerge.cli.verify import main as verify_main  # noqa: E402
+from adamerge.export.signing import SIGNATURE  # noqa: E402
 from tests.helpers import TinyConvNet, make_heads  # noqa: E402
 
 ARCH = {"_target_": "tests.helpers.TinyConvNet", "features": 5}

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adamerge.html_report import write_report
-from adamerge.selection import get_criterion, pick, pick_by_accuracy
-from adamerge.sweep import ERROR_FILE, job_score, main as sweep_main, summarize, write_summary_files
-from adamerge.sweep_plots import log_axis, log_spaced
+from adamerge.reporting.html import write_report
+from adamerge.reporting.selection import get_criterion, pick, pick_by_accuracy
+from adamerge.reporting.sweep import ERROR_FILE, job_score, main as sweep_main, summarize, write_summary_files
+from adamerge.reporting.sweep_plots import log_axis, log_spaced
 from tests.helpers import wandb_records
 from tests.test_cli import adamerge
 
@@ -107,7 +107,7 @@ def test_label_free_pick_and_what_test_accuracy_would_have_picked(sweep):
     assert summary["rows"][selection["label_free_pick"]]["job"] == "2_lw"
     assert summary["rows"][selection["accuracy_pick"]]["job"] == "1_lw"
     assert selection["cost_of_not_peeking"] == pytest.approx(0.75 - 0.65)
-    from adamerge.sweep import to_markdown
+    from adamerge.reporting.sweep import to_markdown
     markdown = to_markdown(summary)
     assert "| label-free pick |" in markdown and "| test-accuracy pick |" in markdown
     assert "not peeking at the labels cost 10.00 points" in markdown
@@ -149,7 +149,7 @@ def test_log_spaced_values_are_told_apart(values, expected):
 
 
 def test_a_swept_step_size_is_plotted_on_a_log_axis(tmp_path, monkeypatch):
-    from adamerge import report_plots
+    from adamerge.reporting import plots as report_plots
 
     figures = []
     monkeypatch.setattr(report_plots, "png_bytes", lambda fig: figures.append(fig) or PNG)
@@ -206,7 +206,7 @@ def test_pick_on_edge_cases():
 def test_expert_agreement_picks_across_objectives_where_the_objective_may_not():
     """Agreement with each task's expert is one quantity whatever a job minimised; objective values of different
     objectives never compare."""
-    from adamerge.sweep import result_row
+    from adamerge.reporting.sweep import result_row
 
     def row(method, objective, value, agreement):
         return result_row({"method": method, "objective": {"name": objective}, "average_accuracy": 0.5,

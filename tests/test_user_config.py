@@ -20,19 +20,19 @@ def write_user_groups(root: Path, zoo: Path) -> Path:
     names their own checkpoints and data (plain paths, no ``zoo_dir``)."""
     tasks = json.loads((zoo / "zoo.json").read_text())["tasks"]
     pool = {
-        "_target_": "adamerge.modelpool.ModelPool",
-        "backbone": {"_target_": "adamerge.models.efficientnet.EfficientNetLite0", "num_classes": None},
+        "_target_": "adamerge.pool.modelpool.ModelPool",
+        "backbone": {"_target_": "adamerge.backbones.efficientnet.EfficientNetLite0", "num_classes": None},
         "pretrained": str(zoo / "pretrained.safetensors"),
         "finetuned": {task: str(zoo / "finetuned" / f"{task}.safetensors") for task in tasks},
-        "heads": {task: {"_target_": "adamerge.models.heads.linear_head", "path": str(zoo / "heads" / f"{task}.safetensors")}
+        "heads": {task: {"_target_": "adamerge.backbones.heads.linear_head", "path": str(zoo / "heads" / f"{task}.safetensors")}
                   for task in tasks},
     }
     data = {
-        "_target_": "adamerge.data.MultiTaskDataModule",
+        "_target_": "adamerge.data.datamodule.MultiTaskDataModule",
         "batch_size": 8,
         "eval_batch_size": 64,
         "tasks": {task: {"path": str(zoo / "data" / task), "split": "test"} for task in tasks},
-        "preprocessor": {"_target_": "adamerge.preprocessing.ImagePreprocessor", "image_size": 32},
+        "preprocessor": {"_target_": "adamerge.data.preprocessing.ImagePreprocessor", "image_size": 32},
     }
     for group, content in (("modelpool", pool), ("data", data)):
         (root / group).mkdir(parents=True, exist_ok=True)
@@ -43,8 +43,8 @@ def write_user_groups(root: Path, zoo: Path) -> Path:
 @pytest.fixture
 def no_demo_zoo(monkeypatch, tmp_path):
     """Building the demo zoo fails the test; its cache directory is an empty one of the test's own."""
-    from adamerge import demo
-    from adamerge.cli import register_resolvers
+    from adamerge.demo import zoo as demo
+    from adamerge.cli.main import register_resolvers
 
     register_resolvers()
     monkeypatch.setenv(demo.CACHE_ENV_VAR, str(tmp_path / "demo_cache"))
@@ -61,7 +61,7 @@ def test_the_command_composes_user_groups_with_the_shipped_ones_and_no_demo_sett
     mine = write_user_groups(tmp_path / "mine", zoo)
     cache = tmp_path / "demo_cache"
     env = {**os.environ, "ADAMERGE_CACHE_DIR": str(cache), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    shown = subprocess.run([sys.executable, "-m", "adamerge.cli", "--config-dir", str(mine), *USER_RUN,
+    shown = subprocess.run([sys.executable, "-m", "adamerge.cli.main", "--config-dir", str(mine), *USER_RUN,
                             "--cfg", "job", "--resolve"], capture_output=True, text=True, env=env, cwd=tmp_path,
                            timeout=300, stdin=subprocess.DEVNULL)
     assert shown.returncode == 0, shown.stderr[-3000:]
@@ -86,7 +86,7 @@ def compose_run(overrides: list[str], user_dir: Path | None = None):
 
 def test_a_user_run_learns_with_the_documented_defaults_and_exports_no_licence(zoo, tmp_path, no_demo_zoo):
     from adamerge.methods.configs import method_config
-    from adamerge.runner import run
+    from adamerge.cli.runner import run
 
     mine = write_user_groups(tmp_path / "mine", zoo)
     cfg = compose_run([*USER_RUN, "logger=none", "trainer.max_steps=2", "trainer.enable_progress_bar=false"], mine)
@@ -100,7 +100,7 @@ def test_a_user_run_learns_with_the_documented_defaults_and_exports_no_licence(z
 
 
 def test_the_licence_a_user_sets_is_the_cards(zoo, tmp_path, no_demo_zoo):
-    from adamerge.runner import run
+    from adamerge.cli.runner import run
 
     mine = write_user_groups(tmp_path / "mine", zoo)
     cfg = compose_run(["modelpool=mine", "data=mine", "method=task_arithmetic", "export.static=true",

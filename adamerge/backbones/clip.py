@@ -15,7 +15,7 @@ setup). Heads are computed once and cached on disk (:func:`zero_shot_head`).
 
 Checkpoint keys: transformers 5's ``CLIPVisionModel`` has keys ``embeddings.*`` / ``encoder.*``;
 4.x checkpoints (all public fine-tuned ones) say ``vision_model.embeddings.*``, and a full
-``CLIPModel`` has ``vision_model.*`` plus a text tower. :class:`adamerge.models.hf.HFModelPool`
+``CLIPModel`` has ``vision_model.*`` plus a text tower. :class:`adamerge.backbones.hf_checkpoints.HFModelPool`
 aligns them all onto the backbone (``modelpool: clip_*``).
 """
 
@@ -35,9 +35,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from adamerge.atomic import write_atomic
-from adamerge.checkpoints import CheckpointError, describe_source, sha256_of
-from adamerge.models.hf import cache_dir, load_pretrained_model, load_tokenizer
+from adamerge.backbones.hf import load_tokenizer
+from adamerge.backbones.hf_checkpoints import cache_dir, load_pretrained_model
+from adamerge.pool.checkpoints import CheckpointError, describe_source, sha256_of
+from adamerge.storage.atomic import write_atomic
 
 __all__ = [
     "clip_vision_model",

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adamerge.checkpoints import CheckpointError
+from adamerge.pool.checkpoints import CheckpointError
 
 
 def linear_head(path: str | Path) -> nn.Linear:

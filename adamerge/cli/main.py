@@ -21,17 +21,17 @@ from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from adamerge.cli.runner import run
 from adamerge.errors import report_cli_error
-from adamerge.locking import acquire_run_lock, release_run_lock
 from adamerge.methods.configs import CONF_DIR
-from adamerge.preemption import PREEMPTED_EXIT_CODE, RunPreempted
-from adamerge.runner import run
-from adamerge.sweep import ERROR_FILE, job_score, selection_criterion
+from adamerge.reporting.sweep import ERROR_FILE, job_score, selection_criterion
+from adamerge.storage.locking import acquire_run_lock, release_run_lock
+from adamerge.training.preemption import PREEMPTED_EXIT_CODE, RunPreempted
 
 
 def _demo_zoo(which: str = "") -> str:
     """``${demo_zoo:default}`` (or ``${demo_zoo:}``): the default demo zoo; ``${demo_zoo:second}``: the second zoo."""
-    from adamerge.demo import SECOND_ZOO_TASKS, build_demo_zoo
+    from adamerge.demo.zoo import SECOND_ZOO_TASKS, build_demo_zoo
 
     if which not in ("", "default", "second"):
         raise ValueError(f"unknown demo zoo {which!r}: use ${{demo_zoo:}} or ${{demo_zoo:second}}")
@@ -53,7 +53,7 @@ def _main(cfg: DictConfig) -> float | None:
         sys.exit(status)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # One failed job must not end a sweep: its error.json is in its directory, and the sweep summary
-        # (adamerge.sweep.SweepSummary) lists it as a failed row and sets the exit status once all are done.
+        # (adamerge.reporting.sweep.SweepSummary) lists it as a failed row and sets the exit status once all are done.
         # The return value is what a hyperparameter search (Optuna) minimises; None marks the trial failed.
         return score
     if status:
@@ -68,7 +68,7 @@ def execute(cfg: DictConfig, run_dir: str | os.PathLike) -> int:
 
 
 def run_job(cfg: DictConfig, run_dir: str | os.PathLike) -> tuple[int, float | None]:
-    """:func:`execute`, also returning the job's label-free score (``adamerge.sweep.job_score`` under the
+    """:func:`execute`, also returning the job's label-free score (``adamerge.reporting.sweep.job_score`` under the
     configured selection criterion). A failure is recorded in ``run_dir/error.json`` for the sweep summary."""
     try:
         outcome = run(cfg, run_dir)
@@ -104,7 +104,7 @@ def record_failure(run_dir: Path, cfg: DictConfig, error: BaseException) -> None
     import traceback
 
     from adamerge.errors import RunDirectoryError
-    from adamerge.reporting import write_json
+    from adamerge.reporting.results import write_json
 
     shown = shown_error(error)
     if isinstance(shown, RunDirectoryError):
@@ -124,7 +124,7 @@ class RunDirectoryGuard(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from adamerge.errors import AdamergeError
-        from adamerge.runner import check_outputs
+        from adamerge.cli.runner import check_outputs
 
         run_dir = Path(str(config.hydra.run.dir))
         try:

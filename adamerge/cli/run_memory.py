@@ -1,7 +1,7 @@
 """The memory plan of a configured run, printed and checked before any checkpoint is read.
 
 Shapes come from the checkpoints' safetensors headers (or a cached hub id's config on the meta device, see
-:mod:`adamerge.checkpoint_inventory`); settings from the run configuration. A plan that exceeds the host's available
+:mod:`adamerge.pool.inventory`); settings from the run configuration. A plan that exceeds the host's available
 memory or the GPU's free memory (times ``memory_plan.headroom``) is refused with the settings that would make it fit;
 ``memory_plan.force=true`` runs it anyway.
 """
@@ -15,13 +15,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.checkpoint_inventory import (
+from adamerge.errors import ConfigError
+from adamerge.pool.inventory import (
     DTYPE_BYTES, InventoryUnavailable, TensorSpec, checkpoint_inventory, model_config, safetensors_header,
 )
-from adamerge.errors import ConfigError
-from adamerge.key_filters import drop_excluded, select_tensors
-from adamerge.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, is_adapter_dir
-from adamerge.memory_plan import MemoryPlan, RunShape, gib, model_shape, plan_memory, smallest_fitting_change
+from adamerge.pool.key_filters import drop_excluded, select_tensors
+from adamerge.pool.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, is_adapter_dir
+from adamerge.pool.memory_plan import MemoryPlan, RunShape, gib, model_shape, plan_memory, smallest_fitting_change
 
 __all__ = ["MemoryPlanError", "plan_for_pool", "plan_for_config", "check_memory_plan", "memory_limits"]
 
@@ -36,7 +36,7 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
                   batch_size: int = 1, sequence_length: int = 0, tasks_per_step: int = 1,
                   autocast_dtype: str | None = None, on_device: bool = False) -> tuple[MemoryPlan, RunShape, Any]:
     """The plan of learning over these checkpoints; also returns the run shape and the model shape (for
-    :func:`~adamerge.memory_plan.smallest_fitting_change`). Raises :class:`InventoryUnavailable` when the shapes
+    :func:`~adamerge.pool.memory_plan.smallest_fitting_change`). Raises :class:`InventoryUnavailable` when the shapes
     cannot be read without loading."""
     inventory = drop_excluded(checkpoint_inventory(pretrained, auto_class), exclude)
     floating = [name for name, spec in inventory.items() if spec.is_floating_point]

@@ -1,17 +1,15 @@
-"""Multi-task data for test-time adaptation (AdaMerging).
+"""Multi-task data for test-time adaptation (AdaMerging): the LightningDataModule over every task's two splits.
 
 Every optimisation step sees one *unlabeled* batch from each task's test split; validation
 measures per-task accuracy on the labelled split. Preprocessing is lazy (``with_transform``),
-so nothing is materialised beyond what a batch needs.
+so nothing is materialised beyond what a batch needs. Where a task's data comes from and how it is loaded and
+checked: :mod:`adamerge.data.tasks`.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import fields
 from typing import Any
 
 import lightning as L
@@ -20,133 +18,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
-from adamerge.errors import AdamergeError
-from adamerge.input_cache import cacheable, check_split, encode_split, nonfinite_row
-# Re-exported: configs written for adamerge 0.1 name the preprocessors here.
-from adamerge.preprocessing import ImagePreprocessor, TextPreprocessor, labels_of  # noqa: F401
-from adamerge.preprocessing import BadExampleError
+from adamerge.data.batches import ADAPTATION, EVALUATION
+from adamerge.data.input_cache import LazySplit, Transformed, cacheable, check_split, encode_split
+from adamerge.data.preprocessing import BadExampleError
+from adamerge.data.tasks import TaskData, TaskDataError, check_not_empty, check_text_column, load_task_splits, seeded_subset
 
-log = logging.getLogger(__name__)
-
-FORMATS = ("auto", "disk", "hub", "imagefolder", "parquet", "json")
-_JSON_SUFFIXES = {".json", ".jsonl"}
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-class TaskDataError(AdamergeError, RuntimeError):
-    """A task's data cannot be loaded or used; the message names the task and its path."""
-
-
-@dataclass
-class TaskData:
-    name: str
-    path: str
-    format: str = "auto"
-    subset: str | None = None
-    split: str = "test"  # AdaMerging adapts on the very split it evaluates on (labels unused)
-    eval_split: str | None = None
-    label_column: str = "label"
-    max_eval_samples: int | None = None
-    preprocessor: Callable | None = None
-    revision: str | None = None
-    data_files: Any = None
-    trust_remote_code: bool = False
-    # Lets one shared preprocessor serve datasets with different column names (CIFAR's "img").
-    rename_columns: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise TaskDataError(f"task {self.name!r}: format must be one of {FORMATS}, got {self.format!r}")
-
-
-def _detect_format(path: str) -> str:
-    p = Path(path).expanduser()
-    if p.is_file():
-        if p.suffix.lower() in _JSON_SUFFIXES:  # JSON lines, e.g. a safety set of {"prompt", "response"} rows
-            return "json"
-        return "parquet" if p.suffix == ".parquet" else "unknown"
-    if p.is_dir():
-        if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
-            return "disk"
-        for f in p.rglob("*"):  # first recognisable file decides: image dirs can be huge
-            if f.suffix.lower() == ".parquet":
-                return "parquet"
-            if f.suffix.lower() in _IMAGE_SUFFIXES:
-                return "imagefolder"
-        return "unknown"
-    return "hub"
-
-
-def _check_not_empty(task: TaskData, adaptation: Any, evaluation: Any) -> None:
-    """An empty adaptation split would make the endless stream spin forever; an empty evaluation split would
-    score the task 0 % and average that in."""
-    for role, split, name in (("unlabeled adaptation", adaptation, task.split),
-                              ("evaluation", evaluation, task.eval_split or task.split)):
-        if len(split) == 0:
-            limited = role == "evaluation" and task.max_eval_samples is not None
-            limit = f" after max_eval_samples={task.max_eval_samples}" if limited else ""
-            raise TaskDataError(f"task {task.name!r} ({task.path!r}): the {role} split {name!r} is empty "
-                                f"(0 examples{limit})")
-
-
-def _check_text_column(where: str, split: Any, column: str) -> None:
-    """A text column holds strings in every row: a tokenizer given a number or a null fails far from the cause."""
-    dtype = getattr(split.features.get(column), "dtype", None)
-    if dtype not in ("string", "large_string"):
-        raise TaskDataError(f"{where}: column {column!r} holds {split.features.get(column)}, not text")
-    row = next((i for i, value in enumerate(split[column]) if not isinstance(value, str)), None)
-    if row is not None:
-        raise TaskDataError(f"{where}, row {row}: column {column!r} is empty (null), not text")
-
-
-def seeded_subset(split: Any, limit: int | None, seed: int) -> Any:
-    """At most ``limit`` rows of ``split``, drawn by ``seed`` and kept in their order (all of them without a limit)."""
-    if limit is None or limit >= len(split):
-        return split
-    rows = np.random.default_rng(seed).permutation(len(split))[:limit]
-    return split.select(np.sort(rows).tolist())
-
-
-class _Transformed:
-    """Applies a task's preprocessor to a raw batch; the task's label column is authoritative."""
-
-    def __init__(self, preprocessor: Callable, label_column: str):
-        self.preprocessor, self.label_column = preprocessor, label_column
-
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        out = dict(self.preprocessor(batch))
-        if (y := labels_of(batch, self.label_column)) is not None:
-            out["labels"] = y
-        return out
-
-
-class _LazySplit:
-    """A split preprocessed batch by batch (not cached) whose bad example, when a batch reaches it, is named by task,
-    split and row: what the up-front check (``check_inputs``) reports before learning, for a run that skipped it."""
-
-    def __init__(self, raw: Any, transform: _Transformed, where: str):
-        self.raw, self.transform, self.where = raw, transform, where
-        self.rows = raw.with_transform(transform)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, rows: Any) -> Any:
-        indices = list(range(*rows.indices(len(self)))) if isinstance(rows, slice) else rows
-        try:
-            out = self.rows[rows]
-        except Exception as error:
-            for row in ([indices] if isinstance(indices, int) else indices):
-                try:
-                    self.transform(self.raw[row:row + 1])
-                except Exception as row_error:
-                    raise TaskDataError(f"{self.where}, row {row}: the example cannot be read or preprocessed "
-                                        f"({type(row_error).__name__}: {row_error})") from row_error
-            raise error
-        if isinstance(out, Mapping) and (bad := nonfinite_row(out.get("inputs"))) is not None:
-            row = indices if isinstance(indices, int) else indices[bad]
-            raise TaskDataError(f"{self.where}, row {row}: its preprocessed input holds NaN/Inf values")
-        return out
+__all__ = ["ADAPTATION", "EVALUATION", "MultiTaskDataModule", "TaskData", "TaskDataError"]
 
 
 class _AdaptationStream(IterableDataset):
@@ -220,9 +97,6 @@ class _Batches(TorchDataset):
         return {**self.ds[start:stop], "index": torch.arange(start, stop)}
 
 
-ADAPTATION, EVALUATION = 0, 1  # a task's two splits: unlabeled inputs learning draws from, labelled evaluation
-
-
 class MultiTaskDataModule(L.LightningDataModule):
     def __init__(self, tasks: Sequence[TaskData] | Mapping[str, TaskData | Mapping], batch_size: int = 16,
                  eval_batch_size: int = 64, num_workers: int = 0, seed: int = 0,
@@ -265,70 +139,20 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise TaskDataError("no tasks given")
         return out
 
-    # --- loading -------------------------------------------------------------------------------
-    def _load_split(self, task: TaskData, fmt: str, split: str):
-        import datasets
-
-        where = f"task {task.name!r} ({fmt} dataset at {task.path!r})"
-        if fmt == "hub":
-            # datasets>=4 dropped loading scripts and logs an error when remote code is trusted: pass the flag only if the task asks
-            extra = {"trust_remote_code": True} if task.trust_remote_code else {}
-            return datasets.load_dataset(task.path, task.subset, split=split, revision=task.revision,
-                                         data_files=task.data_files, **extra)
-        if fmt == "disk":
-            ds = datasets.load_from_disk(task.path)
-        elif fmt == "imagefolder":
-            ds = datasets.load_dataset("imagefolder", data_dir=task.path, data_files=task.data_files)
-        else:  # parquet or json: datasets' packaged builder of that name
-            is_file = Path(task.path).is_file()
-            ds = datasets.load_dataset(fmt, data_files=task.data_files or (task.path if is_file else None),
-                                       data_dir=None if is_file else task.path)
-        if isinstance(ds, datasets.Dataset):  # a single saved split: nothing to choose
-            return ds
-        if split in ds:
-            return ds[split]
-        if fmt != "disk" and list(ds) == ["train"]:  # imagefolder/parquet/json without split structure
-            log.warning("%s has no split %r; using its only split", where, split)
-            return ds["train"]
-        raise TaskDataError(f"{where}: no split {split!r}; available splits: {list(ds)}")
-
-    def _load(self, task: TaskData) -> tuple[Any, Any]:
-        fmt = task.format if task.format != "auto" else _detect_format(task.path)
-        exists = os.path.exists(os.path.expanduser(task.path))
-        # An absolute/relative-looking path that is missing is a typo, not a hub id: say so.
-        if (fmt != "hub" or task.format == "auto" and task.path.startswith(("/", "./", "../", "~"))) and not exists:
-            raise TaskDataError(f"task {task.name!r}: path {task.path!r} does not exist")
-        if fmt == "unknown":
-            raise TaskDataError(f"task {task.name!r}: path {task.path!r} is not a save_to_disk dir, "
-                                "an image folder, a parquet file/dir or a .json/.jsonl file (set `format` explicitly)")
-        try:
-            train = self._load_split(task, fmt, task.split)
-            ev = train if task.eval_split in (None, task.split) else self._load_split(task, fmt, task.eval_split)
-        except TaskDataError:
-            raise
-        except Exception as e:  # re-raised naming the task: a bare datasets error doesn't say which one
-            hint = (" If offline, load it where the Hub is reachable, save_to_disk, and pass that local "
-                    "path instead." if fmt == "hub" else "")
-            what = f"hub dataset {task.path!r} (subset={task.subset!r})" if fmt == "hub" else f"{fmt} dataset at {task.path!r}"
-            raise TaskDataError(f"task {task.name!r}: could not load {what}: {type(e).__name__}: {e}.{hint}") from e
-        if task.rename_columns:
-            train, ev = (d.rename_columns(dict(task.rename_columns)) for d in (train, ev))
-        return train, ev
-
     def setup(self, stage: str | None = None) -> None:
         for name, task in self.tasks.items():
             if name in self._raw:
                 continue  # Lightning calls setup once per stage; load each dataset once
-            train, ev = self._load(task)
+            train, ev = load_task_splits(task)
             pre = self._preprocessor(task)
             for d, split in ((train, task.split), (ev, task.eval_split or task.split)):
                 if missing := [c for c in getattr(pre, "required_columns", ()) if c not in d.column_names]:
                     raise TaskDataError(f"task {name!r} ({task.path!r}): missing column(s) {missing}; "
                                         f"available columns: {d.column_names}")
                 for column in getattr(pre, "text_columns", ()):
-                    _check_text_column(f"task {name!r} ({task.path!r}), split {split!r}", d, column)
+                    check_text_column(f"task {name!r} ({task.path!r}), split {split!r}", d, column)
             ev = seeded_subset(ev, task.max_eval_samples, self.seed)
-            _check_not_empty(task, train, ev)
+            check_not_empty(task, train, ev)
             self._raw[name] = (train, ev)
 
     def encode_all(self, name: str, max_samples: int | None = None) -> dict[str, Any]:
@@ -337,7 +161,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._ensure_setup(name)
         split = seeded_subset(self._raw[name][0], max_samples, self.seed)
         task = self.tasks[name]
-        return _Transformed(self._preprocessor(task), task.label_column)(split[:])
+        return Transformed(self._preprocessor(task), task.label_column)(split[:])
 
     def raw_splits(self, name: str) -> tuple[Any, Any]:
         """(unlabeled adaptation split, evaluation split) of a task, before preprocessing."""
@@ -357,7 +181,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.setup()
 
     def _transformed(self, name: str, which: int):
-        """The split as model inputs: encoded once and cached (see adamerge.input_cache), else lazily."""
+        """The split as model inputs: encoded once and cached (see adamerge.data.input_cache), else lazily."""
         self._ensure_setup(name)
         task, raw = self.tasks[name], self._raw[name][which]
         preprocessor = self._preprocessor(task)
@@ -372,13 +196,13 @@ class MultiTaskDataModule(L.LightningDataModule):
                     self._cache[key] = encode_split(raw, preprocessor, task.label_column, budget)
                 if self._cache[key] is not None:  # every row was read and encoded on the way (None: over budget)
                     return self._cache[key]
-            transform = _Transformed(preprocessor, task.label_column)
+            transform = Transformed(preprocessor, task.label_column)
             if self.check_inputs and key not in self._checked:
                 check_split(raw, transform)
                 self._checked.add(key)
         except BadExampleError as error:
             raise TaskDataError(f"{where}, row {error.index}: {error.problem}") from error
-        return _LazySplit(raw, transform, where)
+        return LazySplit(raw, transform, where)
 
     # --- loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -4,7 +4,8 @@ Learning draws a batch per task per step from the same test split for hundreds o
 reads it again for every method of a comparison; decoding and resizing images each time would dominate a
 fast step. A preprocessor that splits its work into ``encode`` (raw batch → a tensor that stores exactly,
 e.g. uint8 pixels) and ``decode`` (that tensor → the model's input, cheap) is cached; others (tokenisers,
-whose padding depends on the batch) keep the lazy per-batch path.
+whose padding depends on the batch) keep the lazy per-batch path (:class:`LazySplit`), read and preprocessed once up
+front by :func:`check_split` so that a bad row is refused before learning either way.
 """
 
 from __future__ import annotations
@@ -17,11 +18,54 @@ from typing import Any
 import numpy as np
 import torch
 
-from adamerge.preprocessing import BadExampleError
+from adamerge.data.preprocessing import BadExampleError, labels_of
+from adamerge.data.tasks import TaskDataError
 
 log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 256
+
+
+class Transformed:
+    """Applies a task's preprocessor to a raw batch; the task's label column is authoritative."""
+
+    def __init__(self, preprocessor: Callable, label_column: str):
+        self.preprocessor, self.label_column = preprocessor, label_column
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(self.preprocessor(batch))
+        if (y := labels_of(batch, self.label_column)) is not None:
+            out["labels"] = y
+        return out
+
+
+class LazySplit:
+    """A split preprocessed batch by batch (not cached) whose bad example, when a batch reaches it, is named by task,
+    split and row: what the up-front check (``check_inputs``) reports before learning, for a run that skipped it."""
+
+    def __init__(self, raw: Any, transform: Transformed, where: str):
+        self.raw, self.transform, self.where = raw, transform, where
+        self.rows = raw.with_transform(transform)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, rows: Any) -> Any:
+        indices = list(range(*rows.indices(len(self)))) if isinstance(rows, slice) else rows
+        try:
+            out = self.rows[rows]
+        except Exception as error:
+            for row in ([indices] if isinstance(indices, int) else indices):
+                try:
+                    self.transform(self.raw[row:row + 1])
+                except Exception as row_error:
+                    raise TaskDataError(f"{self.where}, row {row}: the example cannot be read or preprocessed "
+                                        f"({type(row_error).__name__}: {row_error})") from row_error
+            raise error
+        if isinstance(out, Mapping) and (bad := nonfinite_row(out.get("inputs"))) is not None:
+            row = indices if isinstance(indices, int) else indices[bad]
+            raise TaskDataError(f"{self.where}, row {row}: its preprocessed input holds NaN/Inf values")
+        return out
 
 
 def cacheable(preprocessor: Any) -> bool:

@@ -121,7 +121,7 @@ class ImagePreprocessor:
             img = img.crop((left, top, left + n, top + n))
         return np.asarray(img)
 
-    # The cacheable split of the work (see adamerge.input_cache): decoding and resizing give uint8 pixels,
+    # The cacheable split of the work (see adamerge.data.input_cache): decoding and resizing give uint8 pixels,
     # which store exactly; normalising them is cheap and done per batch.
     def encode(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Decoded, resized uint8 pixels ``[N, 3, H, W]``."""

@@ -2,7 +2,7 @@
 
 Each builder returns ``(train, test, class_names)`` with uint8 NHWC images; every random choice comes from the
 generator it is given, so :func:`make_task_data` is a pure function of its arguments (the zoo build relies on
-it being bit-reproducible). The tasks themselves are described in :mod:`adamerge.demo`.
+it being bit-reproducible). The tasks themselves are described in :mod:`adamerge.demo.zoo`.
 """
 
 from __future__ import annotations

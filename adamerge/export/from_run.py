@@ -10,16 +10,16 @@ from typing import Any
 
 from torch import nn
 
-from adamerge.alignment import AlignmentVector
-from adamerge.export import export_merged
-from adamerge.lora import LoRATaskVectors, save_linear_adapter
-from adamerge.mergekit_bridge import LEARNED_AS_TASK_ARITHMETIC, MERGEKIT_FILE, mergekit_config, mergekit_yaml
-from adamerge.methods.learned import learned_outcome
+from adamerge.backbones.hf import export_extra_files
+from adamerge.export.mergekit_config import LEARNED_AS_TASK_ARITHMETIC, MERGEKIT_FILE, mergekit_config, mergekit_yaml
+from adamerge.export.writer import export_merged
+from adamerge.methods.learned.adamerging import learned_outcome
 from adamerge.methods.registry import get_method
-from adamerge.modelpool import ModelPool
-from adamerge.models.hf import export_extra_files
-from adamerge.module import AdaMergingModule
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.lora import LoRATaskVectors, save_linear_adapter
+from adamerge.pool.modelpool import ModelPool
+from adamerge.pool.task_vectors import TaskVectors
+from adamerge.training.alignment import AlignmentVector
+from adamerge.training.module import AdaMergingModule
 
 __all__ = ["evaluation_data", "export_learned", "export_merge", "MERGED_ADAPTER"]
 
@@ -107,7 +107,7 @@ def export_merge(directory: str | Path, method: str, model: nn.Module, pool: Mod
 
 def mergekit_file(pool: ModelPool, vectors: TaskVectors, alignment: AlignmentVector | None, name: str,
                   hparams: Mapping[str, Any], model: nn.Module, module: Any) -> bytes | str:
-    """``mergekit.yaml`` replaying this merge (see :mod:`adamerge.mergekit_bridge`), or why mergekit cannot."""
+    """``mergekit.yaml`` replaying this merge (see :mod:`adamerge.export.mergekit_config`), or why mergekit cannot."""
     if alignment is not None:
         return "an alignment vector is merged, which is not one of the pool's fine-tuned models"
     if isinstance(vectors, LoRATaskVectors):

@@ -5,10 +5,10 @@ The merged backbone alone classifies nothing; the export carries every task's he
 Head kinds:
 
 - ``linear``: an ``nn.Linear`` (the demo's probes, user linear heads): ``weight`` [C, D] and ``bias`` [C];
-- ``clip_zero_shot``: a :class:`~adamerge.models.clip.ZeroShotHead`: ``text_embeddings`` [C, D] (the class names'
+- ``clip_zero_shot``: a :class:`~adamerge.backbones.clip.ZeroShotHead`: ``text_embeddings`` [C, D] (the class names'
   text embeddings averaged over the templates), ``logit_scale`` and ``projection``; the class names and
   templates that made them are recorded with it;
-- ``sequence_classification``: a :class:`~adamerge.models.hf.SequenceClassificationHead`: the fine-tuned
+- ``sequence_classification``: a :class:`~adamerge.backbones.hf.SequenceClassificationHead`: the fine-tuned
   classifier's tensors outside its body (``classifier.*``, DeBERTa's ``pooler.*``, DistilBERT's
   ``pre_classifier.*``) and its transformers config (``id2label``); rebuilt as the concrete transformers class
   it records (never remote code);
@@ -30,10 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from adamerge.checkpoints import sha256_of
+from adamerge.backbones.heads import Identity
+from adamerge.data.preprocessing import preprocessor_record
 from adamerge.errors import ExportError
-from adamerge.models.heads import Identity
-from adamerge.preprocessing import preprocessor_record
+from adamerge.pool.checkpoints import sha256_of
+from adamerge.storage.renamed import recorded_target
 
 __all__ = ["HEADS_DIR", "HEAD_KINDS", "TRUSTED_HEADS", "check_task_names", "head_kind", "head_records",
            "own_class_names", "read_head", "write_head_files"]
@@ -55,8 +56,8 @@ def check_task_names(tasks: Iterable[str], where: str = "task") -> None:
 
 
 def head_kind(head: nn.Module) -> str:
-    from adamerge.models.clip import ZeroShotHead
-    from adamerge.models.hf import SequenceClassificationHead
+    from adamerge.backbones.clip import ZeroShotHead
+    from adamerge.backbones.hf import SequenceClassificationHead
 
     if isinstance(head, ZeroShotHead):
         return "clip_zero_shot"
@@ -201,7 +202,7 @@ def _build_linear(record: Mapping[str, Any], tensors: Mapping[str, Tensor], file
 
 
 def _build_zero_shot(record: Mapping[str, Any], tensors: Mapping[str, Tensor], file: Path, task: str) -> nn.Module:
-    from adamerge.models.clip import ZeroShotHead
+    from adamerge.backbones.clip import ZeroShotHead
 
     _require(tensors, ["text_embeddings", "logit_scale"], file, task)
     try:
@@ -215,7 +216,7 @@ def _build_sequence_classification(record: Mapping[str, Any], tensors: Mapping[s
                                    task: str) -> nn.Module:
     import transformers
 
-    from adamerge.models.hf import SequenceClassificationHead
+    from adamerge.backbones.hf import SequenceClassificationHead
 
     config, name = record.get("config") or {}, str(record.get("transformers_class"))
     try:  # CONFIG_MAPPING is lazy: .get() does not see the types it has not imported yet
@@ -238,7 +239,7 @@ def _build_sequence_classification(record: Mapping[str, Any], tensors: Mapping[s
 
 
 def _build_module(record: Mapping[str, Any], trust: frozenset[str], file: Path | None, task: str) -> nn.Module:
-    target = str(record.get("class"))
+    target = recorded_target(str(record.get("class")), TRUSTED_HEADS | trust)  # maybe written before 0.3
     if target not in TRUSTED_HEADS | trust:
         raise ExportError(f"head of task {task!r} is a {target}, which an export does not rebuild by itself: pass "
                             f"heads={{{task!r}: <the module>}} to load_merged, or trust=[{target!r}] to build it "

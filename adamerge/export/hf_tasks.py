@@ -5,7 +5,7 @@ users want one ordinary classifier per task. With ``per_task_hf`` (Hydra ``expor
 also writes, for every task, that task's fine-tuned ``*ForSequenceClassification`` with its body replaced by the
 merged body, its config carrying the task's class names as ``id2label`` / ``label2id``, saved with
 ``save_pretrained`` (plus the export's tokenizer files). It computes exactly what adamerge evaluated: the
-classifier's own ``forward`` over the merged body, which is what :class:`~adamerge.models.hf.SequenceClassificationHead`
+classifier's own ``forward`` over the merged body, which is what :class:`~adamerge.backbones.hf.SequenceClassificationHead`
 replays.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from torch import nn
 
+from adamerge.backbones.hf import SequenceClassificationHead
 from adamerge.errors import ExportError
-from adamerge.models.hf import SequenceClassificationHead
 
 __all__ = ["TASKS_DIR", "task_classifier", "save_task_classifier"]
 

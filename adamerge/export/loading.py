@@ -8,7 +8,7 @@ An export is made to be shared, so loading one must be as safe as loading a safe
   refused with its name; pass ``model=`` (a module you built) or ``trust=[name]`` to load it anyway;
 - architecture arguments must be plain values: a nested ``_target_`` (a callable hidden in an argument) or
   Hydra's ``_args_`` / ``_partial_`` keys are refused, so nothing in the file is ever called;
-- task heads are rebuilt by kind from their safetensors files (:mod:`adamerge.export_heads`), under the same rules.
+- task heads are rebuilt by kind from their safetensors files (:mod:`adamerge.export.heads`), under the same rules.
 
 :func:`load_merged` returns the multi-task model (backbone + every task's head), or one task's model;
 :func:`load_backbone` returns the merged backbone alone (what ``load_merged`` returned before heads were
@@ -27,18 +27,19 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import load_file, load_model
 from torch import nn
 
-from adamerge.export import MERGE_CONFIG, WEIGHTS, WEIGHTS_INDEX, ExportError
-from adamerge.manifest import find_damage
+from adamerge.export.writer import MERGE_CONFIG, WEIGHTS, WEIGHTS_INDEX, ExportError
+from adamerge.storage.manifest import find_damage
+from adamerge.storage.renamed import recorded_target
 
 if TYPE_CHECKING:
-    from adamerge.multitask import MultiTaskModel, TaskModel
+    from adamerge.export.multitask import MultiTaskModel, TaskModel
 
 __all__ = ["TRUSTED_ARCHITECTURES", "load_backbone", "load_merged", "read_merge_config", "verify_export"]
 
 # The backbones adamerge itself defines and exports with a ``_target_`` record.
 TRUSTED_ARCHITECTURES = frozenset({
-    "adamerge.models.efficientnet.EfficientNetLite0",
-    "adamerge.models.efficientnet.efficientnet_lite0",
+    "adamerge.backbones.efficientnet.EfficientNetLite0",
+    "adamerge.backbones.efficientnet.efficientnet_lite0",
 })
 
 
@@ -86,7 +87,7 @@ def _check_layout(config: Any, file: Path) -> None:
 
 def _check_signature(path: Path, signature: str | os.PathLike | Mapping[str, Any] | None) -> None:
     if signature is not None:  # first: merge_config.json, which every later check trusts, is one of the signed files
-        from adamerge.signing import verify_signature
+        from adamerge.export.signing import verify_signature
 
         verify_signature(path, signature)
 
@@ -125,7 +126,7 @@ def load_backbone(
 
     ``verify`` checks every file against its recorded sha256 first. ``trust`` names extra architecture
     targets (``"my_package.MyBackbone"``) you allow this export to build, beyond ``TRUSTED_ARCHITECTURES``.
-    ``signature`` (the signer's public key, see :func:`adamerge.signing.verify_signature`) checks the export's
+    ``signature`` (the signer's public key, see :func:`adamerge.export.signing.verify_signature`) checks the export's
     signature before anything of it is read.
     """
     path = Path(path).expanduser()
@@ -146,7 +147,7 @@ def load_merged(
 ) -> MultiTaskModel | TaskModel:
     """The exported multi-task model (merged backbone + every task's frozen head), in eval mode.
 
-    With ``task`` only that task's head is read and a single-task :class:`~adamerge.multitask.TaskModel`
+    With ``task`` only that task's head is read and a single-task :class:`~adamerge.export.multitask.TaskModel`
     (backbone + head, ``forward(inputs) -> logits``) is returned. ``model`` is a backbone module to fill
     instead of rebuilding one; ``heads`` maps tasks to head modules to fill (needed for heads of classes an
     export does not rebuild by itself). ``trust`` allows extra architecture and head classes by name.
@@ -154,9 +155,9 @@ def load_merged(
     export whose files or ``merge_config.json`` changed since it was signed, naming the file.
     Exports written without heads load with :func:`load_backbone`.
     """
-    from adamerge.export_heads import read_head
-    from adamerge.multitask import MultiTaskModel, TaskModel
-    from adamerge.preprocessing import preprocessor_from_record
+    from adamerge.export.heads import read_head
+    from adamerge.export.multitask import MultiTaskModel, TaskModel
+    from adamerge.data.preprocessing import preprocessor_from_record
 
     path = Path(path).expanduser()
     _check_signature(path, signature)
@@ -231,7 +232,7 @@ def _callables_in(value: Any, where: str) -> list[str]:
 
 def _build_architecture(path: Path, architecture: Mapping[str, Any], trust: frozenset[str]) -> nn.Module:
     """Call an allow-listed target with plain keyword arguments; no other code is ever resolved."""
-    target = str(architecture["_target_"])
+    target = recorded_target(str(architecture["_target_"]), TRUSTED_ARCHITECTURES | trust)
     if target not in TRUSTED_ARCHITECTURES | trust:
         raise ExportError(
             f"{path}: refusing to build architecture {target!r} recorded in {MERGE_CONFIG}: it is not one of "
@@ -268,7 +269,7 @@ def _load_weights(model: nn.Module, path: Path, map_location: str) -> None:
 
 
 def _load_sharded(model: nn.Module, path: Path, map_location: str) -> None:
-    from adamerge.task_vectors import tied_aliases
+    from adamerge.pool.task_vectors import tied_aliases
 
     shards = sorted(set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
     state = {}

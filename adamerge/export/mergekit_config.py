@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from adamerge.checkpoints import looks_like_path
+from adamerge.pool.checkpoints import looks_like_path
 
 __all__ = ["MERGEKIT_FILE", "LEARNED_AS_TASK_ARITHMETIC", "mergekit_config", "mergekit_yaml"]
 

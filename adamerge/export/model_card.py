@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from adamerge.checkpoints import looks_like_path
+from adamerge.pool.checkpoints import looks_like_path
 
 __all__ = ["MODEL_CARD", "HEATMAP", "declared_license", "write_model_card"]
 
@@ -215,7 +215,7 @@ def _heatmap(directory: Path, config: Mapping[str, Any]) -> str:
         matrix = np.empty(0)
     if not isinstance(coefficients, list) or matrix.ndim not in (1, 2) or matrix.size == 0:
         return "No learned coefficients were recorded (a data-free merge)."
-    from adamerge.reporting import coefficient_heatmap
+    from adamerge.reporting.results import coefficient_heatmap
 
     rows, columns = (1, matrix.shape[0]) if matrix.ndim == 1 else matrix.shape
     named = config.get("coefficient_columns") or config.get("tasks")

@@ -2,7 +2,7 @@
 
 :func:`adamerge.load_merged` returns a :class:`MultiTaskModel` (or, for one task, a :class:`TaskModel`). Both
 compute exactly what the run evaluated -- ``head(backbone(inputs))`` through the same call as the evaluation
-(:func:`adamerge.module.run_backbone`) -- and turn raw inputs (images, sentences) into model inputs with the
+(:func:`adamerge.methods.learned.merged.run_backbone`) -- and turn raw inputs (images, sentences) into model inputs with the
 preprocessing the run recorded.
 """
 
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adamerge.module import run_backbone, to_device
+from adamerge.data.batches import to_device
+from adamerge.methods.learned.merged import run_backbone
 
 __all__ = ["MultiTaskModel", "TaskModel"]
 

@@ -4,7 +4,7 @@
 *who* wrote the export, so a recipient can refuse one whose files, or whose manifest itself, were changed on the way
 (``adamerge-verify <dir> --key <public.pem>``, or ``adamerge.load_merged(dir, signature="public.pem")``).
 
-Signing settings (``export.sign`` in the run config, ``sign=`` of :func:`adamerge.export.export_merged`):
+Signing settings (``export.sign`` in the run config, ``sign=`` of :func:`adamerge.export.writer.export_merged`):
 
 - ``{key: <EC private key, PEM>}`` (optional ``password``): a key pair you manage; recipients hold the public key;
 - ``{certificate: <signing certificate, PEM>, key: <its private key>, chain: [<CA certificates, PEM>]}``: PKI;
@@ -17,17 +17,15 @@ into place, so an export appears signed or not at all. The library is the option
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from adamerge.errors import ConfigError, ExportError, SignatureError, report_cli_error
+from adamerge.errors import ConfigError, ExportError, SignatureError
 
-__all__ = ["SIGNATURE", "check_sign_config", "main", "sign_export", "verify_signature"]
+__all__ = ["SIGNATURE", "check_sign_config", "sign_export", "verify_signature"]
 
 SIGNATURE = "model.sig"
 SIGN_KEYS = {"key", "password", "certificate", "chain"}
@@ -150,31 +148,3 @@ def verify_signature(directory: str | Path, signature: str | os.PathLike | Mappi
     except Exception as error:  # a forged or unparsable bundle: cryptography, json and sigstore raise their own
         raise SignatureError(f"{signature_file} is not a valid signature of {directory} by the given key or "
                              f"certificates: {type(error).__name__}: {error}") from error
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``adamerge-verify <export> --key <public.pem>``: the signature, then every file's recorded sha256."""
-    from adamerge.errors import AdamergeError
-    from adamerge.loading import verify_export
-
-    parser = argparse.ArgumentParser(prog="adamerge-verify", description="Check a signed adamerge export.")
-    parser.add_argument("export", help="the export directory (merged_model/)")
-    who = parser.add_mutually_exclusive_group(required=True)
-    who.add_argument("--key", help="the signer's public key (PEM)")
-    who.add_argument("--certificate-chain", nargs="+", help="CA certificates (PEM) the signing certificate chains to")
-    parser.add_argument("--signature", help=f"the signature file (default: <export>/{SIGNATURE})")
-    args = parser.parse_args(argv)
-    settings: dict[str, Any] = {"key": args.key} if args.key else {"certificate_chain": args.certificate_chain}
-    if args.signature:
-        settings["signature"] = args.signature
-    try:
-        verify_signature(args.export, settings)
-        verify_export(args.export)
-    except AdamergeError as error:
-        return report_cli_error("adamerge-verify", f"{type(error).__name__}: {error}", 1)
-    print(f"adamerge-verify: {args.export}: signature and every file's sha256 verified")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,16 @@
 """Exporting a fused model as a self-describing directory, and loading it back.
 
 An export holds the weights (``model.safetensors``), each task's frozen head (``heads/<task>.safetensors``,
-see :mod:`adamerge.export_heads`), ``merge_config.json`` (how the model was made, how to rebuild its
+see :mod:`adamerge.export.heads`), ``merge_config.json`` (how the model was made, how to rebuild its
 architecture and heads, the class names and input preprocessing of every task), a model card (``README.md``
-and ``coefficients.png``, :mod:`adamerge.model_card`) and, for transformers models, everything
+and ``coefficients.png``, :mod:`adamerge.export.model_card`) and, for transformers models, everything
 ``save_pretrained`` writes, so the result also opens with plain ``AutoModel.from_pretrained`` (and, with
 ``per_task_hf``, one ``tasks/<task>/`` classifier per task for ``AutoModelForSequenceClassification``).
 Exports are written to a temporary sibling directory and renamed into place: a crash leaves either the old
 export or the new one, never a half-written directory.
 
 ``merge_config.json`` records the sha256 of every other file of the export, so that
-:func:`adamerge.loading.load_merged` can refuse one that was modified, truncated or corrupted.
+:func:`adamerge.export.loading.load_merged` can refuse one that was modified, truncated or corrupted.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from safetensors.torch import save_model
 from torch import nn
 
 from adamerge.errors import ExportError
-from adamerge.manifest import file_hashes
-from adamerge.atomic import DiskFullError, fsync_path, is_disk_full
+from adamerge.storage.atomic import DiskFullError, fsync_path, is_disk_full
+from adamerge.storage.manifest import file_hashes
 
 __all__ = ["MERGE_CONFIG", "WEIGHTS", "ExportError", "export_merged"]
 
@@ -156,11 +156,11 @@ def export_merged(
     heads on a transformers body only), each with a copy of the top-level extra files (the tokenizer).
     ``license`` is the model card's license (default: what the sources' own model cards declare).
     ``sign`` (``{key: <EC private key PEM>}`` or ``{certificate: ..., key: ..., chain: [...]}``) signs every file,
-    ``merge_config.json`` included, into ``model.sig`` (:mod:`adamerge.signing`). Returns the directory.
+    ``merge_config.json`` included, into ``model.sig`` (:mod:`adamerge.export.signing`). Returns the directory.
     """
-    from adamerge.export_heads import HEADS_DIR, head_records, write_head_files
-    from adamerge.merged import MergedModel
-    from adamerge.model_card import HEATMAP, MODEL_CARD, write_model_card
+    from adamerge.export.heads import HEADS_DIR, head_records, write_head_files
+    from adamerge.methods.learned.merged import MergedModel
+    from adamerge.export.model_card import HEATMAP, MODEL_CARD, write_model_card
 
     directory = Path(directory).expanduser().absolute()
     if isinstance(model, MergedModel):
@@ -178,7 +178,7 @@ def export_merged(
         if isinstance(source, Path) and not source.exists():
             raise ExportError(f"extra file {name!r}: {source} does not exist")
     if sign is not None:
-        from adamerge.signing import check_sign_config
+        from adamerge.export.signing import check_sign_config
 
         check_sign_config(sign, where="sign")
     records = head_records(heads or {}, class_names, preprocessors)
@@ -214,7 +214,7 @@ def export_merged(
         # Written last, over the bytes actually on disk: the loader checks every file against these.
         _write_json(staging / MERGE_CONFIG, {**config, "files": file_hashes(staging, exclude={MERGE_CONFIG})})
         if sign is not None:  # over the final bytes, before the rename: an export appears signed or not at all
-            from adamerge.signing import sign_export
+            from adamerge.export.signing import sign_export
 
             sign_export(staging, sign)
         _fsync_tree(staging)
@@ -246,7 +246,7 @@ def _check_per_task_hf(model: nn.Module, records: Mapping[str, Mapping[str, Any]
 def _write_task_classifiers(staging: Path, model: nn.Module, heads: Mapping[str, nn.Module],
                             records: dict[str, dict[str, Any]], extras: Mapping[str, Path | bytes]) -> None:
     """``tasks/<task>/``: the task's classifier around the merged body, plus the top-level extra files."""
-    from adamerge.models.hf_export import save_task_classifier
+    from adamerge.export.hf_tasks import save_task_classifier
 
     for task, head in heads.items():
         relative = save_task_classifier(staging, task, model, head, records[task]["class_names"])

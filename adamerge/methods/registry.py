@@ -1,6 +1,6 @@
 """Merge methods by name.
 
-Every method -- the data-free ones in :mod:`adamerge.methods.static` and the learned ones that
+Every method -- the data-free ones in :mod:`adamerge.methods.data_free.static` and the learned ones that
 need test data and the trainer -- is registered here with all of its hyperparameters and their
 defaults, so the Hydra group ``conf/method/`` can mirror the registry one file per name.
 """
@@ -30,11 +30,14 @@ METHOD_KINDS: tuple[str, ...] = ("static", "learned")
 StaticMethodFn = Callable[..., dict[str, Tensor]]
 # validate(num_tasks, hparams) raises ValueError naming the method, parameter and value.
 HparamValidator = Callable[[int, Mapping[str, Any]], None]
+# build(backbone, task_vectors, heads, *, objective, **hparams) -> the LightningModule that learns the merge.
+LearnedBuilder = Callable[..., Any]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A merge method: its hyperparameters with defaults and, for static methods, the function."""
+    """A merge method: its hyperparameters with defaults and, for static methods, the function; for learned ones,
+    what builds the module that learns it (``adamerge.methods.learned.adamerging.build_learned`` calls it)."""
 
     name: str
     kind: MethodKind
@@ -44,6 +47,7 @@ class MethodSpec:
     # Checks hyperparameter values before any checkpoint is loaded, so a typo in a range fails
     # in milliseconds rather than after reading K large checkpoints.
     validate: HparamValidator | None = field(default=None, compare=False)
+    build: LearnedBuilder | None = field(default=None, compare=False)
 
     def resolve_hparams(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
         """The defaults overridden by ``hparams``; unknown names raise TypeError."""
@@ -73,17 +77,20 @@ def register_method(
     defaults: Mapping[str, Any] | None = None,
     description: str = "",
     validate: HparamValidator | None = None,
+    build: LearnedBuilder | None = None,
 ) -> Callable[[Any], Any]:
     """Register a merge method under ``name``; raises ValueError if the name is taken.
 
     Static methods decorate their function, ``fn(task_vectors, **hparams) -> deltas``; without
     ``defaults`` its keyword-only parameters and their defaults are the hyperparameters. Learned
     methods are run by the trainer and have no function here: ``register_method(name,
-    kind="learned", defaults=...)`` registers them at once, and the decorator it returns hands
-    back whatever it decorates untouched (so it may also mark the trainer's own code).
+    kind="learned", defaults=..., build=...)`` registers them at once (``build`` makes the module that
+    learns them), and the decorator it returns hands back whatever it decorates untouched.
     """
     if kind not in METHOD_KINDS:
         raise ValueError(f"method {name!r}: kind must be one of {METHOD_KINDS}, got {kind!r}")
+    if build is not None and kind != "learned":
+        raise ValueError(f"method {name!r}: only a learned method has a build function")
 
     def add(fn: StaticMethodFn | None) -> None:
         if name in _REGISTRY:
@@ -97,6 +104,7 @@ def register_method(
             fn=fn,
             description=description or docstring.strip().split("\n", 1)[0],
             validate=validate,
+            build=build,
         )
 
     if kind == "learned":
@@ -130,16 +138,16 @@ def available_methods(kind: str | None = None) -> list[str]:
 # Modules whose import registers methods. Importing them lazily, on the first lookup, lets a
 # caller import only the registry and still see every method, without circular imports.
 BUILTIN_METHOD_MODULES: tuple[str, ...] = (
-    "adamerge.methods.static",
-    "adamerge.methods.pcb",
-    "adamerge.methods.tsv",
-    "adamerge.methods.isotropic",
-    "adamerge.methods.wudi",
-    "adamerge.methods.reference",
-    "adamerge.methods.learned",
-    "adamerge.concrete",
-    "adamerge.adarank",
-    "adamerge.progressive",
+    "adamerge.methods.data_free.static",
+    "adamerge.methods.data_free.pcb",
+    "adamerge.methods.data_free.tsv",
+    "adamerge.methods.data_free.isotropic",
+    "adamerge.methods.data_free.wudi",
+    "adamerge.methods.data_free.reference",
+    "adamerge.methods.learned.adamerging",
+    "adamerge.methods.learned.concrete",
+    "adamerge.methods.learned.adarank",
+    "adamerge.methods.learned.progressive",
 )
 
 

@@ -3,7 +3,7 @@
 Entropy and information maximisation reward a confident merge; these reward a merge that does what the expert does,
 which is what "keep each fine-tuned model's accuracy" asks (ProDistill, SAMerging, Expert Merging, DivMerge). Every
 pool holds the experts, so their outputs on the unlabeled inputs are free signal; they are computed once per input
-before learning (adamerge/expert_targets.py) and handed to the loss as ``expert``.
+before learning (adamerge/objectives/expert_targets.py) and handed to the loss as ``expert``.
 
 - ``expert_kl``: ``T² · mean_x KL(softmax(z_e/T) ‖ softmax(z/T))`` between the expert's logits ``z_e`` and the
   merged model's ``z`` (temperature ``T``; the ``T²`` keeps the gradient's scale independent of ``T``, as in
@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.objectives import (
-    OBJECTIVES, ExpertOutputs, Objective, ObjectiveError, at_least_float32, masked_mean, register_objective,
-)
+from adamerge.objectives.label_free import at_least_float32, masked_mean
+from adamerge.objectives.registry import OBJECTIVES, ExpertOutputs, Objective, ObjectiveError, register_objective
 
 
 def _positions(values: Tensor, mask: Tensor | None) -> Tensor:

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adamerge.data import ADAPTATION, EVALUATION
-from adamerge.objectives import ExpertOutputs, Objective
+from adamerge.data.batches import ADAPTATION, EVALUATION, to_device
+from adamerge.methods.learned.merged import run_backbone
+from adamerge.objectives.registry import ExpertOutputs, Objective
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ExpertTargets:
 
     ``experts(task)`` returns ``(backbone, head)`` of the task's fine-tuned model; ``needs`` are the outputs to keep
     ("logits", "features"). ``datamodule`` gives each task's splits (``split_key``, ``split_size``, ``split_batches``:
-    a :class:`~adamerge.data.MultiTaskDataModule`). ``forwarded[task]`` counts the examples through the task's expert.
+    a :class:`~adamerge.data.datamodule.MultiTaskDataModule`). ``forwarded[task]`` counts the examples through the task's expert.
     """
 
     def __init__(self, experts: Any, datamodule: Any, device: torch.device, needs: Iterable[str] = ("logits",),
@@ -112,7 +113,7 @@ class ExpertTargets:
     @classmethod
     def from_pool(cls, pool: Any, task_vectors: Any, datamodule: Any, device: torch.device, needs: Iterable[str],
                   max_bytes: float = 4 * 2**30, batch_size: int | None = None) -> ExpertTargets:
-        """The experts of a :class:`~adamerge.modelpool.ModelPool`: task k's backbone at θ0 + τ_k with its head."""
+        """The experts of a :class:`~adamerge.pool.modelpool.ModelPool`: task k's backbone at θ0 + τ_k with its head."""
         return cls(lambda task: (pool.backbone_with(task_vectors, task), pool.heads[task]), datamodule, device, needs,
                    max_bytes=max_bytes, batch_size=batch_size)
 
@@ -137,8 +138,6 @@ class ExpertTargets:
 
     @torch.no_grad()
     def _forward(self, task: str, inputs: Any) -> dict[str, Tensor]:
-        from adamerge.module import run_backbone, to_device
-
         backbone, head = self._expert(task)
         inputs = to_device(inputs, self.device)
         output = run_backbone(backbone, inputs)

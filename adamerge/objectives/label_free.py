@@ -1,7 +1,8 @@
 """Label-free test-time objectives: what a learned merge minimises on each task's unlabeled batch.
 
 Every objective maps one task's logits (``[N, C]``, or ``[N, T, V]`` per token for causal LMs with a padding
-mask) to a scalar loss; learned methods sum it over tasks. ``p = softmax(logits)``, ``H`` is Shannon entropy
+mask) to a scalar loss (:class:`~adamerge.objectives.registry.Objective`); learned methods sum it over tasks.
+``p = softmax(logits)``, ``H`` is Shannon entropy
 in nats, ``C`` the number of classes.
 
 - ``entropy`` (AdaMerging, Yang et al. 2024): mean ``H(p(x))``. Rewards confidence, right or wrong, so it
@@ -15,7 +16,7 @@ in nats, ``C`` the number of classes.
 
 ``normalize=True`` divides every entropy by ``ln C`` so a 10-class and a 397-class task weigh alike in the sum.
 
-Expert-matching objectives (adamerge/expert_objectives.py: ``expert_kl``, ``feature_matching``) compare the merged
+Expert-matching objectives (adamerge/objectives/expert.py: ``expert_kl``, ``feature_matching``) compare the merged
 model with each task's own fine-tuned model (its *expert*) on the same unlabeled inputs instead of rewarding
 confidence; ``weighted_sum`` adds any of them with weights. They receive the expert's outputs through ``expert``.
 """
@@ -23,18 +24,12 @@ confidence; ``weighted_sum`` adds any of them with weights. They receive the exp
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from adamerge.errors import AdamergeError
-
-
-class ObjectiveError(AdamergeError, ValueError):
-    """An objective cannot be used as configured or on these logits; the message names both."""
+from adamerge.objectives.registry import Objective, ObjectiveError, register_objective
 
 
 def at_least_float32(logits: Tensor) -> Tensor:
@@ -66,63 +61,7 @@ def entropy_scale(num_classes: int, normalize: bool) -> float:
     return math.log(num_classes) if normalize and num_classes > 1 else 1.0
 
 
-@dataclass(frozen=True)
-class ExpertOutputs:
-    """What a task's fine-tuned model (its expert) gives on the inputs of one batch, computed once before learning
-    (adamerge/expert_targets.py): its logits and its backbone features, each None when no objective needs it."""
-
-    logits: Tensor | None = None
-    features: Tensor | None = None
-
-
-class Objective(ABC):
-    """A label-free loss over one task's logits. Subclasses register under ``name``."""
-
-    name: ClassVar[str]
-    per_token: ClassVar[bool] = True  # defined for [N, T, V] logits of causal LMs
-    # What of the task's expert the loss reads ("logits", "features"); empty: the merged model's logits alone.
-    expert_needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __init__(self, normalize: bool = False) -> None:
-        self.normalize = bool(normalize)
-
-    @property
-    def needs(self) -> frozenset[str]:
-        """The expert outputs this objective reads (an instance property: a weighted sum unites its terms')."""
-        return self.expert_needs
-
-    def __call__(self, logits: Tensor, mask: Tensor | None = None, *, features: Tensor | None = None,
-                 expert: ExpertOutputs | None = None) -> Tensor:
-        """The loss of one task's batch; ``mask`` marks the valid positions of per-token logits, ``features`` are the
-        merged backbone's outputs (what the head reads) and ``expert`` the task's expert outputs on the same inputs."""
-        if logits.ndim < 2:
-            raise ObjectiveError(f"objective {self.name!r} needs logits of shape [N, C] or [N, T, V], got {tuple(logits.shape)}")
-        if logits.ndim > 2 and not self.per_token:
-            raise ObjectiveError(
-                f"objective {self.name!r} is not defined for per-token logits {tuple(logits.shape)} "
-                "(a causal language model): use objective=entropy, confident_entropy or expert_kl"
-            )
-        for need in sorted(self.needs):
-            if expert is None or getattr(expert, need) is None:
-                raise ObjectiveError(f"objective {self.name!r} compares with each task's expert and needs the expert's "
-                                     f"{need} on this batch, but none were given")
-        if "features" in self.needs and features is None:
-            raise ObjectiveError(f"objective {self.name!r} needs the merged backbone's features, but none were given")
-        return self.loss(logits, mask, features=features, expert=expert)
-
-    @abstractmethod
-    def loss(self, logits: Tensor, mask: Tensor | None, *, features: Tensor | None = None,
-             expert: ExpertOutputs | None = None) -> Tensor: ...
-
-    def config(self) -> dict[str, Any]:
-        """Name and settings, for results files and the export's merge_config.json."""
-        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
-
-    def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
-        return f"{type(self).__name__}({settings})"
-
-
+@register_objective
 class Entropy(Objective):
     name = "entropy"
 
@@ -130,6 +69,7 @@ class Entropy(Objective):
         return prediction_entropy(logits, mask) / entropy_scale(logits.shape[-1], self.normalize)
 
 
+@register_objective
 class InformationMaximization(Objective):
     name = "information_maximization"
     per_token = False
@@ -148,6 +88,7 @@ class InformationMaximization(Objective):
         return (mean_entropy - self.diversity_weight * diversity) / entropy_scale(logits.shape[-1], self.normalize)
 
 
+@register_objective
 class ConfidentEntropy(Objective):
     name = "confident_entropy"
     WEIGHTINGS = ("none", "eata")
@@ -171,30 +112,3 @@ class ConfidentEntropy(Objective):
             weight = weight * torch.exp(margin - entropy.detach())
         loss = (weight * entropy).sum() / selected.sum().clamp_min(1).to(entropy.dtype)
         return loss / entropy_scale(logits.shape[-1], self.normalize)
-
-
-OBJECTIVES: dict[str, type[Objective]] = {}
-
-
-def register_objective(cls: type[Objective]) -> type[Objective]:
-    """Register an objective class under its ``name`` (mirrored by ``conf/objective/<name>.yaml``)."""
-    OBJECTIVES[cls.name] = cls
-    return cls
-
-
-for _cls in (Entropy, InformationMaximization, ConfidentEntropy):
-    register_objective(_cls)
-
-
-def build_objective(name: str = "entropy", **settings: Any) -> Objective:
-    """The objective registered as ``name`` with ``settings``; unknown names or settings raise ObjectiveError."""
-    if name not in OBJECTIVES:
-        raise ObjectiveError(f"unknown objective {name!r}; registered: {sorted(OBJECTIVES)}")
-    try:
-        return OBJECTIVES[name](**settings)
-    except TypeError as error:
-        raise ObjectiveError(f"objective {name!r}: {error}") from None
-
-
-# The expert-matching objectives register themselves on import; imported last, once everything above exists.
-from adamerge import expert_objectives  # noqa: E402,F401

@@ -7,7 +7,6 @@ has to care where weights came from. Pickled files are always read with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adamerge.errors import AdamergeError
+from adamerge.storage.manifest import sha256_of_files
 
 if TYPE_CHECKING:  # transformers is slow to import; only pay for it when a model is needed
     import transformers
@@ -28,7 +28,6 @@ __all__ = [
     "CheckpointError",
     "load_state_dict",
     "describe_source",
-    "validate_finetuned",
     "sha256_of",
     "load_hf_model",
 ]
@@ -80,10 +79,6 @@ def _hub_offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once at import time; re-reading it here lets
     # users (and tests) switch it on later and fail fast instead of retrying for ~30 s.
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _shape(t: torch.Tensor) -> str:
-    return str(tuple(t.shape))
 
 
 def _check_tensor_mapping(obj: Any, name: str) -> StateDict:
@@ -277,7 +272,7 @@ def sha256_of(source: Any) -> str | None:
         return None
     name = os.fspath(source)
     path = Path(name).expanduser()
-    if path.is_dir() and (path / PEFT_ADAPTER_FILES[0]).is_file():  # a LoRA adapter (adamerge.lora)
+    if path.is_dir() and (path / PEFT_ADAPTER_FILES[0]).is_file():  # a LoRA adapter (adamerge.pool.lora)
         files = [path / name for name in PEFT_ADAPTER_FILES if (path / name).is_file()]
     elif path.is_dir():
         files = hf_dir_weight_files(path)
@@ -287,54 +282,4 @@ def sha256_of(source: Any) -> str | None:
         return None  # a hub id: hashing would mean downloading it
     else:
         raise _not_found(name)
-    h = hashlib.sha256()
-    for f in sorted(files):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _list_keys(keys: set[str], limit: int = 5) -> str:
-    shown = sorted(keys)[:limit]
-    more = f", ... ({len(keys)} in total)" if len(keys) > limit else f" ({len(keys)} in total)"
-    return ", ".join(repr(k) for k in shown) + more
-
-
-def validate_finetuned(
-    pretrained: Mapping[str, torch.Tensor],
-    finetuned: Mapping[str, torch.Tensor],
-    *,
-    source: str,
-    pretrained_source: str = "pretrained",
-) -> None:
-    where = f"fine-tuned checkpoint {source!r}"
-    theirs = f"the pretrained model {pretrained_source!r}"
-    missing = pretrained.keys() - finetuned.keys()
-    if missing:
-        raise CheckpointError(f"{where} is missing parameters present in {theirs}: {_list_keys(missing)}")
-    extra = finetuned.keys() - pretrained.keys()
-    if extra:
-        raise CheckpointError(f"{where} has parameters not present in {theirs}: {_list_keys(extra)}")
-    for key, pre in pretrained.items():
-        ft = finetuned[key]
-        if tuple(ft.shape) != tuple(pre.shape):
-            raise CheckpointError(
-                f"{where}: parameter {key!r} has shape {_shape(ft)} but {theirs} has {_shape(pre)}"
-            )
-        if ft.is_floating_point() != pre.is_floating_point():
-            raise CheckpointError(
-                f"{where}: parameter {key!r} has dtype {ft.dtype} but {theirs} has {pre.dtype} "
-                f"(floating-point and non-floating-point entries cannot be merged)"
-            )
-        check_finite(key, ft, where)
-
-
-def check_finite(key: str, tensor: torch.Tensor, where: str) -> None:
-    """A NaN/Inf in a checkpoint would spread into every merge that uses it: refuse it, naming the entry."""
-    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(
-            f"{where}: parameter {key!r} has {bad} non-finite (NaN/Inf) "
-            f"value{'s' if bad != 1 else ''} out of {tensor.numel()}"
-        )
+    return sha256_of_files(sorted(files))

@@ -1,6 +1,6 @@
 """What a checkpoint holds -- tensor names, shapes and dtypes -- without reading its weights.
 
-The memory plan (:mod:`adamerge.memory_plan`) is made before anything loads, so it reads only the JSON header at
+The memory plan (:mod:`adamerge.pool.memory_plan`) is made before anything loads, so it reads only the JSON header at
 the start of each ``.safetensors`` file (a few kilobytes, even for a 70B shard) or, when only a ``config.json`` is
 at hand (a hub id in the local cache, a bench), builds the model on the meta device, which allocates nothing.
 Pickled checkpoints (``.bin``/``.pt``) have no header: :class:`InventoryUnavailable` says so and the plan skips.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adamerge.checkpoints import SAFETENSORS_SUFFIXES, hf_dir_weight_files, looks_like_path
+from adamerge.pool.checkpoints import SAFETENSORS_SUFFIXES, hf_dir_weight_files, looks_like_path
 
 __all__ = ["TensorSpec", "Inventory", "InventoryUnavailable", "safetensors_header", "checkpoint_inventory",
            "meta_inventory", "model_config", "DTYPE_BYTES"]

@@ -25,11 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.checkpoints import PEFT_ADAPTER_FILES, CheckpointError
 from adamerge.errors import ConfigError
-from adamerge.merged import MergedModel
+from adamerge.pool.checkpoints import PEFT_ADAPTER_FILES, CheckpointError
 
-__all__ = ["ADAPTER_CONFIG", "LoRAFactors", "LoRAAdapter", "LoRATaskVectors", "LoRAMergedModel", "is_adapter_dir",
+__all__ = ["ADAPTER_CONFIG", "LoRAFactors", "LoRAAdapter", "LoRATaskVectors", "is_adapter_dir",
            "load_adapter", "save_linear_adapter"]
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = PEFT_ADAPTER_FILES
@@ -209,25 +208,6 @@ class LoRATaskVectors:
         for row, name in zip(rows, self.names):
             state[name] = (self.pretrained[name].float() + self.delta(name, row.float())).to(self.pretrained[name].dtype)
         return state
-
-
-class LoRAMergedModel(MergedModel):
-    """:class:`~adamerge.merged.MergedModel` over adapters: each step's delta of a targeted weight is
-    ``B_cat · diag(λ·s) · A_cat``, so neither the step nor autograd ever holds a dense task vector."""
-
-    def register_task_vectors(self, task_vectors: LoRATaskVectors) -> None:
-        self.transposed = []
-        for index, name in enumerate(self.names):
-            a, b, task, scale, transposed = task_vectors.concatenated(name)
-            for part, tensor in (("A", a), ("B", b), ("task", task), ("scale", scale)):
-                self.register_buffer(f"_lora_{part}_{index}", tensor, persistent=False)
-            self.transposed.append(transposed)
-
-    def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
-        a, b = getattr(self, f"_lora_A_{index}"), getattr(self, f"_lora_B_{index}")
-        per_rank = row[getattr(self, f"_lora_task_{index}")] * getattr(self, f"_lora_scale_{index}")
-        delta = (b * per_rank) @ a
-        return delta.T if self.transposed[index] else delta
 
 
 def save_linear_adapter(vectors: LoRATaskVectors, weights: Tensor, directory: str | os.PathLike, *,

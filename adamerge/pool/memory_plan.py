@@ -1,7 +1,7 @@
 """The memory a merge will need, worked out from shapes before a byte of weights is read.
 
-The terms follow what the code holds at its peaks (:mod:`adamerge.modelpool`, :mod:`adamerge.task_vectors`,
-:mod:`adamerge.merged`, the learning step of :mod:`adamerge.module`):
+The terms follow what the code holds at its peaks (:mod:`adamerge.pool.modelpool`, :mod:`adamerge.pool.task_vectors`,
+:mod:`adamerge.methods.learned.merged`, the learning step of :mod:`adamerge.training.module`):
 
 * **host, loading**: the pool's frozen model θ0, all K fine-tuned checkpoints (``ModelPool.vectors_of`` reads every
   one before stacking), the stacked task vectors ``[K, ...]`` in the storage dtype, and the float32 differences of
@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from adamerge.checkpoint_inventory import DTYPE_BYTES, TensorSpec
-from adamerge.merged import BLOCK_PATTERN
+from adamerge.pool.inventory import DTYPE_BYTES, TensorSpec
+from adamerge.pool.key_filters import BLOCK_PATTERN
 
 GIB = 2**30
 WorkingSet = Literal["end_to_end", "progressive"]
@@ -196,7 +196,7 @@ def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet =
         "task vectors": vectors,
         "merged weights": weight_bytes,
         "their gradients": weight_bytes,
-        # LoRA (adamerge.lora.LoRAMergedModel): one tensor's B_cat·diag(λ·s)·A_cat, float32, then dropped.
+        # LoRA (adamerge.methods.learned.merged.LoRAMergedModel): one tensor's B_cat·diag(λ·s)·A_cat, float32, then dropped.
         "lazy deltas": model.largest_tensor * 4 if run.adapter_parameters else 0,
         # MergedModel.merge_deltas, per tensor: float32 Σ_k λ_k τ_k and θ0 + it; a 16-bit τ is upcast for the sum.
         "merge buffer": (2 + (run.num_tasks if run.storage_bytes < 4 and not run.adapter_parameters else 0))

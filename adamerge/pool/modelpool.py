@@ -12,11 +12,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from adamerge.checkpoints import CheckpointError, describe_source, load_state_dict, sha256_of
 from adamerge.errors import ConfigError, adamerge_cause
-from adamerge.key_filters import drop_excluded
-from adamerge.lora import LoRATaskVectors, is_adapter_dir
-from adamerge.task_vectors import TaskVectors, tied_aliases
+from adamerge.pool.checkpoints import CheckpointError, describe_source, load_state_dict, sha256_of
+from adamerge.pool.key_filters import drop_excluded
+from adamerge.pool.lora import LoRATaskVectors, is_adapter_dir
+from adamerge.pool.task_vectors import TaskVectors, tied_aliases
 
 
 def _plain(value: Any) -> Any:
@@ -40,7 +40,7 @@ class ModelPool:
     ``finetuned`` maps task name → checkpoint source; ``heads`` maps task name → module or config.
     ``exclude`` patterns drop entries from every checkpoint (and the backbone's state) before validation, so a
     full classification checkpoint can give its backbone (``exclude: ["_fc.*"]``); ``include`` patterns choose
-    the tensors that are merged, the others stay pretrained (see :mod:`adamerge.key_filters`).
+    the tensors that are merged, the others stay pretrained (see :mod:`adamerge.pool.key_filters`).
     """
 
     def __init__(
@@ -120,7 +120,7 @@ class ModelPool:
         )
 
     def _adapter_vectors(self, pretrained: dict, sources: Mapping[str, Any], only_adapters: bool) -> LoRATaskVectors:
-        """A pool of PEFT LoRA adapter directories: task vectors kept as factors (:mod:`adamerge.lora`)."""
+        """A pool of PEFT LoRA adapter directories: task vectors kept as factors (:mod:`adamerge.pool.lora`)."""
         if not only_adapters:
             raise ConfigError("modelpool.finetuned mixes PEFT adapter directories and full checkpoints: give all "
                               f"tasks as adapters or all as checkpoints ({ {n: describe_source(s) for n, s in sources.items()} })")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from adamerge.key_filters import select_tensors
+from adamerge.pool.key_filters import select_tensors
 
 StateDict = dict[str, Tensor]
 
@@ -95,7 +95,7 @@ class TaskVectors:
 
         ``include`` patterns restrict the merged tensors; the others keep their pretrained values.
         """
-        from adamerge.checkpoints import validate_finetuned
+        from adamerge.pool.validation import validate_finetuned
 
         if not finetuned:
             raise ValueError("at least one fine-tuned checkpoint is needed to form task vectors")

@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from adamerge.atomic import write_atomic
 from adamerge.errors import AdamergeError, ConfigError, report_cli_error
-from adamerge.report_plots import PNG_SIGNATURE, accuracy_bars, coefficient_heatmap_png, learning_curves
-from adamerge.reporting import read_json, read_run_results
-from adamerge.sweep import job_dirs, write_summary_files
+from adamerge.reporting.plots import PNG_SIGNATURE, accuracy_bars, coefficient_heatmap_png, learning_curves
+from adamerge.reporting.results import read_json, read_run_results
+from adamerge.reporting.sweep import job_dirs, write_summary_files
+from adamerge.storage.atomic import write_atomic
 
 EXPECTED = "summary.json or results.json (a run) or sweep_summary.json (a sweep)"
 CSS = """

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from adamerge.atomic import write_atomic
 from adamerge.errors import ConfigError
+from adamerge.storage.atomic import write_atomic
 
 RESULT_KEYS = ("method", "config", "tasks", "accuracy", "average_accuracy", "coefficients", "seconds", "peak_memory_mb")
 
@@ -132,7 +132,7 @@ def coefficient_heatmap(
     coefficients: Sequence, task_names: Sequence[str], path: str | Path, title: str = "merge coefficients"
 ) -> Path:
     """Layers × tasks heatmap (a single row for task-wise coefficients), saved as PNG."""
-    from adamerge.report_plots import coefficient_heatmap_png
+    from adamerge.reporting.plots import coefficient_heatmap_png
 
     path = Path(path)
     write_atomic(path, coefficient_heatmap_png(coefficients, task_names, title))

@@ -2,7 +2,7 @@
 
 ``SweepSummary`` (a Hydra callback, on by default in conf/config.yaml) rewrites the summary after every job,
 so a sweep that dies half-way still leaves the finished jobs' table, and once more with the plots when the
-multirun ends. ``python -m adamerge.sweep SWEEP_DIR`` rebuilds it by hand (e.g. after a killed sweep).
+multirun ends. ``python -m adamerge.reporting.sweep SWEEP_DIR`` rebuilds it by hand (e.g. after a killed sweep).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from adamerge.errors import AdamergeError, ConfigError, report_cli_error
-from adamerge.atomic import write_atomic
-from adamerge.reporting import read_json, read_run_results, write_json
-from adamerge.selection import get_criterion, pick, pick_by_accuracy, unlabeled_means
+from adamerge.reporting.results import read_json, read_run_results, write_json
+from adamerge.reporting.selection import get_criterion, pick, pick_by_accuracy, unlabeled_means
+from adamerge.storage.atomic import write_atomic
 
 ERROR_FILE = "error.json"
 SUMMARY_NAME = "sweep_summary"
@@ -197,7 +197,7 @@ def selection_text(summary: Mapping[str, Any]) -> str:
 
 def write_summary_files(sweep_dir: str | Path, criterion: str = "objective", plots: bool = True) -> dict[str, Any]:
     """Write sweep_summary.json / .md / .csv (and one PNG per swept parameter) into the sweep directory."""
-    from adamerge.sweep_plots import plot_swept_parameter
+    from adamerge.reporting.sweep_plots import plot_swept_parameter
 
     sweep_dir = Path(sweep_dir)
     summary = summarize(sweep_dir, criterion)
@@ -238,7 +238,7 @@ class SweepSummary(Callback):
             summary = write_summary_files(sweep_dir, selection_criterion(config))
         except Exception as error:  # Hydra logs a callback's exception and exits 0; a lost summary is an error
             sys.exit(report_cli_error("adamerge", f"writing the sweep summary of {sweep_dir} failed: {error!r}\n"
-                                      f"(rebuild it with: python -m adamerge.sweep {sweep_dir})", 1))
+                                      f"(rebuild it with: python -m adamerge.reporting.sweep {sweep_dir})", 1))
         print(f"\n{selection_text(summary)}\nsweep summary: {sweep_dir / (SUMMARY_NAME + '.md')}")
         failed = failed_jobs(summary)
         if failed:
@@ -252,7 +252,7 @@ def selection_criterion(config: DictConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adamerge.sweep", description="(Re)build a sweep's summary.")
+    parser = argparse.ArgumentParser(prog="python -m adamerge.reporting.sweep", description="(Re)build a sweep's summary.")
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--selection", default="objective", help="label-free criterion (objective, entropy, expert_agreement)")
     args = parser.parse_args(argv)

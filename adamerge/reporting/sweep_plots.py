@@ -49,8 +49,8 @@ def plot_swept_parameter(summary: Mapping[str, Any], key: str, path: str | Path)
     series per method, the label-free pick and the test-accuracy pick circled. ``None`` when no job finished."""
     from matplotlib.figure import Figure
 
-    from adamerge.atomic import write_atomic
-    from adamerge.report_plots import png_bytes
+    from adamerge.storage.atomic import write_atomic
+    from adamerge.reporting.plots import png_bytes
 
     rows = [(i, row) for i, row in enumerate(summary["rows"]) if row["status"] == "ok" and key in row["overrides"]]
     if not rows:

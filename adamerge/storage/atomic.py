@@ -20,7 +20,7 @@ from adamerge.errors import AdamergeError
 # The errors that mean "the device has no room for this", as opposed to a permission or a path problem.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
-# Temporary files being written right now: a hard exit (a second interrupt, adamerge.preemption) removes them,
+# Temporary files being written right now: a hard exit (a second interrupt, adamerge.training.preemption) removes them,
 # since it skips the cleanup below.
 _in_flight: set[str] = set()
 

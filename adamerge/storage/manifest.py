@@ -7,21 +7,31 @@ is rebuilt, an export that fails is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from adamerge.atomic import write_atomic
-from adamerge.checkpoints import sha256_of
+from adamerge.storage.atomic import write_atomic
 
 MANIFEST = "manifest.json"
+
+
+def sha256_of_files(files: Iterable[Path]) -> str:
+    """One sha256 over the bytes of ``files``, read in this order (a checkpoint's shards in name order)."""
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def file_hashes(directory: Path, exclude: Collection[str] = ()) -> dict[str, str]:
     """sha256 of every file under ``directory`` by relative POSIX path, but those named in ``exclude``."""
     return {
-        file.relative_to(directory).as_posix(): sha256_of(file)
+        file.relative_to(directory).as_posix(): sha256_of_files([file])
         for file in sorted(directory.rglob("*"))
         if file.is_file() and file.relative_to(directory).as_posix() not in exclude
     }
@@ -54,7 +64,7 @@ def find_damage(directory: Path, recorded: Mapping[str, str], complete: bool = F
         file = directory / name
         if not file.is_file():
             return Damage(name, "missing")
-        actual = sha256_of(file)
+        actual = sha256_of_files([file])
         if actual != expected:
             return Damage(name, "modified", str(expected), actual)
     if complete:

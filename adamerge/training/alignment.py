@@ -19,9 +19,9 @@ from typing import Any
 
 from torch import Tensor
 
-from adamerge.checkpoints import describe_source
 from adamerge.errors import ConfigError
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.checkpoints import describe_source
+from adamerge.pool.task_vectors import TaskVectors
 
 ALIGNMENT_TASK = "alignment"
 ALIGNMENT_DEFAULTS: dict[str, Any] = {"aligned": None, "base": None, "init_value": 1.0, "min_coefficient": 0.5}
@@ -42,6 +42,24 @@ def check_alignment_settings(settings: Mapping[str, Any]) -> None:
     if values["init_value"] < values["min_coefficient"]:
         raise ConfigError(f"protected.alignment.init_value={values['init_value']} is below its own floor "
                           f"min_coefficient={values['min_coefficient']}")
+
+
+@dataclass(frozen=True)
+class AlignmentSettings:
+    """``protected.alignment``, validated: the aligned checkpoint, the base it was tuned from (None: the pool's
+    pretrained model), and where its coefficient starts and its floor."""
+
+    aligned: Any
+    base: Any = None
+    init_value: float = 1.0
+    min_coefficient: float = 0.5
+
+    @classmethod
+    def parse(cls, settings: Mapping[str, Any]) -> AlignmentSettings:
+        """The node's settings checked (:func:`check_alignment_settings`), defaults filled in."""
+        check_alignment_settings(settings)
+        values = {**ALIGNMENT_DEFAULTS, **settings}
+        return cls(values["aligned"], values["base"], values["init_value"], values["min_coefficient"])
 
 
 @dataclass
@@ -90,9 +108,8 @@ def load_alignment_vector(pool: Any, aligned: Any, base: Any = None, init_value:
     return AlignmentVector(aligned_vector, float(init_value), float(min_coefficient), described)
 
 
-def alignment_from_config(pool: Any, settings: Mapping[str, Any] | None) -> AlignmentVector | None:
-    """``protected.alignment`` (null: none) loaded against ``pool``."""
-    if not settings:
+def load_alignment(pool: Any, settings: AlignmentSettings | None) -> AlignmentVector | None:
+    """The alignment vector ``settings`` describe (None: none) loaded against ``pool``."""
+    if settings is None:
         return None
-    check_alignment_settings(settings)
-    return load_alignment_vector(pool, **{**ALIGNMENT_DEFAULTS, **settings})
+    return load_alignment_vector(pool, settings.aligned, settings.base, settings.init_value, settings.min_coefficient)

@@ -1,5 +1,8 @@
 """The AdaMerging learning step as a LightningModule.
 
+Long because: the learning step is one LightningModule -- the merge, the per-task (or joint) passes, non-finite
+steps and step logging share its state; its validation and checkpoint hooks live apart.
+
 Only the merge coefficients (and, for Concrete methods, mask logits) train. One step:
 
 1. merge once: ``θ(λ)`` for every merged tensor (graph to λ kept);
@@ -7,6 +10,9 @@ Only the merge coefficients (and, for Concrete methods, mask logits) train. One 
    activations are alive and ``dL/dθ`` accumulates in the leaves' ``.grad``;
 3. one backward through the merge: ``dL/dλ = ⟨τ, dL/dθ⟩`` -- the merge graph is traversed once per
    step, not once per task.
+
+Its validation hooks (per-task scores, the label-free report) are :class:`~adamerge.training.evaluation.ValidationHooks`
+and its checkpoint hooks (what a resumed run needs) :class:`~adamerge.training.resume.ResumableState`.
 """
 
 from __future__ import annotations
@@ -21,95 +27,25 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from adamerge import task_batching
-from adamerge.data import ADAPTATION, EVALUATION
-from adamerge.errors import AdamergeError
-from adamerge.expert_targets import feature_tensor
-from adamerge.merged import MergedModel
-from adamerge.objectives import Entropy, ExpertOutputs, Objective, prediction_entropy
-from adamerge.profiling import StepProfile
-from adamerge.resume import ResumeError, capture_rng, restore_rng
+from adamerge.data.batches import ADAPTATION
+from adamerge.errors import NonFiniteError
+from adamerge.methods.learned.merged import MergedModel, run_backbone
+from adamerge.objectives import Entropy, ExpertOutputs, Objective, ObjectiveError, prediction_entropy
+from adamerge.objectives.expert_targets import feature_tensor
+from adamerge.training import task_batching
+from adamerge.training.evaluation import Batch, ValidationHooks, entropy_mask, is_plain_entropy
+from adamerge.training.profiling import StepProfile
+from adamerge.training.protection import Protection
+from adamerge.training.resume import ResumableState, restore_rng
 
 if TYPE_CHECKING:
-    from adamerge.expert_targets import ExpertTargets
-    from adamerge.protected import ProtectedTask
-    from adamerge.protection import Protection
+    from adamerge.objectives.expert_targets import ExpertTargets
+    from adamerge.training.protected import ProtectedTask
 
-Batch = Mapping[str, Any]
-
-
-class NonFiniteError(AdamergeError, FloatingPointError):
-    """A NaN/Inf objective or gradient: learning stops before it can reach the coefficients or an export."""
+__all__ = ["AdaMergingModule", "Batch", "NonFiniteError"]
 
 
-IGNORE_INDEX = -100  # the Hugging Face convention for positions without a target
-
-
-def count_correct(logits: Tensor, labels: Tensor) -> tuple[int, int]:
-    """Correct arg-max predictions and the number of labels counted (``-100`` entries skipped)."""
-    valid = labels != IGNORE_INDEX
-    return int(((logits.argmax(-1) == labels) & valid).sum()), int(valid.sum())
-
-
-def run_backbone(backbone: nn.Module, inputs: Any, weights: Mapping[str, Tensor] | None = None) -> Any:
-    """Call ``backbone`` on a tensor or on keyword inputs (tokenised text), optionally merged."""
-    if isinstance(backbone, MergedModel):
-        if isinstance(inputs, Mapping):
-            return backbone(weights=weights, **inputs)
-        return backbone(inputs, weights=weights)
-    return backbone(**inputs) if isinstance(inputs, Mapping) else backbone(inputs)
-
-
-def entropy_mask(inputs: Any, logits: Tensor) -> Tensor | None:
-    """Padding mask for per-token logits (causal LMs); ``None`` for one prediction per example."""
-    if logits.ndim == 3 and isinstance(inputs, Mapping) and "attention_mask" in inputs:
-        return inputs["attention_mask"]
-    return None
-
-
-def valid_predictions(logits: Tensor, mask: Tensor | None) -> Tensor:
-    """Arg-max predictions at the valid positions (all examples, or the unpadded tokens), flat, on CPU."""
-    predictions = logits.argmax(-1)
-    if mask is not None:
-        predictions = predictions[mask.bool()]
-    return predictions.flatten().to("cpu", torch.int32)
-
-
-def to_device(inputs: Any, device: torch.device) -> Any:
-    """A batch's inputs (a tensor, or a mapping of tensors such as tokenised text) on ``device``."""
-    if isinstance(inputs, Mapping):
-        return {key: to_device(value, device) for key, value in inputs.items()}
-    return inputs.to(device) if isinstance(inputs, Tensor) else inputs
-
-
-def is_plain_entropy(objective: Objective) -> bool:
-    """Whether the objective's value is the mean prediction entropy itself (no second pass needed for it)."""
-    return type(objective) is Entropy and not objective.normalize
-
-
-SCORE_COUNTS = ("correct", "seen", "objective", "entropy", "agreed", "compared_to_expert")
-
-
-def batch_scores(logits: Tensor, labels: Tensor, inputs: Any, objective: Objective, *, output: Any = None,
-                 expert: ExpertOutputs | None = None) -> dict[str, float]:
-    """One evaluation batch: correct predictions, labels counted, the label-free scores that runs and sweeps are
-    compared by without labels (the objective and the mean prediction entropy) and, given the task expert's logits,
-    the predictions that agree with the expert's (arg-max) and how many were compared (``SCORE_COUNTS``)."""
-    correct, seen = count_correct(logits, labels)
-    mask = entropy_mask(inputs, logits)
-    features = feature_tensor(output) if output is not None and "features" in objective.needs else None
-    value = float(objective(logits, mask, features=features, expert=expert))
-    entropy = value if is_plain_entropy(objective) else float(prediction_entropy(logits, mask))
-    agreed = compared = 0
-    if expert is not None and expert.logits is not None:
-        merged_predictions = valid_predictions(logits, mask)
-        expert_predictions = valid_predictions(expert.logits.to(logits.device), mask)
-        agreed, compared = int((merged_predictions == expert_predictions).sum()), merged_predictions.numel()
-    return {"correct": correct, "seen": seen, "objective": value, "entropy": entropy, "agreed": agreed,
-            "compared_to_expert": compared}
-
-
-class AdaMergingModule(L.LightningModule):
+class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
     """Learns merge coefficients of ``merged`` by the summed per-task label-free ``objective``.
 
     ``heads[task]`` maps backbone outputs to that task's logits and stays frozen. Every evaluation also
@@ -144,7 +80,7 @@ class AdaMergingModule(L.LightningModule):
         self.objective = objective if objective is not None else Entropy()
         self.automatic_optimization = False
         self.task_names = scored
-        # Protected tasks (adamerge.protected): their losses join every step; see protect().
+        # Protected tasks (adamerge.training.protected): their losses join every step; see protect().
         self.protection: Protection | None = None
         self.last_accuracy: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -164,7 +100,7 @@ class AdaMergingModule(L.LightningModule):
         self.set_task_batching(task_batching_mode)
         self.skipped_steps: list[dict[str, Any]] = []
         self._rng_to_restore: dict[str, Any] | None = None
-        # Each task's expert outputs on its inputs (adamerge.expert_targets), for expert-matching objectives and the
+        # Each task's expert outputs on its inputs (adamerge.objectives.expert_targets), for expert-matching objectives and the
         # agreement signal; see use_experts().
         self.expert_targets: ExpertTargets | None = None
         self.profile = StepProfile()
@@ -184,11 +120,9 @@ class AdaMergingModule(L.LightningModule):
         return self
 
     def protect(self, tasks: Sequence[ProtectedTask], seed: int = 0, eval_batch_size: int = 64) -> Protection:
-        """Add protected tasks (:mod:`adamerge.protected`): each step also lowers their losses (penalty) or keeps them
+        """Add protected tasks (:mod:`adamerge.training.protected`): each step also lowers their losses (penalty) or keeps them
         within budget (constraint), and every evaluation scores them. Call before learning: the current merge is the
         ``start`` reference."""
-        from adamerge.protection import Protection
-
         self.protection = Protection(tasks, seed=seed, eval_batch_size=eval_batch_size)
         self.protection.attach(self)
         return self.protection
@@ -201,8 +135,6 @@ class AdaMergingModule(L.LightningModule):
     def check_experts(self) -> None:
         """An objective that compares with the experts cannot run without their outputs: say so before any step."""
         if self.objective.needs and (self.expert_targets is None or not set(self.objective.needs) <= set(self.expert_targets.needs)):
-            from adamerge.objectives import ObjectiveError
-
             raise ObjectiveError(f"objective {self.objective.name!r} needs each task's expert {sorted(self.objective.needs)}; "
                                  "call module.use_experts(ExpertTargets(...)) first (the runner does)")
 
@@ -330,7 +262,7 @@ class AdaMergingModule(L.LightningModule):
         return objectives
 
     def set_task_batching(self, mode: str) -> None:
-        """``sequential`` / ``joint`` / ``auto`` (see :mod:`adamerge.task_batching`); joint is refused for a
+        """``sequential`` / ``joint`` / ``auto`` (see :mod:`adamerge.training.task_batching`); joint is refused for a
         backbone whose examples would interact."""
         self.task_batching = task_batching.check_mode(mode, self.merged.module)
         self._resolved_batching: str | None = None if mode == "auto" else mode
@@ -398,36 +330,6 @@ class AdaMergingModule(L.LightningModule):
         self.history.append({"step": self.global_step, "objective": total, "entropy": entropy})
         return torch.tensor(total)
 
-    # -- checkpoints (resume) ----------------------------------------------------------------------
-    FROZEN_PREFIXES = ("merged.module.", "heads.", "protection.")
-
-    def resumable_state_keys(self) -> list[str]:
-        """State entries a checkpoint must hold: coefficients, mask logits and their reset values."""
-        return [key for key in self.state_dict() if not key.startswith(self.FROZEN_PREFIXES)]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keys = set(self.resumable_state_keys())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
-        checkpoint["adamerge"] = {"history": list(self.history), "skipped_steps": list(self.skipped_steps),
-                                  "profile": self.profile.state(), "rng": capture_rng(), **self.extra_resume_state()}
-        if self.protection is not None:
-            checkpoint["adamerge"]["protection"] = self.protection.state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(set(self.resumable_state_keys()) - set(checkpoint.get("state_dict", {})))
-        if missing or "adamerge" not in checkpoint:
-            raise ResumeError(f"the checkpoint is not one of this method's: it lacks {missing[:5] or ['adamerge']}")
-        state = checkpoint["adamerge"]
-        self.history, self.skipped_steps = list(state["history"]), list(state["skipped_steps"])
-        self.profile.load_state(state["profile"])
-        # Applied just before the next step: creating the data iterator in between draws from torch's RNG.
-        self._rng_to_restore = state["rng"]
-        self.load_extra_resume_state(state)
-        if self.protection is not None:
-            if "protection" not in state:
-                raise ResumeError("the checkpoint was written without protected tasks")
-            self.protection.load_state(state["protection"])
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:
             restore_rng(self._rng_to_restore)
@@ -439,96 +341,6 @@ class AdaMergingModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.profile.end_step()
         self._last_step_end = time.perf_counter()
-
-    def extra_resume_state(self) -> dict[str, Any]:
-        """What a subclass keeps across a resume beyond the state dict (the Concrete stage's frozen mask)."""
-        return {}
-
-    def load_extra_resume_state(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`extra_resume_state` saved."""
-
-    # -- evaluation -------------------------------------------------------------------------------
-    _COUNTS = (*SCORE_COUNTS, "batches", "changed", "compared")
-
-    def on_validation_epoch_start(self) -> None:
-        with torch.no_grad():
-            self._eval_weights = {n: w.detach() for n, w in self.eval_weights().items()}
-        self._totals = {task: [0.0] * len(self._COUNTS) for task in self.task_names}
-        self._predictions = {}
-
-    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        task = self.task_names[dataloader_idx]
-        with torch.no_grad(), self._autocast():
-            output, logits = self.task_outputs(task, batch["inputs"], self._eval_weights)
-        scores = batch_scores(logits, batch["labels"], batch["inputs"], self.objective, output=output,
-                              expert=self.expert_outputs(task, batch, EVALUATION))
-        predictions = valid_predictions(logits, entropy_mask(batch["inputs"], logits))
-        # The label-free signals: the objective on the evaluation inputs, and predictions that moved since
-        # the first evaluation (the runner's, before learning). Labels are not used for either.
-        changed = compared = 0
-        if self._first_predictions is not None and (task, batch_idx) in self._first_predictions:
-            before = self._first_predictions[task, batch_idx]
-            changed, compared = int((before != predictions).sum()), predictions.numel()
-        self._predictions[task, batch_idx] = predictions
-        totals = self._totals[task]
-        for index, value in enumerate((*(scores[name] for name in SCORE_COUNTS), 1, changed, compared)):
-            totals[index] += value
-
-    def on_validation_epoch_end(self) -> None:
-        counts = torch.tensor([self._totals[t] for t in self.task_names], dtype=torch.float64)
-        if self.trainer.world_size > 1:  # each rank saw its shard of the evaluation split
-            counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
-        weights, self._eval_weights = self._eval_weights, None
-        if self.trainer.sanity_checking:
-            return
-        if self.protection is not None:  # the first evaluation scores the starting merge, later ones the learned one
-            for task, scores in self.protection.record(self, weights).items():
-                for key, value in scores.items():
-                    self.log(f"val/protected/{task}/{key}", value, add_dataloader_idx=False)
-        columns = {name: counts[:, i].tolist() for i, name in enumerate(self._COUNTS)}
-        evaluation: dict[str, dict[str, float]] = {"accuracy": {}, "objective": {}, "entropy": {}, "prediction_changed": {},
-                                                   "expert_agreement": {}}
-        for i, task in enumerate(self.task_names):
-            if columns["compared_to_expert"][i]:  # label-free: the share of predictions equal to the task expert's
-                evaluation["expert_agreement"][task] = columns["agreed"][i] / columns["compared_to_expert"][i]
-            evaluation["accuracy"][task] = columns["correct"][i] / max(columns["seen"][i], 1)
-            evaluation["objective"][task] = columns["objective"][i] / max(columns["batches"][i], 1)
-            evaluation["entropy"][task] = columns["entropy"][i] / max(columns["batches"][i], 1)
-            if self._first_predictions is not None:
-                evaluation["prediction_changed"][task] = columns["changed"][i] / max(columns["compared"][i], 1)
-        if self._first_predictions is None:
-            self._first_predictions = self._predictions
-        self._predictions = {}
-        self.evaluations.append(evaluation)
-        self.last_accuracy = evaluation["accuracy"]
-        for task, value in self.last_accuracy.items():
-            self.log(f"val/accuracy/{task}", value, add_dataloader_idx=False)
-        self.log("val/average_accuracy", sum(self.last_accuracy.values()) / len(self.last_accuracy),
-                 add_dataloader_idx=False, prog_bar=True)
-
-    def label_free_report(self) -> dict[str, dict[str, float]]:
-        """Per task: the objective on its evaluation inputs at the first and last evaluation, and the
-        fraction of predictions the learning changed -- what a user can judge a merge by without labels."""
-        if len(self.evaluations) < 2:
-            return {}
-        first, last = self.evaluations[0], self.evaluations[-1]
-        report = {
-            task: {
-                "objective_start": first["objective"][task],
-                "objective_end": last["objective"][task],
-                "prediction_changed": last["prediction_changed"][task],
-            }
-            for task in self.task_names
-        }
-        for task in self.task_names:  # agreement with the task's expert, where the experts' outputs were given
-            if task in last.get("expert_agreement", {}):
-                report[task]["expert_agreement_start"] = first["expert_agreement"][task]
-                report[task]["expert_agreement_end"] = last["expert_agreement"][task]
-        return report
-
-    on_test_epoch_start = on_validation_epoch_start
-    test_step = validation_step
-    on_test_epoch_end = on_validation_epoch_end
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:

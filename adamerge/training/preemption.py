@@ -8,7 +8,7 @@ the command exits with :data:`PREEMPTED_EXIT_CODE`, printing the command that re
 
 A second signal exits at once with ``128 + signal`` (130 for SIGINT, 143 for SIGTERM), the status a shell gives
 a process killed by that signal: no checkpoint is written, and the last one stays intact because checkpoints are
-only ever replaced by an atomic rename (:mod:`adamerge.atomic`, whose unfinished temporary files are removed).
+only ever replaced by an atomic rename (:mod:`adamerge.storage.atomic`, whose unfinished temporary files are removed).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from adamerge.atomic import remove_files_in_flight
 from adamerge.errors import AdamergeError
+from adamerge.storage.atomic import remove_files_in_flight
 
 # sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": the run stopped cleanly, saved
 # what it had and can be resumed. It differs on purpose from 143/130 (killed by SIGTERM/SIGINT, maybe mid-write),
@@ -104,7 +104,7 @@ def keep_lightning_off_signals(trainer: Any) -> None:
 
     Lightning's handler makes ``fit`` raise a ``SystemExit`` with status 0 at the next batch, before any
     checkpoint: a preempted run would look finished and lose its progress. adamerge's handler (above) owns
-    SIGTERM and SIGINT instead, and :class:`adamerge.resume.StepCheckpoint` saves and stops at the boundary.
+    SIGTERM and SIGINT instead, and :class:`adamerge.training.resume.StepCheckpoint` saves and stops at the boundary.
     """
     connector = getattr(trainer, "_signal_connector", None)  # Lightning >= 2.0 registers through this object
     if connector is not None:

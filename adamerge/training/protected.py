@@ -3,7 +3,7 @@
 A protected task is a small set scored by a loss the merge must not raise:
 
 - ``cross_entropy``: labelled examples -- a class per example, or next-token targets with ``-100`` where nothing
-  is scored (a causal LM's safety set scores its response tokens only, see :mod:`adamerge.safety`);
+  is scored (a causal LM's safety set scores its response tokens only, see :mod:`adamerge.training.safety`);
 - ``kl``: unlabeled inputs scored by ``KL(p_merged ‖ p_reference)`` per example (or per unpadded token of a
   causal LM) against a reference model; ``kl_direction=reference_to_merged`` takes ``KL(p_reference ‖ p_merged)``.
 
@@ -36,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adamerge.data.batches import to_device
 from adamerge.errors import ConfigError
 from adamerge.methods import checks
-from adamerge.module import IGNORE_INDEX, count_correct, to_device
 from adamerge.objectives import at_least_float32
-from adamerge.task_batching import batch_size
+from adamerge.training.evaluation import IGNORE_INDEX, count_correct
+from adamerge.training.task_batching import batch_size
 
 PROTECTED_LOSSES = ("cross_entropy", "kl")
 MODES = ("penalty", "constraint")
@@ -87,8 +88,8 @@ class ProtectedTask:
 
     ``inputs`` are the whole set as one batch (a tensor ``[N, ...]`` or a mapping of ``[N, ...]`` tensors, e.g.
     tokenised text); ``labels`` ``[N]`` or ``[N, T]`` (``-100``: not scored) for ``cross_entropy``. ``reference``
-    is ``"start"`` or a frozen backbone module (see :mod:`adamerge.protected_config` for building one from a name).
-    ``refusal`` (causal LMs): a :class:`adamerge.safety.RefusalCheck` reported with the task.
+    is ``"start"`` or a frozen backbone module (see :mod:`adamerge.training.protected_config` for building one from a name).
+    ``refusal`` (causal LMs): a :class:`adamerge.training.safety.RefusalCheck` reported with the task.
     """
 
     name: str
@@ -118,7 +119,7 @@ class ProtectedTask:
             raise ConfigError(f"{where}: {self.labels.shape[0]} labels for {self.size} examples")
         if isinstance(self.reference, str) and self.reference != START:
             raise ConfigError(f"{where}.reference={self.reference!r}: a ProtectedTask takes 'start' or a model "
-                              "(names and paths are resolved by adamerge.protected_config.resolve_reference)")
+                              "(names and paths are resolved by adamerge.training.protected_config.resolve_reference)")
 
     @property
     def size(self) -> int:

@@ -2,7 +2,7 @@
 
 The group's node::
 
-    tasks:                      # name -> one protected task (adamerge.protected)
+    tasks:                      # name -> one protected task (adamerge.training.protected)
       digits:
         data: {path: ..., split: train}   # a task's data as in data.tasks (any format; preprocessor: data's)
         max_samples: 64                   # a seeded subset, kept whole in memory
@@ -17,28 +17,32 @@ The group's node::
         batch_size: 16
         kl_direction: merged_to_reference
         refusal: null                     # causal LMs: {prompts, max_samples, max_new_tokens, guard, batch_size}
-    alignment: null             # {aligned, base, init_value, min_coefficient} (adamerge.alignment)
+    alignment: null             # {aligned, base, init_value, min_coefficient} (adamerge.training.alignment)
 
 A ``null`` reference is ``start`` for cross-entropy and, for KL, the task's own fine-tuned checkpoint when the
 task is one of the pool's (a KL task outside the pool must name its reference).
+
+:func:`parse_protected` validates the node -- as composed (strings, ``_target_`` mappings) before anything loads,
+or instantiated -- into a :class:`ProtectedSettings`; :func:`build_protected_tasks` builds the tasks from one.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from adamerge.alignment import check_alignment_settings
-from adamerge.checkpoints import CheckpointError, looks_like_path
-from adamerge.data import MultiTaskDataModule, TaskData, seeded_subset
+from adamerge.data.datamodule import MultiTaskDataModule
+from adamerge.data.tasks import TaskData, seeded_subset
 from adamerge.errors import ConfigError
 from adamerge.methods.checks import is_count
-from adamerge.protected import PROTECTED_DEFAULTS, START, ProtectedTask, check_protected_settings
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.checkpoints import CheckpointError, looks_like_path
+from adamerge.pool.task_vectors import TaskVectors
+from adamerge.training.alignment import AlignmentSettings
+from adamerge.training.protected import PROTECTED_DEFAULTS, START, ProtectedTask, check_protected_settings
 
 TASK_SETTINGS = {*PROTECTED_DEFAULTS, "data", "max_samples", "reference", "head", "refusal"}
 REFUSAL_DEFAULTS: dict[str, Any] = {"prompts": None, "max_samples": 64, "max_new_tokens": 48, "guard": None,
@@ -47,29 +51,67 @@ MAX_SAMPLES = 512  # default size of a protected set: "a small labelled set", ke
 PRETRAINED = "pretrained"
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
 def _check_path(key: str, value: Any) -> None:
     if isinstance(value, str) and looks_like_path(value) and not os.path.exists(os.path.expanduser(value)):
         raise CheckpointError(f"{key}={value!r}: no such file or directory")
 
 
-def check_protected_config(cfg: DictConfig) -> None:
-    """Every protected task's and the alignment vector's settings, from the configuration alone (before loading)."""
-    node = _plain(cfg.get("protected")) or {}
+@dataclass(frozen=True)
+class RefusalSettings:
+    """``protected.tasks.<name>.refusal``: how often a causal LM refuses the task's prompts (or ``prompts``, another
+    dataset), answering greedily with up to ``max_new_tokens`` tokens; ``guard`` judges an answer safe."""
+
+    prompts: Mapping[str, Any] | None = None
+    max_samples: int = 64
+    max_new_tokens: int = 48
+    guard: Any = None
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class ProtectedTaskSettings:
+    """One protected task's settings (the keys of the node above): its data, the size of its subset, its reference
+    and head (a name, a path or an instantiated module), the refusal check, and ``terms`` -- the loss and how it
+    enters each step (:data:`~adamerge.training.protected.PROTECTED_DEFAULTS`: only the keys given)."""
+
+    name: str
+    data: Mapping[str, Any]
+    max_samples: int | None = MAX_SAMPLES
+    reference: Any = None
+    head: Any = None
+    refusal: RefusalSettings | None = None
+    terms: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> str:
+        return self.terms.get("loss", PROTECTED_DEFAULTS["loss"])
+
+
+@dataclass(frozen=True)
+class ProtectedSettings:
+    """The ``protected`` group: the protected tasks and the alignment vector (None: none)."""
+
+    tasks: tuple[ProtectedTaskSettings, ...] = ()
+    alignment: AlignmentSettings | None = None
+
+
+def parse_protected(node: Mapping[str, Any] | None, pool_tasks: Collection[str]) -> ProtectedSettings:
+    """Every protected task's and the alignment vector's settings, checked from the node alone (before loading);
+    ``pool_tasks`` are the pool's task names, which a reference may name."""
+    node = node or {}
     unknown = sorted(set(node) - {"tasks", "alignment"})
     if unknown:
         raise ConfigError(f"protected has unknown key(s) {unknown}; it holds 'tasks' and 'alignment'")
-    pool_tasks = set((_plain(cfg.get("modelpool")) or {}).get("finetuned") or {})
+    pool_tasks = set(pool_tasks)
+    tasks = []
     for name, spec in (node.get("tasks") or {}).items():
         where = f"protected.tasks.{name}"
         if not isinstance(spec, Mapping):
             raise ConfigError(f"{where} must be a mapping of settings, got {spec!r}")
         if unknown := sorted(set(spec) - TASK_SETTINGS):
             raise ConfigError(f"{where} has unknown setting(s) {unknown}; allowed: {sorted(TASK_SETTINGS)}")
-        check_protected_settings(name, {key: spec[key] for key in PROTECTED_DEFAULTS if key in spec})
+        terms = {key: spec[key] for key in PROTECTED_DEFAULTS if key in spec}
+        check_protected_settings(name, terms)
         data = spec.get("data")
         if not isinstance(data, Mapping) or not data.get("path"):
             raise ConfigError(f"{where}.data must give the protected set's path (data: {{path: ...}}), got {data!r}")
@@ -84,16 +126,20 @@ def check_protected_config(cfg: DictConfig) -> None:
                               f"{name!r} is no pool task to default to (give start, pretrained, a pool task or a path)")
         if reference not in (None, START, PRETRAINED) and reference not in pool_tasks:
             _check_path(f"{where}.reference", reference)
-        _check_refusal(where, spec.get("refusal"))
+        tasks.append(ProtectedTaskSettings(
+            name=name, data=dict(data), max_samples=spec.get("max_samples", MAX_SAMPLES), reference=reference,
+            head=spec.get("head"), refusal=_parse_refusal(where, spec.get("refusal")), terms=terms))
+    alignment = None
     if node.get("alignment"):
-        check_alignment_settings(node["alignment"])
+        alignment = AlignmentSettings.parse(node["alignment"])
         for key in ("aligned", "base"):
-            _check_path(f"protected.alignment.{key}", node["alignment"].get(key))
+            _check_path(f"protected.alignment.{key}", getattr(alignment, key))
+    return ProtectedSettings(tuple(tasks), alignment)
 
 
-def _check_refusal(where: str, refusal: Any) -> None:
+def _parse_refusal(where: str, refusal: Any) -> RefusalSettings | None:
     if refusal is None:
-        return
+        return None
     if not isinstance(refusal, Mapping):
         raise ConfigError(f"{where}.refusal must be null or a mapping with keys {sorted(REFUSAL_DEFAULTS)}, got {refusal!r}")
     if unknown := sorted(set(refusal) - set(REFUSAL_DEFAULTS)):
@@ -101,6 +147,7 @@ def _check_refusal(where: str, refusal: Any) -> None:
     for key in ("max_samples", "max_new_tokens", "batch_size"):
         if key in refusal and not is_count(refusal[key], minimum=1):
             raise ConfigError(f"{where}.refusal.{key}={refusal[key]!r} is invalid: it must be an integer >= 1")
+    return RefusalSettings(**{**REFUSAL_DEFAULTS, **refusal}) if refusal else None  # {}: no refusal check
 
 
 def reference_spec(name: str, spec: Any, loss: str, task_vectors: TaskVectors) -> Any:
@@ -143,7 +190,7 @@ def resolve_head(name: str, spec: Any, pool: Any) -> nn.Module:
     task = name if spec is None else spec
     if task not in pool.heads:
         raise ConfigError(f"protected.tasks.{name}.head: no pool task {task!r} to take the head of (pool tasks: "
-                          f"{sorted(pool.heads)}); give a head config, e.g. {{_target_: adamerge.models.heads.Identity}} "
+                          f"{sorted(pool.heads)}); give a head config, e.g. {{_target_: adamerge.backbones.heads.Identity}} "
                           "for causal LMs")
     return pool.heads[task]
 
@@ -155,46 +202,44 @@ def _task_data(name: str, data: Mapping[str, Any], preprocessor: Any, seed: int)
     return module
 
 
-def build_refusal_check(name: str, spec: Mapping[str, Any], data: MultiTaskDataModule, seed: int) -> Any:
-    """The task's :class:`~adamerge.safety.RefusalCheck`: greedy answers to its prompts (or ``spec['prompts']``,
+def build_refusal_check(name: str, spec: RefusalSettings, data: MultiTaskDataModule, seed: int) -> Any:
+    """The task's :class:`~adamerge.training.safety.RefusalCheck`: greedy answers to its prompts (or ``spec.prompts``,
     another dataset), rendered by its ChatPreprocessor without the responses."""
-    from adamerge.safety import ChatPreprocessor, RefusalCheck, resolve_guard
+    from adamerge.training.safety import ChatPreprocessor, RefusalCheck, resolve_guard
 
-    spec = {**REFUSAL_DEFAULTS, **spec}
     preprocessor = data.tasks[name].preprocessor or data.preprocessor
     if not isinstance(preprocessor, ChatPreprocessor):
         raise ConfigError(f"protected.tasks.{name}.refusal needs prompts for a causal LM: its data's preprocessor must "
-                          f"be adamerge.safety.ChatPreprocessor, got {type(preprocessor).__name__}")
+                          f"be adamerge.training.safety.ChatPreprocessor, got {type(preprocessor).__name__}")
     prompts = preprocessor.prompt_only()
     source = data
-    if spec["prompts"] is not None:
-        source = _task_data(name, {**spec["prompts"], "preprocessor": prompts}, None, seed)
-    rows = seeded_subset(source.raw_splits(name)[0], spec["max_samples"], seed)
+    if spec.prompts is not None:
+        source = _task_data(name, {**spec.prompts, "preprocessor": prompts}, None, seed)
+    rows = seeded_subset(source.raw_splits(name)[0], spec.max_samples, seed)
     missing = [c for c in prompts.required_columns if c not in rows.column_names]
     if missing:
         raise ConfigError(f"protected.tasks.{name}.refusal.prompts: no column {missing}; columns: {rows.column_names}")
     return RefusalCheck(prompts=[str(p) for p in rows[prompts.text_column]], inputs=prompts(rows[:])["inputs"],
-                        tokenizer=prompts._tokenizer(), max_new_tokens=int(spec["max_new_tokens"]),
-                        guard=resolve_guard(spec["guard"], f"protected.tasks.{name}.refusal.guard"),
-                        batch_size=int(spec["batch_size"]))
+                        tokenizer=prompts._tokenizer(), max_new_tokens=int(spec.max_new_tokens),
+                        guard=resolve_guard(spec.guard, f"protected.tasks.{name}.refusal.guard"),
+                        batch_size=int(spec.batch_size))
 
 
-def build_protected_tasks(node: Mapping[str, Any] | None, pool: Any, task_vectors: TaskVectors, preprocessor: Any,
+def build_protected_tasks(settings: ProtectedSettings, pool: Any, task_vectors: TaskVectors, preprocessor: Any,
                           seed: int = 0) -> list[ProtectedTask]:
-    """The protected tasks of an instantiated ``protected`` node (``_target_`` entries already built): data loaded
-    and encoded, heads and reference models resolved against ``pool`` and its raw ``task_vectors``.
+    """The protected tasks of ``settings`` (parsed from the instantiated node: ``_target_`` entries already built):
+    data loaded and encoded, heads and reference models resolved against ``pool`` and its raw ``task_vectors``.
     ``preprocessor`` is the run data's, used where a protected set gives none."""
     tasks, references = [], {}  # two tasks naming the same reference share one frozen model
-    for name, spec in ((node or {}).get("tasks") or {}).items():
-        loss = spec.get("loss", PROTECTED_DEFAULTS["loss"])
-        data = _task_data(name, spec["data"], preprocessor, seed)
-        encoded = data.encode_all(name, spec.get("max_samples", MAX_SAMPLES))
-        settings = {key: spec[key] for key in PROTECTED_DEFAULTS if key in spec}
-        refusal = build_refusal_check(name, spec["refusal"], data, seed) if spec.get("refusal") else None
+    for spec in settings.tasks:
+        name, loss = spec.name, spec.loss
+        data = _task_data(name, spec.data, preprocessor, seed)
+        encoded = data.encode_all(name, spec.max_samples)
+        refusal = build_refusal_check(name, spec.refusal, data, seed) if spec.refusal is not None else None
         tasks.append(ProtectedTask(
             name=name, inputs=encoded["inputs"], labels=encoded.get("labels") if loss == "cross_entropy" else None,
-            head=resolve_head(name, spec.get("head"), pool),
-            reference=_shared_reference(references, name, spec.get("reference"), loss, pool, task_vectors),
-            refusal=refusal, **settings,
+            head=resolve_head(name, spec.head, pool),
+            reference=_shared_reference(references, name, spec.reference, loss, pool, task_vectors),
+            refusal=refusal, **spec.terms,
         ))
     return tasks

@@ -1,22 +1,36 @@
 """The protected tasks of one learned merge at run time: each step's protected terms, the multipliers' dual
-ascent, ``L_ref`` and the reports (what a protected task is and how it is scored: :mod:`adamerge.protected`)."""
+ascent, ``L_ref`` and the reports (what a protected task is and how it is scored: :mod:`adamerge.training.protected`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from adamerge.errors import ConfigError
-from adamerge.module import NonFiniteError, entropy_mask, run_backbone
-from adamerge.protected import START, STAGES, ProtectedTask, agreement_name, batch_rows, protected_terms, task_batch
+from adamerge.errors import ConfigError, NonFiniteError
+from adamerge.methods.learned.merged import MergedModel, run_backbone
+from adamerge.training.evaluation import entropy_mask
+from adamerge.training.profiling import StepProfile
+from adamerge.training.protected import START, STAGES, ProtectedTask, agreement_name, batch_rows, protected_terms, task_batch
 
-if TYPE_CHECKING:
-    from adamerge.merged import MergedModel
-    from adamerge.module import AdaMergingModule
+
+class LearningModule(Protocol):
+    """What protection reads of the learning module it serves (:class:`~adamerge.training.module.AdaMergingModule`)."""
+
+    merged: MergedModel
+    global_rank: int
+    global_step: int
+    profile: StepProfile
+
+    def eval_weights(self) -> dict[str, Tensor]: ...
+
+    def _autocast(self) -> contextlib.AbstractContextManager: ...
+
+    def _backward(self, loss: Tensor) -> None: ...
 
 
 class Protection(nn.Module):
@@ -47,7 +61,7 @@ class Protection(nn.Module):
         return super().train(False)  # frozen heads and references are scored deterministically, like the merge
 
     # -- references --------------------------------------------------------------------------------------------------
-    def attach(self, module: AdaMergingModule) -> None:
+    def attach(self, module: LearningModule) -> None:
         """Keep ``module``'s starting merge (its evaluation weights now, before learning) for KL tasks whose reference
         is ``start``: they need its logits at every step. (A cross-entropy task needs only ``L_ref``, measured on the
         merge before the first update, so no copy of the weights is kept for it.)"""
@@ -73,7 +87,7 @@ class Protection(nn.Module):
     def has_reference(self, name: str, merged: MergedModel | None) -> bool:
         return self.tasks[name].reference != START or merged is not None
 
-    def ensure_reference_loss(self, module: AdaMergingModule, start: Mapping[str, Tensor] | None = None) -> bool:
+    def ensure_reference_loss(self, module: LearningModule, start: Mapping[str, Tensor] | None = None) -> bool:
         """Measure ``L_ref`` (and the reference's scores) once, before the first update: the runner's first
         evaluation or the first step (a resumed run restores it from its checkpoint). ``start``: the starting
         merge's weights when the caller already has them. True when it measured them now."""
@@ -104,7 +118,7 @@ class Protection(nn.Module):
             return task.weight
         return self.multipliers[name] if loss - self.reference_loss[name] - task.budget > 0 else 0.0
 
-    def accumulate(self, module: AdaMergingModule, leaves: Mapping[str, Tensor]) -> None:
+    def accumulate(self, module: LearningModule, leaves: Mapping[str, Tensor]) -> None:
         """Forward and backward of every protected task's batch through the merge ``leaves`` (gradients accumulate in
         the leaves, next to the objective's). The losses are kept for the multipliers' update."""
         self.ensure_reference_loss(module)
@@ -167,7 +181,7 @@ class Protection(nn.Module):
                 out[name].update(task.refusal.evaluate(lambda x, name=name: logits(name, x), device))
         return out
 
-    def record(self, module: AdaMergingModule, weights: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
+    def record(self, module: LearningModule, weights: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
         """Score the merge ``weights`` of ``module``: the first call is the starting merge (``start``, with the
         reference measured first), every later one the learned merge (``end``)."""
         merged = module.merged

@@ -24,13 +24,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
 
-from adamerge.atomic import write_atomic
 from adamerge.errors import AdamergeError, RunDirectoryError
 from adamerge.methods.checks import is_count
-from adamerge.preemption import RunPreempted, stop_requested
-from adamerge.reporting import write_json
+from adamerge.reporting.results import write_json
+from adamerge.storage.atomic import write_atomic
+from adamerge.storage.renamed import current_path
+from adamerge.training.preemption import RunPreempted, stop_requested
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -68,7 +68,7 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer through :func:`adamerge.atomic.write_atomic`: a kill at any moment leaves
+    """Lightning's checkpoint writer through :func:`adamerge.storage.atomic.write_atomic`: a kill at any moment leaves
     the old checkpoint or the new one, never a torn file, and a full disk raises a DiskFullError naming the
     checkpoint and its size while the previous checkpoint stays usable."""
 
@@ -82,8 +82,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class StepCheckpoint(L.Callback):
     """Saves the trainer state to ``directory/last.ckpt`` every ``every_n_steps`` steps (0: never) and at the end,
-    and when a stop signal arrived (:mod:`adamerge.preemption`): then at the end of the step under way, after
-    which it stops the run with :class:`adamerge.preemption.RunPreempted`.
+    and when a stop signal arrived (:mod:`adamerge.training.preemption`): then at the end of the step under way, after
+    which it stops the run with :class:`adamerge.training.preemption.RunPreempted`.
     """
 
     def __init__(self, directory: str | Path, every_n_steps: int) -> None:
@@ -126,12 +126,6 @@ def remove_checkpoints(method_dir: Path) -> None:
     shutil.rmtree(method_dir / CHECKPOINT_DIR, ignore_errors=True)
 
 
-def run_record(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved configuration, without Hydra's own node: what the run directory was made by."""
-    task = {key: cfg[key] for key in cfg if key != "hydra"}  # Hydra's node may not resolve outside a job
-    return OmegaConf.to_container(OmegaConf.create(task), resolve=True)
-
-
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
@@ -142,21 +136,26 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ, leaving out the settings a resume may change."""
+    """Dotted keys whose values differ, leaving out the settings a resume may change. A class path recorded before
+    adamerge 0.3 equals its new name (``_target_: adamerge.modelpool.ModelPool`` is ``adamerge.pool.modelpool...``)."""
     old, new = _flatten(recorded), _flatten(json.loads(json.dumps(current)))
 
     def free(key: str) -> bool:
         return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES)
 
-    return sorted(key for key in set(old) | set(new) if not free(key) and old.get(key) != new.get(key))
+    def same(before: Any, now: Any) -> bool:
+        return before == now or (isinstance(before, str) and current_path(before) == now)
+
+    return sorted(key for key in set(old) | set(new) if not free(key) and not same(old.get(key), new.get(key)))
 
 
-def write_run_record(run_dir: Path, cfg: DictConfig) -> None:
-    write_json(run_dir / RUN_RECORD, run_record(cfg))
+def write_run_record(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """``run_config.json``: the resolved configuration that made the run directory (``record``, plain values)."""
+    write_json(run_dir / RUN_RECORD, record)
 
 
-def check_resume(run_dir: Path, cfg: DictConfig) -> None:
-    """``resume=true`` needs the record of the run to continue, made by the same settings."""
+def check_resume(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """``resume=true`` needs the record of the run to continue, made by the same settings (``record``: this run's)."""
     path = run_dir / RUN_RECORD
     if not path.is_file():
         raise RunDirectoryError(
@@ -167,7 +166,7 @@ def check_resume(run_dir: Path, cfg: DictConfig) -> None:
         recorded = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise RunDirectoryError(f"cannot resume from {run_dir}: {path} is unreadable ({error})") from error
-    differences = config_differences(recorded, run_record(cfg))
+    differences = config_differences(recorded, record)
     if differences:
         shown = ", ".join(f"{key} (was {_flatten(recorded).get(key)!r})" for key in differences[:5])
         raise RunDirectoryError(
@@ -184,3 +183,45 @@ def check_no_unfinished_learning(method_dirs: Sequence[Path]) -> None:
                 f"{checkpoint_path(directory)} holds an interrupted run's progress; pass resume=true to continue it, "
                 "or choose another run directory"
             )
+
+
+class ResumableState:
+    """The checkpoint hooks of :class:`~adamerge.training.module.AdaMergingModule`: a checkpoint holds only what
+    learns (coefficients, mask logits and their reset values) and the run's own state -- history, skipped steps, step
+    profile, RNG states, protected tasks' multipliers -- so a resumed run continues exactly where it stopped."""
+
+    FROZEN_PREFIXES = ("merged.module.", "heads.", "protection.")
+
+    def resumable_state_keys(self) -> list[str]:
+        """State entries a checkpoint must hold: coefficients, mask logits and their reset values."""
+        return [key for key in self.state_dict() if not key.startswith(self.FROZEN_PREFIXES)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keys = set(self.resumable_state_keys())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint["adamerge"] = {"history": list(self.history), "skipped_steps": list(self.skipped_steps),
+                                  "profile": self.profile.state(), "rng": capture_rng(), **self.extra_resume_state()}
+        if self.protection is not None:
+            checkpoint["adamerge"]["protection"] = self.protection.state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(set(self.resumable_state_keys()) - set(checkpoint.get("state_dict", {})))
+        if missing or "adamerge" not in checkpoint:
+            raise ResumeError(f"the checkpoint is not one of this method's: it lacks {missing[:5] or ['adamerge']}")
+        state = checkpoint["adamerge"]
+        self.history, self.skipped_steps = list(state["history"]), list(state["skipped_steps"])
+        self.profile.load_state(state["profile"])
+        # Applied just before the next step: creating the data iterator in between draws from torch's RNG.
+        self._rng_to_restore = state["rng"]
+        self.load_extra_resume_state(state)
+        if self.protection is not None:
+            if "protection" not in state:
+                raise ResumeError("the checkpoint was written without protected tasks")
+            self.protection.load_state(state["protection"])
+
+    def extra_resume_state(self) -> dict[str, Any]:
+        """What a subclass keeps across a resume beyond the state dict (the Concrete stage's frozen mask)."""
+        return {}
+
+    def load_extra_resume_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`extra_resume_state` saved."""

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.data import TaskDataError
+from adamerge.backbones.hf import PromptPreprocessor
+from adamerge.data.tasks import TaskDataError
 from adamerge.errors import ConfigError
-from adamerge.models.hf import PromptPreprocessor
 
 # The refusal strings of the GCG evaluation code (llm-attacks, `_test_prefixes`), used by AdvBench evaluations.
 REFUSAL_PREFIXES: tuple[str, ...] = (
@@ -75,7 +75,7 @@ def resolve_guard(spec: Any, where: str = "refusal.guard") -> Guard | None:
     if isinstance(spec, str):
         if spec not in GUARDS:
             raise ConfigError(f"{where}={spec!r} is not a registered guard; registered: {sorted(GUARDS)} "
-                              "(register one with adamerge.safety.register_guard, or give {_target_: ...})")
+                              "(register one with adamerge.training.safety.register_guard, or give {_target_: ...})")
         return GUARDS[spec]
     raise ConfigError(f"{where}={spec!r} is invalid: use null, a registered guard name or a callable")
 

@@ -1,9 +1,12 @@
 """Data-free merging: ``merge("ties", pretrained, [ft_a, ft_b])`` returns the merged state dict.
 
-Methods are found by name in :mod:`adamerge.methods.registry` and built from the steps in
-:mod:`adamerge.methods.steps`; the data-free ones live in :mod:`adamerge.methods.static` and, for PCB, TSV-M,
-Iso-C / Iso-CTS and WUDI, in :mod:`~adamerge.methods.pcb`, :mod:`~adamerge.methods.tsv`,
-:mod:`~adamerge.methods.isotropic` and :mod:`~adamerge.methods.wudi` (SVD steps in :mod:`~adamerge.methods.spectral`).
+Every data-free method is a function of the task vectors alone, registered in :mod:`adamerge.methods.registry`
+and built from the steps in :mod:`.steps` (SVD steps in :mod:`.spectral`): task arithmetic, TIES, DARE and the
+other classics in :mod:`.static`; PCB, TSV-M, Iso-C / Iso-CTS and WUDI in :mod:`.pcb`, :mod:`.tsv`,
+:mod:`.isotropic` and :mod:`.wudi`; the unmerged references in :mod:`.reference`.
+
+May import: ``adamerge.errors``, ``adamerge.pool``, ``adamerge.methods`` (registry, checks); nothing that
+learns, trains or needs data.
 """
 
 from __future__ import annotations
@@ -15,21 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.checkpoints import describe_source, load_state_dict
-from adamerge.methods import static, steps
-from adamerge.methods.registry import MethodSpec, available_methods, get_method, register_method
-from adamerge.task_vectors import TaskVectors
+from adamerge.methods.data_free import static, steps
+from adamerge.methods.registry import MethodSpec, available_methods, get_method
+from adamerge.pool.checkpoints import describe_source, load_state_dict
+from adamerge.pool.task_vectors import TaskVectors
 
-__all__ = [
-    "MethodSpec",
-    "available_methods",
-    "get_method",
-    "merge",
-    "merge_task_vectors",
-    "register_method",
-    "static",
-    "steps",
-]
+__all__ = ["merge", "merge_task_vectors", "static", "steps"]
 
 
 def _static_spec(method: str) -> MethodSpec:

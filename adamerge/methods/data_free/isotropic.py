@@ -35,7 +35,7 @@ Differences from the authors' code, without effect in ordinary cases:
 * ``c = ⌊r · fraction⌋`` and ``t`` are computed exactly (the authors' ``int(r * fraction)`` can lose one to float
   rounding); where their rounding would make ``K·t > r`` (a small fraction with r < 2K) and the common size
   negative, ``t`` becomes ``⌊r / K⌋``.
-* No ``text_projection`` name rule (see :mod:`adamerge.methods.tsv`); use the model pool's ``exclude`` patterns.
+* No ``text_projection`` name rule (see :mod:`adamerge.methods.data_free.tsv`); use the model pool's ``exclude`` patterns.
 
 As in the authors' code, the directions of zero singular values (a rank-deficient sum; an all-zero or low-rank
 residual in Iso-CTS) are whatever the SVD routine returns and receive the mean singular value like the others:
@@ -51,10 +51,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.methods import spectral, steps
 from adamerge.methods.checks import check_bool, check_range, check_scaling
-from adamerge.methods.static import static_method
-from adamerge.task_vectors import TaskVectors
+from adamerge.methods.data_free import spectral, steps
+from adamerge.methods.data_free.static import static_method
+from adamerge.pool.task_vectors import TaskVectors
 
 
 def _validate_iso_c(num_tasks: int, hparams: Mapping[str, Any]) -> None:

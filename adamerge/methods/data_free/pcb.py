@@ -54,10 +54,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.methods import steps
 from adamerge.methods.checks import check_choice, check_range, check_scaling, fail, is_number
-from adamerge.methods.static import static_method
-from adamerge.task_vectors import TaskVectors
+from adamerge.methods.data_free import steps
+from adamerge.methods.data_free.static import static_method
+from adamerge.pool.task_vectors import TaskVectors
 
 INTER_BALANCING: tuple[str, ...] = ("normalized_sum", "raw_sum", "pairwise")
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from adamerge.methods.registry import register_method
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.task_vectors import TaskVectors
 
 
 @register_method("pretrained", defaults={}, description="The pretrained backbone (θ0) with every task's head")

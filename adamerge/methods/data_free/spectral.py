@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.task_vectors import TaskVectors
 
 Deltas = dict[str, Tensor]
 

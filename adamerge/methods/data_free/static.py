@@ -1,4 +1,4 @@
-"""Data-free merge methods, each a composition of :mod:`adamerge.methods.steps`.
+"""Data-free merge methods, each a composition of :mod:`adamerge.methods.data_free.steps`.
 
 Every method is ``fn(task_vectors, **hparams) -> deltas`` with float32 deltas per tensor, so
 that the merged model is ``θ = θ0 + delta``. Hyperparameter defaults are the keyword defaults
@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.methods import steps
 from adamerge.methods.checks import check_choice, check_range, check_scaling, fail, is_number
+from adamerge.methods.data_free import steps
 from adamerge.methods.registry import get_method, register_method
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.task_vectors import TaskVectors
 
 Deltas = dict[str, Tensor]
 COMBINES: tuple[str, ...] = ("task_arithmetic", "ties")
@@ -78,8 +78,8 @@ def _validate_breadcrumbs(num_tasks: int, hparams: Mapping[str, Any]) -> None:
 def static_method(name: str, validate: Callable[[int, Mapping[str, Any]], None]) -> Callable:
     """Register ``fn`` as a static method whose hyperparameters are checked on every call.
 
-    Used by every data-free method module (this one, :mod:`~adamerge.methods.pcb`,
-    :mod:`~adamerge.methods.tsv`, :mod:`~adamerge.methods.isotropic`, :mod:`~adamerge.methods.wudi`).
+    Used by every data-free method module (this one, :mod:`~adamerge.methods.data_free.pcb`,
+    :mod:`~adamerge.methods.data_free.tsv`, :mod:`~adamerge.methods.data_free.isotropic`, :mod:`~adamerge.methods.data_free.wudi`).
     """
 
     def decorator(fn: Callable[..., Deltas]) -> Callable[..., Deltas]:

@@ -47,10 +47,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.methods import spectral, steps
 from adamerge.methods.checks import check_bool, check_range, check_scaling
-from adamerge.methods.static import static_method
-from adamerge.task_vectors import TaskVectors
+from adamerge.methods.data_free import spectral, steps
+from adamerge.methods.data_free.static import static_method
+from adamerge.pool.task_vectors import TaskVectors
 
 
 def _validate_tsv_merge(num_tasks: int, hparams: Mapping[str, Any]) -> None:
@@ -116,6 +116,6 @@ def tsv_merge(
     """TSV-M (Gargiulo et al. 2025): per layer keep each task's top singular vectors, orthogonalise, × α.
 
     ``rank_fraction`` null keeps ⌊r/K⌋ components per task; tensors that are not matrices get α · mean_k τ_k
-    (``pointwise_convs``: 1 × 1 convolutions are matrices, see :mod:`~adamerge.methods.spectral`).
+    (``pointwise_convs``: 1 × 1 convolutions are matrices, see :mod:`~adamerge.methods.data_free.spectral`).
     """
     return spectral.scaled_merge(task_vectors, lambda x: tsv_matrix(x, rank_fraction), alpha, pointwise_convs)

@@ -33,7 +33,7 @@ Tensors that are not matrices (``non_matrix``):
 * ``"mean"`` (FusionBench, wudi.py:55-56): ``mean_k τ_k``.
 
 ``pointwise_convs`` (default on): a ``1 × 1`` convolution is the linear layer ``[out, in]`` it computes and is
-optimised like one (:mod:`~adamerge.methods.spectral`); the authors merged no CNN.
+optimised like one (:mod:`~adamerge.methods.data_free.spectral`); the authors merged no CNN.
 
 This follows the authors' code over /work/shared/ALGORITHMS.md, which says non-matrix tensors fall back to task
 arithmetic. A task whose matrix is all zero is left out of L (its term is 0/0 in the authors' code, which turns
@@ -48,10 +48,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.methods import spectral
 from adamerge.methods.checks import check_bool, check_choice, check_int, check_positive, fail
-from adamerge.methods.static import static_method
-from adamerge.task_vectors import TaskVectors
+from adamerge.methods.data_free import spectral
+from adamerge.methods.data_free.static import static_method
+from adamerge.pool.task_vectors import TaskVectors
 
 NON_MATRIX: tuple[str, ...] = ("zero", "mean")
 

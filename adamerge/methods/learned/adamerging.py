@@ -2,28 +2,30 @@
 
 They need unlabeled test data and the trainer, so the registry holds their hyperparameters and
 this module turns a name + hyperparameters into the LightningModule that learns them. Every learned method
-also takes ``base`` / ``base_hparams``: learn over a data-free method's per-task vectors (methods/bases.py).
+also takes ``base`` / ``base_hparams``: learn over a data-free method's per-task vectors (adamerge/methods/learned/bases.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from adamerge.alignment import ALIGNMENT_TASK, AlignmentVector
-from adamerge.merged import MergedModel, resolve_layer_groups
 from adamerge.methods import checks
-from adamerge.methods.bases import (
+from adamerge.methods.learned.bases import (
     BASE_FORMS, BASE_MERGE, RESIDUAL_BOUNDS, apply_base, resolve_base, resolve_residual_base, with_residual_base,
 )
-from adamerge.methods.registry import HparamValidator, get_method, register_method
-from adamerge.modelpool import ModelPool
-from adamerge.module import AdaMergingModule
+from adamerge.methods.learned.merged import LoRAMergedModel, MergedModel
+from adamerge.methods.registry import HparamValidator, LearnedBuilder, get_method, register_method
 from adamerge.objectives import Objective, build_objective
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.key_filters import resolve_layer_groups
+from adamerge.pool.lora import LoRATaskVectors
+from adamerge.pool.modelpool import ModelPool
+from adamerge.pool.task_vectors import TaskVectors
+from adamerge.training.alignment import ALIGNMENT_TASK, AlignmentVector
+from adamerge.training.module import AdaMergingModule
 
 ADAMERGING_DEFAULTS: dict[str, Any] = {
     "init_value": 0.3,
@@ -38,12 +40,10 @@ ADAMERGING_DEFAULTS: dict[str, Any] = {
 }
 
 # Every learned method's: the data-free method it learns on top of (None: the raw task vectors), that method's
-# hyperparameters, and how (methods/bases.py): "residual" keeps the base merge whole under a learned per-layer scale plus
+# hyperparameters, and how (adamerge/methods/learned/bases.py): "residual" keeps the base merge whole under a learned per-layer scale plus
 # per-task corrections starting at 0; "split" learns over the base's per-task vectors.
 LEARN_ON_TOP_DEFAULTS: dict[str, Any] = {"base": None, "base_hparams": None, "base_form": "residual"}
 
-LearnedBuilder = Callable[..., AdaMergingModule]
-LEARNED_BUILDERS: dict[str, LearnedBuilder] = {}
 
 
 def _adamerging_builder(granularity: str) -> LearnedBuilder:
@@ -61,8 +61,6 @@ def _adamerging_builder(granularity: str) -> LearnedBuilder:
         layer_groups: Any = None,
         objective: Objective | None = None,
     ) -> AdaMergingModule:
-        from adamerge.lora import LoRAMergedModel, LoRATaskVectors
-
         merged_class = LoRAMergedModel if isinstance(task_vectors, LoRATaskVectors) else MergedModel
         merged = merged_class(
             backbone,
@@ -94,8 +92,7 @@ def register_learned(name: str, builder: LearnedBuilder, defaults: Mapping[str, 
             resolve_base(name, hparams["base"], hparams["base_hparams"], num_tasks)
 
     register_method(name, kind="learned", defaults={**LEARN_ON_TOP_DEFAULTS, **defaults}, description=description,
-                    validate=validate_with_base)
-    LEARNED_BUILDERS[name] = builder
+                    validate=validate_with_base, build=builder)
 
 
 def check_coefficient_learning(method: str, num_tasks: int, hparams: Mapping[str, Any]) -> None:
@@ -156,7 +153,7 @@ def build_learned(
     """The LightningModule that learns method ``name`` (hyperparameters checked against the registry).
 
     ``objective`` is what it minimises on the unlabeled batches (default: the paper's entropy); any
-    objective composes with any learned method. ``alignment`` (:mod:`adamerge.alignment`) is merged as one more
+    objective composes with any learned method. ``alignment`` (:mod:`adamerge.training.alignment`) is merged as one more
     task vector, after ``base``, with its own starting coefficient and a floor. Protected tasks are added to the
     returned module with ``module.protect(...)``.
     """
@@ -167,7 +164,7 @@ def build_learned(
     resolved = dict(hparams)
     base, base_form = hparams.pop("base"), hparams.pop("base_form")
     residual = base is not None and base_form == "residual"
-    if residual:  # θ0 + a·(θ_base − θ0) + Σ c_k τ_k: a starts at 1, the corrections c at 0 (methods/bases.py)
+    if residual:  # θ0 + a·(θ_base − θ0) + Σ c_k τ_k: a starts at 1, the corrections c at 0 (adamerge/methods/learned/bases.py)
         base_hparams = resolve_residual_base(name, base, hparams.pop("base_hparams"), task_vectors.num_tasks)
         task_vectors = with_residual_base(task_vectors, base, base_hparams)
         hparams["init_value"] = [0.0] * (task_vectors.num_tasks - 1) + [1.0]
@@ -177,13 +174,13 @@ def build_learned(
     if alignment is not None:
         hparams["init_value"] = alignment.initial_coefficients(hparams["init_value"], task_vectors.num_tasks)
         task_vectors = alignment.appended_to(task_vectors)
-    module = LEARNED_BUILDERS[name](backbone, task_vectors, heads, objective=objective, **hparams)
+    module = spec.build(backbone, task_vectors, heads, objective=objective, **hparams)
     if residual and module.merged.clamp is not None:
         module.merged.clamp = RESIDUAL_BOUNDS["corrections"]
         module.merged.set_coefficient_bounds(BASE_MERGE, *RESIDUAL_BOUNDS["base_scale"])
     if alignment is not None:
         module.merged.set_coefficient_floor(ALIGNMENT_TASK, alignment.min_coefficient)
-    # What its export records (run_export.export_learned): the method, every hyperparameter, the alignment vector.
+    # What its export records (adamerge.export.from_run.export_learned): the method, every hyperparameter, the alignment vector.
     module.method_name, module.method_hyperparameters, module.alignment = name, resolved, alignment
     return module
 
@@ -203,7 +200,7 @@ def build_learned_module(
     ``objective``: a registered name (the command's default, ``weighted_sum``: expert_kl + 0.5 · information_maximization), ``{"name": ..., **settings}`` or an
     :class:`~adamerge.objectives.Objective`. ``hyperparameters`` override the method's documented defaults
     (``conf/method/<method>.yaml``). ``datamodule``: the data it will be fitted on; given, each task's expert runs once
-    over its rows here (adamerge.expert_targets), for an expert-matching objective and the agreement signal -- an
+    over its rows here (adamerge.objectives.expert_targets), for an expert-matching objective and the agreement signal -- an
     objective that compares with the experts needs it. ``task_vectors``: the pool's, when already loaded (the command
     loads them once for every method it runs); else all of the pool's tasks are loaded here. Fit it with
     ``trainer.fit(module, datamodule=...)``, then export it with :func:`adamerge.export_learned`.
@@ -216,7 +213,7 @@ def build_learned_module(
     module = build_learned(method, pool.fresh_backbone(), vectors, pool.heads, objective=objective, alignment=alignment,
                            **hyperparameters)
     if datamodule is not None:
-        from adamerge.expert_targets import ExpertTargets
+        from adamerge.objectives.expert_targets import ExpertTargets
 
         datamodule.setup("fit")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

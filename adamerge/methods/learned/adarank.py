@@ -1,5 +1,8 @@
 """AdaRank (Lee et al., ICLR 2026, "AdaRank: Adaptive Rank Pruning for Enhanced Model Merging").
 
+Long because: one algorithm -- the SVD-factored merged model, its straight-through rank masks, the learning module
+and its builder share their state and read as one.
+
 Every task vector of a matrix layer is decomposed once, ``τ_{k,l} = U diag(s) Vᵀ`` (thin SVD, float32, one layer
 at a time on the task vectors' device). A real logit ``ℓ`` per task and singular component carries a binary mask
 
@@ -47,13 +50,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from adamerge.errors import ConfigError
-from adamerge.key_filters import select_tensors
-from adamerge.merged import MergedModel, resolve_layer_groups
-from adamerge.methods import checks, spectral
-from adamerge.methods.learned import check_coefficient_learning, register_learned
-from adamerge.module import AdaMergingModule
+from adamerge.methods import checks
+from adamerge.methods.data_free import spectral
+from adamerge.methods.learned.adamerging import check_coefficient_learning, register_learned
+from adamerge.methods.learned.merged import MergedModel
 from adamerge.objectives import Objective
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.key_filters import resolve_layer_groups, select_tensors
+from adamerge.pool.task_vectors import TaskVectors
+from adamerge.training.module import AdaMergingModule
 
 ORIGINS = ("pretrained", "average")
 MASK_FILE = "adarank_masks.safetensors"
@@ -264,7 +268,7 @@ class AdaRankModule(AdaMergingModule):
 
     def _rank_heatmap(self, path: Path) -> Path:
         """Layers × tasks, coloured by the kept fraction of the full rank r, cells labelled with the kept rank."""
-        from adamerge.report_plots import heatmap_figure, png_bytes
+        from adamerge.reporting.plots import heatmap_figure, png_bytes
 
         kept, full = self.merged.kept_ranks(), self.merged.full_rank
         fractions = [[r / full[name] for r in ranks] for name, ranks in kept.items()]

@@ -14,7 +14,7 @@ coefficient ``c`` (task arithmetic over them):
 * ``tsv_merge``: each task's block of the orthogonalised singular vectors, ``Û⊥_k diag(Ŝ_k) V̂ᵀ⊥_k`` (they sum to
   the TSV-M layer); tensors that are not matrices ``τ_k / K`` (TSV-M averages them);
 * ``iso_c`` / ``iso_cts``: the isotropic layer ``M`` (α = 1) split by each task's share of ``Σ_j τ_j``,
-  ``M (Σ_j τ_j)⁺ τ_k`` plus an equal share of the rest (:func:`~adamerge.methods.isotropic.contribution_pieces`;
+  ``M (Σ_j τ_j)⁺ τ_k`` plus an equal share of the rest (:func:`~adamerge.methods.data_free.isotropic.contribution_pieces`;
   adamerge's own split, not from the papers); non-matrix tensors ``τ_k / K``. They sum to Iso-C / Iso-CTS with
   α = 1, so λ starts at the method's α (1.3 / 1.5) to begin from the data-free merge.
 
@@ -42,13 +42,13 @@ import torch
 from torch import Tensor
 
 from adamerge.errors import ConfigError
-from adamerge.methods import spectral, steps
-from adamerge.methods.pcb import pcb_pieces
+from adamerge.methods.data_free import spectral, steps
+from adamerge.methods.data_free.isotropic import iso_c_pieces, iso_cts_pieces
+from adamerge.methods.data_free.pcb import pcb_pieces
+from adamerge.methods.data_free.static import breadcrumbs_masked, dare_dropped
+from adamerge.methods.data_free.tsv import tsv_pieces
 from adamerge.methods.registry import get_method
-from adamerge.methods.static import breadcrumbs_masked, dare_dropped
-from adamerge.methods.isotropic import iso_c_pieces, iso_cts_pieces
-from adamerge.methods.tsv import tsv_pieces
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.task_vectors import TaskVectors
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """Concrete subspace learning (Tang et al. 2023): a shared relaxed-Bernoulli mask on the task vectors.
 
+Long because: one algorithm -- the shared Concrete mask's three methods (mask only, then the two-stage meta-
+learning) differ by a stage of one learning module.
+
 One mask logit per element of the masked tensors is shared by every task, so a merge is
 ``θ = θ0 + (m / mean(m)) ⊙ Σ_k λ_k τ_k`` (per tensor mean; unmasked tensors use m = 1). Three learned
 methods use it:
@@ -23,15 +26,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adamerge.concrete_mask import ConcreteMask
-from adamerge.key_filters import select_tensors
-from adamerge.merged import MergedModel
+from adamerge.errors import NonFiniteError
 from adamerge.methods import checks
-from adamerge.methods.learned import LearnedBuilder, check_coefficient_learning, register_learned
-from adamerge.methods.registry import HparamValidator
-from adamerge.module import AdaMergingModule, Batch, NonFiniteError
+from adamerge.methods.learned.adamerging import check_coefficient_learning, register_learned
+from adamerge.methods.learned.concrete_mask import ConcreteMask
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.methods.registry import HparamValidator, LearnedBuilder
 from adamerge.objectives import Objective
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.key_filters import select_tensors
+from adamerge.pool.task_vectors import TaskVectors
+from adamerge.training.module import AdaMergingModule, Batch
 
 EVAL_MASKS = ("continuous", "binary")
 STAGE2_MASKS = ("eval", "sample")

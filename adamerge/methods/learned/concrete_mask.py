@@ -1,6 +1,6 @@
 """The Concrete (relaxed-Bernoulli) mask shared by the tasks: logits, samples, deterministic masks, files.
 
-``m / mean(m)`` per tensor is what multiplies the summed task vectors (see :mod:`adamerge.concrete`).
+``m / mean(m)`` per tensor is what multiplies the summed task vectors (see :mod:`adamerge.methods.learned.concrete`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from adamerge.key_filters import select_tensors
+from adamerge.pool.key_filters import select_tensors
 
 
 def rescale(mask: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -89,7 +89,7 @@ class ConcreteMask(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: logit.detach().cpu().contiguous() for name, logit in self.logits_by_name().items()}
-        metadata = {"format": "adamerge.concrete_mask", "temperature": str(self.temperature)}
+        metadata = {"format": "adamerge.methods.learned.concrete_mask", "temperature": str(self.temperature)}
         save_file(tensors, str(path), metadata=metadata)
         return path
 

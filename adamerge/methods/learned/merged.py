@@ -3,12 +3,13 @@
 ``θ_l = θ0_l + m_l ⊙ Σ_k λ_{g(l),k} τ_{k,l}`` where ``g(l)`` maps tensor ``l`` to its coefficient row
 (task-wise: a single row; layer-wise: one row per tensor or per group of tensors) and ``m_l`` is an
 optional shared mask (Concrete subspace). The module's own parameters hold θ0 and never train.
+:class:`LoRAMergedModel` does the same over LoRA adapters without forming a dense task vector, and
+:func:`run_backbone` calls a backbone, merged or not, the one way evaluation, training and a loaded export share.
 """
 
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -16,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.lora import LoRATaskVectors
+from adamerge.pool.task_vectors import TaskVectors
 
 Granularity = Literal["task_wise", "layer_wise"]
 
@@ -215,55 +217,30 @@ class MergedModel(nn.Module):
         return [name for name, p in self.named_parameters() if p.requires_grad]
 
 
-BLOCK_PATTERN = r"\.(?:layers?|h|blocks?)\.(\d+)\."
+def run_backbone(backbone: nn.Module, inputs: Any, weights: Mapping[str, Tensor] | None = None) -> Any:
+    """Call ``backbone`` on a tensor or on keyword inputs (tokenised text); a :class:`MergedModel` with ``weights``
+    (a merge computed once for several calls), any other module as it is."""
+    if isinstance(backbone, MergedModel):
+        if isinstance(inputs, Mapping):
+            return backbone(weights=weights, **inputs)
+        return backbone(inputs, weights=weights)
+    return backbone(**inputs) if isinstance(inputs, Mapping) else backbone(inputs)
 
 
-def block_layer_groups(names: Sequence[str], pattern: str = BLOCK_PATTERN, other: str = "each") -> list[int]:
-    """Coefficient row of every merged tensor: one row per block, the rest after them.
+class LoRAMergedModel(MergedModel):
+    """:class:`MergedModel` over adapters (:class:`~adamerge.pool.lora.LoRATaskVectors`): each step's delta of a targeted weight is
+    ``B_cat · diag(λ·s) · A_cat``, so neither the step nor autograd ever holds a dense task vector."""
 
-    Tensors whose name matches ``pattern`` (its first group is the block index) share the row of
-    their block; blocks are numbered densely in index order. The others (embeddings, final norm,
-    LM head) get one row each (``other="each"``) or one row together (``other="shared"``), after the
-    blocks, in name order of first appearance.
-    """
-    if other not in ("each", "shared"):
-        raise ValueError(f"other must be 'each' or 'shared', got {other!r}")
-    regex = re.compile(pattern)
-    blocks: list[int | None] = []
-    for name in names:
-        match = regex.search(name)
-        blocks.append(int(match.group(1)) if match else None)
-    order = {index: row for row, index in enumerate(sorted({b for b in blocks if b is not None}))}
-    if not order:
-        raise ValueError(f"no tensor name matches the block pattern {pattern!r}; names look like {list(names)[:3]}")
-    groups, next_row = [], len(order)
-    for block in blocks:
-        if block is not None:
-            groups.append(order[block])
-        elif other == "shared":
-            groups.append(len(order))
-        else:
-            groups.append(next_row)
-            next_row += 1
-    return groups
+    def register_task_vectors(self, task_vectors: LoRATaskVectors) -> None:
+        self.transposed = []
+        for index, name in enumerate(self.names):
+            a, b, task, scale, transposed = task_vectors.concatenated(name)
+            for part, tensor in (("A", a), ("B", b), ("task", task), ("scale", scale)):
+                self.register_buffer(f"_lora_{part}_{index}", tensor, persistent=False)
+            self.transposed.append(transposed)
 
-
-def resolve_layer_groups(spec: Any, names: Sequence[str]) -> list[int] | None:
-    """A method config's ``layer_groups`` turned into one row index per merged tensor.
-
-    ``null``/``"tensor"``: one row per tensor (None); ``"block"``: :func:`block_layer_groups`;
-    a mapping: keyword arguments of :func:`block_layer_groups` (``pattern``, ``other``);
-    a list: used as is.
-    """
-    if spec is None or spec == "tensor":
-        return None
-    if spec == "block":
-        return block_layer_groups(names)
-    if isinstance(spec, Mapping):
-        return block_layer_groups(names, **dict(spec))
-    if isinstance(spec, Sequence) and not isinstance(spec, str):
-        return [int(g) for g in spec]
-    raise ValueError(f"layer_groups must be null, 'tensor', 'block', a mapping or a list, got {spec!r}")
-
-
-# --- unlabeled prompts for causal LMs -------------------------------------------------------------
+    def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
+        a, b = getattr(self, f"_lora_A_{index}"), getattr(self, f"_lora_B_{index}")
+        per_rank = row[getattr(self, f"_lora_task_{index}")] * getattr(self, f"_lora_scale_{index}")
+        delta = (b * per_rank) @ a
+        return delta.T if self.transposed[index] else delta

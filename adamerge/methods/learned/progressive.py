@@ -1,5 +1,8 @@
 """Progressive layer-wise distillation (ProDistill, Xu et al., ICML 2025) as a learned method.
 
+Long because: one algorithm -- ProDistill's block-by-block activations, per-block merged weights and its learning
+step are one unit, documented where it follows and departs from the authors' code.
+
 Block by block, the merge coefficients of one block (per task and element, or per task and tensor) learn so that the
 merged block, fed the merged model's own activations, reproduces each task's expert block fed the expert's activations:
 
@@ -33,15 +36,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from adamerge.data import ADAPTATION
+from adamerge.data.batches import ADAPTATION
+from adamerge.data.batches import to_device
 from adamerge.errors import ConfigError
-from adamerge.expert_targets import feature_tensor
-from adamerge.merged import MergedModel
+from adamerge.errors import NonFiniteError
 from adamerge.methods import checks
-from adamerge.methods.learned import check_coefficient_learning, register_learned
-from adamerge.module import AdaMergingModule, Batch, NonFiniteError, to_device
+from adamerge.methods.learned.adamerging import check_coefficient_learning, register_learned
+from adamerge.methods.learned.merged import MergedModel
 from adamerge.objectives import Objective
-from adamerge.task_vectors import TaskVectors
+from adamerge.objectives.expert_targets import feature_tensor
+from adamerge.pool.task_vectors import TaskVectors
+from adamerge.training.module import AdaMergingModule, Batch
 
 log = logging.getLogger(__name__)
 GRANULARITIES = ("element", "tensor")
@@ -364,7 +369,7 @@ def build_progressive_distillation(
     clamp: bool, blocks: str, steps_per_block: int, samples_per_task: int, batch_size: int, seed: int,
     autocast_dtype: str | None, objective: Objective | None = None,
 ) -> ProgressiveDistillationModule:
-    from adamerge.alignment import ALIGNMENT_TASK
+    from adamerge.training.alignment import ALIGNMENT_TASK
 
     if ALIGNMENT_TASK in task_vectors.task_names:  # its floor is a bound on whole-model coefficients, not a block's
         raise ConfigError("method 'progressive_distillation' cannot take an alignment vector (protected.alignment); "

@@ -1,0 +1,7 @@
+"""The embedded demo zoo, apart from everything else: real weights fine-tuned offline on bundled images.
+
+Its tasks' data (:mod:`.tasks`), its recipe and cache (:mod:`.recipe`), and building it (:mod:`.zoo`). Only the
+command uses it (the ``${demo_zoo:}`` resolver of ``conf/``); no other package imports it.
+
+May import: ``adamerge.backbones``, ``adamerge.storage`` (and anything below the command).
+"""

@@ -1,0 +1,13 @@
+"""Learned methods: merges learned from unlabeled test data by a test-time objective, each in one module.
+
+AdaMerging task- and layer-wise, AdaMerging++ and the builder every learned method shares (:mod:`.adamerging`);
+learning on top of a data-free method's per-task vectors (:mod:`.bases`); Concrete subspace masks
+(:mod:`.concrete_mask`, :mod:`.concrete`); AdaRank (:mod:`.adarank`); progressive layer-wise distillation
+(:mod:`.progressive`). Each registers in :mod:`adamerge.methods.registry` and subclasses the learning step of
+:mod:`adamerge.training.module`.
+
+May import: every layer below ``adamerge.export`` (training, objectives, the data-free methods, the registry,
+backbones, pool, data, reporting, storage, errors). One module sits lower than its package: :mod:`.merged`, the
+differentiable merged model ``θ0 + Σ λ τ`` that the training step trains, imports ``adamerge.pool`` only, so that
+objectives and training may use it.
+"""
