@@ -447,3 +447,24 @@ def test_own_architectures_rebuild_without_trust(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
+
+
+def test_an_export_written_before_0_3_loads_by_its_recorded_old_class_path(tmp_path):
+    """0.2 recorded the backbone as ``adamerge.models.efficientnet.EfficientNetLite0``; the loader maps it to its new
+    module (adamerge.storage.renamed) rather than refusing an export it wrote itself."""
+    from adamerge.backbones.efficientnet import EfficientNetLite0
+
+    net = EfficientNetLite0(num_classes=None).eval()
+    out = export_merged(net, tmp_path / "e", merge_config={},
+                        architecture={"_target_": "adamerge.backbones.efficientnet.EfficientNetLite0", "num_classes": None})
+    config = json.loads((out / MERGE_CONFIG).read_text())
+    config["architecture"]["_target_"] = "adamerge.models.efficientnet.EfficientNetLite0"
+    (out / MERGE_CONFIG).write_text(json.dumps(config))
+    assert read_merge_config(out)["architecture"]["_target_"] == "adamerge.models.efficientnet.EfficientNetLite0"
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_backbone(out)(x), net(x))
+    config["architecture"]["_target_"] = "adamerge.models.efficientnet.Elsewhere"  # an old path that never existed
+    (out / MERGE_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="refusing to build architecture 'adamerge.models.efficientnet.Elsewhere'"):
+        load_backbone(out)

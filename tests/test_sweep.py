@@ -181,7 +181,7 @@ def test_log_axis_for_step_sizes_and_decade_spanning_values(key, values, expecte
     ("method.init_value", ("0.1", "0.2", "0.3"), "linear"),
 ])
 def test_sweep_plot_axis_scale_follows_the_parameter(tmp_path, monkeypatch, key, values, scale):
-    from adamerge import report_plots
+    from adamerge.reporting import plots as report_plots
 
     figures = []
     monkeypatch.setattr(report_plots, "png_bytes", lambda fig: figures.append(fig) or PNG)
