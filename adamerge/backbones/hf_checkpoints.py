@@ -187,6 +187,12 @@ class HFModelPool(ModelPool):
         return align_state_dict(state, expected, source=describe_source(source), optional=aliases,
                                 prefixes=self.checkpoint_prefixes)
 
+    def align_names(self, names: list[str], source: Any) -> dict[str, str]:
+        """:meth:`load_checkpoint`'s alignment on names only (a lazily read checkpoint): backbone name → its name."""
+        expected, aliases = self._expected()
+        return align_state_dict({name: name for name in names}, expected, source=describe_source(source),
+                                optional=aliases, prefixes=self.checkpoint_prefixes)
+
     def _load_pretrained(self, source: Any) -> None:
         built_from = getattr(self.backbone, SOURCE_ATTRIBUTE, None)
         if isinstance(source, (str, os.PathLike)) and built_from is not None and _same_source(source, built_from):

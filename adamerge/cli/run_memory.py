@@ -34,7 +34,8 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
                   backbone_dtype: str | None = None, storage_dtype: str = "float32",
                   include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                   batch_size: int = 1, sequence_length: int = 0, tasks_per_step: int = 1,
-                  autocast_dtype: str | None = None, on_device: bool = False) -> tuple[MemoryPlan, RunShape, Any]:
+                  autocast_dtype: str | None = None, on_device: bool = False,
+                  streaming: str | None = None) -> tuple[MemoryPlan, RunShape, Any]:
     """The plan of learning over these checkpoints; also returns the run shape and the model shape (for
     :func:`~adamerge.pool.memory_plan.smallest_fitting_change`). Raises :class:`InventoryUnavailable` when the shapes
     cannot be read without loading."""
@@ -55,7 +56,7 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
         activation_bytes=DTYPE_BYTES.get(activation, round(model.bytes_per_parameter)),
         batch_size=batch_size, sequence_length=sequence_length, tasks_per_step=tasks_per_step,
         coefficient_rows=len(merged),
-        adapter_parameters=max((spec.numel for _, spec in adapters.values()), default=0),
+        adapter_parameters=max((spec.numel for _, spec in adapters.values()), default=0), streaming=streaming,
     )
     return plan_memory(model, run, on_device=on_device), run, model
 
@@ -104,17 +105,24 @@ def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool) -> tuple[Me
     if pretrained is None:
         return "the pool names no pretrained checkpoint"
     joint = cfg.get("task_batching", "sequential") == "joint"
+    from adamerge.pool.streamed import streaming_mode
+
     try:
-        return plan_for_pool(
+        planned = plan_for_pool(
             pretrained, pool.get("finetuned") or {}, auto_class=pool.get("auto_class", "AutoModel"),
             backbone_dtype=backbone.get("dtype"), storage_dtype=pool.get("storage_dtype", "float32"),
             include=pool.get("include"), exclude=pool.get("exclude"),
             batch_size=int(data.get("batch_size", 1)) if learned else 0,
             sequence_length=_sequence_length(data), tasks_per_step=len(pool.get("finetuned") or {}) if joint else 1,
             autocast_dtype=(cfg.get("method") or {}).get("autocast_dtype"), on_device=on_device,
+            streaming=streaming_mode(pool.get("streaming", False)),
         )
     except InventoryUnavailable as reason:
         return str(reason)
+    if pool.get("compression"):
+        planned[0].notes.append("modelpool.compression is not modelled: the task-vector terms are the uncompressed "
+                                "upper bound")
+    return planned
 
 
 def check_memory_plan(cfg: DictConfig, learned: bool, on_device: bool) -> MemoryPlan | None:

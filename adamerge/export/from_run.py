@@ -63,6 +63,8 @@ def export_merge(directory: str | Path, method: str, model: nn.Module, pool: Mod
         "accuracy": outcome["accuracy"],
         "evaluation": evaluation_data(datamodule, tasks),
     }
+    if task_vectors is not None and hasattr(task_vectors, "export_record"):  # streamed / compressed task vectors
+        merge_config["task_vectors"] = task_vectors.export_record()
     agreement = outcome.get("expert_agreement") or (outcome.get("unlabeled") or {}).get("expert_agreement")
     if agreement:  # label-free: the share of evaluation inputs on which the merge predicts what the task's expert does
         merge_config["expert_agreement"] = dict(agreement)
@@ -112,6 +114,8 @@ def mergekit_file(pool: ModelPool, vectors: TaskVectors, alignment: AlignmentVec
         return "an alignment vector is merged, which is not one of the pool's fine-tuned models"
     if isinstance(vectors, LoRATaskVectors):
         return "the task vectors are LoRA adapters; the merged adapter is written next to the model instead"
+    if hasattr(vectors, "compression_report"):
+        return "the task vectors were compressed to low rank (modelpool.compression), which mergekit does not replay"
     if pool.exclude:
         return "modelpool.exclude drops entries of the checkpoints, which mergekit would merge"
     learned_rows = module is not None and name in LEARNED_AS_TASK_ARITHMETIC

@@ -13,6 +13,11 @@ The terms follow what the code holds at its peaks (:mod:`adamerge.pool.modelpool
 * **device, block by block** (progressive): the same for the largest block only, plus the hidden states at the
   block's input and output -- the working set of a merge that learns one block at a time (not yet what the trainer
   runs; the bench reports it to size that design).
+* **streamed** (``modelpool.streaming``, :mod:`adamerge.pool.streamed`): no checkpoint is read whole, so loading holds one
+  tensor's K differences being stacked; the task vectors are resident only with ``host`` residency (on the host,
+  page-locked), never on the device, where one tensor's K slices are fetched at a time ("task-vector slices", in the
+  forward pass and again in the backward pass); with ``disk`` they are nowhere resident. Compression
+  (``modelpool.compression``) is not modelled: the task-vector terms are then an upper bound.
 
 Activations are estimated for decoder LMs (Llama-like: gated MLP, SDPA attention, so no ``seq²`` term) from hidden
 size, layers, sequence length and batch; the constants are the tensors autograd saves per token and layer, counted
@@ -90,6 +95,7 @@ class RunShape:
     tasks_per_step: int = 1  # task_batching: 1 (sequential) or K (joint)
     coefficient_rows: int = 1
     adapter_parameters: int = 0  # per task: LoRA pools keep adapters, and form one tensor's deltas at a time
+    streaming: str | None = None  # modelpool.streaming: None (in memory), "host" or "disk" (adamerge.pool.streamed)
 
 
 @dataclass
@@ -172,7 +178,14 @@ def task_vector_bytes(model: ModelShape, run: RunShape) -> int:
 
 
 def loading_peak(model: ModelShape, run: RunShape) -> dict[str, int]:
-    """The host while the pool stacks the task vectors (every fine-tuned checkpoint is alive then)."""
+    """The host while the pool stacks the task vectors (every fine-tuned checkpoint is alive then; streamed: one
+    tensor of each)."""
+    if run.streaming and not run.adapter_parameters:
+        return {
+            "frozen model": model.model_bytes,
+            "task vectors": task_vector_bytes(model, run) if run.streaming == "host" else 0,
+            "stacking buffer": 2 * run.num_tasks * model.largest_tensor * 4,
+        }
     return {
         "frozen model": model.model_bytes,
         f"{run.num_tasks} checkpoints being read": run.num_tasks * run.checkpoint_bytes,
@@ -191,9 +204,12 @@ def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet =
     vectors = task_vector_bytes(model, run)
     if progressive:
         vectors = vectors * model.largest_block // max(1, model.merged_parameters)
+    streamed = bool(run.streaming) and not run.adapter_parameters and not progressive
     parts = {
         "frozen model": frozen,
-        "task vectors": vectors,
+        "task vectors": 0 if streamed else vectors,
+        # adamerge.methods.learned.merged_streamed.StreamedMergedModel: one tensor's K slices on the device at a time.
+        "task-vector slices": run.num_tasks * model.largest_tensor * run.storage_bytes if streamed else 0,
         "merged weights": weight_bytes,
         "their gradients": weight_bytes,
         # LoRA (adamerge.methods.learned.merged.LoRAMergedModel): one tensor's B_cat·diag(λ·s)·A_cat, float32, then dropped.
@@ -232,10 +248,14 @@ def plan_memory(model: ModelShape, run: RunShape, *, on_device: bool, working_se
     step = step_working_set(model, run, working_set)
     notes = [] if model.decoder is not None else ["activations not estimated (only decoder LMs have a formula)"]
     if not on_device:
-        resident = {"frozen model": model.model_bytes, **{f"step: {k}": v for k, v in step.items()}}
+        # Host-resident streamed task vectors are on the host the step runs on (the step's own term is the slices).
+        hosted = ({"task vectors (host)": task_vector_bytes(model, run)}
+                  if run.streaming == "host" and not run.adapter_parameters else {})
+        resident = {"frozen model": model.model_bytes, **hosted, **{f"step: {k}": v for k, v in step.items()}}
         host = max(loading, resident, key=lambda parts: sum(parts.values()))
         return MemoryPlan(host=dict(host), notes=notes)
-    resident = {"frozen model": model.model_bytes, "task vectors": task_vector_bytes(model, run),
+    host_vectors = task_vector_bytes(model, run) if run.streaming in (None, "host") or run.adapter_parameters else 0
+    resident = {"frozen model": model.model_bytes, "task vectors": host_vectors,
                 "copy moved to the device": model.model_bytes}
     host = max(loading, resident, key=lambda parts: sum(parts.values()))
     if devices > 1 and split_over_devices:

@@ -14,8 +14,11 @@ from torch import nn
 
 from adamerge.errors import ConfigError, adamerge_cause
 from adamerge.pool.checkpoints import CheckpointError, describe_source, load_state_dict, sha256_of
+from adamerge.pool.compressed import check_compression, compress
 from adamerge.pool.key_filters import drop_excluded
 from adamerge.pool.lora import LoRATaskVectors, is_adapter_dir
+from adamerge.pool.streamed import streaming_mode
+from adamerge.pool.streamed_vectors import pool_streamed_vectors
 from adamerge.pool.task_vectors import TaskVectors, tied_aliases
 
 
@@ -41,6 +44,10 @@ class ModelPool:
     ``exclude`` patterns drop entries from every checkpoint (and the backbone's state) before validation, so a
     full classification checkpoint can give its backbone (``exclude: ["_fc.*"]``); ``include`` patterns choose
     the tensors that are merged, the others stay pretrained (see :mod:`adamerge.pool.key_filters`).
+    ``streaming`` (false, true / ``disk``, ``host``) forms the task vectors one tensor at a time from memory-mapped
+    safetensors instead of loading every checkpoint (:mod:`adamerge.pool.streamed_vectors`); ``compression`` (null,
+    ``{rank: r}``, ``{rank_fraction: f}``, ``{energy: e}``) keeps them as low-rank factors per matrix
+    (:mod:`adamerge.pool.compressed`).
     """
 
     def __init__(
@@ -53,6 +60,8 @@ class ModelPool:
         merge_batchnorm_statistics: bool = False,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        streaming: bool | str = False,
+        compression: Mapping[str, Any] | None = None,
     ) -> None:
         backbone, finetuned, heads = _plain(backbone), _plain(finetuned), _plain(heads)
         self.include, self.exclude = _plain(include), _plain(exclude)
@@ -72,6 +81,7 @@ class ModelPool:
         self.heads = {task: _build_head(task, h) for task, h in heads.items()}
         self.storage_dtype = storage_dtype
         self.merge_batchnorm_statistics = merge_batchnorm_statistics
+        self.streaming, self.compression = streaming_mode(streaming), check_compression(_plain(compression))
         if pretrained is not None:
             self._load_pretrained(pretrained)
 
@@ -96,10 +106,18 @@ class ModelPool:
         """A fine-tuned checkpoint's state, keyed like the backbone (subclasses align other layouts)."""
         return load_state_dict(source)
 
+    def align_names(self, names: list[str], source: Any) -> dict[str, str]:
+        """``load_checkpoint``'s key alignment on names only, for a lazily read checkpoint: backbone name → the
+        checkpoint's name (here the identity; subclasses that align other layouts override it)."""
+        return {name: name for name in names}
+
     def task_vectors(self, tasks: list[str] | None = None) -> TaskVectors:
         """Load and validate every fine-tuned checkpoint, then stack τ_k = θ_k − θ0."""
         tasks = tasks or self.task_names
-        return self.vectors_of({task: self.finetuned_sources[task] for task in tasks})
+        vectors = self.vectors_of({task: self.finetuned_sources[task] for task in tasks})
+        if self.compression is not None:  # low-rank factors, formed one tensor at a time (adamerge.pool.compressed)
+            vectors = compress(vectors, self.compression)
+        return vectors
 
     def vectors_of(self, sources: Mapping[str, Any]) -> TaskVectors | LoRATaskVectors:
         """``θ − θ0`` of every checkpoint in ``sources`` (name → source), each validated against θ0 first: the
@@ -108,6 +126,8 @@ class ModelPool:
         adapters = [is_adapter_dir(source) for source in sources.values()]
         if any(adapters):
             return self._adapter_vectors(pretrained, sources, all(adapters))
+        if self.streaming:  # read one tensor at a time from memory-mapped safetensors (adamerge.pool.streamed_vectors)
+            return pool_streamed_vectors(self, pretrained, sources)
         states = {name: drop_excluded(self.load_checkpoint(source), self.exclude) for name, source in sources.items()}
         return TaskVectors.from_state_dicts(
             pretrained,

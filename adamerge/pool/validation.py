@@ -53,8 +53,10 @@ def validate_finetuned(
 
 
 def check_finite(key: str, tensor: torch.Tensor, where: str) -> None:
-    """A NaN/Inf in a checkpoint would spread into every merge that uses it: refuse it, naming the entry."""
-    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+    """A NaN/Inf in a checkpoint would spread into every merge that uses it: refuse it, naming the entry (a meta
+    tensor, a header's shape and dtype only, is checked when its values are read: adamerge.pool.lazy_checkpoints)."""
+    if (tensor.device.type != "meta" and tensor.is_floating_point() and tensor.numel()
+            and not bool(torch.isfinite(tensor).all())):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(
             f"{where}: parameter {key!r} has {bad} non-finite (NaN/Inf) "

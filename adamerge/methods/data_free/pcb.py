@@ -43,7 +43,9 @@ Quantile positions are exact (``⌊c·D⌋`` from the fraction, not ``int(d * (1
 for tiny tensors where ``hi`` would fall below ``lo``, ``hi`` is taken at ``lo``'s position.
 
 Memory (``scope=model``): one float32 score tensor per merged tensor (the size of the task vectors in float32)
-and one task's flattened values at a time for the quantiles.
+and one task's flattened values at a time for the quantiles. Over a streamed pool (``modelpool.streaming``),
+``scope=model`` runs in five reads with exact radix-select order statistics (:func:`_pcb_streamed`,
+:mod:`adamerge.methods.data_free.streamed`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ from torch import Tensor
 
 from adamerge.methods.checks import check_choice, check_range, check_scaling, fail, is_number
 from adamerge.methods.data_free import steps
+from adamerge.methods.data_free.radix import order_statistics
 from adamerge.methods.data_free.static import static_method
+from adamerge.methods.data_free.streamed import each_tensor, raw_blocks, register_streamed_form, visit_blocks
+from adamerge.pool.streamed import StreamedVectorsBase
 from adamerge.pool.task_vectors import TaskVectors
 
 INTER_BALANCING: tuple[str, ...] = ("normalized_sum", "raw_sum", "pairwise")
@@ -176,3 +181,49 @@ def pcb(
     pieces = pcb_pieces(task_vectors, pcb_ratio=pcb_ratio, clamp_ratio=clamp_ratio,
                         inter_balancing=inter_balancing, scope=scope)
     return {name: torch.tensordot(weights.to(piece.device), piece, dims=1) for name, piece in pieces}
+
+
+def _pcb_streamed(vectors: StreamedVectorsBase, hparams: Mapping[str, Any]) -> Deltas:
+    """PCB with ``scope=model``: the in-memory ``_pcb_group`` over the whole model in five reads."""
+    num_tasks, inter = vectors.num_tasks, hparams["inter_balancing"]
+    scaling = hparams["scaling_coefficient"]
+    weights = (torch.full((num_tasks,), float(scaling)) if is_number(scaling)
+               else torch.tensor([float(v) for v in scaling], dtype=torch.float32))
+    total = vectors.parameters_per_task()
+    if total == 0:
+        return {name: torch.zeros(vectors.shape(name)) for name in vectors.names}
+    low_at = steps.count_to_drop(hparams["clamp_ratio"], total)
+    high_at = max(total - steps.ceil_count(hparams["clamp_ratio"], total) - 1, low_at)
+
+    def blocks() -> Iterator[dict[str, Tensor]]:
+        return raw_blocks(vectors)
+
+    low, high = order_statistics(lambda: each_tensor(blocks, lambda x: x.float().abs().reshape(num_tasks, -1)), num_tasks,
+                                 [low_at, high_at])
+    top = [torch.full((num_tasks,), -torch.inf)]
+
+    def scores(x: Tensor) -> Tensor:
+        beta = balancing_scores(x.float(), low, high, inter).reshape(num_tasks, -1)
+        if beta.shape[1]:
+            top[0] = torch.maximum(top[0], beta.amax(dim=1))
+        return beta
+
+    (threshold,) = order_statistics(lambda: each_tensor(blocks, scores), num_tasks,
+                                    [total - steps.ceil_count(hparams["pcb_ratio"], total)])
+    deltas: Deltas = {}
+
+    def merge(name: str, x: Tensor) -> None:
+        x = x.float()
+        beta = balancing_scores(x, low, high, inter)
+        weight = _min_max(torch.maximum(beta, steps.broadcast_per_task(threshold, beta)), threshold, top[0])
+        del beta
+        clamped = torch.sign(x) * _clamp_magnitudes(x, low, high)
+        piece = clamped * weight / weight.sum(dim=0).clamp(min=1e-12)
+        deltas[name] = torch.tensordot(weights.to(piece.device), piece, dims=1)
+
+    visit_blocks(blocks, merge)
+    return deltas
+
+
+# A streamed pool: scope=tensor block by block, scope=model in five reads of the pool.
+register_streamed_form("pcb", lambda h: "block" if h["scope"] == "tensor" else _pcb_streamed)

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.methods.checks import check_choice, check_range, check_scaling, fail, is_number
+from adamerge.methods.checks import check_choice, check_range, check_scaling, fail
 from adamerge.methods.data_free import steps
+from adamerge.methods.data_free.streamed import merge_streamed
 from adamerge.methods.registry import get_method, register_method
 from adamerge.pool.task_vectors import TaskVectors
 
@@ -87,6 +88,8 @@ def static_method(name: str, validate: Callable[[int, Mapping[str, Any]], None])
         def checked(task_vectors: TaskVectors, **hparams: Any) -> Deltas:
             resolved = spec.resolve_hparams(hparams)
             validate(task_vectors.num_tasks, resolved)
+            if getattr(task_vectors, "streamed", False):  # a streamed pool: block by block (data_free.streamed)
+                return merge_streamed(task_vectors, name, fn, resolved)
             return fn(task_vectors, **resolved)
 
         register_method(name, kind="static", validate=validate)(checked)
@@ -100,23 +103,6 @@ def static_method(name: str, validate: Callable[[int, Mapping[str, Any]], None])
 # ------------------------------------------------------------------------------------ the methods
 
 
-def _scaled_sum(vectors: Mapping[str, Tensor], scaling_coefficient: float | Sequence[float]) -> Deltas:
-    """``Σ_k λ_k x_k`` per tensor, with one λ for all tasks or one per task."""
-    if is_number(scaling_coefficient):
-        return {name: float(scaling_coefficient) * x.float().sum(dim=0) for name, x in vectors.items()}
-    weights = torch.tensor([float(v) for v in scaling_coefficient], dtype=torch.float32)
-    return {name: torch.tensordot(weights.to(x.device), x.float(), dims=1) for name, x in vectors.items()}
-
-
-def _ties_combine(
-    vectors: Mapping[str, Tensor], top_k: float, scaling_coefficient: float, scope: str
-) -> Deltas:
-    masks = steps.topk_masks(vectors, top_k, scope)
-    trimmed = {name: torch.where(masks.pop(name), x.float(), 0.0) for name, x in vectors.items()}
-    signs = steps.elect_signs(trimmed, scope)
-    return {name: scaling_coefficient * steps.disjoint_mean(x, signs[name]) for name, x in trimmed.items()}
-
-
 @static_method("weight_average", _validate_weight_average)
 def weight_average(task_vectors: TaskVectors) -> Deltas:
     """Weight averaging: θ = mean_k θ_k, i.e. delta = mean_k τ_k."""
@@ -128,7 +114,7 @@ def task_arithmetic(
     task_vectors: TaskVectors, *, scaling_coefficient: float | Sequence[float] = 0.3
 ) -> Deltas:
     """Task arithmetic (Ilharco et al. 2023): θ = θ0 + λ Σ_k τ_k; λ may be one value per task."""
-    return _scaled_sum(task_vectors.vectors, scaling_coefficient)
+    return steps.scaled_sum(task_vectors.vectors, scaling_coefficient)
 
 
 @static_method("ties", _validate_ties)
@@ -136,7 +122,7 @@ def ties(
     task_vectors: TaskVectors, *, top_k: float = 0.2, scaling_coefficient: float = 0.3, scope: str = "model"
 ) -> Deltas:
     """TIES (Yadav et al. 2023): trim to the top-k by magnitude, elect signs, disjoint mean, × λ."""
-    return _ties_combine(task_vectors.vectors, top_k, scaling_coefficient, scope)
+    return steps.ties_combine(task_vectors.vectors, top_k, scaling_coefficient, scope)
 
 
 @static_method("dare", _validate_dare)
@@ -158,8 +144,8 @@ def dare(
     """
     dropped = dare_dropped(task_vectors.vectors, drop_rate, seed, rescale)
     if combine == "ties":
-        return _ties_combine(dropped, top_k, scaling_coefficient, scope)
-    return _scaled_sum(dropped, scaling_coefficient)
+        return steps.ties_combine(dropped, top_k, scaling_coefficient, scope)
+    return steps.scaled_sum(dropped, scaling_coefficient)
 
 
 @static_method("breadcrumbs", _validate_breadcrumbs)
@@ -174,7 +160,7 @@ def breadcrumbs(
 
     Per tensor and task, the top β fraction by magnitude (outliers) and the bottom γ are zeroed.
     """
-    return _scaled_sum(breadcrumbs_masked(task_vectors.vectors, top_beta, bottom_gamma), scaling_coefficient)
+    return steps.scaled_sum(breadcrumbs_masked(task_vectors.vectors, top_beta, bottom_gamma), scaling_coefficient)
 
 
 def dare_dropped(vectors: Mapping[str, Tensor], drop_rate: float, seed: int, rescale: bool) -> dict[str, Tensor]:

@@ -14,12 +14,14 @@ n-th largest, so it may keep more than n; Breadcrumbs drops every tie of a dropp
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from adamerge.methods.checks import is_number
 
 Scope = Literal["model", "tensor"]
 SCOPES: tuple[str, ...] = ("model", "tensor")
@@ -215,3 +217,21 @@ def ties_trim(vectors: Mapping[str, Tensor], fraction: float, scope: Scope = "mo
     trimmed = {name: torch.where(masks.pop(name), x.float(), 0.0) for name, x in vectors.items()}
     signs = elect_signs(trimmed, scope)
     return {name: torch.where(agrees_with(x, signs[name]), x, 0.0) for name, x in trimmed.items()}
+
+
+def scaled_sum(vectors: Mapping[str, Tensor], scaling_coefficient: float | Sequence[float]) -> dict[str, Tensor]:
+    """``Σ_k λ_k x_k`` per tensor, with one λ for all tasks or one per task."""
+    if is_number(scaling_coefficient):
+        return {name: float(scaling_coefficient) * x.float().sum(dim=0) for name, x in vectors.items()}
+    weights = torch.tensor([float(v) for v in scaling_coefficient], dtype=torch.float32)
+    return {name: torch.tensordot(weights.to(x.device), x.float(), dims=1) for name, x in vectors.items()}
+
+
+def ties_combine(
+    vectors: Mapping[str, Tensor], top_k: float, scaling_coefficient: float, scope: str
+) -> dict[str, Tensor]:
+    """TIES' trim, elect and disjoint mean × λ (``scope``: thresholds and signs per model or per tensor)."""
+    masks = topk_masks(vectors, top_k, scope)
+    trimmed = {name: torch.where(masks.pop(name), x.float(), 0.0) for name, x in vectors.items()}
+    signs = elect_signs(trimmed, scope)
+    return {name: scaling_coefficient * disjoint_mean(x, signs[name]) for name, x in trimmed.items()}

@@ -17,11 +17,10 @@ from adamerge.methods import checks
 from adamerge.methods.learned.bases import (
     BASE_FORMS, BASE_MERGE, RESIDUAL_BOUNDS, apply_base, resolve_base, resolve_residual_base, with_residual_base,
 )
-from adamerge.methods.learned.merged import LoRAMergedModel, MergedModel
+from adamerge.methods.learned.merged_streamed import merged_model_class
 from adamerge.methods.registry import HparamValidator, LearnedBuilder, get_method, register_method
 from adamerge.objectives import Objective, build_objective
 from adamerge.pool.key_filters import resolve_layer_groups
-from adamerge.pool.lora import LoRATaskVectors
 from adamerge.pool.modelpool import ModelPool
 from adamerge.pool.task_vectors import TaskVectors
 from adamerge.training.alignment import ALIGNMENT_TASK, AlignmentVector
@@ -61,8 +60,7 @@ def _adamerging_builder(granularity: str) -> LearnedBuilder:
         layer_groups: Any = None,
         objective: Objective | None = None,
     ) -> AdaMergingModule:
-        merged_class = LoRAMergedModel if isinstance(task_vectors, LoRATaskVectors) else MergedModel
-        merged = merged_class(
+        merged = merged_model_class(task_vectors)(
             backbone,
             task_vectors,
             granularity=granularity,

@@ -175,5 +175,9 @@ def apply_base(task_vectors: TaskVectors, base: str | None, hparams: Mapping[str
     """``task_vectors`` replaced by ``base``'s per-task vectors (unchanged when ``base`` is None)."""
     if base is None:
         return task_vectors
+    if getattr(task_vectors, "streamed", False):  # adamerge.pool.streamed: the per-task vectors are model-wide
+        raise ConfigError(f"base={base!r} with base_form=split learns over every per-task vector of {base} at once, "
+                          "which a streamed or compressed pool never holds: use base_form=residual, or "
+                          "modelpool.streaming=false and modelpool.compression=null")
     per_task = BASES[base].per_task(task_vectors, **hparams)
     return task_vectors.map(lambda name, _: per_task.pop(name))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from adamerge.errors import ConfigError
 from adamerge.pool.lora import LoRATaskVectors
 from adamerge.pool.task_vectors import TaskVectors
 
@@ -115,6 +116,10 @@ class MergedModel(nn.Module):
 
     def register_task_vectors(self, task_vectors: TaskVectors) -> None:
         """Keep the task vectors as buffers (a subclass may keep them in another form, with its own task_delta)."""
+        if getattr(task_vectors, "streamed", False):  # adamerge.pool.streamed / compressed never hold them whole
+            raise ConfigError(f"{type(self).__name__} keeps every task vector resident, which a streamed or compressed "
+                              "pool never does: this method takes modelpool.streaming=false and modelpool.compression="
+                              "null (adamerging_task_wise / adamerging_layer_wise and progressive_distillation stream)")
         for index, name in enumerate(self.names):
             # Buffers follow the module across devices; they are constants, never saved twice.
             self.register_buffer(f"_task_vector_{index}", task_vectors.vectors[name], persistent=False)

@@ -26,6 +26,7 @@ residual form (the base merge whole, per-block corrections from 0, the tensors o
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,7 @@ from adamerge.errors import NonFiniteError
 from adamerge.methods import checks
 from adamerge.methods.learned.adamerging import check_coefficient_learning, register_learned
 from adamerge.methods.learned.merged import MergedModel
+from adamerge.methods.learned.merged_streamed import merged_model_class
 from adamerge.objectives import Objective
 from adamerge.objectives.expert_targets import feature_tensor
 from adamerge.pool.task_vectors import TaskVectors
@@ -112,6 +114,19 @@ class ProgressiveMergedModel(MergedModel):
         if not self.element_wise:
             return super().coefficients_as_list()
         return [alpha.detach().flatten(1).mean(1).cpu().tolist() for alpha in self.element_coefficients]
+
+
+@functools.lru_cache(maxsize=None)
+def _progressive_of(base: type[MergedModel]) -> type[MergedModel]:
+    return type(f"Progressive{base.__name__}", (ProgressiveMergedModel, base), {})
+
+
+def progressive_merged_class(task_vectors: Any) -> type[MergedModel]:
+    """Progressive distillation's merged model over these task vectors: its element-wise coefficients and block steps,
+    with the pool's way of holding (or streaming) the task vectors (:mod:`.merged_streamed`)."""
+    base = merged_model_class(task_vectors)
+    return ProgressiveMergedModel if base is MergedModel or not getattr(task_vectors, "streamed", False) \
+        else _progressive_of(base)
 
 
 class ProgressiveDistillationModule(AdaMergingModule):
@@ -376,7 +391,8 @@ def build_progressive_distillation(
                           "use another learned method")
     k = task_vectors.num_tasks
     initial = [float(v) for v in init_value] if isinstance(init_value, Sequence) else [float(init_value)] * k
-    merged = ProgressiveMergedModel(backbone, task_vectors, init_value=initial, granularity=granularity)
+    merged = progressive_merged_class(task_vectors)(backbone, task_vectors, init_value=initial,
+                                                    granularity=granularity)
     return ProgressiveDistillationModule(
         merged, heads, blocks=blocks, steps_per_block=steps_per_block, samples_per_task=samples_per_task,
         batch_size=batch_size, seed=seed, lr=lr, betas=tuple(betas), weight_decay=weight_decay,

@@ -1,0 +1,139 @@
+"""The differentiable merged model over task vectors that are never held whole: streamed or compressed.
+
+:class:`StreamedMergedModel` (``modelpool.streaming``): the module's θ0 is on the device; each merged tensor's K
+slices are fetched (host → device, or disk → device) when the merge forms ``Σ_k λ_k τ_k`` in the forward pass and
+fetched *again* in the backward pass to form ``∂L/∂λ_k = ⟨∂L/∂θ, τ_k⟩`` (:class:`_StreamedTaskSum` saves the
+coefficients and the tensor's index, never τ), so the device holds one tensor's K slices at a time. Progressive
+distillation (:func:`adamerge.methods.learned.progressive.progressive_merged_class`) fetches one block's slices per
+step. :class:`LowRankMergedModel` (``modelpool.compression``) merges the low-rank factors of
+:class:`~adamerge.pool.compressed.LowRankTaskVectors` without forming a dense task vector. :func:`merged_model_class`
+picks the class for a pool's task vectors. Concrete masks and AdaRank keep every task vector resident and refuse a
+streamed pool (:meth:`adamerge.methods.learned.merged.MergedModel.register_task_vectors`), as does a
+``base_form: split`` base (its per-task vectors are model-wide).
+
+It sits with the learned methods (layer of ``adamerge.methods.learned``), which are all that pick a merged model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.methods.learned.merged import LoRAMergedModel, MergedModel, weighted_task_sum
+from adamerge.pool.compressed import LowRankTaskVectors
+from adamerge.pool.lora import LoRATaskVectors
+from adamerge.pool.streamed import RESIDENCIES, pinned
+from adamerge.pool.streamed_vectors import StreamedTaskVectors
+
+__all__ = ["StreamedMergedModel", "LowRankMergedModel", "merged_model_class"]
+
+
+class _StreamedTaskSum(torch.autograd.Function):
+    """``Σ_k w_k τ_k`` of one merged tensor whose ``τ`` is fetched in the forward pass and fetched again in the
+    backward pass (``fetch(index, device)``); autograd keeps the weights and the index, never τ."""
+
+    @staticmethod
+    def forward(ctx: Any, weights: Tensor, fetch: Callable[[int, torch.device], Tensor], index: int) -> Tensor:
+        ctx.save_for_backward(weights)
+        ctx.fetch, ctx.index = fetch, index
+        stacked = fetch(index, weights.device)
+        return torch.tensordot(weights, stacked.to(weights.dtype), dims=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (weights,) = ctx.saved_tensors
+        stacked = ctx.fetch(ctx.index, grad.device)
+        flat = stacked.reshape(weights.shape[0], -1).to(grad.dtype)
+        return flat @ grad.reshape(-1), None, None
+
+
+class StreamedMergedModel(MergedModel):
+    """:class:`~adamerge.methods.learned.merged.MergedModel` whose task vectors stay off the device: each merged
+    tensor's K slices are brought to the device when its ``Σ_k λ_k τ_k`` is formed and again in the backward pass.
+
+    ``residency``: ``host`` keeps every tensor's K slices on the host (page-locked with CUDA) after forming them once;
+    ``disk`` keeps nothing and reads the memory-mapped checkpoints at every fetch. Default: the pool's.
+    """
+
+    def __init__(self, module: nn.Module, task_vectors: Any, *, residency: str | None = None, **kwargs: Any) -> None:
+        self._residency = residency or getattr(task_vectors, "residency", "host")
+        if self._residency not in RESIDENCIES:
+            raise ValueError(f"residency must be one of {RESIDENCIES}, got {self._residency!r}")
+        super().__init__(module, task_vectors, **kwargs)
+
+    def register_task_vectors(self, task_vectors: Any) -> None:
+        self._source = task_vectors
+        self.fetches = 0  # K-slice fetches so far (2 per merged tensor per step: forward and backward)
+        # Plain attributes, not buffers: .to(device) must not move them.
+        self._host = ([pinned(task_vectors.vectors[name]) for name in self.names] if self._residency == "host"
+                      else None)
+
+    def _fetch(self, index: int, device: torch.device) -> Tensor:
+        self.fetches += 1
+        stacked = self._host[index] if self._host is not None else self._source.vectors[self.names[index]]
+        return stacked.to(device, non_blocking=stacked.device.type == "cpu" and stacked.is_pinned())
+
+    def task_vector(self, index: int) -> Tensor:
+        """Tensor ``index``'s K slices, fetched onto the coefficients' device (not kept)."""
+        return self._fetch(index, self.coefficients.device)
+
+    def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
+        return _StreamedTaskSum.apply(row, self._fetch, index)
+
+
+class LowRankMergedModel(MergedModel):
+    """:class:`~adamerge.methods.learned.merged.MergedModel` over compressed task vectors: a matrix's step delta is
+    ``(B_cat · diag(λ per rank)) A_cat`` with ``B_cat = [U_1 S_1 … U_K S_K]`` and ``A_cat = [V_1ᵀ; …; V_Kᵀ]``; dense
+    slices (non-matrices, tasks appended uncompressed) are summed as usual."""
+
+    def register_task_vectors(self, task_vectors: LowRankTaskVectors) -> None:
+        self._parts: list[tuple[bool, bool]] = []  # per tensor: (has factors, has dense slices)
+        for index, name in enumerate(self.names):
+            entries = task_vectors.entries[name]
+            factored = [(k, e) for k, e in enumerate(entries) if isinstance(e, tuple)]
+            dense = [(k, e) for k, e in enumerate(entries) if not isinstance(e, tuple)]
+            if factored:
+                self.register_buffer(f"_lowrank_B_{index}", torch.cat([us for _, (us, _) in factored], dim=1),
+                                     persistent=False)
+                self.register_buffer(f"_lowrank_A_{index}", torch.cat([vh for _, (_, vh) in factored]), persistent=False)
+                self.register_buffer(f"_lowrank_task_{index}", torch.cat(
+                    [torch.full((us.shape[1],), k, dtype=torch.long) for k, (us, _) in factored]), persistent=False)
+            if dense:
+                self.register_buffer(f"_lowrank_dense_{index}", torch.stack([e for _, e in dense]), persistent=False)
+                self.register_buffer(f"_lowrank_dense_task_{index}", torch.tensor([k for k, _ in dense]),
+                                     persistent=False)
+            self._parts.append((bool(factored), bool(dense)))
+
+    def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
+        factored, dense = self._parts[index]
+        delta = None
+        if factored:
+            b, a = getattr(self, f"_lowrank_B_{index}"), getattr(self, f"_lowrank_A_{index}")
+            per_rank = row[getattr(self, f"_lowrank_task_{index}")]
+            delta = ((b.to(row.dtype) * per_rank) @ a.to(row.dtype)).reshape(shape)
+        if dense:
+            part = weighted_task_sum(row[getattr(self, f"_lowrank_dense_task_{index}")],
+                                     getattr(self, f"_lowrank_dense_{index}"))
+            delta = part if delta is None else delta + part
+        return delta
+
+    def task_vector(self, index: int) -> Tensor:
+        """Tensor ``index``'s K slices, reconstructed (progressive distillation's element-wise coefficients)."""
+        eye = torch.eye(len(self.task_names), dtype=self.coefficients.dtype, device=self.coefficients.device)
+        shape = self.pretrained_tensors()[self.names[index]].shape
+        with torch.no_grad():
+            return torch.stack([self.task_delta(index, eye[k], shape) for k in range(len(self.task_names))])
+
+
+def merged_model_class(task_vectors: Any) -> type[MergedModel]:
+    """The :class:`MergedModel` class for a pool's task vectors: LoRA factors, streamed, compressed or in memory."""
+    if isinstance(task_vectors, LoRATaskVectors):
+        return LoRAMergedModel
+    if isinstance(task_vectors, LowRankTaskVectors):
+        return LowRankMergedModel
+    if isinstance(task_vectors, StreamedTaskVectors):
+        return StreamedMergedModel
+    return MergedModel
