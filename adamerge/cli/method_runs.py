@@ -132,7 +132,7 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
     settings: the experts' outputs, protected tasks, task batching, compile, checkpoints and resume."""
     options = ctx.settings.options
     module = build_learned_module(ctx.pool, name, ctx.objective, task_vectors=ctx.task_vectors,
-                                  alignment=ctx.alignment, **hparams)
+                                  alignment=ctx.alignment, heads=ctx.settings.heads, **hparams)
     if ctx.experts is not None:
         module.use_experts(ctx.experts)
     module.check_experts()

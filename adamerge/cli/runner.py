@@ -29,6 +29,7 @@ from adamerge.reporting.results import protected_lines, write_json, write_summar
 from adamerge.storage.locking import run_directory_lock
 from adamerge.storage.renamed import current_path
 from adamerge.training.alignment import load_alignment
+from adamerge.training.heads_config import REPORT_KEY as HEAD_REPORT, check_adaptable, head_lines
 from adamerge.training.preemption import handle_preemption, stop_if_requested
 from adamerge.training.protected_config import build_protected_tasks, parse_protected
 from adamerge.training.resume import remove_checkpoints, write_run_record
@@ -99,6 +100,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule.setup("fit")
     check_pool_and_data(pool, datamodule)
     check_export_heads(settings.outputs, pool)
+    if settings.heads.adapt:  # heads: adapt -- every head has parameters to learn, before any fine-tuned checkpoint
+        check_adaptable(pool.heads, list(datamodule.task_names))
     task_vectors = pool.task_vectors(list(datamodule.task_names))
     print(f"task vectors: {task_vectors.memory_report()}")
     # The protected node again, its _target_ entries (heads, preprocessors, guards) built now.
@@ -139,7 +142,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for task, signals in (result.get("label_free") or {}).items():
             print(f"  {task}: {ctx.objective.name} {signals['objective_start']:.4f} -> {signals['objective_end']:.4f}, "
                   f"{100 * signals['prediction_changed']:.1f}% of predictions changed")
-        for line in protected_lines(result.get("protected")):
+        for line in protected_lines(result.get("protected")) + head_lines(result.get(HEAD_REPORT)):
             print(f"  {line}")
     if len(names) > 1 and rows:
         table = write_summary(run_dir, rows, task_vectors.task_names)

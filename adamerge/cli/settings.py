@@ -5,7 +5,11 @@ parse raises a :class:`~adamerge.errors.ConfigError` (or the specific error of t
 and the value to change. What comes out -- :class:`RunSettings` for a run, :class:`Outputs` for the run directory's
 check -- is what the rest of a run reads; the raw configuration stays here, at the command, where Hydra instantiates
 the objects it names (the pool, the data, the logger, the trainer). A configuration with several mistakes reports
-them in this order: the methods' names, run options, hyperparameters, data, checkpoint paths, export, protected tasks.
+them in this order: the methods' names, run options, hyperparameters, data, checkpoint paths, export, protected tasks,
+heads.
+
+Long because: it is the one place a run's raw configuration is read, one parse per group in the order above; a group
+with rules of its own is parsed beside the code it configures (protected tasks, heads) and only called from here.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from adamerge.methods.registry import get_method
 from adamerge.pool.checkpoints import CheckpointError, looks_like_path
 from adamerge.reporting.selection import get_criterion
 from adamerge.training import task_batching
+from adamerge.training.heads_config import HeadSettings, parse_heads
 from adamerge.training.protected_config import ProtectedSettings, parse_protected
 
 # Not merges but reference rows of a comparison: each fine-tuned model on its own task.
@@ -124,6 +129,7 @@ class RunSettings:
     hyperparameters: Mapping[str, Mapping[str, Any]]  # per method: conf/method file <- overrides <- command line
     data: DataSettings
     protected: ProtectedSettings
+    heads: HeadSettings = HeadSettings()  # frozen, or adapt: each task's head re-learned (adamerge.training.adapted_heads)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -296,4 +302,5 @@ def parse_run_settings(cfg: DictConfig) -> RunSettings:
     pool_tasks = (plain(cfg.get("modelpool")) or {}).get("finetuned") or {}
     protected = parse_protected(plain(cfg.get("protected")), pool_tasks)
     outputs = Outputs(names, kinds, cfg.method.name == COMPARE, options.resume, export)
-    return RunSettings(outputs, options, hyperparameters, data, protected)
+    heads = parse_heads(plain(cfg.get("heads")), outputs.learned)
+    return RunSettings(outputs, options, hyperparameters, data, protected, heads)

@@ -19,6 +19,7 @@ from adamerge.pool.lora import LoRATaskVectors, save_linear_adapter
 from adamerge.pool.modelpool import ModelPool
 from adamerge.pool.task_vectors import TaskVectors
 from adamerge.training.alignment import AlignmentVector
+from adamerge.training.heads_config import REPORT_KEY, export_record
 from adamerge.training.module import AdaMergingModule
 
 __all__ = ["evaluation_data", "export_learned", "export_merge", "MERGED_ADAPTER"]
@@ -77,6 +78,9 @@ def export_merge(directory: str | Path, method: str, model: nn.Module, pool: Mod
                                      for task, entry in outcome["protected"].items()}
     if module is not None and hasattr(module, "export_extras"):
         merge_config.update(module.export_extras())
+    adapted = getattr(module, "adapted_heads", None)  # heads: adapt -- the export stores the adapted heads
+    if adapted is not None:
+        merge_config[REPORT_KEY] = export_record(outcome.get(REPORT_KEY) or adapted.report())
     extras: dict[str, Path | bytes] = dict(export_extra_files(model))
     if task_vectors is not None:
         if isinstance(task_vectors, LoRATaskVectors) and method in LEARNED_AS_TASK_ARITHMETIC and module is not None:
@@ -97,7 +101,7 @@ def export_merge(directory: str | Path, method: str, model: nn.Module, pool: Mod
         architecture=pool.architecture,
         overwrite=overwrite,
         extra_files=extras,
-        heads={task: pool.heads[task] for task in tasks},
+        heads={task: (module.heads if adapted is not None else pool.heads)[task] for task in tasks},
         class_names={task: datamodule.class_names(task) for task in tasks} if hasattr(datamodule, "class_names") else None,
         preprocessors=({task: datamodule.task_preprocessor(task) for task in tasks}
                        if hasattr(datamodule, "task_preprocessor") else None),

@@ -250,18 +250,22 @@ def write_model_card(directory: Path, config: Mapping[str, Any], *, name: str, l
     license_id, license_text = _license(config, license)
     tasks = [str(t) for t in config.get("tasks") or []] if isinstance(config.get("tasks"), list) else list(_mapping(config, "heads"))
     versions = _mapping(config, "versions")
+    from adamerge.training.heads_config import model_card_text  # heads: adapt -- the card says they were re-learned
+
+    adapted_heads = model_card_text(config)
+    head_state = "adapted" if adapted_heads else "frozen"
     software = ", ".join(f"{package} {version}" for package, version in versions.items() if version)
     sections = [
         _front_matter(config, license_id),
         f"# {config.get('method', 'merged')} merge of {len(tasks)} tasks\n\n"
         f"One backbone merged by adamerge from {len(tasks)} fine-tuned checkpoints of one pretrained model "
-        f"(tasks: {', '.join(f'`{t}`' for t in tasks)}), with each task's frozen head under `heads/`. Every file "
+        f"(tasks: {', '.join(f'`{t}`' for t in tasks)}), with each task's {head_state} head under `heads/`. Every file "
         "is listed with its sha256 in `merge_config.json`; loading checks them.",
         "## Load it\n\n" + _load_code(config, name, directory),
         "## Accuracy\n\n" + _accuracy(config),
         "## Method\n\n" + _method(config),
         "## Merge coefficients\n\n" + _heatmap(directory, config),
-        "## Task heads\n\n" + _heads(config),
+        "## Task heads\n\n" + (adapted_heads + "\n\n" if adapted_heads else "") + _heads(config),
         "## Sources\n\n" + _sources(config),
         "## License\n\n" + license_text,
         f"## Software\n\n{software}." if software else "",

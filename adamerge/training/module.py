@@ -40,6 +40,7 @@ from adamerge.training.resume import ResumableState, restore_rng
 
 if TYPE_CHECKING:
     from adamerge.objectives.expert_targets import ExpertTargets
+    from adamerge.training.adapted_heads import AdaptedHeads
     from adamerge.training.protected import ProtectedTask
 
 __all__ = ["AdaMergingModule", "Batch", "NonFiniteError"]
@@ -105,6 +106,8 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
         self.expert_targets: ExpertTargets | None = None
         self.profile = StepProfile()
         self._last_step_end: float | None = None
+        # heads: adapt (adamerge.training.adapted_heads.attach): the per-task head copies that learn; None: frozen heads.
+        self.adapted_heads: AdaptedHeads | None = None
 
     def train(self, mode: bool = True) -> AdaMergingModule:
         """Keep the frozen backbone and heads in eval mode even while Lightning 'trains'.
@@ -146,6 +149,12 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.check_experts()
+        if self.adapted_heads is not None:  # heads: adapt -- count each task's confident pseudo-labels
+            self.adapted_heads.setup(self)
+
+    def on_train_end(self) -> None:
+        if self.adapted_heads is not None:  # heads: adapt -- schedule=after fits the heads now; both report losses
+            self.adapted_heads.finish(self)
 
     # -- what trains ---------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -337,6 +346,8 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
         self.profile.device = self.device
         if self._last_step_end is not None:  # fetching this batch, plus the loop's own bookkeeping
             self.profile.add("data", time.perf_counter() - self._last_step_end)
+        if self.adapted_heads is not None:  # heads: adapt, schedule=together -- the heads' step on this batch
+            self.adapted_heads.step(self, batch)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.profile.end_step()

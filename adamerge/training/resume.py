@@ -188,7 +188,7 @@ def check_no_unfinished_learning(method_dirs: Sequence[Path]) -> None:
 class ResumableState:
     """The checkpoint hooks of :class:`~adamerge.training.module.AdaMergingModule`: a checkpoint holds only what
     learns (coefficients, mask logits and their reset values) and the run's own state -- history, skipped steps, step
-    profile, RNG states, protected tasks' multipliers -- so a resumed run continues exactly where it stopped."""
+    profile, RNG states, protected tasks' multipliers, adapted heads -- so a resumed run continues exactly where it stopped."""
 
     FROZEN_PREFIXES = ("merged.module.", "heads.", "protection.")
 
@@ -203,6 +203,8 @@ class ResumableState:
                                   "profile": self.profile.state(), "rng": capture_rng(), **self.extra_resume_state()}
         if self.protection is not None:
             checkpoint["adamerge"]["protection"] = self.protection.state()
+        if self.adapted_heads is not None:  # heads: adapt -- the "heads." entries are not in the state dict above
+            checkpoint["adamerge"]["adapted_heads"] = self.adapted_heads.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(set(self.resumable_state_keys()) - set(checkpoint.get("state_dict", {})))
@@ -218,6 +220,10 @@ class ResumableState:
             if "protection" not in state:
                 raise ResumeError("the checkpoint was written without protected tasks")
             self.protection.load_state(state["protection"])
+        if self.adapted_heads is not None:
+            if "adapted_heads" not in state:
+                raise ResumeError("the checkpoint was written without adapted heads (heads: frozen)")
+            self.adapted_heads.load_state(state["adapted_heads"])
 
     def extra_resume_state(self) -> dict[str, Any]:
         """What a subclass keeps across a resume beyond the state dict (the Concrete stage's frozen mask)."""

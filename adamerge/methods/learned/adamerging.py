@@ -23,7 +23,9 @@ from adamerge.objectives import Objective, build_objective
 from adamerge.pool.key_filters import resolve_layer_groups
 from adamerge.pool.modelpool import ModelPool
 from adamerge.pool.task_vectors import TaskVectors
+from adamerge.training.adapted_heads import attach
 from adamerge.training.alignment import ALIGNMENT_TASK, AlignmentVector
+from adamerge.training.heads_config import REPORT_KEY
 from adamerge.training.module import AdaMergingModule
 
 ADAMERGING_DEFAULTS: dict[str, Any] = {
@@ -191,6 +193,7 @@ def build_learned_module(
     datamodule: Any = None,
     task_vectors: TaskVectors | None = None,
     alignment: AlignmentVector | None = None,
+    heads: Any = None,
     **hyperparameters: Any,
 ) -> AdaMergingModule:
     """The LightningModule that learns ``method`` on ``pool``, for a Lightning ``Trainer`` of the caller's own.
@@ -200,8 +203,11 @@ def build_learned_module(
     (``conf/method/<method>.yaml``). ``datamodule``: the data it will be fitted on; given, each task's expert runs once
     over its rows here (adamerge.objectives.expert_targets), for an expert-matching objective and the agreement signal -- an
     objective that compares with the experts needs it. ``task_vectors``: the pool's, when already loaded (the command
-    loads them once for every method it runs); else all of the pool's tasks are loaded here. Fit it with
-    ``trainer.fit(module, datamodule=...)``, then export it with :func:`adamerge.export_learned`.
+    loads them once for every method it runs); else all of the pool's tasks are loaded here. ``heads``: ``"frozen"``
+    (default: each task keeps its fine-tuned head), ``"adapt"``, ``{"mode": "adapt", "confidence_threshold": ...,
+    "schedule": "after" | "together", ...}`` or a :class:`~adamerge.training.heads_config.HeadSettings`: each task's
+    head is re-learned on its expert's confident predictions (:mod:`adamerge.training.adapted_heads`) during ``fit``.
+    Fit it with ``trainer.fit(module, datamodule=...)``, then export it with :func:`adamerge.export_learned`.
     """
     if isinstance(objective, str):
         objective = build_objective(objective)
@@ -216,12 +222,13 @@ def build_learned_module(
         datamodule.setup("fit")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         module.use_experts(ExpertTargets.for_objective(pool, vectors, datamodule, device, objective))
+    attach(module, heads, datamodule)  # heads: adapt -- per-task copies of the heads that learn; frozen: nothing
     return module
 
 
 def learned_outcome(module: AdaMergingModule) -> dict[str, Any]:
     """What a fitted learned module measured, as its results and its export record it: the accuracy of its last
-    validation, the learned coefficients, the objective, and the protected tasks' scores."""
+    validation, the learned coefficients, the objective, the protected tasks' scores and the adapted heads' report."""
     outcome = {"accuracy": dict(module.last_accuracy), "coefficients": module.coefficients(),
                "objective": module.objective.config()}
     if module.merged.task_names != module.task_names:  # the tasks, then an alignment vector
@@ -230,4 +237,6 @@ def learned_outcome(module: AdaMergingModule) -> dict[str, Any]:
         outcome["protected"] = module.protection.report()
     if module.evaluations and module.evaluations[-1].get("expert_agreement"):
         outcome["expert_agreement"] = dict(module.evaluations[-1]["expert_agreement"])
+    if module.adapted_heads is not None:  # heads: adapt -- kept pseudo-label shares and the heads' losses
+        outcome[REPORT_KEY] = module.adapted_heads.report()
     return outcome
