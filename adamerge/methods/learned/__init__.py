@@ -8,6 +8,6 @@ learning on top of a data-free method's per-task vectors (:mod:`.bases`); Concre
 
 May import: every layer below ``adamerge.export`` (training, objectives, the data-free methods, the registry,
 backbones, pool, data, reporting, storage, errors). One module sits lower than its package: :mod:`.merged`, the
-differentiable merged model ``θ0 + Σ λ τ`` that the training step trains, imports ``adamerge.pool`` only, so that
-objectives and training may use it.
+differentiable merged model ``θ0 + Σ λ τ`` that the training step trains, imports only ``adamerge.pool`` and
+``adamerge.errors``, so that objectives and training may use it.
 """
