@@ -1,11 +1,12 @@
-"""What label-free selection costs: a step-size sweep of layer-wise AdaMerging on both demo zoos.
+"""What label-free selection costs: a step-size sweep of the recommended learned merge on both demo zoos.
 
 For each zoo, runs ``adamerge --multirun`` over ``method.lr`` (the choice a user most often sweeps) and two
-seeds, reads the sweep summary and reports, per zoo and seed, the job the label-free criterion picks (lowest
-final objective on the unlabeled inputs), the job test accuracy would have picked, and the accuracy lost by
-not peeking. Writes bench/results/selection_cost.{json,md} and the ``selection-cost`` block of docs/sweeps.md.
+seeds, reads the sweep summary and reports, per zoo and seed, the job each label-free criterion picks (lowest
+final objective on the unlabeled inputs, ``selection=objective``; highest agreement with each task's expert,
+``selection=expert_agreement``), the job test accuracy would have picked, and the accuracy lost by not peeking.
+Writes bench/results/selection_cost.{json,md} and the ``selection-cost`` block of docs/sweeps.md.
 
-    python bench/selection_cost.py                    # both zoos, 5 step sizes x 2 seeds (~20 min on 2 cores)
+    python bench/selection_cost.py                    # both zoos, 4 step sizes x 2 seeds (~20 min on 2 cores)
     python bench/selection_cost.py --zoos demo --lrs 0.001,0.01 --seeds 0
 """
 
@@ -28,11 +29,11 @@ RUNS = ROOT / "bench" / "runs" / "selection_cost"
 EXPERIMENTS = {"demo": "demo", "second": "demo_second"}
 
 
-def run_sweep(zoo: str, lrs: str, seeds: str, steps: int) -> dict:
+def run_sweep(zoo: str, method: str, lrs: str, seeds: str, steps: int) -> dict:
     sweep_dir = RUNS / zoo
     shutil.rmtree(sweep_dir, ignore_errors=True)  # a rerun must not mix in an older sweep's jobs
     command = [sys.executable, "-m", "adamerge.cli.main", "--multirun", f"experiment={EXPERIMENTS[zoo]}",
-               "method=adamerging_layer_wise", f"method.lr={lrs}", f"seed={seeds}", f"trainer.max_steps={steps}",
+               f"method={method}", f"method.lr={lrs}", f"seed={seeds}", f"trainer.max_steps={steps}",
                "logger=none", "export.enabled=false", "hydra.sweep.subdir=${hydra.job.num}",
                f"hydra.sweep.dir={sweep_dir}"]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
@@ -40,18 +41,24 @@ def run_sweep(zoo: str, lrs: str, seeds: str, steps: int) -> dict:
     return json.loads((sweep_dir / "sweep_summary.json").read_text())
 
 
+LABEL_FREE = ("objective", "expert_agreement")  # the criteria compared with peeking, as `selection=` names them
+
+
 def per_seed(summary: dict) -> list[dict]:
-    """The two picks within each seed's jobs (a seed is one user's sweep)."""
+    """The picks within each seed's jobs (a seed is one user's sweep)."""
     from adamerge.reporting.selection import get_criterion, pick, pick_by_accuracy
 
     out = []
     for seed in sorted({row["overrides"]["seed"] for row in summary["rows"]}, key=int):
         rows = [row for row in summary["rows"] if row["overrides"]["seed"] == seed]
-        label_free, _ = pick(rows, get_criterion("objective"))
         peeked = pick_by_accuracy(rows)
         worst = min(rows, key=lambda row: row["average_accuracy"])
-        out.append({"seed": int(seed), "label_free_lr": rows[label_free]["overrides"]["method.lr"],
-                    "label_free_accuracy": rows[label_free]["average_accuracy"],
+        picks = {}
+        for name in LABEL_FREE:
+            chosen, _ = pick(rows, get_criterion(name))
+            picks[name] = {"lr": rows[chosen]["overrides"]["method.lr"], "accuracy": rows[chosen]["average_accuracy"]}
+        objectives = sorted({str(row["objective_name"]) for row in rows})
+        out.append({"seed": int(seed), "picks": picks, "objectives": objectives,
                     "peeked_lr": rows[peeked]["overrides"]["method.lr"],
                     "peeked_accuracy": rows[peeked]["average_accuracy"],
                     "worst_accuracy": worst["average_accuracy"],
@@ -59,28 +66,35 @@ def per_seed(summary: dict) -> list[dict]:
     return out
 
 
-def render(results: dict[str, list[dict]], lrs: str, steps: int) -> str:
-    lines = ["| zoo | seed | label-free pick (lr) | its accuracy | test-accuracy pick (lr) | its accuracy | "
-             "cost of not peeking | mean over the sweep | worst in the sweep |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def render(results: dict[str, list[dict]], method: str, lrs: str, steps: int) -> str:
+    lines = ["| zoo | seed | " + " | ".join(f"`selection={name}` pick (lr) | its accuracy" for name in LABEL_FREE)
+             + " | test-accuracy pick (lr) | its accuracy | cost of not peeking (" + " / ".join(LABEL_FREE)
+             + ") | mean over the sweep | worst in the sweep |",
+             "|---|---:|" + "---:|---:|" * len(LABEL_FREE) + "---:|---:|---:|---:|---:|"]
     for zoo, seeds in results.items():
         for s in seeds:
-            lines.append(f"| {zoo} | {s['seed']} | {s['label_free_lr']} | {100 * s['label_free_accuracy']:.1f} | "
-                         f"{s['peeked_lr']} | {100 * s['peeked_accuracy']:.1f} | "
-                         f"{100 * (s['peeked_accuracy'] - s['label_free_accuracy']):.1f} | "
-                         f"{100 * s['mean_accuracy']:.1f} | {100 * s['worst_accuracy']:.1f} |")
+            picks = " | ".join(f"{s['picks'][name]['lr']} | {100 * s['picks'][name]['accuracy']:.1f}"
+                               for name in LABEL_FREE)
+            costs = " / ".join(f"{100 * (s['peeked_accuracy'] - s['picks'][name]['accuracy']):.1f}"
+                               for name in LABEL_FREE)
+            lines.append(f"| {zoo} | {s['seed']} | {picks} | {s['peeked_lr']} | {100 * s['peeked_accuracy']:.1f} | "
+                         f"{costs} | {100 * s['mean_accuracy']:.1f} | {100 * s['worst_accuracy']:.1f} |")
     seeds = ",".join(sorted({str(s["seed"]) for rows in results.values() for s in rows}, key=int))
-    command = f"python bench/selection_cost.py --zoos {','.join(results)} --lrs {lrs} --seeds {seeds} --steps {steps}"
-    lines += ["", f"Generated by `{command}` on this project's 2-core CPU machine: layer-wise AdaMerging, "
-              f"`method.lr` in {{{lrs}}}, {steps} steps, default objective; accuracies are average test accuracy "
-              "(%) over the zoo's tasks; each seed is one user's sweep (the seed orders the unlabeled stream)."]
+    objectives = ", ".join(sorted({o for rows in results.values() for s in rows for o in s["objectives"]}))
+    command = (f"python bench/selection_cost.py --zoos {','.join(results)} --method {method} --lrs {lrs} "
+               f"--seeds {seeds} --steps {steps}")
+    lines += ["", f"Generated by `{command}` on this project's 2-core CPU machine: `{method}`, `method.lr` in "
+              f"{{{lrs}}}, {steps} steps, objective `{objectives}` (the default); accuracies are average test "
+              "accuracy (%) over the zoo's tasks; each seed is one user's sweep (the seed orders the unlabeled "
+              "stream)."]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoos", default="demo,second")
-    parser.add_argument("--lrs", default="0.0003,0.001,0.003,0.01,0.03")
+    parser.add_argument("--method", default="adamerging_layer_wise_on_iso_cts", help="the learned method swept")
+    parser.add_argument("--lrs", default="0.001,0.003,0.01,0.03")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--no-readme", action="store_true")
@@ -89,11 +103,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.render_only:
         saved = json.loads((RESULTS / "selection_cost.json").read_text())
-        block = render(saved["zoos"], saved["lrs"], saved["steps"])
+        block = render(saved["zoos"], saved["method"], saved["lrs"], saved["steps"])
     else:
-        results = {zoo: per_seed(run_sweep(zoo, args.lrs, args.seeds, args.steps)) for zoo in args.zoos.split(",")}
-        block = render(results, args.lrs, args.steps)
-        write_json(RESULTS / "selection_cost.json", {"lrs": args.lrs, "steps": args.steps, "zoos": results})
+        results = {zoo: per_seed(run_sweep(zoo, args.method, args.lrs, args.seeds, args.steps))
+                   for zoo in args.zoos.split(",")}
+        block = render(results, args.method, args.lrs, args.steps)
+        write_json(RESULTS / "selection_cost.json",
+                   {"method": args.method, "lrs": args.lrs, "steps": args.steps, "zoos": results})
     (RESULTS / "selection_cost.md").write_text(block + "\n")
     print(block)
     if not args.no_readme:
