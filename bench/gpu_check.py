@@ -54,11 +54,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))  # the sibling llm_pool.py
+# This checkout's adamerge (the GPU image has none installed) and the sibling llm_pool.py.
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from llm_pool import build_causal_lm_pool, cli_overrides, low_rank_update_, word_tokenizer  # noqa: E402
 
 MiB = 2**20
+FIT_PROFILE = "lightning_profile"  # the SimpleProfiler's report of fit: <run dir>/fit-lightning_profile.txt
 # CLIP ViT-B/32 (openai/clip-vit-base-patch32's config.json); the smoke preset keeps its structure at toy sizes.
 CLIP_SHAPES: dict[str, dict[str, Any]] = {
     "gpu": {"vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -116,9 +118,12 @@ def read_json(path: Path) -> dict[str, Any]:
 def run_adamerge(overrides: list[str], run_dir: Path, work: Path, log_name: str) -> dict[str, Any]:
     """``python -m adamerge.cli.main OVERRIDES`` in a child process: its results.json rows, its wall time and the
     child's own peak resident memory (``os.wait4``'s rusage: that process alone, not this one)."""
+    # Lightning's SimpleProfiler (a trainer option any run may set) times the training loop by wall clock, the
+    # measure FusionBench's loop is timed by here; adamerge's own step profile (CUDA events) stays in results.json.
     command = [sys.executable, "-m", "adamerge.cli.main", *overrides, f"hydra.run.dir={run_dir}",
                "trainer.enable_progress_bar=false", "logger=none", "export.enabled=false",
-               "checkpoint.every_n_steps=0"]
+               "checkpoint.every_n_steps=0", "+trainer.profiler._target_=lightning.pytorch.profilers.SimpleProfiler",
+               f"+trainer.profiler.dirpath={run_dir}", f"+trainer.profiler.filename={FIT_PROFILE}"]
     log_path = work / "logs" / f"{log_name}.child.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -137,17 +142,33 @@ def run_adamerge(overrides: list[str], run_dir: Path, work: Path, log_name: str)
     rows = [json.loads(p.read_text()) for p in sorted(run_dir.rglob("results.json"))]
     if not rows:
         raise RuntimeError(f"adamerge finished but wrote no results.json under {run_dir}")
+    loop = lightning_profile(run_dir / f"fit-{FIT_PROFILE}.txt").get("run_training_epoch")
     return {"command": " ".join(["adamerge", *overrides]), "process_seconds": seconds,
-            "peak_rss_mib": usage.ru_maxrss / 1024, "rows": rows}
+            "peak_rss_mib": usage.ru_maxrss / 1024, "loop_seconds": loop["total"] if loop else None, "rows": rows}
 
 
-def learned_row_figures(row: dict[str, Any]) -> dict[str, Any]:
-    """What a results.json row says about cost: steps, ms per step (its step profile), run seconds, peak CUDA memory
-    (results.json's peak_memory_mb is the process's peak RSS on a CPU run: that is peak_rss_mib here)."""
+def lightning_profile(path: Path) -> dict[str, dict[str, float]]:
+    """The rows of a SimpleProfiler report: ``{action: {mean, calls, total}}`` (seconds); {} if there is none."""
+    rows = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if len(cells) == 5 and cells[0] not in ("Action", "Total"):
+                with contextlib.suppress(ValueError):
+                    rows[cells[0]] = {"mean": float(cells[1]), "calls": int(cells[2]), "total": float(cells[3])}
+    return rows
+
+
+def learned_row_figures(row: dict[str, Any], loop_seconds: float | None) -> dict[str, Any]:
+    """What a results.json row says about cost: steps, seconds per step (the training loop's wall time over its steps;
+    the step profile's sum of phases), run seconds, peak CUDA memory (results.json's peak_memory_mb is the process's
+    peak RSS on a CPU run: that is peak_rss_mib here)."""
     profile = row.get("profile") or {}
     steps = len(row.get("objective_history") or [])
     step_ms = sum(phase["ms_per_step"] for phase in profile.values()) if profile else None
-    return {"method": row["method"], "steps": steps, "seconds_per_step": step_ms / 1000 if step_ms else None,
+    return {"method": row["method"], "steps": steps,
+            "seconds_per_step": loop_seconds / steps if loop_seconds and steps else None,
+            "profile_seconds_per_step": step_ms / 1000 if step_ms else None,
             "profile_ms_per_step": {name: phase["ms_per_step"] for name, phase in profile.items()},
             "method_seconds": row.get("seconds"),
             "peak_memory_mib": row.get("peak_memory_mb") if device_name() == "cuda" else None,
@@ -174,6 +195,7 @@ def part_env(work: Path, preset: str) -> dict[str, Any]:
                                 "fusion-bench", "safetensors", "peft", "huggingface-hub", "pyarrow", "fsspec",
                                 "numpy", "tokenizers")}}
     # The carried wheels were installed without their dependencies: say here which of them import, and why not.
+    info["adamerge"] = str(Path(importlib.import_module("adamerge").__file__).parent)
     info["imports"] = {}
     for module in ("hydra", "datasets", "adamerge.cli.runner", "fusion_bench.method.adamerging"):
         try:
@@ -279,7 +301,7 @@ def part_clip_adamerge(work: Path, preset: str) -> dict[str, Any]:
     read_json(work / "parts" / "clip-build.json")
     overrides = clip_overrides(root, preset, cuda=device_name() == "cuda")
     run = run_adamerge(overrides, root / "run_adamerge", work, "clip-adamerge")
-    return {**{k: v for k, v in run.items() if k != "rows"}, **learned_row_figures(run["rows"][0]),
+    return {**{k: v for k, v in run.items() if k != "rows"}, **learned_row_figures(run["rows"][0], run["loop_seconds"]),
             "batch_per_task": settings["batch"], "tasks": len(CLIP_TASKS), "data_workers": settings["workers"]}
 
 
@@ -333,8 +355,9 @@ def part_clip_fusionbench(work: Path, preset: str) -> dict[str, Any]:
     phases = {name: sum(values) / steps for name, values in profile.items()
               if name in ("data loading", "forward pass", "backward pass", "optimizer step", "merging weights")}
     return {"fusion_bench": version("fusion-bench"), "steps": steps,
+            "seconds_per_step": (ends[-1] - algorithm.loop_start) / steps,
             # steps 2..N: the first one also starts the 8 tasks' data-loader workers and wraps the model in Fabric
-            "seconds_per_step": (ends[-1] - ends[0]) / (steps - 1) if steps > 1 else durations[0],
+            "steady_seconds_per_step": (ends[-1] - ends[0]) / (steps - 1) if steps > 1 else None,
             "median_step_seconds": statistics.median(durations), "first_step_seconds": durations[0],
             "loop_seconds": ends[-1] - algorithm.loop_start, "heads_seconds": algorithm.heads_seconds,
             "run_seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -408,7 +431,7 @@ def part_llm_run(work: Path, preset: str, part: str) -> dict[str, Any]:
     overrides = llm_overrides(pool, part, preset, cuda=device_name() == "cuda")
     streaming = LLM_PARTS[part][1]
     run = run_adamerge(overrides, work / "llm" / f"run_{part}", work, part)
-    return {**{k: v for k, v in run.items() if k != "rows"}, **learned_row_figures(run["rows"][0]),
+    return {**{k: v for k, v in run.items() if k != "rows"}, **learned_row_figures(run["rows"][0], run["loop_seconds"]),
             "streaming": streaming, "shape": pool["shape"], "parameters": pool["parameters"], "tasks": len(pool["tasks"])}
 
 

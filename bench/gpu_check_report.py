@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's adamerge (replace_marked_block)
 PAGE = ROOT / "docs" / "performance.md"  # the page holding this script's generated block
 GENERATOR = "bench/gpu_check_report.py"
 LLM_ROWS = {  # part -> what it runs
@@ -107,12 +109,18 @@ def summary_markdown(summary: dict[str, Any]) -> str:
               if entry.get("result")]
     if builds:
         lines.append("Pools built (random seeded weights, written with save_pretrained) in: " + ", ".join(builds) + ".")
-    lines.append("s / step: adamerge's step profile in results.json (data, merge, forward, backward, optimizer; "
-                 "timed by CUDA events on a GPU), the mean over all steps; FusionBench's mean wall time of steps "
-                 "2 to N of its loop (a timestamp after each step's `loss.item()`; step 1 also starts its data "
-                 "loaders). Peak GPU: `torch.cuda.max_memory_allocated` in each process; peak host RSS: each "
-                 "process's own peak resident memory; wall: the whole process, imports, loading and evaluation "
-                 "included.")
+    ours = (parts.get("clip-adamerge") or {}).get("result") or {}
+    theirs = (parts.get("clip-fusionbench") or {}).get("result") or {}
+    if ours.get("profile_seconds_per_step") or theirs.get("steady_seconds_per_step"):
+        lines.append(f"Within the CLIP runs: adamerge's own step profile (results.json, CUDA events) "
+                     f"{_number(ours.get('profile_seconds_per_step'), '.4f')} s/step; FusionBench's steps 2 to N "
+                     f"{_number(theirs.get('steady_seconds_per_step'), '.4f')} s/step (its first step "
+                     f"{_number(theirs.get('first_step_seconds'), '.1f')} s, starting its data loaders).")
+    lines.append("s / step: the wall time of the learning loop over its steps -- adamerge's Lightning `fit` loop "
+                 "(`run_training_epoch` of Lightning's SimpleProfiler), FusionBench's `test_time_adaptation` loop "
+                 "after its zero-shot heads are built (to a timestamp after the last step's `loss.item()`). Peak "
+                 "GPU: `torch.cuda.max_memory_allocated` in each process; peak host RSS: each process's own peak "
+                 "resident memory; wall: the whole process, imports, loading and evaluation included.")
     return "\n".join(lines)
 
 

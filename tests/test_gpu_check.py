@@ -40,9 +40,12 @@ def sample_summary() -> dict:
                         "nvidia_smi": "NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB"}}},
             "clip-build": {"status": ok(31), "result": {"shape": {"vision": {"hidden_size": 768}}, "build_seconds": 24.2}},
             "clip-adamerge": {"status": ok(95), "result": {"steps": 1000, "seconds_per_step": 0.0612,
+                                                           "profile_seconds_per_step": 0.0588,
                                                            "peak_memory_mib": 5321.4, "peak_rss_mib": 4410.0,
                                                            "process_seconds": 92.3, "batch_per_task": 16}},
             "clip-fusionbench": {"status": ok(120), "result": {"steps": 1000, "seconds_per_step": 0.0918,
+                                                               "steady_seconds_per_step": 0.0901,
+                                                               "first_step_seconds": 4.2,
                                                                "peak_memory_mib": 7012.9, "peak_rss_mib": 3900.0,
                                                                "part_seconds": 110.0,
                                                                "fusion_bench": "0.2.33"}},
@@ -90,6 +93,8 @@ def test_report_writes_the_gpu_figures_into_both_blocks(tmp_path, docs):
         "timed out after 80 s (limit 80 s): torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB |")
     assert rows["adamerge layer-wise AdaMerging, modelpool.streaming=disk"].endswith("skipped (12 s left) |")
     assert "FusionBench's seconds per step over adamerge's, same pool, steps and batch: 1.50." in table
+    assert ("adamerge's own step profile (results.json, CUDA events) 0.0588 s/step; FusionBench's steps 2 to N "
+            "0.0901 s/step (its first step 4.2 s" in table)
     assert "`python bench/gpu_check_report.py`" in table  # the block names its generator (tests/test_docs.py)
     line = _block(readme, "gpu-check-line").strip()
     assert line.startswith("GPU check on NVIDIA H100 80GB HBM3: CLIP ViT-B/32 shape: layer-wise AdaMerging 0.061 s/step "
@@ -193,3 +198,22 @@ def test_the_parts_overrides_compose_against_the_shipped_experiments(tmp_path, c
     progressive = rows["llm-progressive"].method
     assert progressive.name == "progressive_distillation" and "layer_groups" not in progressive
     assert (progressive.steps_per_block, progressive.samples_per_task, progressive.autocast_dtype) == (2, 16, autocast)
+
+
+def test_the_loop_time_is_read_from_lightnings_profiler_report(tmp_path):
+    import time
+
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    check = _bench("gpu_check")
+    profiler = SimpleProfiler(dirpath=tmp_path, filename=check.FIT_PROFILE)
+    profiler.setup(stage="fit")  # as the Trainer does: the report is fit-<filename>.txt
+    with profiler.profile("run_training_epoch"):
+        for _ in range(3):
+            with profiler.profile("run_training_batch"):
+                time.sleep(0.01)
+    profiler.describe()
+    rows = check.lightning_profile(tmp_path / f"fit-{check.FIT_PROFILE}.txt")
+    assert rows["run_training_batch"]["calls"] == 3 and rows["run_training_epoch"]["calls"] == 1
+    assert 0.03 <= rows["run_training_batch"]["total"] <= rows["run_training_epoch"]["total"]
+    assert check.lightning_profile(tmp_path / "missing.txt") == {}
