@@ -44,6 +44,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import resource
 import signal
 import statistics
@@ -144,7 +145,13 @@ def run_adamerge(overrides: list[str], run_dir: Path, work: Path, log_name: str)
         raise RuntimeError(f"adamerge finished but wrote no results.json under {run_dir}")
     loop = lightning_profile(run_dir / f"fit-{FIT_PROFILE}.txt").get("run_training_epoch")
     return {"command": " ".join(["adamerge", *overrides]), "process_seconds": seconds,
-            "peak_rss_mib": usage.ru_maxrss / 1024, "loop_seconds": loop["total"] if loop else None, "rows": rows}
+            "peak_rss_mib": usage.ru_maxrss / 1024, "loop_seconds": loop["total"] if loop else None,
+            "memory_plan": planned_peaks(log_path.read_text()), "rows": rows}
+
+
+def planned_peaks(log: str) -> dict[str, str]:
+    """The peaks the memory plan printed before loading (``  host peak 12.3 GiB: ...``, ``  device peak ...``)."""
+    return {match[1]: match[2] for match in re.finditer(r"^  (host|device) peak ([\d.]+ [MG]iB)", log, re.MULTILINE)}
 
 
 def lightning_profile(path: Path) -> dict[str, dict[str, float]]:

@@ -116,6 +116,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"{_number(ours.get('profile_seconds_per_step'), '.4f')} s/step; FusionBench's steps 2 to N "
                      f"{_number(theirs.get('steady_seconds_per_step'), '.4f')} s/step (its first step "
                      f"{_number(theirs.get('first_step_seconds'), '.1f')} s, starting its data loaders).")
+    plans = []
+    for part in ("clip-adamerge", *LLM_ROWS):
+        result = (parts.get(part) or {}).get("result") or {}
+        planned = (result.get("memory_plan") or {}).get("device")
+        if planned and result.get("peak_memory_mib") is not None:
+            plans.append(f"{part} {planned} planned, {result['peak_memory_mib'] / 1024:.2f} GiB measured")
+    if plans:
+        lines.append("adamerge's memory plan (printed before loading) against the measured peak GPU memory: "
+                     + "; ".join(plans) + ".")
     lines.append("s / step: the wall time of the learning loop over its steps -- adamerge's Lightning `fit` loop "
                  "(`run_training_epoch` of Lightning's SimpleProfiler), FusionBench's `test_time_adaptation` loop "
                  "after its zero-shot heads are built (to a timestamp after the last step's `loss.item()`). Peak "

@@ -54,6 +54,7 @@ def sample_summary() -> dict:
                                                        "storage_dtype": "bfloat16", "build_seconds": 35.5}},
             "llm-adamerge": {"status": ok(70), "result": {"steps": 10, "seconds_per_step": 0.412, "shape": "qwen2.5-1.5b",
                                                           "peak_memory_mib": 31020.0, "peak_rss_mib": 20500.0,
+                                                          "memory_plan": {"host": "23.4 GiB", "device": "33.1 GiB"},
                                                           "process_seconds": 66.0}},
             "llm-progressive": {"status": {"state": "timed out", "exit": 124, "seconds": 80, "limit_s": 80},
                                 "error_tail": "loading\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"},
@@ -95,6 +96,8 @@ def test_report_writes_the_gpu_figures_into_both_blocks(tmp_path, docs):
     assert "FusionBench's seconds per step over adamerge's, same pool, steps and batch: 1.50." in table
     assert ("adamerge's own step profile (results.json, CUDA events) 0.0588 s/step; FusionBench's steps 2 to N "
             "0.0901 s/step (its first step 4.2 s" in table)
+    assert ("adamerge's memory plan (printed before loading) against the measured peak GPU memory: "
+            "llm-adamerge 33.1 GiB planned, 30.29 GiB measured." in table)
     assert "`python bench/gpu_check_report.py`" in table  # the block names its generator (tests/test_docs.py)
     line = _block(readme, "gpu-check-line").strip()
     assert line.startswith("GPU check on NVIDIA H100 80GB HBM3: CLIP ViT-B/32 shape: layer-wise AdaMerging 0.061 s/step "
@@ -217,3 +220,12 @@ def test_the_loop_time_is_read_from_lightnings_profiler_report(tmp_path):
     assert rows["run_training_batch"]["calls"] == 3 and rows["run_training_epoch"]["calls"] == 1
     assert 0.03 <= rows["run_training_batch"]["total"] <= rows["run_training_epoch"]["total"]
     assert check.lightning_profile(tmp_path / "missing.txt") == {}
+
+
+def test_the_planned_peaks_are_read_from_the_commands_output():
+    check = _bench("gpu_check")
+    log = ("memory plan (before loading; 4 tasks, learning on cuda):\n"
+           "  host peak 23.4 GiB: frozen model 2.9 GiB + task vectors 11.5 GiB\n"
+           "  device peak 812.5 MiB: frozen model 2.9 GiB\n  note: something\ntask vectors: {...}\n")
+    assert check.planned_peaks(log) == {"host": "23.4 GiB", "device": "812.5 MiB"}
+    assert check.planned_peaks("memory plan: not made (no safetensors headers)") == {}
