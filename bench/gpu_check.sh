@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, ready in one device call: at most 8 minutes on one H100 or H200, figures back in $OUT.
 #
-# The device call (from a session whose task is lent a GPU, in the checkout the session started in):
+# The device call (from a session whose task is lent a GPU). The call sends the checkout the session started in, not
+# a helper's worktree: this script and .whl/ must be in that checkout.
 #   1. here, once:   bench/gpu_wheels.sh          (fills the git-ignored .whl/ with the wheels the GPU image lacks)
 #   2. device run:   command   "bash bench/gpu_check.sh"
 #                    carry     [".whl"]

@@ -59,6 +59,8 @@ def _status(entry: dict[str, Any]) -> str:
         return "ok"
     if state == "skipped":
         return f"skipped ({status.get('seconds_left')} s left)"
+    if state == "not run":  # gpu_check.sh never reached it (the call ended first)
+        return state
     reason = ""
     tail = (entry.get("error_tail") or "").strip().splitlines()
     errors = [line for line in tail if "Error" in line or "error" in line]
@@ -88,8 +90,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     llm = (parts.get("llm-build") or {}).get("result") or {}
     batch = ((parts.get("clip-adamerge") or {}).get("result") or {}).get("batch_per_task", "?")
     clip_what = f"{clip_shape(summary)}, 8 tasks × {batch} images"
-    llm_what = (f"{llm.get('shape', '?')} shape ({_number(llm.get('parameters'), ',d')} parameters), "
-                f"K = {len(llm.get('tasks', []))}, {llm.get('storage_dtype', '?')}")
+    llm_what = (f"{llm['shape']} shape ({llm['parameters']:,d} parameters), K = {len(llm['tasks'])}, "
+                f"{llm['storage_dtype']}") if llm else "causal-LM pool (not built)"
     lines = [
         f"Machine: {gpu_line(summary)}.",
         "",
@@ -109,6 +111,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
               if entry.get("result")]
     if builds:
         lines.append("Pools built (random seeded weights, written with save_pretrained) in: " + ", ".join(builds) + ".")
+    for part in ("env", "clip-build", "llm-build"):  # the parts without a row of their own
+        if (parts.get(part) or {}).get("status", {}).get("state", "not run") != "ok":
+            lines.append(f"`{part}`: {_status(parts.get(part) or {})}.")
     ours = (parts.get("clip-adamerge") or {}).get("result") or {}
     theirs = (parts.get("clip-fusionbench") or {}).get("result") or {}
     if ours.get("profile_seconds_per_step") or theirs.get("steady_seconds_per_step"):

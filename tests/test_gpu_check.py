@@ -229,3 +229,28 @@ def test_the_planned_peaks_are_read_from_the_commands_output():
            "  device peak 812.5 MiB: frozen model 2.9 GiB\n  note: something\ntask vectors: {...}\n")
     assert check.planned_peaks(log) == {"host": "23.4 GiB", "device": "812.5 MiB"}
     assert check.planned_peaks("memory plan: not made (no safetensors headers)") == {}
+
+
+def test_the_summary_gathers_every_part_and_why_one_has_no_figures(tmp_path, capsys):
+    """What gpu_check.sh leaves (status lines, part JSONs, logs) -> gpu_check.json and gpu_check.md in $OUT."""
+    check = _bench("gpu_check")
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "parts").mkdir(parents=True)
+    (work / "logs").mkdir()
+    sample = sample_summary()["parts"]
+    for part in ("env", "clip-build", "clip-adamerge", "clip-fusionbench"):
+        (work / "parts" / f"{part}.status").write_text(json.dumps(sample[part]["status"]))
+        (work / "parts" / f"{part}.json").write_text(json.dumps(sample[part]["result"]))
+    (work / "parts" / "llm-build.status").write_text(json.dumps({"state": "failed", "exit": 1, "seconds": 3, "limit_s": 80}))
+    (work / "logs" / "llm-build.log").write_text("Traceback ...\nRuntimeError: CUDA error: out of memory\n")
+    summary = check.part_summary(work, out)
+    written = json.loads((out / "gpu_check.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert written["derived"]["clip_fusionbench_over_adamerge"] == pytest.approx(0.0918 / 0.0612)
+    assert "RuntimeError: CUDA error: out of memory" in written["parts"]["llm-build"]["error_tail"]
+    assert written["parts"]["llm-adamerge"] == {"status": {"state": "not run"}, "error_tail": None}
+    markdown = (out / "gpu_check.md").read_text()
+    assert markdown in capsys.readouterr().out + "\n"  # printed too: the device call's output shows it
+    assert "`llm-build`: failed after 3 s (limit 80 s): RuntimeError: CUDA error: out of memory." in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| causal-LM pool (not built) |")]
+    assert len(rows) == 3 and all(row.endswith("| — | — | — | — | — | not run |") for row in rows)
