@@ -29,6 +29,10 @@ Parts
 ``llm-progressive``   ``method=progressive_distillation`` (block by block) on the same pool.
 ``summary``           gathers the parts (and the status gpu_check.sh recorded for each) into ``--out``.
 
+A learning part stopped at its time limit (SIGTERM from gpu_check.sh) keeps the figures of the steps it did: an
+adamerge run stops at the step boundary and saves its checkpoint, whose step profile is read back; FusionBench's loop
+keeps its step timestamps. Such a result says ``partial``.
+
 The weights and images are random: the figures are costs (seconds per step, memory), never accuracy.
 Long because: the eight parts of one device call live in the one file that gpu_check.sh runs part by part.
 ``--preset smoke`` runs every part with tiny shapes and a few steps on the CPU (the test of the script here).
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import datetime
 import importlib
 import json
@@ -61,6 +66,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from llm_pool import build_causal_lm_pool, cli_overrides, low_rank_update_, word_tokenizer  # noqa: E402
 
 MiB = 2**20
+STOP_GRACE_SECONDS = 7  # for a stopped adamerge run to save its checkpoint (gpu_check.sh kills the part 10 s after)
 FIT_PROFILE = "lightning_profile"  # the SimpleProfiler's report of fit: <run dir>/fit-lightning_profile.txt
 # CLIP ViT-B/32 (openai/clip-vit-base-patch32's config.json); the smoke preset keeps its structure at toy sizes.
 CLIP_SHAPES: dict[str, dict[str, Any]] = {
@@ -129,12 +135,18 @@ def run_adamerge(overrides: list[str], run_dir: Path, work: Path, log_name: str)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        child = subprocess.Popen(command, cwd=ROOT, env=offline_environment(work), stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, cwd=ROOT, env=offline_environment(work), stdout=log, stderr=subprocess.STDOUT,
+                                 preexec_fn=_die_with_parent)
         try:
             _, status, usage = os.wait4(child.pid, 0)
-        except BaseException:  # SystemExit from the SIGTERM handler (gpu_check.sh's timeout), KeyboardInterrupt
-            child.terminate()
-            raise
+        except PartTimedOut:
+            # adamerge stops at the end of the step under way and saves its checkpoint (step profile included)
+            child.send_signal(signal.SIGTERM)
+            status, usage = _wait_at_most(child.pid, STOP_GRACE_SECONDS)
+            if status is None:
+                child.kill()
+                os.wait4(child.pid, 0)
+            return partial_adamerge(run_dir, time.perf_counter() - start, usage, log_path, overrides)
     seconds = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -154,6 +166,55 @@ def planned_peaks(log: str) -> dict[str, str]:
     return {match[1]: match[2] for match in re.finditer(r"^  (host|device) peak ([\d.]+ [MG]iB)", log, re.MULTILINE)}
 
 
+class PartTimedOut(Exception):
+    """gpu_check.sh's timeout sent SIGTERM: keep the figures of the steps done so far."""
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise PartTimedOut(f"stopped by signal {signum} at the part's time limit")
+
+
+def _die_with_parent() -> None:
+    """In the adamerge child: SIGKILL when this part's process dies (prctl PR_SET_PDEATHSIG), so a part killed at
+    its limit never leaves a run holding the GPU while the next part starts."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _wait_at_most(pid: int, seconds: float) -> tuple[int | None, Any]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return status, usage
+        time.sleep(0.2)
+    return None, None
+
+
+def partial_adamerge(run_dir: Path, seconds: float, usage: Any, log_path: Path, overrides: list[str]) -> dict[str, Any]:
+    """The figures of a run stopped at the time limit: its checkpoint's step profile and objective history."""
+    import torch
+
+    saved = sorted(run_dir.rglob("last.ckpt"))
+    if not saved:
+        raise RuntimeError(f"adamerge was stopped at the time limit after {seconds:.0f} s before it saved a checkpoint; "
+                           f"the end of {log_path}:\n{log_path.read_text()[-2000:]}")
+    state = torch.load(saved[0], map_location="cpu", weights_only=False)["adamerge"]  # this check's own file
+    profile, history = state["profile"], state["history"]
+    # The checkpoint is written in the step-end hook before the module closes that step's profile: the profile covers
+    # the steps before the last (on a GPU exactly; on the CPU its last step's phases are already in the seconds).
+    profiled = int(profile["steps"])
+    step_seconds = sum(value for phase, value in profile.items() if phase != "steps") / profiled if profiled else None
+    steps = len(history)
+    return {"command": " ".join(["adamerge", *overrides]), "process_seconds": seconds,
+            "peak_rss_mib": usage.ru_maxrss / 1024 if usage is not None else None,
+            "memory_plan": planned_peaks(log_path.read_text()), "method": None, "steps": steps,
+            # no fit loop report for a stopped run: the step profile (CUDA events) of the steps done stands in
+            "seconds_per_step": step_seconds, "profile_seconds_per_step": step_seconds,
+            "objective_first": history[0]["objective"] if history else None,
+            "objective_last": history[-1]["objective"] if history else None,
+            "peak_memory_mib": None, "partial": f"{steps} steps done before the time limit (from its checkpoint)"}
+
+
 def lightning_profile(path: Path) -> dict[str, dict[str, float]]:
     """The rows of a SimpleProfiler report: ``{action: {mean, calls, total}}`` (seconds); {} if there is none."""
     rows = {}
@@ -164,6 +225,13 @@ def lightning_profile(path: Path) -> dict[str, dict[str, float]]:
                 with contextlib.suppress(ValueError):
                     rows[cells[0]] = {"mean": float(cells[1]), "calls": int(cells[2]), "total": float(cells[3])}
     return rows
+
+
+def adamerge_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's figures (its results.json row), or a stopped run's as they are."""
+    if "rows" not in run:
+        return run
+    return {**{k: v for k, v in run.items() if k != "rows"}, **learned_row_figures(run["rows"][0], run["loop_seconds"])}
 
 
 def learned_row_figures(row: dict[str, Any], loop_seconds: float | None) -> dict[str, Any]:
@@ -308,7 +376,7 @@ def part_clip_adamerge(work: Path, preset: str) -> dict[str, Any]:
     read_json(work / "parts" / "clip-build.json")
     overrides = clip_overrides(root, preset, cuda=device_name() == "cuda")
     run = run_adamerge(overrides, root / "run_adamerge", work, "clip-adamerge")
-    return {**{k: v for k, v in run.items() if k != "rows"}, **learned_row_figures(run["rows"][0], run["loop_seconds"]),
+    return {**adamerge_figures(run),
             "batch_per_task": settings["batch"], "tasks": len(CLIP_TASKS), "data_workers": settings["workers"]}
 
 
@@ -351,12 +419,18 @@ def part_clip_fusionbench(work: Path, preset: str) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    algorithm.run(pool)
+    partial = None
+    try:
+        algorithm.run(pool)
+    except PartTimedOut:
+        if not getattr(algorithm, "step_ends", None):
+            raise
+        partial = f"{len(algorithm.step_ends)} of {settings['steps']} steps done before the time limit"
     seconds = time.perf_counter() - start
-    steps = settings["steps"]
     ends = algorithm.step_ends
-    if len(ends) != steps:
-        raise RuntimeError(f"FusionBench's loop logged {len(ends)} steps, expected {steps}")
+    steps = len(ends)
+    if partial is None and steps != settings["steps"]:
+        raise RuntimeError(f"FusionBench's loop logged {steps} steps, expected {settings['steps']}")
     durations = [b - a for a, b in zip([algorithm.loop_start, *ends], ends)]
     profile = algorithm.profiler.recorded_durations
     phases = {name: sum(values) / steps for name, values in profile.items()
@@ -371,7 +445,8 @@ def part_clip_fusionbench(work: Path, preset: str) -> dict[str, Any]:
             "construct_seconds": sum(profile.get("construct the wrapped model", [0.0])),
             "profile_s_per_step_wall": phases,  # wall time around asynchronous CUDA launches: indicative only
             "peak_memory_mib": torch.cuda.max_memory_allocated() / MiB if cuda else None,
-            "batch_per_task": settings["batch"], "tasks": len(CLIP_TASKS), "data_workers": settings["workers"]}
+            "batch_per_task": settings["batch"], "tasks": len(CLIP_TASKS), "data_workers": settings["workers"],
+            **({"partial": partial} if partial else {})}
 
 
 def timed_fusion_bench_algorithm(base: type) -> type:
@@ -438,7 +513,7 @@ def part_llm_run(work: Path, preset: str, part: str) -> dict[str, Any]:
     overrides = llm_overrides(pool, part, preset, cuda=device_name() == "cuda")
     streaming = LLM_PARTS[part][1]
     run = run_adamerge(overrides, work / "llm" / f"run_{part}", work, part)
-    return {**{k: v for k, v in run.items() if k != "rows"}, **learned_row_figures(run["rows"][0], run["loop_seconds"]),
+    return {**adamerge_figures(run),
             "streaming": streaming, "shape": pool["shape"], "parameters": pool["parameters"], "tasks": len(pool["tasks"])}
 
 
@@ -496,8 +571,8 @@ def main() -> None:
         part_summary(work, args.out.resolve())
         return
     os.environ.update(offline_environment(work))
-    # gpu_check.sh's timeout sends SIGTERM: exit through Python so a running adamerge child is stopped too.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # gpu_check.sh's timeout sends SIGTERM to this process alone: the learning parts keep the steps done so far.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     functions = {"env": part_env, "clip-build": part_clip_build, "clip-adamerge": part_clip_adamerge,
                  "clip-fusionbench": part_clip_fusionbench, "llm-build": part_llm_build}
     start = time.perf_counter()

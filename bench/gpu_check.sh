@@ -88,8 +88,10 @@ for part in "${ORDER[@]}"; do
   fi
   echo "gpu_check: $part (limit $limit s)"
   began=$(date +%s)
-  # timeout signals the part's whole process group: the adamerge child and data workers stop with it
-  timeout -k 10 "$limit" "$PYTHON" bench/gpu_check.py "$part" --work "$WORK" --preset "$PRESET" \
+  # SIGTERM at the limit to the part alone (--foreground): it stops its adamerge run (which saves a checkpoint at the
+  # step boundary) or FusionBench's loop and writes the figures of the steps done; SIGKILL 10 s later if it has not
+  # (its adamerge child dies with it: gpu_check.py sets PR_SET_PDEATHSIG)
+  timeout --foreground -k 10 "$limit" "$PYTHON" bench/gpu_check.py "$part" --work "$WORK" --preset "$PRESET" \
     > "$WORK/logs/$part.log" 2>&1
   rc=$?
   took=$(( $(date +%s) - began ))

@@ -61,6 +61,9 @@ def _status(entry: dict[str, Any]) -> str:
         return f"skipped ({status.get('seconds_left')} s left)"
     if state == "not run":  # gpu_check.sh never reached it (the call ended first)
         return state
+    partial = (entry.get("result") or {}).get("partial")
+    if partial:
+        return f"{state} after {status.get('seconds')} s (limit {status.get('limit_s')} s): {partial}"
     reason = ""
     tail = (entry.get("error_tail") or "").strip().splitlines()
     errors = [line for line in tail if "Error" in line or "error" in line]

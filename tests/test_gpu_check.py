@@ -242,6 +242,11 @@ def test_the_summary_gathers_every_part_and_why_one_has_no_figures(tmp_path, cap
         (work / "parts" / f"{part}.status").write_text(json.dumps(sample[part]["status"]))
         (work / "parts" / f"{part}.json").write_text(json.dumps(sample[part]["result"]))
     (work / "parts" / "llm-build.status").write_text(json.dumps({"state": "failed", "exit": 1, "seconds": 3, "limit_s": 80}))
+    # a part stopped at its limit keeps the figures of the steps it did
+    (work / "parts" / "llm-streamed.status").write_text(json.dumps({"state": "timed out", "exit": 124, "seconds": 80,
+                                                                    "limit_s": 80}))
+    (work / "parts" / "llm-streamed.json").write_text(json.dumps({"steps": 5, "seconds_per_step": 2.5,
+                                                                  "partial": "5 steps done before the time limit"}))
     (work / "logs" / "llm-build.log").write_text("Traceback ...\nRuntimeError: CUDA error: out of memory\n")
     summary = check.part_summary(work, out)
     written = json.loads((out / "gpu_check.json").read_text())
@@ -253,4 +258,6 @@ def test_the_summary_gathers_every_part_and_why_one_has_no_figures(tmp_path, cap
     assert markdown in capsys.readouterr().out + "\n"  # printed too: the device call's output shows it
     assert "`llm-build`: failed after 3 s (limit 80 s): RuntimeError: CUDA error: out of memory." in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| causal-LM pool (not built) |")]
-    assert len(rows) == 3 and all(row.endswith("| — | — | — | — | — | not run |") for row in rows)
+    assert len(rows) == 3 and sum(row.endswith("| — | — | — | — | — | not run |") for row in rows) == 2
+    assert rows[1].endswith("| 5 | 2.500 | — | — | — | timed out after 80 s (limit 80 s): 5 steps done before the "
+                            "time limit |")
