@@ -388,6 +388,7 @@ def part_clip_fusionbench(work: Path, preset: str) -> dict[str, Any]:
 
     from fusion_bench.method.adamerging.clip_layer_wise_adamerging import CLIPLayerWiseAdaMergingAlgorithm
     from fusion_bench.modelpool import CLIPVisionModelPool
+    from fusion_bench.utils.cache_utils import set_default_cache_dir
 
     settings = PRESETS[preset]["clip"]
     root = work / "clip"
@@ -400,9 +401,12 @@ def part_clip_fusionbench(work: Path, preset: str) -> dict[str, Any]:
                                                 "dataset_path": str(root / "data" / task / "test")}
                                   for task in CLIP_TASKS}),
         processor=str(root / "pretrained"))
-    cwd = work / "fusionbench_run"  # its joblib cache of zero-shot heads goes to ./outputs/cache
+    cwd = work / "fusionbench_run"
     cwd.mkdir(parents=True, exist_ok=True)
     os.chdir(cwd)
+    # Its joblib cache of zero-shot heads (keyed by task and model path, not by weights) defaults to the import-time
+    # ./outputs/cache: inside this run's folder instead, so heads of an earlier pool at the same path never return.
+    set_default_cache_dir(cwd / "heads_cache")
     # FusionBench's method/adamerging/clip.yaml with the run's steps, batch and workers (adamerge's data.num_workers),
     # and its fabric/auto.yaml (one device, TensorBoard logger: its loop logs loss and weights every step).
     fabric = {"_target_": "lightning.Fabric", "devices": 1, "strategy": "auto", "accelerator": "auto",
