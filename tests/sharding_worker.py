@@ -106,6 +106,10 @@ def main(out: Path) -> None:
                            "objective": [h["objective"] for h in module.history]}
         if trainer.global_rank == 0:
             torch.save(fused.state_dict(), out / f"{method}.fused.pt")
+    # SHARD_GRAD_OP: each block kept gathered from its forward to its backward.
+    module = build_module(RESUMED)
+    fit(module, batches, STEPS, ShardedMergeStrategy(reshard_after_forward=False), world_size)
+    results["shard_grad_op"] = {"coefficients": module.coefficients()}
     # Resume: stopped after 2 steps with its checkpoint, then a fresh module continues from it to the last step.
     fit(build_module(RESUMED), batches, 2, ShardedMergeStrategy(), world_size, checkpoints=out)
     resumed = build_module(RESUMED)

@@ -23,7 +23,7 @@ from adamerge.errors import ConfigError
 from adamerge.methods.learned.merged import MergedModel
 from adamerge.pool.checkpoints import load_state_dict
 from adamerge.pool.task_vectors import TaskVectors
-from adamerge.training.sharding import ShardedMergeStrategy
+from adamerge.training.sharding import ShardedMergeStrategy, shard_merged_model
 from tests import sharding_worker as worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,13 @@ def test_each_rank_holds_half_of_the_pretrained_weights_and_task_vectors(sharded
     assert shards[0]["task_vectors_total"] == sum(merged.task_vector(i).numel() for i in range(len(merged.names)))
 
 
+def test_keeping_each_layer_gathered_until_its_backward_learns_the_same(sharded_run):
+    _, ranks = sharded_run
+    learned = torch.tensor(ranks[0]["shard_grad_op"]["coefficients"], dtype=torch.float64)
+    reference = torch.tensor(single_process(worker.RESUMED).coefficients(), dtype=torch.float64)
+    assert torch.allclose(learned, reference, rtol=0, atol=1e-6)
+
+
 def test_a_sharded_run_resumes_from_its_checkpoint(sharded_run):
     out, ranks = sharded_run
     reference = single_process(worker.RESUMED)
@@ -102,6 +109,12 @@ def test_unsharded_merges_are_refused_with_the_method_and_the_strategy():
             module.configure_model()
     with pytest.raises(ConfigError, match="reshard_after_forward='yes' is invalid"):
         ShardedMergeStrategy(reshard_after_forward="yes")
+    # CPU offload moves shards off an accelerator: on the CPU it is refused before the merge is re-laid out.
+    module = worker.build_module("adamerging_task_wise")
+    on_cpu = SimpleNamespace(device_mesh={"data_parallel": SimpleNamespace(device_type="cpu")}, cpu_offload=True)
+    with pytest.raises(ConfigError, match="cpu_offload=true is invalid on the CPU"):
+        shard_merged_model(module.merged, on_cpu, "adamerging_task_wise")
+    assert type(module.merged) is MergedModel and len(list(module.merged.buffers())) > 1
 
 
 def test_lightnings_own_sharding_strategies_are_refused():

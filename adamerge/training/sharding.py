@@ -190,6 +190,11 @@ def shard_merged_model(merged: MergedModel, strategy: ShardedMergeStrategy, meth
                           "trainer=ddp / trainer=gpu")
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    mesh = strategy.device_mesh["data_parallel"]
+    if strategy.cpu_offload and mesh.device_type == "cpu":
+        raise ConfigError("trainer.strategy.cpu_offload=true is invalid on the CPU: it moves the shards off an "
+                          "accelerator, and here they already are in host memory; set it false")
+
     blocks = _merge_blocks(merged)
     placeholders = {name: torch.empty(0, dtype=tensor.dtype, device=tensor.device)
                     for name, tensor in MergedModel.pretrained_tensors(merged).items()}
@@ -200,7 +205,6 @@ def shard_merged_model(merged: MergedModel, strategy: ShardedMergeStrategy, meth
     # (the optimiser is built after configure_model, on these coefficients), so the class is swapped in place.
     merged.__class__ = ShardedMergedModel
     merged.blocks = blocks
-    mesh = strategy.device_mesh["data_parallel"]
     offload = CPUOffloadPolicy() if strategy.cpu_offload else OffloadPolicy()
     for block in blocks.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward, offload_policy=offload)
