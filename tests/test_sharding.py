@@ -109,6 +109,14 @@ def test_unsharded_merges_are_refused_with_the_method_and_the_strategy():
             module.configure_model()
     with pytest.raises(ConfigError, match="reshard_after_forward='yes' is invalid"):
         ShardedMergeStrategy(reshard_after_forward="yes")
+    # A merge that keeps its task vectors in another form (LoRA factors, streamed, compressed) is not re-laid out.
+    class LowRankLike(MergedModel):
+        pass
+
+    merged = worker.build_module("adamerging_task_wise").merged
+    merged.__class__ = LowRankLike
+    with pytest.raises(ConfigError, match="keeps its task vectors as LowRankLike .* cannot shard"):
+        shard_merged_model(merged, strategy, "adamerging_task_wise")
     # CPU offload moves shards off an accelerator: on the CPU it is refused before the merge is re-laid out.
     module = worker.build_module("adamerging_task_wise")
     on_cpu = SimpleNamespace(device_mesh={"data_parallel": SimpleNamespace(device_type="cpu")}, cpu_offload=True)
