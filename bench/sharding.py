@@ -64,8 +64,10 @@ def render(ddp: dict, fsdp: dict, steps: int, difference: float) -> str:
         f"({100 * held['pretrained']:.1f}%) |\n"
         f"| task vectors held by rank 0 | {shards['task_vectors_total']:,} elements (all) | {shards['task_vectors']:,} "
         f"({100 * held['task_vectors']:.1f}%) |\n"
-        f"| ms per step (merge / forward / backward / optimizer) | {step_ms(ddp):.0f} | {step_ms(fsdp):.0f} |\n"
-        f"| whole run, s | {ddp['wall_seconds']:.0f} | {fsdp['wall_seconds']:.0f} |\n\n"
+        f"| ms per step (the step profile's phases: data, merge, forward, backward, optimizer) | {step_ms(ddp):.0f} | "
+        f"{step_ms(fsdp):.0f} |\n"
+        f"| whole command (loading, expert outputs, 2 evaluations, learning), s | {ddp['wall_seconds']:.0f} | "
+        f"{fsdp['wall_seconds']:.0f} |\n\n"
         f"Largest difference between the coefficients the two runs learned: {difference:.1e}.\n"
     )
 

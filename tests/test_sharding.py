@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +25,7 @@ from adamerge.errors import ConfigError
 from adamerge.methods.learned.merged import MergedModel
 from adamerge.pool.checkpoints import load_state_dict
 from adamerge.pool.task_vectors import TaskVectors
+from adamerge.training.preemption import PREEMPTED_EXIT_CODE
 from adamerge.training.sharding import ShardedMergeStrategy, shard_merged_model
 from tests import sharding_worker as worker
 
@@ -181,3 +184,38 @@ def test_the_command_refuses_what_it_cannot_shard_before_loading(zoo, tmp_path, 
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "task vectors:" not in result.stdout  # nothing was loaded
+
+
+@pytest.mark.slow
+def test_the_command_stopped_by_sigterm_resumes_a_sharded_run_to_the_uninterrupted_coefficients(zoo, tmp_path):
+    """Both ranks stop at the step boundary after a SIGTERM to rank 0, rank 0 writes the checkpoint, and resume=true
+    continues the sharded run to the coefficients of one that was never stopped."""
+    from tests.test_cli import adamerge
+
+    settings = ("method=adamerging_layer_wise", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+                "trainer.max_steps=6", "checkpoint.every_n_steps=2", "logger=none", "export.enabled=false",
+                "trainer.enable_progress_bar=false", "++method_overrides.adamerging_layer_wise.lr=0.05")
+    adamerge(tmp_path / "reference", zoo, *settings)
+    reference = json.loads((tmp_path / "reference" / "results.json").read_text())
+    stopped_dir = tmp_path / "stopped"
+    command = [sys.executable, "-m", "adamerge.cli.main", f"zoo_dir={zoo}", "num_threads=1",
+               f"hydra.run.dir={stopped_dir}", "data.eval_batch_size=64", "data.batch_size=8", *settings]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    checkpoint = stopped_dir / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert torch.load(checkpoint, weights_only=True)["global_step"] < 6
+    adamerge(stopped_dir, zoo, *settings, "resume=true")
+    resumed = json.loads((stopped_dir / "results.json").read_text())
+    assert len(resumed["objective_history"]) == 6
+    assert torch.allclose(torch.tensor(resumed["coefficients"]), torch.tensor(reference["coefficients"]), atol=1e-6)
