@@ -18,7 +18,7 @@ from adamerge.pool.memory_plan import RunShape, model_shape, plan_memory, smalle
 from adamerge.methods.configs import CONF_DIR
 from adamerge.backbones.heads import Identity
 from adamerge.backbones.hf_checkpoints import HFModelPool
-from adamerge.cli.run_memory import MemoryPlanError, check_memory_plan, plan_for_pool
+from adamerge.cli.run_memory import MemoryPlanError, check_memory_plan, plan_for_pool, sharded_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = importlib.util.spec_from_file_location("memory_plan_check", ROOT / "bench" / "memory_plan_check.py")
@@ -74,6 +74,25 @@ def test_fitting_settings_are_found_in_order():
     assert changes == ["modelpool.storage_dtype=bfloat16", "task_batching=sequential", "data.batch_size=8"]
     assert fitted.host_peak <= limit < plan.host_peak
     assert smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=False), 1.0, None) is None
+
+
+def test_trainer_fsdp_plans_the_pretrained_weights_and_task_vectors_split_over_the_devices(pool_dirs):
+    from adamerge.pool.inventory import TensorSpec
+
+    model = model_shape({f"model.layers.{i}.mlp.up_proj.weight": TensorSpec((128, 64), "F32") for i in range(16)})
+    run = RunShape(num_tasks=4, storage_bytes=4, checkpoint_bytes=model.model_bytes, activation_bytes=4, batch_size=8,
+                   sequence_length=0)
+    whole = plan_memory(model, run, on_device=True)
+    split = plan_memory(model, run, on_device=True, devices=8, sharded=True)
+    assert split.device_count == 8 and split.device_peak < whole.device_peak
+    assert split.device["task vectors"] == -(-whole.device["task vectors"] // 8)
+    assert split.device["frozen model"] == -(-whole.device["frozen model"] // 8)  # every tensor here is merged
+    assert split.device["merged weights"] == whole.device["merged weights"]  # formed whole on every rank
+    assert split.device["gathered layers"] == 2 * model.largest_tensor * 4 * (1 + 4)  # θ0 and 4 τ, this and the next
+    # The command plans trainer=fsdp on the devices it names (and on the CPU nothing is sharded: one process's plan).
+    assert sharded_devices(_run_config(pool_dirs, "trainer=fsdp", "trainer.devices=4"), on_device=True) == 4
+    assert sharded_devices(_run_config(pool_dirs, "trainer=fsdp", "trainer.devices=4"), on_device=False) == 1
+    assert sharded_devices(_run_config(pool_dirs, "trainer=ddp", "trainer.devices=4"), on_device=True) == 1
 
 
 def checkpoint_inventory_like() -> dict:

@@ -38,6 +38,7 @@ from adamerge.training.preemption import keep_lightning_off_signals
 from adamerge.training.protected import ProtectedTask
 from adamerge.training.protection import static_scores
 from adamerge.training.resume import AtomicCheckpointIO, StepCheckpoint, checkpoint_path
+from adamerge.training.sharding import ShardedMergedModel, local_shard_numel
 
 
 @dataclass
@@ -179,19 +180,23 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
         "profile": module.profile.report(),
         "heatmap": str(heatmap),
     }
+    if isinstance(module.merged, ShardedMergedModel):  # trainer=fsdp: what of θ0 and the task vectors rank 0 held
+        result["sharding"] = {"ranks": module.trainer.world_size, **local_shard_numel(module.merged)}
     return result, module
 
 
 def export_model(ctx: RunContext, name: str, model: nn.Module | None, hparams: Mapping, result: Mapping,
                  module: AdaMergingModule | None) -> Path:
-    """A learned method's export through the Python API (export_learned); a data-free merge's fused ``model``."""
+    """A learned method's export through the Python API (export_learned, with ``model`` its fused merge when already
+    formed); a data-free merge's fused ``model``."""
     directory = method_dir(ctx, name) / "merged_model"
     # A resumed run may replace the export its interrupted self wrote before it could record results.json.
     export = ctx.settings.outputs.export
     settings = {"overwrite": export.overwrite or ctx.settings.options.resume, "per_task_hf": export.per_task_hf,
                 "license": export.license, "sign": dict(export.sign) if export.sign else None}
     if module is not None:
-        return export_learned(module, directory, ctx.pool, ctx.datamodule, task_vectors=ctx.task_vectors, **settings)
+        return export_learned(module, directory, ctx.pool, ctx.datamodule, task_vectors=ctx.task_vectors, fused=model,
+                              **settings)
     return export_merge(directory, name, model, ctx.pool, ctx.datamodule, tasks=ctx.task_vectors.task_names,
                         merged_tensors=ctx.task_vectors.names, hyperparameters=hparams, outcome=result,
                         alignment=ctx.alignment, task_vectors=ctx.task_vectors, **settings)
@@ -232,6 +237,8 @@ def run_method(ctx: RunContext, name: str) -> dict[str, Any]:
     finally:
         finish(logger)
     export = ctx.settings.outputs.export
+    if export.enabled and module is not None and isinstance(module.merged, ShardedMergedModel):
+        model = module.merge_and_unload()  # trainer=fsdp: every rank gathers its shards of the merge; rank 0 writes it
     exported = export.enabled and (module is not None or (model is not None and export.static)) and rank_zero_only.rank == 0
     if exported:
         result["export"] = str(export_model(ctx, name, model, hparams, result, module))

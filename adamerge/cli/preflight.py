@@ -23,9 +23,11 @@ from adamerge.data.tasks import TaskDataError
 from adamerge.errors import ConfigError, PoolDataMismatchError, RunDirectoryError
 from adamerge.export.heads import head_kind
 from adamerge.methods.learned.merged import run_backbone
+from adamerge.methods.registry import get_method
 from adamerge.pool.checkpoints import describe_source
 from adamerge.pool.validation import check_finite
 from adamerge.training.resume import check_no_unfinished_learning, check_resume
+from adamerge.training.sharding import HEADS_REFUSAL, STRATEGY_TARGET, method_refusal
 
 
 def check_export_heads(outputs: Outputs, pool: Any) -> None:
@@ -38,6 +40,19 @@ def check_export_heads(outputs: Outputs, pool: Any) -> None:
         what = f"the heads of {other}" if other else f"the backbone {type(pool.backbone).__name__}"
         raise ConfigError(f"export.per_task_hf=true writes AutoModelForSequenceClassification directories, but "
                           f"{what} are not transformers sequence classifiers; set export.per_task_hf=false")
+
+
+def check_sharding(trainer: Mapping[str, Any], outputs: Outputs, heads_adapt: bool) -> None:
+    """``trainer=fsdp`` shards AdaMerging's merge only (:mod:`adamerge.training.sharding`): refuse any other learned
+    method, and adapted heads, before anything is loaded (the learning module refuses them too, for Python callers)."""
+    strategy = trainer.get("strategy")
+    if not isinstance(strategy, Mapping) or strategy.get("_target_") != STRATEGY_TARGET:
+        return
+    refused = [name for name in outputs.learned if not getattr(get_method(name).build, "shardable", False)]
+    if refused:
+        raise ConfigError(method_refusal(refused[0]))
+    if heads_adapt and outputs.learned:
+        raise ConfigError(HEADS_REFUSAL)
 
 
 def check_run_dir(run_dir: Path, outputs: Outputs, record: Callable[[], Mapping[str, Any]]) -> None:

@@ -22,6 +22,7 @@ from adamerge.pool.inventory import (
 from adamerge.pool.key_filters import drop_excluded, select_tensors
 from adamerge.pool.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, is_adapter_dir
 from adamerge.pool.memory_plan import MemoryPlan, RunShape, gib, model_shape, plan_memory, smallest_fitting_change
+from adamerge.training.sharding import STRATEGY_TARGET
 
 __all__ = ["MemoryPlanError", "plan_for_pool", "plan_for_config", "check_memory_plan", "memory_limits"]
 
@@ -35,7 +36,7 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
                   include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                   batch_size: int = 1, sequence_length: int = 0, tasks_per_step: int = 1,
                   autocast_dtype: str | None = None, on_device: bool = False,
-                  streaming: str | None = None) -> tuple[MemoryPlan, RunShape, Any]:
+                  streaming: str | None = None, sharded_devices: int = 1) -> tuple[MemoryPlan, RunShape, Any]:
     """The plan of learning over these checkpoints; also returns the run shape and the model shape (for
     :func:`~adamerge.pool.memory_plan.smallest_fitting_change`). Raises :class:`InventoryUnavailable` when the shapes
     cannot be read without loading."""
@@ -58,7 +59,23 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
         coefficient_rows=len(merged),
         adapter_parameters=max((spec.numel for _, spec in adapters.values()), default=0), streaming=streaming,
     )
-    return plan_memory(model, run, on_device=on_device), run, model
+    return plan_memory(model, run, on_device=on_device, devices=sharded_devices, sharded=sharded_devices > 1), run, model
+
+
+def sharded_devices(cfg: DictConfig, on_device: bool) -> int:
+    """The devices ``trainer=fsdp`` shards θ0 and the task vectors over (1: the run is not sharded)."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") is not None else {}
+    strategy = trainer.get("strategy")
+    if not on_device or not isinstance(strategy, Mapping) or strategy.get("_target_") != STRATEGY_TARGET:
+        return 1
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    import torch
+
+    return max(1, torch.cuda.device_count())  # "auto" / -1: every visible GPU
 
 
 def adapter_inventory(source: Any) -> tuple[set[str], TensorSpec]:
@@ -115,7 +132,7 @@ def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool) -> tuple[Me
             batch_size=int(data.get("batch_size", 1)) if learned else 0,
             sequence_length=_sequence_length(data), tasks_per_step=len(pool.get("finetuned") or {}) if joint else 1,
             autocast_dtype=(cfg.get("method") or {}).get("autocast_dtype"), on_device=on_device,
-            streaming=streaming_mode(pool.get("streaming", False)),
+            streaming=streaming_mode(pool.get("streaming", False)), sharded_devices=sharded_devices(cfg, on_device),
         )
     except InventoryUnavailable as reason:
         return str(reason)
@@ -150,7 +167,9 @@ def check_memory_plan(cfg: DictConfig, learned: bool, on_device: bool) -> Memory
     if settings.get("force", False):
         print(f"memory plan: warning: {message}; running anyway (memory_plan.force=true)")
         return plan
-    fix = smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=on_device), host_limit, device_limit)
+    shards = plan.device_count
+    fix = smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=on_device, devices=shards,
+                                                             sharded=shards > 1), host_limit, device_limit)
     advice = (f"it fits with {' '.join(fix[0])} (plan: host {gib(fix[1].host_peak)}"
               + (f", device {gib(fix[1].device_peak)})" if fix[1].device else ")")
               if fix else "no storage dtype, task batching or batch size makes it fit: merge fewer tasks or use a "

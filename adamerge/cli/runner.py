@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from adamerge.cli.method_runs import RunContext, method_dir, pick_device, run_method
-from adamerge.cli.preflight import check_export_heads, check_pool_and_data, check_run_dir
+from adamerge.cli.preflight import check_export_heads, check_pool_and_data, check_run_dir, check_sharding
 from adamerge.cli.run_memory import check_memory_plan
 from adamerge.cli.settings import RunSettings, parse_outputs, parse_run_settings, run_record
 from adamerge.errors import ConfigError, adamerge_cause
@@ -88,6 +88,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     settings = parse_run_settings(cfg)
     options, names = settings.options, settings.methods
     check_run_dir(run_dir, settings.outputs, lambda: run_record(cfg))
+    check_sharding(OmegaConf.to_container(cfg.trainer, resolve=True), settings.outputs, settings.heads.adapt)
     device = pick_device(options.accelerator)
     check_memory_plan(cfg, bool(settings.outputs.learned), on_device=device.type == "cuda")
     objective = build_objective(**OmegaConf.to_container(cfg.objective, resolve=True))

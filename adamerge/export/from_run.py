@@ -29,15 +29,18 @@ MERGED_ADAPTER = "adapter"
 
 def export_learned(module: AdaMergingModule, directory: str | Path, pool: ModelPool, datamodule: Any = None, *,
                    overwrite: bool = False, per_task_hf: bool = False, license: str | None = None,
-                   task_vectors: TaskVectors | None = None, sign: Mapping[str, Any] | None = None) -> Path:
+                   task_vectors: TaskVectors | None = None, sign: Mapping[str, Any] | None = None,
+                   fused: nn.Module | None = None) -> Path:
     """Export a fitted learned ``module`` (built by :func:`adamerge.build_learned_module`) to ``directory``: the
     fused backbone with ``pool``'s heads, the method, its hyperparameters and learned coefficients, and, from
     ``datamodule``, each task's class names, input preprocessing and the accuracy of the last validation. Load it
     back with :func:`adamerge.load_merged`. ``license``: the model card's (default: the sources' own cards').
     ``task_vectors`` (the pool's, as the module was built from): with them a merge mergekit can express also writes
-    ``mergekit.yaml``, and a linear merge of LoRA adapters the merged ``adapter/``."""
+    ``mergekit.yaml``, and a linear merge of LoRA adapters the merged ``adapter/``. ``fused``: the module's
+    ``merge_and_unload()`` when already formed (a merge sharded over ranks is formed by all of them, then written by
+    one)."""
     return export_merge(
-        directory, module.method_name, module.merge_and_unload(), pool, datamodule, tasks=module.task_names,
+        directory, module.method_name, fused if fused is not None else module.merge_and_unload(), pool, datamodule, tasks=module.task_names,
         merged_tensors=module.merged.names, hyperparameters=module.method_hyperparameters,
         outcome=learned_outcome(module), module=module, alignment=module.alignment, overwrite=overwrite,
         per_task_hf=per_task_hf, license=license, task_vectors=task_vectors, sign=sign,

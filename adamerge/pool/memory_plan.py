@@ -237,12 +237,14 @@ def activation_bytes(model: ModelShape, run: RunShape, progressive: bool = False
 
 
 def plan_memory(model: ModelShape, run: RunShape, *, on_device: bool, working_set: WorkingSet = "end_to_end",
-                devices: int = 1, split_over_devices: bool = False) -> MemoryPlan:
+                devices: int = 1, split_over_devices: bool = False, sharded: bool = False) -> MemoryPlan:
     """The memory plan of a learned merge.
 
     ``on_device=False``: everything on the host (a CPU run: the task vectors the step uses are the pool's own).
     ``devices`` > 1 replicates the working set on every device (DDP, what ``trainer=ddp`` runs) unless
-    ``split_over_devices``, which spreads the blocks over them (a model-parallel layout adamerge does not run yet).
+    ``split_over_devices``, which spreads the blocks over them (a model-parallel layout adamerge does not run yet), or
+    ``sharded`` (``trainer=fsdp``, adamerge.training.sharding): θ0 and the task vectors of the merged tensors split
+    over the devices, one layer gathered at a time and the next prefetched.
     """
     loading = loading_peak(model, run)
     step = step_working_set(model, run, working_set)
@@ -260,6 +262,12 @@ def plan_memory(model: ModelShape, run: RunShape, *, on_device: bool, working_se
     host = max(loading, resident, key=lambda parts: sum(parts.values()))
     if devices > 1 and split_over_devices:
         step = {name: value if name == "logits" else -(-value // devices) for name, value in step.items()}
+    elif devices > 1 and sharded:
+        merged_bytes = int(model.merged_parameters * model.bytes_per_parameter)
+        step["frozen model"] = step["frozen model"] - merged_bytes + -(-merged_bytes // devices)
+        step["task vectors"] = -(-step["task vectors"] // devices)
+        step["gathered layers"] = int(2 * model.largest_tensor
+                                      * (model.bytes_per_parameter + run.num_tasks * run.storage_bytes))
     return MemoryPlan(host=dict(host), device=step, device_count=devices, notes=notes)
 
 

@@ -28,11 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.data.batches import ADAPTATION
-from adamerge.errors import NonFiniteError
+from adamerge.errors import ConfigError, NonFiniteError
 from adamerge.methods.learned.merged import MergedModel, run_backbone
 from adamerge.objectives import Entropy, ExpertOutputs, Objective, ObjectiveError, prediction_entropy
 from adamerge.objectives.expert_targets import feature_tensor
-from adamerge.training import task_batching
+from adamerge.training import sharding, task_batching
 from adamerge.training.evaluation import Batch, ValidationHooks, entropy_mask, is_plain_entropy
 from adamerge.training.profiling import StepProfile
 from adamerge.training.protection import Protection
@@ -147,6 +147,20 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
             return None
         return self.expert_targets.lookup(task, split, batch)
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (:class:`~adamerge.training.sharding.ShardedMergeStrategy`) shard θ0 and the task
+        vectors over the ranks with FSDP2; under any other strategy the merge stays as it was built."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, sharding.ShardedMergeStrategy):
+            sharding.refuse_other_sharding(strategy)
+            return
+        method = getattr(self, "method_name", type(self).__name__)
+        if type(self) is not AdaMergingModule:  # a subclass changes what is merged (masks, ranks, blocks in turn)
+            raise ConfigError(sharding.method_refusal(method))
+        if self.adapted_heads is not None:
+            raise ConfigError(f"method {method!r}: {sharding.HEADS_REFUSAL}")
+        sharding.shard_merged_model(self.merged, strategy, method)
+
     def on_fit_start(self) -> None:
         self.check_experts()
         if self.adapted_heads is not None:  # heads: adapt -- count each task's confident pseudo-labels
@@ -217,6 +231,8 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
         if used:
             with self.profile.phase("merge"):  # dL/dλ = <τ, dL/dθ>: the merge graph's backward
                 torch.autograd.backward([weights[n] for n in used], [leaves[n].grad for n in used])
+        if isinstance(self.merged, sharding.ShardedMergedModel):  # outside FSDP: averaged here, as DDP would
+            sharding.average_gradients(self.trainable_parameters(), self.trainer.strategy)
         for parameter in self.trainable_parameters():
             if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
                 raise NonFiniteError(f"non-finite gradient of what trains at step {self.global_step} "

@@ -75,6 +75,8 @@ def _adamerging_builder(granularity: str) -> LearnedBuilder:
             objective=objective,
         )
 
+    # A plain AdaMergingModule over a dense MergedModel: what trainer=fsdp shards (adamerge.training.sharding).
+    build.shardable = True
     return build
 
 

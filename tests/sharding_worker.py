@@ -1,0 +1,123 @@
+"""Learning on a tiny pool, sharded over 2 CPU processes by trainer=fsdp (run by tests/test_sharding.py).
+
+``python tests/sharding_worker.py <out dir>`` starts rank 0; Lightning's launcher starts rank 1 by running this script
+again. Each rank sees its half of every step's batch; rank 0 writes what each method learned, and every rank the
+elements of θ0 and the task vectors it holds, to ``<out dir>``. :func:`build_module` and :func:`step_batches` are the
+single-process reference's too, so both sides learn from the same model and the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from adamerge.methods.learned.adamerging import build_learned
+from adamerge.objectives import Entropy
+from adamerge.pool.task_vectors import TaskVectors
+from adamerge.training.module import AdaMergingModule
+from adamerge.training.resume import LAST_CHECKPOINT, AtomicCheckpointIO, StepCheckpoint
+from adamerge.training.sharding import ShardedMergeStrategy, local_shard_numel
+
+TASKS = ("digits", "textures", "photos")
+STEPS = 4
+BATCH = 8  # rows per task and step: 4 on each of the 2 ranks
+# Raw task vectors task- and layer-wise, the split ++ form (TIES-trimmed vectors) and a residual base (one more,
+# unscored vector with its own bounds): the forms trainer=fsdp supports.
+METHODS = ("adamerging_task_wise", "adamerging_layer_wise", "adamerging_layer_wise_plus_plus",
+           "adamerging_layer_wise_on_iso_cts")
+RESUMED = "adamerging_layer_wise"
+
+
+def _backbone() -> nn.Module:
+    from tests.helpers import TinyConvNet
+
+    return TinyConvNet()
+
+
+def build_module(method: str) -> AdaMergingModule:
+    """``method`` on a tiny conv pool of three tasks, in float64, the paper's entropy objective (a mean over the rows
+    of each task's batch, so the mean of two halves' gradients is the whole batch's)."""
+    from tests.helpers import finetuned_states
+
+    torch.manual_seed(0)
+    pretrained = _backbone()
+    finetuned = finetuned_states(pretrained, len(TASKS), scale=0.3)
+    task_vectors = TaskVectors.from_state_dicts(pretrained.state_dict(), dict(zip(TASKS, finetuned.values())))
+    # In eval mode, as a pool's backbone and heads are: BatchNorm uses its running statistics, one row at a time.
+    heads = {task: nn.Linear(6, 3).eval() for task in TASKS}
+    module = build_learned(method, _backbone().eval(), task_vectors, heads, objective=Entropy(), lr=0.05)
+    return module.double()
+
+
+def step_batches(rank: int, world_size: int) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Every step's batch, this rank's share of its rows (``world_size`` 1: the whole batch)."""
+    generator = torch.Generator().manual_seed(1)
+    rows = {task: torch.randn(STEPS * BATCH, 3, 5, 5, generator=generator, dtype=torch.float64) for task in TASKS}
+    share = BATCH // world_size
+    return [{task: {"inputs": rows[task][step * BATCH + rank * share: step * BATCH + (rank + 1) * share]}
+             for task in TASKS} for step in range(STEPS)]
+
+
+class StepBatches:
+    """The batches of the steps still to take, from the trainer's step on (a resumed fit continues where it stopped,
+    like adamerge's own unlabeled stream)."""
+
+    def __init__(self, batches: list, module: L.LightningModule) -> None:
+        self.batches, self.module = batches, module
+
+    def __iter__(self):
+        return iter(self.batches[self.module.global_step:])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def fit(module: AdaMergingModule, batches: list, steps: int, strategy: Any, devices: int,
+        checkpoints: Path | None = None, resume_from: Path | None = None) -> L.Trainer:
+    """``steps`` optimiser steps as the command takes them (its checkpoint writer and callback, when
+    ``checkpoints``: a checkpoint every 2 steps, as a run stopped there leaves it)."""
+    callbacks = [StepCheckpoint(checkpoints, every_n_steps=2)] if checkpoints is not None else []
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
+                        limit_train_batches=STEPS, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()], callbacks=callbacks)
+    trainer.fit(module, train_dataloaders=StepBatches(batches, module),
+                ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+    return trainer
+
+
+def main(out: Path) -> None:
+    world_size = 2
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning's launcher in rank 1; rank 0 starts it
+    batches = step_batches(rank, world_size)
+    results: dict[str, Any] = {}
+    for method in METHODS:
+        module = build_module(method)
+        trainer = fit(module, batches, STEPS, ShardedMergeStrategy(), world_size)
+        fused = module.merge_and_unload()  # every rank takes part in gathering the merge
+        results[method] = {"coefficients": module.coefficients(), "shards": local_shard_numel(module.merged),
+                           "objective": [h["objective"] for h in module.history]}
+        if trainer.global_rank == 0:
+            torch.save(fused.state_dict(), out / f"{method}.fused.pt")
+    # SHARD_GRAD_OP: each block kept gathered from its forward to its backward.
+    module = build_module(RESUMED)
+    fit(module, batches, STEPS, ShardedMergeStrategy(reshard_after_forward=False), world_size)
+    results["shard_grad_op"] = {"coefficients": module.coefficients()}
+    # Resume: stopped after 2 steps with its checkpoint, then a fresh module continues from it to the last step.
+    fit(build_module(RESUMED), batches, 2, ShardedMergeStrategy(), world_size, checkpoints=out)
+    resumed = build_module(RESUMED)
+    trainer = fit(resumed, batches, STEPS, ShardedMergeStrategy(), world_size, resume_from=out / LAST_CHECKPOINT)
+    results["resumed"] = {"coefficients": resumed.coefficients()}
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers, when run as a script
+    main(Path(sys.argv[1]))

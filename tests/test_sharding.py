@@ -1,0 +1,221 @@
+"""trainer=fsdp: θ0 and the task vectors sharded over 2 CPU processes (gloo) by FSDP2 learn exactly what one process
+learns, each rank holding half of them; its checkpoints resume, its merge exports, its config composes, and the methods
+it cannot shard are refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from adamerge import load_backbone
+from adamerge.errors import ConfigError
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.pool.checkpoints import load_state_dict
+from adamerge.pool.task_vectors import TaskVectors
+from adamerge.training.preemption import PREEMPTED_EXIT_CODE
+from adamerge.training.sharding import ShardedMergeStrategy, shard_merged_model
+from tests import sharding_worker as worker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory) -> tuple[Path, dict]:
+    """Every method of the worker learned on 2 processes, each seeing half of every batch (one run for all tests)."""
+    out = tmp_path_factory.mktemp("sharded")
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), str(out)], env=env, cwd=out,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+
+
+def single_process(method: str, steps: int = worker.STEPS) -> L.LightningModule:
+    """The reference: the same module learned in this process on one device, seeing every batch whole."""
+    module = worker.build_module(method)
+    worker.fit(module, worker.step_batches(0, 1), steps, "auto", 1)
+    return module
+
+
+@pytest.mark.parametrize("method", list(worker.METHODS))
+def test_two_sharded_processes_learn_the_coefficients_of_one(sharded_run, method):
+    _, ranks = sharded_run
+    reference = single_process(method)
+    expected = torch.tensor(reference.coefficients(), dtype=torch.float64)
+    assert len(ranks[0][method]["objective"]) == worker.STEPS
+    for rank in (0, 1):  # the coefficients are replicated: both ranks end with the same λ, the one process's
+        learned = torch.tensor(ranks[rank][method]["coefficients"], dtype=torch.float64)
+        assert torch.allclose(learned, expected, rtol=0, atol=1e-6), (rank, learned - expected)
+    assert not torch.allclose(expected, torch.tensor(worker.build_module(method).coefficients(), dtype=torch.float64),
+                              atol=1e-3)  # it did learn
+    # The export of the sharded merge (gathered by both ranks, written by rank 0) is the one process's merge.
+    fused = torch.load(sharded_run[0] / f"{method}.fused.pt")
+    for name, tensor in reference.merge_and_unload().state_dict().items():
+        assert torch.allclose(fused[name], tensor, rtol=0, atol=1e-6), name
+
+
+@pytest.mark.parametrize("method", list(worker.METHODS))
+def test_each_rank_holds_half_of_the_pretrained_weights_and_task_vectors(sharded_run, method):
+    _, ranks = sharded_run
+    shards = [ranks[rank][method]["shards"] for rank in (0, 1)]
+    for kind in ("pretrained", "task_vectors"):
+        total = shards[0][f"{kind}_total"]
+        assert total == shards[1][f"{kind}_total"] > 0
+        assert shards[0][kind] + shards[1][kind] == total  # each element on exactly one rank
+        for shard in shards:  # flattened tensors split evenly, up to one element per tensor
+            assert abs(shard[kind] - total / 2) <= 16, (kind, shard[kind], total)
+    module = worker.build_module(method)
+    merged = module.merged
+    # What the unsharded merge keeps on its one device: θ0 and every task vector of every merged tensor.
+    assert shards[0]["pretrained_total"] == sum(t.numel() for t in merged.pretrained_tensors().values())
+    assert shards[0]["task_vectors_total"] == sum(merged.task_vector(i).numel() for i in range(len(merged.names)))
+
+
+def test_keeping_each_layer_gathered_until_its_backward_learns_the_same(sharded_run):
+    _, ranks = sharded_run
+    learned = torch.tensor(ranks[0]["shard_grad_op"]["coefficients"], dtype=torch.float64)
+    reference = torch.tensor(single_process(worker.RESUMED).coefficients(), dtype=torch.float64)
+    assert torch.allclose(learned, reference, rtol=0, atol=1e-6)
+
+
+def test_a_sharded_run_resumes_from_its_checkpoint(sharded_run):
+    out, ranks = sharded_run
+    reference = single_process(worker.RESUMED)
+    resumed = torch.tensor(ranks[0]["resumed"]["coefficients"], dtype=torch.float64)
+    assert torch.allclose(resumed, torch.tensor(reference.coefficients(), dtype=torch.float64), rtol=0, atol=1e-6)
+    # The checkpoint holds what learns and none of the sharded tensors.
+    state = torch.load(out / worker.LAST_CHECKPOINT, weights_only=False)["state_dict"]
+    assert "merged.coefficients" in state and not any(key.startswith("merged.blocks") for key in state)
+
+
+def test_unsharded_merges_are_refused_with_the_method_and_the_strategy():
+    strategy = ShardedMergeStrategy()
+    for method in ("concrete_adamerging_layer_wise", "adarank"):
+        module = worker.build_module(method)
+        module._trainer = SimpleNamespace(strategy=strategy)
+        with pytest.raises(ConfigError, match=rf"method '{method}' cannot run with trainer=fsdp"):
+            module.configure_model()
+    with pytest.raises(ConfigError, match="reshard_after_forward='yes' is invalid"):
+        ShardedMergeStrategy(reshard_after_forward="yes")
+    # A merge that keeps its task vectors in another form (LoRA factors, streamed, compressed) is not re-laid out.
+    class LowRankLike(MergedModel):
+        pass
+
+    merged = worker.build_module("adamerging_task_wise").merged
+    merged.__class__ = LowRankLike
+    with pytest.raises(ConfigError, match="keeps its task vectors as LowRankLike .* cannot shard"):
+        shard_merged_model(merged, strategy, "adamerging_task_wise")
+    # CPU offload moves shards off an accelerator: on the CPU it is refused before the merge is re-laid out.
+    module = worker.build_module("adamerging_task_wise")
+    on_cpu = SimpleNamespace(device_mesh={"data_parallel": SimpleNamespace(device_type="cpu")}, cpu_offload=True)
+    with pytest.raises(ConfigError, match="cpu_offload=true is invalid on the CPU"):
+        shard_merged_model(module.merged, on_cpu, "adamerging_task_wise")
+    assert type(module.merged) is MergedModel and len(list(module.merged.buffers())) > 1
+
+
+def test_lightnings_own_sharding_strategies_are_refused():
+    module = worker.build_module("adamerging_task_wise")
+    for strategy in (L.pytorch.strategies.FSDPStrategy(), L.pytorch.strategies.ModelParallelStrategy()):
+        module._trainer = SimpleNamespace(strategy=strategy)
+        with pytest.raises(ConfigError, match=f"trainer.strategy={type(strategy).__name__} is not supported"):
+            module.configure_model()
+    assert type(module.merged) is MergedModel  # nothing was re-laid out
+
+
+def test_cli_composes_trainer_fsdp():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=["trainer=fsdp", "trainer.devices=2", "trainer.strategy.cpu_offload=true"])
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert trainer_cfg["strategy"]["_target_"] == "adamerge.training.sharding.ShardedMergeStrategy"
+    strategy = instantiate(trainer_cfg["strategy"])
+    assert isinstance(strategy, ShardedMergeStrategy) and strategy.cpu_offload and strategy.reshard_after_forward
+    assert trainer_cfg["use_distributed_sampler"] is False and trainer_cfg["devices"] == 2
+
+
+def test_the_command_learns_and_exports_with_trainer_fsdp_on_two_processes(zoo, tmp_path):
+    """The normal runner path on 2 CPU processes: it learns, and rank 0's export (gathered from both ranks' shards)
+    behaves as the merge rebuilt unsharded from the recorded coefficients."""
+    from tests.test_cli import adamerge
+
+    run_dir = tmp_path / "fsdp"
+    adamerge(run_dir, zoo, "method=adamerging_layer_wise", "trainer=fsdp", "trainer.accelerator=cpu",
+             "trainer.devices=2", "trainer.max_steps=2", "++method_overrides.adamerging_layer_wise.lr=0.05",
+             "logger=none")
+    result = json.loads((run_dir / "results.json").read_text())
+    assert 0 <= result["average_accuracy"] <= 1 and len(result["objective_history"]) == 2
+    coefficients = torch.tensor(result["coefficients"])
+    assert not torch.allclose(coefficients, torch.full_like(coefficients, 0.3))  # it learned
+    export = run_dir / "merged_model"
+    backbone = load_backbone(export)
+    backbone.load_state_dict(load_state_dict(zoo / "pretrained.safetensors"))
+    finetuned = {t: load_state_dict(zoo / "finetuned" / f"{t}.safetensors") for t in result["tasks"]}
+    merged = MergedModel(backbone, TaskVectors.from_state_dicts(backbone.state_dict(), finetuned),
+                         granularity="layer_wise", init_value=0.0).eval()
+    with torch.no_grad():
+        merged.coefficients.copy_(coefficients)
+        images = torch.randn(4, 3, 32, 32)
+        torch.testing.assert_close(load_backbone(export)(images), merged(images), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["method=concrete_adamerging_layer_wise"], "method 'concrete_adamerging_layer_wise' cannot run with trainer=fsdp"),
+    (["method=adamerging_task_wise", "heads=adapt"], "heads=adapt cannot run with trainer=fsdp"),
+])
+def test_the_command_refuses_what_it_cannot_shard_before_loading(zoo, tmp_path, overrides, message):
+    from tests.test_cli import adamerge
+
+    result = adamerge(tmp_path / "run", zoo, *overrides, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+                      "logger=none", check=False)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "task vectors:" not in result.stdout  # nothing was loaded
+
+
+@pytest.mark.slow
+def test_the_command_stopped_by_sigterm_resumes_a_sharded_run_to_the_uninterrupted_coefficients(zoo, tmp_path):
+    """Both ranks stop at the step boundary after a SIGTERM to rank 0, rank 0 writes the checkpoint, and resume=true
+    continues the sharded run to the coefficients of one that was never stopped."""
+    from tests.test_cli import adamerge
+
+    settings = ("method=adamerging_layer_wise", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+                "trainer.max_steps=6", "checkpoint.every_n_steps=2", "logger=none", "export.enabled=false",
+                "trainer.enable_progress_bar=false", "++method_overrides.adamerging_layer_wise.lr=0.05")
+    adamerge(tmp_path / "reference", zoo, *settings)
+    reference = json.loads((tmp_path / "reference" / "results.json").read_text())
+    stopped_dir = tmp_path / "stopped"
+    command = [sys.executable, "-m", "adamerge.cli.main", f"zoo_dir={zoo}", "num_threads=1",
+               f"hydra.run.dir={stopped_dir}", "data.eval_batch_size=64", "data.batch_size=8", *settings]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    checkpoint = stopped_dir / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert torch.load(checkpoint, weights_only=True)["global_step"] < 6
+    adamerge(stopped_dir, zoo, *settings, "resume=true")
+    resumed = json.loads((stopped_dir / "results.json").read_text())
+    assert len(resumed["objective_history"]) == 6
+    assert torch.allclose(torch.tensor(resumed["coefficients"]), torch.tensor(reference["coefficients"]), atol=1e-6)
