@@ -132,6 +132,20 @@ def test_backbone_stays_in_eval_mode_during_fit():
     torch.testing.assert_close(model.merged.module.bn.running_mean, running_mean)
 
 
+def test_fit_puts_a_train_mode_backbone_in_eval_mode():
+    """Lightning does not call train() at fit start: the module must, or BatchNorm learns on batch statistics."""
+    model = build_module(lr=5e-2)
+    model.merged.module.train()
+    for head in model.heads.values():
+        head.train()
+    running_mean = model.merged.module.bn.running_mean.clone()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, torch.utils.data.DataLoader(_Stream(model.task_names, 3), batch_size=None))
+    assert not model.merged.module.training and not any(h.training for h in model.heads.values())
+    torch.testing.assert_close(model.merged.module.bn.running_mean, running_mean)
+
+
 def test_label_free_report_compares_the_first_and_last_evaluation():
     model = build_module(lr=5e-2)
     generator = torch.Generator().manual_seed(5)

@@ -162,6 +162,9 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
         sharding.shard_merged_model(self.merged, strategy, method)
 
     def on_fit_start(self) -> None:
+        # Lightning 2.2+ keeps each submodule's mode as the caller left it (it never calls train() at fit start), so a
+        # Python API user's train-mode backbone would learn with batch statistics and overwrite the pretrained ones.
+        self.train()
         self.check_experts()
         if self.adapted_heads is not None:  # heads: adapt -- count each task's confident pseudo-labels
             self.adapted_heads.setup(self)
