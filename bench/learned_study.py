@@ -53,6 +53,19 @@ def base_overrides(method: str, base: str) -> list[str]:
     return overrides
 
 
+def methods_for(methods: list[str], base: str | None) -> list[str]:
+    """``--methods`` entries run on every base, or, written ``method@base``, on that base only (a method that carries
+    its own base in its zoo's pool_data, e.g. progressive_distillation on the text zoo, written ``@none``, is not put
+    on another)."""
+    return [m.partition("@")[0] for m in methods if m.partition("@")[2] in ("", base)]
+
+
+def settings_for(settings: list[str], base: str | None) -> list[str]:
+    """``--set`` entries (``key=value``) for every base, or, written ``key=value@base``, for that base only (e.g. a
+    larger step size for the corrections of the residual bases than for λ on the raw task vectors)."""
+    return methods_for(settings, base)
+
+
 def safe(text: str) -> str:
     return text.replace(":", "_").replace(",", "_").replace("=", "-")
 
@@ -61,10 +74,12 @@ def run_job(zoo: str, seed: int, objective: str | None, base: str | None, method
             cache: Path, settings: list[str]) -> Path:
     """One comparison run (static rows when ``objective`` is None); skipped when its results already exist.
     ``settings`` (``key=value``) apply to every learned method of the job and name its cell."""
+    settings = settings_for(settings, base)
     cell = "static" if objective is None else cell_name(objective, base, settings)
     run_dir = runs / zoo / f"seed{seed}" / cell
+    methods = methods_for(methods, base)
     names = STATIC if objective is None else methods
-    if all((run_dir / name / "results.json").is_file() for name in names):
+    if not names or all((run_dir / name / "results.json").is_file() for name in names):
         return run_dir
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "ADAMERGE_CACHE_DIR": str(cache)}
     extra = [] if objective is None else [*objective_overrides(objective),
@@ -109,9 +124,10 @@ def collect(args: argparse.Namespace) -> dict:
         for objective in args.objectives:
             for base in args.bases:
                 for seed in args.seeds:
-                    rows = load_rows(args.runs / zoo / f"seed{seed}" / cell_name(objective, base, args.set))
-                    label = base + "".join(f" {s}" for s in args.set)
-                    for method in args.methods:
+                    settings = settings_for(args.set, base)
+                    rows = load_rows(args.runs / zoo / f"seed{seed}" / cell_name(objective, base, settings))
+                    label = base + "".join(f" {s}" for s in settings)
+                    for method in methods_for(args.methods, base):
                         if method in rows:
                             learned.setdefault((method, objective, label), []).append(rows[method])
         results[zoo] = {"static": static, "learned": learned}
@@ -173,9 +189,10 @@ def main() -> None:
     parser.add_argument("--zoos", nargs="+", default=list(ZOOS), choices=list(ZOOS))
     parser.add_argument("--objectives", nargs="+", default=OBJECTIVES)
     parser.add_argument("--bases", nargs="+", default=BASES)
-    parser.add_argument("--methods", nargs="+", default=["adamerging_layer_wise"])
+    parser.add_argument("--methods", nargs="+", default=["adamerging_layer_wise"],
+                        help="learned methods run on every base; method@base: on that base only")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--set", nargs="*", default=[], help="key=value hyperparameters of every learned method, e.g. lr=0.01")
+    parser.add_argument("--set", nargs="*", default=[], help="key=value hyperparameters of every learned method, e.g. lr=0.01; key=value@base: on that base only")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 torch thread each)")
     parser.add_argument("--runs", type=Path, default=ROOT / "bench" / "runs" / "learned_study", help="run dirs (not committed)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("ADAMERGE_CACHE_DIR", ROOT / "bench" / "runs" / "cache")))

@@ -39,7 +39,7 @@ LEARNED = [
     "concrete_task_arithmetic",
     "concrete_adamerging_layer_wise",
 ]
-ZOOS = {"default": "demo", "second": "demo_second"}  # zoo -> experiment config
+ZOOS = {"default": "demo", "second": "demo_second", "text": "demo_text"}  # zoo -> experiment config
 
 
 def build_zoos(zoos: list[str], cache: Path) -> None:
@@ -47,7 +47,12 @@ def build_zoos(zoos: list[str], cache: Path) -> None:
     from adamerge.demo.zoo import SECOND_ZOO_TASKS, build_demo_zoo
 
     for zoo in zoos:
-        build_demo_zoo(cache, recipe={"tasks": list(SECOND_ZOO_TASKS)} if zoo == "second" else None)
+        if zoo == "text":  # all-MiniLM-L6-v2 on sentence tasks (adamerge/demo/text_zoo.py)
+            from adamerge.demo.text_zoo import build_text_zoo
+
+            build_text_zoo(cache)
+        else:
+            build_demo_zoo(cache, recipe={"tasks": list(SECOND_ZOO_TASKS)} if zoo == "second" else None)
 
 
 def objective_overrides(spec: str) -> list[str]:
