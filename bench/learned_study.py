@@ -114,6 +114,12 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
+def seeds_note(rows: list[dict], seeds: list[int]) -> str:
+    """Empty when a learned row has every seed asked for, else which ones it has (a study cut short says so)."""
+    done = [r["seed"] for r in rows]
+    return "" if sorted(done) == sorted(seeds) else f" (seed{'s' if len(done) > 1 else ''} {', '.join(map(str, done))} only)"
+
+
 def cell_name(objective: str, base: str, settings: list[str]) -> str:
     return f"{safe(objective)}/{safe(base)}" + "".join(f"_{safe(s)}" for s in settings)
 
@@ -132,7 +138,7 @@ def collect(args: argparse.Namespace) -> dict:
                     label = base + "".join(f" {s}" for s in settings)
                     for method in methods_for(args.methods, base):
                         if method in rows:
-                            learned.setdefault((method, objective, label), []).append(rows[method])
+                            learned.setdefault((method, objective, label), []).append({**rows[method], "seed": seed})
         results[zoo] = {"static": static, "learned": learned}
     return results
 
@@ -154,7 +160,7 @@ def table(results: dict, seeds: list[int]) -> str:
         ranked = sorted(learned.items(), key=lambda item: -statistics.mean(r["average_accuracy"] for r in item[1]))
         for (method, objective, base), rows in ranked:
             accuracy = [r["average_accuracy"] for r in rows]
-            lines.append(f"| {method} | {objective} | {base} | {mean_std(accuracy)} | "
+            lines.append(f"| {method} | {objective} | {base} | {mean_std(accuracy)}{seeds_note(rows, seeds)} | "
                          f"{mean_std([a / individual for a in accuracy])} | "
                          f"{statistics.mean(r['seconds'] for r in rows):.0f} | "
                          f"{statistics.mean(r['peak_memory_mb'] for r in rows):.0f} |")
@@ -181,15 +187,15 @@ def compact(results: dict, seeds: list[int]) -> str:
         for (method, objective, base), rows in sorted(learned.items(), key=lambda i: -statistics.mean(
                 r["average_accuracy"] for r in i[1])):
             accuracy = [r["average_accuracy"] for r in rows]
-            lines.append(f"| {zoo} | {method} | {objective} | {base} | {mean_std(accuracy)} | "
+            lines.append(f"| {zoo} | {method} | {objective} | {base} | {mean_std(accuracy)}{seeds_note(rows, seeds)} | "
                          f"{mean_std([a / individual for a in accuracy])} | "
                          f"{100 * (statistics.mean(accuracy) - best_value):+.1f} |")
-    verdicts = [verdict(zoo, parts) for zoo, parts in results.items() if parts["learned"]]
+    verdicts = [verdict(zoo, parts, seeds) for zoo, parts in results.items() if parts["learned"]]
     return ("\n".join(lines) + f"\n\nMean ± std over seeds {seeds}; 100 steps; normalised = merged ÷ individual models (%)."
             + "".join(f" {v}" for v in verdicts))
 
 
-def verdict(zoo: str, parts: dict) -> str:
+def verdict(zoo: str, parts: dict, seeds: list[int]) -> str:
     """Whether the best learned row beats the best data-free row by the study's bar (issue 22: at least 1 point, mean
     over seeds), said plainly."""
     static = parts["static"]
@@ -198,8 +204,8 @@ def verdict(zoo: str, parts: dict) -> str:
         r["average_accuracy"] for r in i[1]))
     gap = 100 * (statistics.mean(r["average_accuracy"] for r in rows) - static[best]["average_accuracy"])
     met = "meets" if gap >= BAR else "does not meet"
-    return (f"Zoo `{zoo}`: the best learned row ({method}, {objective}, base {base}) is {gap:+.1f} points against the "
-            f"best data-free row ({best}): it {met} the {BAR:.0f}-point bar.")
+    return (f"Zoo `{zoo}`: the best learned row ({method}, {objective}, base {base}{seeds_note(rows, seeds)}) is "
+            f"{gap:+.1f} points against the best data-free row ({best}): it {met} the {BAR:.0f}-point bar.")
 
 
 def main() -> None:
@@ -215,16 +221,19 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "bench" / "runs" / "learned_study", help="run dirs (not committed)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("ADAMERGE_CACHE_DIR", ROOT / "bench" / "runs" / "cache")))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learned_study")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="run nothing: write the tables from the runs there are (rows short of seeds say so)")
     parser.add_argument("--readme", action="store_true", help="also rewrite the learned-study block of docs/methods.md "
                         "(learned-study-text for --zoos text: the transformer zoo's study is run on its own)")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    build_zoos(args.zoos, args.cache)
-    jobs = [(z, args.seeds[0], None, None) for z in args.zoos]
-    jobs += [(z, s, o, b) for s in args.seeds for z in args.zoos for o in args.objectives for b in args.bases]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(lambda job: run_job(*job, args.methods, args.runs, args.cache, args.set), jobs))
+    if not args.collect_only:
+        build_zoos(args.zoos, args.cache)
+        jobs = [(z, args.seeds[0], None, None) for z in args.zoos]
+        jobs += [(z, s, o, b) for s in args.seeds for z in args.zoos for o in args.objectives for b in args.bases]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda job: run_job(*job, args.methods, args.runs, args.cache, args.set), jobs))
     results = collect(args)
     text = table(results, args.seeds)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -238,7 +247,7 @@ def main() -> None:
     raw = {zoo: {"static": {m: {k: r[k] for k in ("average_accuracy", "accuracy", "seconds", "peak_memory_mb")}
                             for m, r in parts["static"].items()},
                  "learned": [{"method": m, "objective": o, "base": b,
-                              "runs": [{k: r[k] for k in ("average_accuracy", "accuracy", "seconds", "peak_memory_mb")}
+                              "runs": [{k: r[k] for k in ("seed", "average_accuracy", "accuracy", "seconds", "peak_memory_mb")}
                                        for r in rows]} for (m, o, b), rows in parts["learned"].items()]}
            for zoo, parts in results.items()}
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1, sort_keys=True))

@@ -1,24 +1,24 @@
 """The text study zoo: the real all-MiniLM-L6-v2 weights fine-tuned on four sentence tasks built offline.
 
-A third zoo with a transformer backbone, so that the learned-merging study (``bench/learned_study.py --zoos
-text``) is not decided on one convolutional backbone alone. Like the image zoos (:mod:`adamerge.demo.zoo`) it is built
-on first use, cached under ``$ADAMERGE_CACHE_DIR`` (or the user cache directory) in a directory named by the hash of
-its recipe, built once under a lock, renamed into place only when complete and checked against a sha256 manifest
-on every use. It is written in the formats a Hugging Face user brings, so runs on it go through the text path of
+A third zoo with a transformer backbone, so that the learned-merging study (``bench/learned_study.py --zoos text``)
+is not decided on one convolutional backbone alone. Like the image zoos (:mod:`adamerge.demo.zoo`) it is built on
+first use, cached under ``$ADAMERGE_CACHE_DIR`` (or the user cache directory) in a directory named by the hash of
+its recipe, built once under a lock, renamed into place only when complete and checked against a sha256 manifest on
+every use. It is written in the formats a Hugging Face user brings, so runs on it go through the text path of
 any ``transformers`` classifier pool (``adamerge experiment=demo_text``):
 
 - ``pretrained/``: the pretrained BERT body (``save_pretrained``) and its tokenizer;
 - ``finetuned/<task>/``: a ``BertForSequenceClassification`` per task (fine-tuned body, frozen head, tokenizer);
 - ``data/<task>/``: a ``datasets`` folder with ``train`` and ``test`` splits (``sentence``, ``label``).
 
-The tasks (:mod:`adamerge.demo.text_tasks`: subject-verb agreement, tense consistency, parity of a sum, which
-number is larger) ask four questions about sentences of one distribution; their labels depend on sentence
-structure, not on word choice, so a linear probe on the pretrained features is near chance. The heads follow the AdaMerging setting the image zoos
-use: each task's classifier is a logistic-regression probe fitted on the *pretrained* model's pooled output (what
-``BertForSequenceClassification``'s classifier reads), then frozen, and the body is fine-tuned under it with
-dropout off (eval mode). ``zoo.json`` records per task the probe's and the fine-tuned model's test accuracy, and,
-as a check that the pretrained model does not already solve the task, a probe on mean-pooled token features (how
-sentence-transformers uses the model).
+The tasks (:mod:`adamerge.demo.text_tasks`: subject-verb agreement, tense consistency, parity of a sum, which number
+is larger) ask four questions about sentences of one distribution; their labels depend on sentence structure, not on
+word choice, so a linear probe on the pretrained features is near chance. The heads follow the AdaMerging setting
+the image zoos use: each task's classifier is a logistic-regression probe fitted on the *pretrained* model's pooled
+output (what ``BertForSequenceClassification``'s classifier reads), then frozen, and the body is fine-tuned under it
+with dropout off (eval mode). ``zoo.json`` records per task the probe's and the fine-tuned model's test accuracy,
+and, as a check that the pretrained model does not already solve the task, a probe on mean-pooled token features
+(how sentence-transformers uses the model).
 
 Measured on the default recipe (x86_64, 1 thread): probe 51 / 55 / 50 / 55 % (mean-pooled probe 51 / 69 / 52 /
 60 %), fine-tuned 100 / 100 / 85 / 100 %; the best data-free merge (WUDI) 84 %, task arithmetic 71 %. The build

@@ -241,9 +241,9 @@ def build_demo_zoo(cache_dir: str | Path | None = None, *, force: bool = False, 
     """
     recipe = demo_recipe() if recipe is None else demo_recipe(**recipe)
     target = zoo_path(recipe, cache_dir)
+    announcement = f"building {target} (first run only; recipe {recipe_hash(recipe)})"
     return build_cached(target, "demo zoo", int(recipe["threads"]), lambda staging: _build_into(staging, recipe, progress),
-                        force=force,
-                        announce=lambda: _log(progress, f"building {target} (first run only; recipe {recipe_hash(recipe)})"))
+                        force=force, announce=lambda: _log(progress, announcement))
 
 
 def build_cached(target: Path, what: str, threads: int, build_into: Callable[[Path], None], *, force: bool,
