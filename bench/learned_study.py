@@ -1,18 +1,20 @@
 """Study: how should learned merging learn, so that it beats the best data-free merge?
 
-Learned method × objective × base (what it learns on top of, and in which form) on the demo zoos built from real
-weights and data (adamerge/demo/zoo.py), several seeds each, with the demo's budget (100 steps, conf/experiment/demo.yaml),
-through the ``adamerge`` command itself, against every data-free method on the same zoo. One job is one run of one
-(zoo, seed, objective, base) cell; finished jobs are reused, so an interrupted or extended study resumes.
+Learned method × objective × base (what it learns on top of, and in which form) on the study zoos built from real
+weights and data (adamerge/demo/zoo.py; ``--zoos text``: the transformer zoo, adamerge/demo/text_zoo.py), several
+seeds each, with the demo's budget (100 steps, conf/experiment/demo.yaml), through the ``adamerge`` command itself,
+against every data-free method on the same zoo. One job is one run of one (zoo, seed, objective, base) cell; finished
+jobs are reused, so an interrupted or extended study resumes.
 
     python bench/learned_study.py                                   # the default grid
     python bench/learned_study.py --zoos default --seeds 0 --objectives expert_kl --bases none iso_cts:residual
+    python bench/learned_study.py --zoos text --bases none wudi:residual --set lr=0.03@wudi:residual
 
 Bases are ``none`` (the raw task vectors) or ``<data-free method>:<form>`` with form ``residual`` (the base merge kept
 whole under a learned per-layer scale plus per-task corrections from 0) or ``split`` (learn over the base's per-task
 vectors, starting at its α, unclamped). Writes bench/results/learned_study.{md,json}: mean ± std of the average
 accuracy over seeds, normalised accuracy (merged ÷ individual), seconds and peak memory per run; ``--readme`` also
-rewrites the ``learned-study`` block of docs/methods.md.
+rewrites the ``learned-study`` block of docs/methods.md (``learned-study-text`` for the text zoo).
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "methods.md"  # the page holding this script's generated block
 sys.path.insert(0, str(ROOT))
-from bench.objectives import ZOOS, build_zoos, objective_overrides  # noqa: E402
+from bench.objectives import DEFAULT_ZOOS, ZOOS, build_zoos, objective_overrides  # noqa: E402
 
 DATA_FREE = ["weight_average", "task_arithmetic", "ties", "tsv_merge", "iso_c", "iso_cts", "wudi"]
 STATIC = ["pretrained", "individual", *DATA_FREE]
 OBJECTIVES = ["information_maximization", "expert_kl", "feature_matching", "weighted_sum"]
 BASES = ["none", "iso_cts:residual", "iso_cts:split", "tsv_merge:residual", "tsv_merge:split"]
+BAR = 1.0  # points (mean over seeds) the best learned row must beat the best data-free row by, on every study zoo
 
 
 def base_overrides(method: str, base: str) -> list[str]:
@@ -53,6 +56,19 @@ def base_overrides(method: str, base: str) -> list[str]:
     return overrides
 
 
+def methods_for(methods: list[str], base: str | None) -> list[str]:
+    """``--methods`` entries run on every base, or, written ``method@base``, on that base only (a method that carries
+    its own base in its zoo's pool_data, e.g. progressive_distillation on the text zoo, written ``@none``, is not put
+    on another)."""
+    return [m.partition("@")[0] for m in methods if m.partition("@")[2] in ("", base)]
+
+
+def settings_for(settings: list[str], base: str | None) -> list[str]:
+    """``--set`` entries (``key=value``) for every base, or, written ``key=value@base``, for that base only (e.g. a
+    larger step size for the corrections of the residual bases than for λ on the raw task vectors)."""
+    return methods_for(settings, base)
+
+
 def safe(text: str) -> str:
     return text.replace(":", "_").replace(",", "_").replace("=", "-")
 
@@ -61,10 +77,12 @@ def run_job(zoo: str, seed: int, objective: str | None, base: str | None, method
             cache: Path, settings: list[str]) -> Path:
     """One comparison run (static rows when ``objective`` is None); skipped when its results already exist.
     ``settings`` (``key=value``) apply to every learned method of the job and name its cell."""
+    settings = settings_for(settings, base)
     cell = "static" if objective is None else cell_name(objective, base, settings)
     run_dir = runs / zoo / f"seed{seed}" / cell
+    methods = methods_for(methods, base)
     names = STATIC if objective is None else methods
-    if all((run_dir / name / "results.json").is_file() for name in names):
+    if not names or all((run_dir / name / "results.json").is_file() for name in names):
         return run_dir
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "ADAMERGE_CACHE_DIR": str(cache)}
     extra = [] if objective is None else [*objective_overrides(objective),
@@ -96,6 +114,12 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
+def seeds_note(rows: list[dict], seeds: list[int]) -> str:
+    """Empty when a learned row has every seed asked for, else which ones it has (a study cut short says so)."""
+    done = [r["seed"] for r in rows]
+    return "" if sorted(done) == sorted(seeds) else f" (seed{'s' if len(done) > 1 else ''} {', '.join(map(str, done))} only)"
+
+
 def cell_name(objective: str, base: str, settings: list[str]) -> str:
     return f"{safe(objective)}/{safe(base)}" + "".join(f"_{safe(s)}" for s in settings)
 
@@ -109,11 +133,12 @@ def collect(args: argparse.Namespace) -> dict:
         for objective in args.objectives:
             for base in args.bases:
                 for seed in args.seeds:
-                    rows = load_rows(args.runs / zoo / f"seed{seed}" / cell_name(objective, base, args.set))
-                    label = base + "".join(f" {s}" for s in args.set)
-                    for method in args.methods:
+                    settings = settings_for(args.set, base)
+                    rows = load_rows(args.runs / zoo / f"seed{seed}" / cell_name(objective, base, settings))
+                    label = base + "".join(f" {s}" for s in settings)
+                    for method in methods_for(args.methods, base):
                         if method in rows:
-                            learned.setdefault((method, objective, label), []).append(rows[method])
+                            learned.setdefault((method, objective, label), []).append({**rows[method], "seed": seed})
         results[zoo] = {"static": static, "learned": learned}
     return results
 
@@ -135,7 +160,7 @@ def table(results: dict, seeds: list[int]) -> str:
         ranked = sorted(learned.items(), key=lambda item: -statistics.mean(r["average_accuracy"] for r in item[1]))
         for (method, objective, base), rows in ranked:
             accuracy = [r["average_accuracy"] for r in rows]
-            lines.append(f"| {method} | {objective} | {base} | {mean_std(accuracy)} | "
+            lines.append(f"| {method} | {objective} | {base} | {mean_std(accuracy)}{seeds_note(rows, seeds)} | "
                          f"{mean_std([a / individual for a in accuracy])} | "
                          f"{statistics.mean(r['seconds'] for r in rows):.0f} | "
                          f"{statistics.mean(r['peak_memory_mb'] for r in rows):.0f} |")
@@ -162,33 +187,53 @@ def compact(results: dict, seeds: list[int]) -> str:
         for (method, objective, base), rows in sorted(learned.items(), key=lambda i: -statistics.mean(
                 r["average_accuracy"] for r in i[1])):
             accuracy = [r["average_accuracy"] for r in rows]
-            lines.append(f"| {zoo} | {method} | {objective} | {base} | {mean_std(accuracy)} | "
+            lines.append(f"| {zoo} | {method} | {objective} | {base} | {mean_std(accuracy)}{seeds_note(rows, seeds)} | "
                          f"{mean_std([a / individual for a in accuracy])} | "
                          f"{100 * (statistics.mean(accuracy) - best_value):+.1f} |")
-    return "\n".join(lines) + f"\n\nMean ± std over seeds {seeds}; 100 steps; normalised = merged ÷ individual models (%)."
+    verdicts = [verdict(zoo, parts, seeds) for zoo, parts in results.items() if parts["learned"]]
+    return ("\n".join(lines) + f"\n\nMean ± std over seeds {seeds}; 100 steps; normalised = merged ÷ individual models (%)."
+            + "".join(f" {v}" for v in verdicts))
+
+
+def verdict(zoo: str, parts: dict, seeds: list[int]) -> str:
+    """Whether the best learned row beats the best data-free row by the study's bar (issue 22: at least 1 point, mean
+    over seeds), said plainly."""
+    static = parts["static"]
+    best = max(DATA_FREE, key=lambda m: static[m]["average_accuracy"])
+    (method, objective, base), rows = max(parts["learned"].items(), key=lambda i: statistics.mean(
+        r["average_accuracy"] for r in i[1]))
+    gap = 100 * (statistics.mean(r["average_accuracy"] for r in rows) - static[best]["average_accuracy"])
+    met = "meets" if gap >= BAR else "does not meet"
+    return (f"Zoo `{zoo}`: the best learned row ({method}, {objective}, base {base}{seeds_note(rows, seeds)}) is "
+            f"{gap:+.1f} points against the best data-free row ({best}): it {met} the {BAR:.0f}-point bar.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoos", nargs="+", default=list(ZOOS), choices=list(ZOOS))
+    parser.add_argument("--zoos", nargs="+", default=DEFAULT_ZOOS, choices=list(ZOOS))
     parser.add_argument("--objectives", nargs="+", default=OBJECTIVES)
     parser.add_argument("--bases", nargs="+", default=BASES)
-    parser.add_argument("--methods", nargs="+", default=["adamerging_layer_wise"])
+    parser.add_argument("--methods", nargs="+", default=["adamerging_layer_wise"],
+                        help="learned methods run on every base; method@base: on that base only")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--set", nargs="*", default=[], help="key=value hyperparameters of every learned method, e.g. lr=0.01")
+    parser.add_argument("--set", nargs="*", default=[], help="key=value hyperparameters of every learned method, e.g. lr=0.01; key=value@base: on that base only")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 torch thread each)")
     parser.add_argument("--runs", type=Path, default=ROOT / "bench" / "runs" / "learned_study", help="run dirs (not committed)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("ADAMERGE_CACHE_DIR", ROOT / "bench" / "runs" / "cache")))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learned_study")
-    parser.add_argument("--readme", action="store_true", help="also rewrite the learned-study block of docs/methods.md")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="run nothing: write the tables from the runs there are (rows short of seeds say so)")
+    parser.add_argument("--readme", action="store_true", help="also rewrite the learned-study block of docs/methods.md "
+                        "(learned-study-text for --zoos text: the transformer zoo's study is run on its own)")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    build_zoos(args.zoos, args.cache)
-    jobs = [(z, args.seeds[0], None, None) for z in args.zoos]
-    jobs += [(z, s, o, b) for s in args.seeds for z in args.zoos for o in args.objectives for b in args.bases]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(lambda job: run_job(*job, args.methods, args.runs, args.cache, args.set), jobs))
+    if not args.collect_only:
+        build_zoos(args.zoos, args.cache)
+        jobs = [(z, args.seeds[0], None, None) for z in args.zoos]
+        jobs += [(z, s, o, b) for s in args.seeds for z in args.zoos for o in args.objectives for b in args.bases]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda job: run_job(*job, args.methods, args.runs, args.cache, args.set), jobs))
     results = collect(args)
     text = table(results, args.seeds)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -202,7 +247,7 @@ def main() -> None:
     raw = {zoo: {"static": {m: {k: r[k] for k in ("average_accuracy", "accuracy", "seconds", "peak_memory_mb")}
                             for m, r in parts["static"].items()},
                  "learned": [{"method": m, "objective": o, "base": b,
-                              "runs": [{k: r[k] for k in ("average_accuracy", "accuracy", "seconds", "peak_memory_mb")}
+                              "runs": [{k: r[k] for k in ("seed", "average_accuracy", "accuracy", "seconds", "peak_memory_mb")}
                                        for r in rows]} for (m, o, b), rows in parts["learned"].items()]}
            for zoo, parts in results.items()}
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1, sort_keys=True))
@@ -211,8 +256,12 @@ def main() -> None:
         from adamerge.reporting.results import replace_marked_block
 
         command = " ".join(["python bench/learned_study.py", *sys.argv[1:]])
-        replace_marked_block(PAGE, "learned-study", f"Generated by `{command}` ({machine}); the full "
-                             f"table is in {args.out.with_suffix('.md').resolve().relative_to(ROOT)}.\n\n" + compact(results, args.seeds))
+        block = (f"Generated by `{command}` ({machine}); the full table, with seconds and peak memory per run, is in "
+                 f"{args.out.with_suffix('.md').resolve().relative_to(ROOT)}.\n\n" + compact(results, args.seeds))
+        if args.zoos == ["text"]:
+            replace_marked_block(PAGE, "learned-study-text", block)
+        else:
+            replace_marked_block(PAGE, "learned-study", block)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from adamerge.methods.data_free import merge_task_vectors as merge
 from adamerge.errors import ConfigError
 from adamerge.methods.learned.bases import BASES, apply_base, resolve_base
 from adamerge.methods.learned.adamerging import build_learned
-from adamerge.methods.registry import get_method
+from adamerge.methods.registry import available_methods, get_method
 from adamerge.pool.task_vectors import TaskVectors
 from tests.helpers import TinyConvNet, finetuned_states, make_heads
 from tests.test_methods import as_lists, make_task_vectors, ref_ties_trim
@@ -191,9 +191,10 @@ RESIDUAL_METHODS = ["adamerging_task_wise", "adamerging_layer_wise", "concrete_t
                     "concrete_adamerging_layer_wise", "adarank"]
 
 
-@pytest.mark.parametrize("base", ["task_arithmetic", "ties", "tsv_merge", "iso_c", "iso_cts", "wudi"])
+@pytest.mark.parametrize("base", [m for m in available_methods("static") if m != "pretrained"])
 def test_residual_learning_starts_exactly_at_the_base_merge(base):
-    """Step 0 is the data-free merge itself: θ0 + 1·(θ_base − θ0) + Σ 0·τ_k, the raw task vectors kept as they are."""
+    """Step 0 is the data-free merge itself: θ0 + 1·(θ_base − θ0) + Σ 0·τ_k, the raw task vectors kept as they are.
+    Every registered data-free merge can be the base (the learned method's pre-processing), WUDI and TSV-M included."""
     backbone, tv, heads = _tiny_pool()
     spec = get_method(base)
     hparams = spec.resolve_hparams({"steps": 5} if base == "wudi" else {})

@@ -77,12 +77,14 @@ def test_every_group_option_composes(group):
 def test_composing_an_experiment_never_builds_a_zoo(monkeypatch):
     """Zoos are built when a run reads zoo_dir, never while Hydra composes (merging over an interpolation
     makes OmegaConf evaluate it: an experiment that replaced zoo_dir would build the default zoo first)."""
+    from adamerge.demo import text_zoo
     from adamerge.demo import zoo as demo
     from adamerge.cli.main import register_resolvers
 
     register_resolvers()
     built = []
     monkeypatch.setattr(demo, "build_demo_zoo", lambda *args, **kwargs: built.append(kwargs) or "/zoo")
+    monkeypatch.setattr(text_zoo, "build_text_zoo", lambda *args, **kwargs: built.append(kwargs) or "/text-zoo")
     for path in sorted((CONF_DIR / "experiment").glob("demo*.yaml")):
         _compose([f"experiment={path.stem}"])
     assert built == []

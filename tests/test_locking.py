@@ -81,6 +81,19 @@ def test_run_lock_is_reentrant_within_a_process_and_refuses_another(tmp_path):
     assert not (tmp_path / RUN_LOCK).exists()
 
 
+def test_one_directory_spelled_two_ways_is_one_reentrant_lock(tmp_path):
+    """A run directory given with ``..`` (e.g. ``--runs study/text/..``) is the same lock as its plain path: the guard
+    and the run of one process share it rather than the run refusing a lock its own process holds."""
+    (tmp_path / "runs" / "cell").mkdir(parents=True)
+    plain, roundabout = tmp_path / "runs" / "cell", tmp_path / "runs" / "cell" / ".." / "cell"
+    acquire_run_lock(roundabout)
+    acquire_run_lock(plain)
+    release_run_lock(plain)
+    assert json.loads((plain / RUN_LOCK).read_text())["pid"] == os.getpid()  # still held once
+    release_run_lock(roundabout)
+    assert not (plain / RUN_LOCK).exists()
+
+
 TINY_RECIPE = {"tasks": ["digits"], "train_size": 64, "test_size": 16, "threads": 1,
                "probe": {"C": 1.0, "max_iter": 20}, "finetune": {"steps": 1, "batch_size": 4}}
 BUILD = ("import json, sys; from adamerge.demo.zoo import build_demo_zoo; "

@@ -199,3 +199,16 @@ def test_bad_settings_name_the_setting(hparams, message):
     spec = get_method("progressive_distillation")
     with pytest.raises(ConfigError, match=message):
         spec.validate(2, spec.resolve_hparams(hparams))
+
+
+def test_cached_text_batches_of_different_lengths_are_padded_after_their_rows():
+    """Tokenised batches padded each to its own longest row concatenate, shorter ones zero-padded (masked) on the right."""
+    from adamerge.methods.learned.progressive import _concat
+
+    short = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    long = {"input_ids": torch.tensor([[8, 9, 10, 11, 12]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    rows = _concat([short, long])
+    assert rows["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]
+    assert rows["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
+    images = _concat([torch.zeros(2, 3, 4, 4), torch.ones(1, 3, 4, 4)])
+    assert images.shape == (3, 3, 4, 4)

@@ -30,11 +30,16 @@ from adamerge.training.preemption import PREEMPTED_EXIT_CODE, RunPreempted
 
 
 def _demo_zoo(which: str = "") -> str:
-    """``${demo_zoo:default}`` (or ``${demo_zoo:}``): the default demo zoo; ``${demo_zoo:second}``: the second zoo."""
+    """``${demo_zoo:default}`` (or ``${demo_zoo:}``): the default demo zoo; ``${demo_zoo:second}``: the second zoo;
+    ``${demo_zoo:text}``: the text study zoo (adamerge/demo/text_zoo.py)."""
     from adamerge.demo.zoo import SECOND_ZOO_TASKS, build_demo_zoo
 
-    if which not in ("", "default", "second"):
-        raise ValueError(f"unknown demo zoo {which!r}: use ${{demo_zoo:}} or ${{demo_zoo:second}}")
+    if which not in ("", "default", "second", "text"):
+        raise ValueError(f"unknown demo zoo {which!r}: use ${{demo_zoo:}}, ${{demo_zoo:second}} or ${{demo_zoo:text}}")
+    if which == "text":
+        from adamerge.demo.text_zoo import build_text_zoo
+
+        return str(build_text_zoo())
     return str(build_demo_zoo(recipe={"tasks": list(SECOND_ZOO_TASKS)} if which == "second" else None))
 
 

@@ -15,7 +15,7 @@ from adamerge.demo.tasks import TASK_BUILDERS
 from adamerge.storage.manifest import manifest_problem
 
 __all__ = ["CACHE_ENV_VAR", "DEMO_RECIPE", "DEMO_TASKS", "SECOND_ZOO_TASKS", "default_cache_dir", "demo_recipe",
-           "is_complete_zoo", "recipe_hash", "zoo_path", "zoo_problem"]
+           "is_complete_zoo", "override_recipe", "recipe_hash", "zoo_path", "zoo_problem"]
 
 CACHE_ENV_VAR = "ADAMERGE_CACHE_DIR"
 DEMO_TASKS: tuple[str, ...] = ("digits", "textures", "photos", "science")
@@ -46,20 +46,27 @@ def demo_recipe(**overrides: Any) -> dict[str, Any]:
 
     Tests and quick runs shrink the zoo this way (fewer tasks, steps or images) without a second code path.
     """
-    recipe = json.loads(json.dumps(DEMO_RECIPE))
+    return override_recipe(DEMO_RECIPE, overrides, known_tasks=list(TASK_BUILDERS), zoo="demo")
+
+
+def override_recipe(defaults: Mapping[str, Any], overrides: Mapping[str, Any], *, known_tasks: list[str],
+                    zoo: str) -> dict[str, Any]:
+    """A copy of ``defaults`` with top-level keys replaced and nested dicts updated; a KeyError names an unknown
+    setting, a ValueError an unknown task (``zoo`` names the zoo in both)."""
+    recipe = json.loads(json.dumps(defaults))
     for key, value in overrides.items():
         if key not in recipe:
-            raise KeyError(f"unknown demo recipe setting {key!r}; known: {sorted(recipe)}")
+            raise KeyError(f"unknown {zoo} recipe setting {key!r}; known: {sorted(recipe)}")
         if isinstance(recipe[key], dict) and isinstance(value, Mapping):
             unknown = set(value) - set(recipe[key])
             if unknown:
-                raise KeyError(f"unknown {key} settings {sorted(unknown)}; known: {sorted(recipe[key])}")
+                raise KeyError(f"unknown {zoo} recipe {key} settings {sorted(unknown)}; known: {sorted(recipe[key])}")
             recipe[key].update(value)
         else:
             recipe[key] = list(value) if isinstance(value, tuple) else value
-    unknown_tasks = set(recipe["tasks"]) - set(TASK_BUILDERS)
+    unknown_tasks = set(recipe["tasks"]) - set(known_tasks)
     if unknown_tasks:
-        raise ValueError(f"unknown demo tasks {sorted(unknown_tasks)}; available: {list(TASK_BUILDERS)}")
+        raise ValueError(f"unknown {zoo} tasks {sorted(unknown_tasks)}; available: {known_tasks}")
     return recipe
 
 

@@ -42,7 +42,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -241,21 +241,31 @@ def build_demo_zoo(cache_dir: str | Path | None = None, *, force: bool = False, 
     """
     recipe = demo_recipe() if recipe is None else demo_recipe(**recipe)
     target = zoo_path(recipe, cache_dir)
+    announcement = f"building {target} (first run only; recipe {recipe_hash(recipe)})"
+    return build_cached(target, "demo zoo", int(recipe["threads"]), lambda staging: _build_into(staging, recipe, progress),
+                        force=force, announce=lambda: _log(progress, announcement))
+
+
+def build_cached(target: Path, what: str, threads: int, build_into: Callable[[Path], None], *, force: bool,
+                 announce: Callable[[], None]) -> Path:
+    """Reuse the zoo at ``target`` if its manifest holds, else build it with ``build_into(staging)``: one builder per
+    zoo (others wait on its lock, then reuse), into a staging directory renamed into place only when complete, with
+    ``threads`` torch/BLAS threads and deterministic kernels. ``what`` names the zoo in messages."""
     if not force and zoo_problem(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # One builder per zoo: a second process waits here, then reuses what the first one built.
-    with build_lock(target.parent / f".{target.name}.lock", f"the demo zoo {target}"):
+    with build_lock(target.parent / f".{target.name}.lock", f"the {what} {target}"):
         problem = zoo_problem(target)
         if not force and problem is None:
             return target
         if target.exists():
-            print(f"adamerge: the cached demo zoo cannot be used: {problem}; rebuilding it", file=sys.stderr)
+            print(f"adamerge: the cached {what} cannot be used: {problem}; rebuilding it", file=sys.stderr)
         staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        _log(progress, f"building {target} (first run only; recipe {recipe_hash(recipe)})")
+        announce()
         try:
-            with _deterministic_torch(int(recipe["threads"])):
-                _build_into(staging, recipe, progress)
+            with _deterministic_torch(threads):
+                build_into(staging)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)

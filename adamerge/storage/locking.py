@@ -115,7 +115,9 @@ def is_helper_rank() -> bool:
 def acquire_run_lock(run_dir: str | os.PathLike) -> None:
     """Lock ``run_dir`` for this process (re-entrant); refuse with the holder's details if another process
     holds it. A lock left by a process that died is taken over, and said so."""
-    key = Path(run_dir).absolute()
+    # Resolved, so that one directory spelled two ways (``runs/x/../y``, a symlink) is one lock: the CLI's guard and
+    # the run acquire it from differently written paths, and an unresolved key made a run refuse its own lock.
+    key = Path(run_dir).resolve()
     if is_helper_rank():  # a DDP worker that rank 0's run launched: it works for that run, which holds the lock
         return
     if key in _held_run_locks:
@@ -139,7 +141,7 @@ def acquire_run_lock(run_dir: str | os.PathLike) -> None:
 
 
 def release_run_lock(run_dir: str | os.PathLike) -> None:
-    key = Path(run_dir).absolute()
+    key = Path(run_dir).resolve()
     if key not in _held_run_locks:
         return
     lock, count = _held_run_locks.pop(key)

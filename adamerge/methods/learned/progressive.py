@@ -359,6 +359,11 @@ def _select_arguments(arguments: tuple[tuple, dict], index: Tensor, size: int) -
 def _concat(parts: list[Any]) -> Any:
     if isinstance(parts[0], Mapping):
         return {k: _concat([p[k] for p in parts]) for k in parts[0]}
+    longest = max(p.shape[1] for p in parts) if parts[0].dim() > 1 else 0
+    if any(p.shape[1] != longest for p in parts):
+        # Text batches padded each to its own longest row: zeros appended after the shorter ones, which their
+        # attention masks (padded with zeros too) leave out.
+        parts = [F.pad(p, (0, 0) * (p.dim() - 2) + (0, longest - p.shape[1])) for p in parts]
     return torch.cat(parts)
 
 

@@ -1,0 +1,43 @@
+"""bench/learned_study.py's own logic: which methods and settings a cell runs, and the 1-point verdict it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "learned_study.py"
+_spec = importlib.util.spec_from_file_location("learned_study", _SCRIPT)
+study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study)
+
+
+def test_methods_and_settings_written_with_a_base_apply_to_that_base_only():
+    methods = ["adamerging_layer_wise", "progressive_distillation@iso_cts:residual"]
+    assert study.methods_for(methods, "none") == ["adamerging_layer_wise"]
+    assert study.methods_for(methods, "iso_cts:residual") == ["adamerging_layer_wise", "progressive_distillation"]
+    settings = ["lr=0.03@wudi:residual", "clamp=false"]
+    assert study.settings_for(settings, "wudi:residual") == ["lr=0.03", "clamp=false"]
+    assert study.settings_for(settings, "none") == ["clamp=false"]
+    assert study.cell_name("weighted_sum", "wudi:residual", ["lr=0.03"]) == "weighted_sum/wudi_residual_lr-0.03"
+
+
+def _row(accuracy: float, seed: int = 0) -> dict:
+    return {"average_accuracy": accuracy, "seed": seed}
+
+
+@pytest.mark.parametrize(("learned", "met"), [([0.86, 0.87, 0.88], "meets"), ([0.84, 0.85, 0.85], "does not meet")])
+def test_the_verdict_compares_the_best_learned_mean_with_the_best_data_free_row(learned, met):
+    static = {m: _row(0.5) for m in study.DATA_FREE} | {"wudi": _row(0.85)}
+    parts = {"static": static, "learned": {("adamerging_layer_wise", "weighted_sum", "none"): [_row(0.6)] * 3,
+                                           ("adamerging_layer_wise", "weighted_sum", "wudi:residual"): [
+                                               _row(a, seed) for seed, a in enumerate(learned)]}}
+    text = study.verdict("text", parts, [0, 1, 2])
+    assert f"it {met} the 1-point bar" in text and "base wudi:residual)" in text and "(wudi)" in text
+
+
+def test_a_row_short_of_seeds_says_which_it_has():
+    assert study.seeds_note([_row(0.5, 0), _row(0.5, 1)], [0, 1, 2]) == " (seeds 0, 1 only)"
+    assert study.seeds_note([_row(0.5, 2)], [0, 1, 2]) == " (seed 2 only)"
+    assert study.seeds_note([_row(0.5, s) for s in (2, 0, 1)], [0, 1, 2]) == ""
