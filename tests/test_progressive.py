@@ -199,3 +199,36 @@ def test_bad_settings_name_the_setting(hparams, message):
     spec = get_method("progressive_distillation")
     with pytest.raises(ConfigError, match=message):
         spec.validate(2, spec.resolve_hparams(hparams))
+
+
+def test_learning_holds_one_block_and_element_coefficients_only_inside_the_blocks(monkeypatch):
+    """Memory at LLM scale: element-wise coefficients exist for the blocks' tensors only (the stem and the final norm,
+    never learned, keep their init row), and no step forms the whole merged model or a whole expert model -- a
+    capture needs only the tensors before its block."""
+    backbone, vectors, heads, splits = _pool(num_tasks=2)
+    module = build_learned("progressive_distillation", copy.deepcopy(backbone), vectors, heads, granularity="element",
+                           steps_per_block=2, samples_per_task=8, batch_size=8)
+    merged = module.merged
+    inside = [i for i, b in enumerate(module.tensor_block) if b is not None]
+    assert len(inside) < len(merged.names) and sorted(merged.element_index) == inside
+    assert sum(p.numel() for p in module.trainable_parameters()) == \
+        vectors.num_tasks * sum(merged.pretrained_tensors()[merged.names[i]].numel() for i in inside)
+    touched: list[int] = []
+    monkeypatch.setattr(type(merged), "merged_weights", lambda *a, **k: pytest.fail("whole merged model formed"))
+    original = module.expert_weights
+
+    def expert_weights(task, block=None, indices=None):
+        weights = original(task, block, indices)
+        touched.append(len(weights))
+        return weights
+
+    module.expert_weights = expert_weights
+    module.distillation_source = splits
+    L.Trainer(max_steps=module.total_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(
+        module, torch.utils.data.DataLoader(_Steps(module.task_names, module.total_steps), batch_size=None))
+    assert touched and max(touched) < len(merged.names)
+    outside = [i for i in range(len(merged.names)) if i not in merged.element_index]
+    rows = merged.coefficients_as_list()
+    assert all(rows[i] == pytest.approx([0.3, 0.3]) for i in outside)  # the authors' task-arithmetic weight, not learned
+    assert any(abs(rows[i][0] - 0.3) > 1e-4 for i in inside)

@@ -127,6 +127,10 @@ class MergedModel(nn.Module):
     def task_vector(self, index: int) -> Tensor:
         return getattr(self, f"_task_vector_{index}")
 
+    def task_slice(self, index: int, task: int) -> Tensor:
+        """Task ``task``'s vector of merged tensor ``index`` (a subclass that streams fetches that slice alone)."""
+        return self.task_vector(index)[task]
+
     def pretrained_tensors(self) -> dict[str, Tensor]:
         own = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
         return {name: own[name] for name in self.names}
