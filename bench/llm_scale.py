@@ -124,10 +124,10 @@ def write_configs(conf: Path, paths: dict[str, Path], tasks: list[str], batch: i
 
 def command(conf: Path, run_dir: Path, row: str, k: int, steps: int, threads: int) -> list[str]:
     kind, streaming, method, extra = ROWS[row]
-    arguments = [*extra, f"--config-dir={conf}", f"modelpool=llm_{kind}_k{k}", f"data=llm_k{k}", f"method={method}",
+    arguments = [f"--config-dir={conf}", f"modelpool=llm_{kind}_k{k}", f"data=llm_k{k}", f"method={method}",
                  "objective=entropy", "trainer=cpu", f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false",
                  "logger=none", "export.enabled=false", "checkpoint.every_n_steps=0", f"num_threads={threads}",
-                 f"modelpool.streaming={str(streaming).lower()}", f"hydra.run.dir={run_dir}"]
+                 f"modelpool.streaming={str(streaming).lower()}", f"hydra.run.dir={run_dir}", *extra]
     if method == "adamerging_layer_wise":
         arguments.append("method.layer_groups=block")  # one row per decoder block, as the causal-LM experiment
     else:  # a short ProDistill: every block once, a few cached inputs per task

@@ -232,3 +232,15 @@ def test_learning_holds_one_block_and_element_coefficients_only_inside_the_block
     rows = merged.coefficients_as_list()
     assert all(rows[i] == pytest.approx([0.3, 0.3]) for i in outside)  # the authors' task-arithmetic weight, not learned
     assert any(abs(rows[i][0] - 0.3) > 1e-4 for i in inside)
+
+
+def test_distillation_rows_of_differently_padded_batches_are_padded_to_the_longest():
+    """A causal LM's prompt batches are each padded to their own longest prompt: the cached rows right-pad them."""
+    from adamerge.methods.learned.progressive import _concat
+
+    short = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    long = {"input_ids": torch.tensor([[8, 9, 10, 11, 12]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
+    rows = _concat([short, long])
+    assert rows["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]
+    assert rows["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+    assert _concat([torch.ones(2, 3), torch.zeros(1, 3)]).shape == (3, 3)

@@ -380,9 +380,15 @@ def _select_arguments(arguments: tuple[tuple, dict], index: Tensor, size: int) -
     return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
 
 
-def _concat(parts: list[Any]) -> Any:
+def _concat(parts: list[Any], key: str = "") -> Any:
+    """Batches of rows as one: token batches padded to their own longest row (a causal LM's prompts) are right-padded
+    to the longest of all -- attention masks with 0, labels with -100, token ids with 0 (masked anyway)."""
     if isinstance(parts[0], Mapping):
-        return {k: _concat([p[k] for p in parts]) for k in parts[0]}
+        return {k: _concat([p[k] for p in parts], k) for k in parts[0]}
+    if parts[0].ndim >= 2 and len({p.shape[1:] for p in parts}) > 1:
+        length = max(p.shape[1] for p in parts)
+        fill = -100 if key == "labels" else 0
+        parts = [F.pad(p, (0, 0) * (p.ndim - 2) + (0, length - p.shape[1]), value=fill) for p in parts]
     return torch.cat(parts)
 
 
