@@ -219,9 +219,9 @@ def render_table(rows: list[dict], meta: dict) -> str:
               if r["learning_peak_bytes"] >= GOAL * size]
     absent = [meta["labels"][name] for name in ROWS if name not in {r["row"] for r in rows}]
     if absent:
-        lines.append(f"\nNot measured in this run: {', '.join(absent)}.")
+        lines.append(f"\nNot measured in this run: {'; '.join(absent)}.")
     lines.append(f"\nGoal, a streamed or progressive learning peak below {GOAL} × one float32 model: met by "
-                 f"{', '.join(met) or 'no row'}; missed by {', '.join(missed) or 'no row'}.")
+                 f"{'; '.join(met) or 'no row'}. Missed by {'; '.join(missed) or 'no row'}.")
     return "\n".join(lines)
 
 
