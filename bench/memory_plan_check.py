@@ -89,7 +89,7 @@ def measure(paths: dict[str, str], storage: str, batch: int, sequence: int) -> d
                            storage_dtype=storage, auto_class="AutoModelForCausalLM")
 
     def learn_once(pool: HFModelPool, vectors: TaskVectors, vocab: int, length: int) -> None:
-        module = build_learned("adamerging_layer_wise", pool.fresh_backbone(), vectors, pool.heads, layer_groups="block")
+        module = build_learned("adamerging_layer_wise", pool.shared_backbone(), vectors, pool.heads, layer_groups="block")
         optimizer = module.configure_optimizers()
         generator = torch.Generator().manual_seed(0)
         inputs = {"input_ids": torch.randint(0, vocab, (batch, length), generator=generator),

@@ -70,7 +70,7 @@ def _work(paths: dict[str, str], kind: str, mode: str, method: str, steps: int, 
         del state, deltas
         return {**info, **timings, "resident_task_vectors_mb": vectors.memory_bytes() / 2**20}
     vocab = pool.backbone.config.vocab_size
-    module = build_learned("adamerging_layer_wise", pool.fresh_backbone(), vectors, pool.heads, layer_groups="block")
+    module = build_learned("adamerging_layer_wise", pool.shared_backbone(), vectors, pool.heads, layer_groups="block")
     optimizer = module.configure_optimizers()
     generator = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(0, vocab, (batch, length), generator=generator),
@@ -135,9 +135,9 @@ def render(rows: list[dict], shape: dict, machine: str) -> str:
         "process (peak = VmHWM above the resident set after imports and a warm-up). The machine's 2 cores were shared "
         "with other jobs, so the seconds are indicative only; the peaks do not depend on that. Files were just written, "
         "so reads came from the page cache (a cold disk makes `disk` slower). What remains in the streamed rows: the "
-        "pool's frozen model, the merged deltas and the merged state dict (1× the model each) for a merge; the frozen "
-        "model, the module's copy, the merged weights and their gradients for learning; plus one tensor's K slices "
-        "(the embedding's, here) being formed. `host` keeps the task vectors on the host, which on a CPU-only run is "
+        "pool's frozen model, the merged deltas and the merged state dict (1× the model each) for a merge, plus one "
+        "tensor's K slices (the embedding's, here) being formed; for learning, the frozen model (the module shares the "
+        "pool's), the merged weights and their gradients, plus one task's slice of one tensor being read. `host` keeps the task vectors on the host, which on a CPU-only run is "
         "where learning happens: it saves only the loading peak there (on a GPU it keeps them off the device).")
     return "\n".join(lines)
 

@@ -212,3 +212,48 @@ def test_cached_text_batches_of_different_lengths_are_padded_after_their_rows():
     assert rows["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
     images = _concat([torch.zeros(2, 3, 4, 4), torch.ones(1, 3, 4, 4)])
     assert images.shape == (3, 3, 4, 4)
+
+
+def test_learning_holds_one_block_and_element_coefficients_only_inside_the_blocks(monkeypatch):
+    """Memory at LLM scale: element-wise coefficients exist for the blocks' tensors only (the stem and the final norm,
+    never learned, keep their init row), and no step forms the whole merged model or a whole expert model -- a
+    capture needs only the tensors before its block."""
+    backbone, vectors, heads, splits = _pool(num_tasks=2)
+    module = build_learned("progressive_distillation", copy.deepcopy(backbone), vectors, heads, granularity="element",
+                           steps_per_block=2, samples_per_task=8, batch_size=8)
+    merged = module.merged
+    inside = [i for i, b in enumerate(module.tensor_block) if b is not None]
+    assert len(inside) < len(merged.names) and sorted(merged.element_index) == inside
+    assert sum(p.numel() for p in module.trainable_parameters()) == \
+        vectors.num_tasks * sum(merged.pretrained_tensors()[merged.names[i]].numel() for i in inside)
+    touched: list[int] = []
+    monkeypatch.setattr(type(merged), "merged_weights", lambda *a, **k: pytest.fail("whole merged model formed"))
+    original = module.expert_weights
+
+    def expert_weights(task, block=None, indices=None):
+        weights = original(task, block, indices)
+        touched.append(len(weights))
+        return weights
+
+    module.expert_weights = expert_weights
+    module.distillation_source = splits
+    L.Trainer(max_steps=module.total_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(
+        module, torch.utils.data.DataLoader(_Steps(module.task_names, module.total_steps), batch_size=None))
+    assert touched and max(touched) < len(merged.names)
+    outside = [i for i in range(len(merged.names)) if i not in merged.element_index]
+    rows = merged.coefficients_as_list()
+    assert all(rows[i] == pytest.approx([0.3, 0.3]) for i in outside)  # the authors' task-arithmetic weight, not learned
+    assert any(abs(rows[i][0] - 0.3) > 1e-4 for i in inside)
+
+
+def test_distillation_rows_of_differently_padded_batches_are_padded_to_the_longest():
+    """A causal LM's prompt batches are each padded to their own longest prompt: the cached rows right-pad them."""
+    from adamerge.methods.learned.progressive import _concat
+
+    short = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    long = {"input_ids": torch.tensor([[8, 9, 10, 11, 12]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
+    rows = _concat([short, long])
+    assert rows["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]
+    assert rows["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+    assert _concat([torch.ones(2, 3), torch.zeros(1, 3)]).shape == (3, 3)

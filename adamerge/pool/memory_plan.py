@@ -6,7 +6,8 @@ The terms follow what the code holds at its peaks (:mod:`adamerge.pool.modelpool
 * **host, loading**: the pool's frozen model θ0, all K fine-tuned checkpoints (``ModelPool.vectors_of`` reads every
   one before stacking), the stacked task vectors ``[K, ...]`` in the storage dtype, and the float32 differences of
   the largest tensor while it is stacked;
-* **host, resident**: θ0 and the task vectors, plus the copy of θ0 the learned module is built from;
+* **host, resident**: θ0 and the task vectors (a learned module on the host shares the pool's θ0,
+  ``ModelPool.shared_backbone``; on a device it holds its own copy);
 * **device, one learning step** (end to end): the module's copy of θ0, the task vectors, the merged weights and
   their gradients (one per merged tensor, alive together until the merge's own backward), the activations autograd
   saves for the batch, the logits and the float32 copies the entropy takes of them, and Adam's state;
@@ -15,8 +16,9 @@ The terms follow what the code holds at its peaks (:mod:`adamerge.pool.modelpool
   runs; the bench reports it to size that design).
 * **streamed** (``modelpool.streaming``, :mod:`adamerge.pool.streamed`): no checkpoint is read whole, so loading holds one
   tensor's K differences being stacked; the task vectors are resident only with ``host`` residency (on the host,
-  page-locked), never on the device, where one tensor's K slices are fetched at a time ("task-vector slices", in the
-  forward pass and again in the backward pass); with ``disk`` they are nowhere resident. Compression
+  page-locked), never on the device, where one task's slice of one tensor is fetched at a time ("task-vector
+  slices": the slice and its float32 copy, in the forward pass and again in the backward pass, whatever K is); with
+  ``disk`` they are nowhere resident. Compression
   (``modelpool.compression``) is not modelled: the task-vector terms are then an upper bound.
 
 Activations are estimated for decoder LMs (Llama-like: gated MLP, SDPA attention, so no ``seq²`` term) from hidden
@@ -208,15 +210,17 @@ def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet =
     parts = {
         "frozen model": frozen,
         "task vectors": 0 if streamed else vectors,
-        # adamerge.methods.learned.merged_streamed.StreamedMergedModel: one tensor's K slices on the device at a time.
-        "task-vector slices": run.num_tasks * model.largest_tensor * run.storage_bytes if streamed else 0,
+        # adamerge.methods.learned.merged_streamed.StreamedMergedModel: one task's slice of one tensor at a time, and
+        # its float32 copy for the backward's inner product.
+        "task-vector slices": model.largest_tensor * (run.storage_bytes + 4) if streamed else 0,
         "merged weights": weight_bytes,
         "their gradients": weight_bytes,
         # LoRA (adamerge.methods.learned.merged.LoRAMergedModel): one tensor's B_cat·diag(λ·s)·A_cat, float32, then dropped.
         "lazy deltas": model.largest_tensor * 4 if run.adapter_parameters else 0,
-        # MergedModel.merge_deltas, per tensor: float32 Σ_k λ_k τ_k and θ0 + it; a 16-bit τ is upcast for the sum.
-        "merge buffer": (2 + (run.num_tasks if run.storage_bytes < 4 and not run.adapter_parameters else 0))
-        * model.largest_tensor * 4,
+        # MergedModel.merge_deltas, per tensor: float32 Σ_k λ_k τ_k and θ0 + it; a 16-bit τ is upcast for the sum
+        # (in memory all K at once; streamed, the sum reads one slice at a time).
+        "merge buffer": (2 + (run.num_tasks if run.storage_bytes < 4 and not run.adapter_parameters and not streamed
+                              else 0)) * model.largest_tensor * 4,
         "optimiser": run.coefficient_rows * run.num_tasks * 4 * 4,  # value, gradient, two Adam moments (float32)
     }
     parts.update(activation_bytes(model, run, progressive))
@@ -253,7 +257,9 @@ def plan_memory(model: ModelShape, run: RunShape, *, on_device: bool, working_se
         # Host-resident streamed task vectors are on the host the step runs on (the step's own term is the slices).
         hosted = ({"task vectors (host)": task_vector_bytes(model, run)}
                   if run.streaming == "host" and not run.adapter_parameters else {})
-        resident = {"frozen model": model.model_bytes, **hosted, **{f"step: {k}": v for k, v in step.items()}}
+        # The learned module on the host shares the pool's θ0 (ModelPool.shared_backbone): no second frozen model.
+        resident = {"frozen model": model.model_bytes, **hosted,
+                    **{f"step: {k}": v for k, v in step.items() if k != "frozen model"}}
         host = max(loading, resident, key=lambda parts: sum(parts.values()))
         return MemoryPlan(host=dict(host), notes=notes)
     host_vectors = task_vector_bytes(model, run) if run.streaming in (None, "host") or run.adapter_parameters else 0

@@ -153,6 +153,15 @@ class ModelPool:
         """An independent copy of the pretrained backbone (merges must not touch the pool's own)."""
         return copy.deepcopy(self.backbone)
 
+    def shared_backbone(self) -> nn.Module:
+        """A copy of the pretrained backbone whose parameters share the pool's storage (its buffers are copied).
+
+        For a differentiable merged model, which never writes its module's parameters (its merged weights are new
+        tensors every step): it saves one whole model of memory against :meth:`fresh_backbone`. Anything that loads
+        weights into the copy must take :meth:`fresh_backbone` instead."""
+        memo = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in self.backbone.parameters()}
+        return copy.deepcopy(self.backbone, memo)
+
     def backbone_with(self, task_vectors: TaskVectors, task: str) -> nn.Module:
         """A copy of the backbone at θ0 + τ_task: the fine-tuned model of ``task`` as every merge sees it (tensors
         that are not merged, such as BatchNorm statistics, stay pretrained)."""

@@ -124,6 +124,15 @@ class StreamedTaskVectors(StreamedVectorsBase):
             return column.state[name].to(self.dtype)
         return (column.state[name].float() - base).to(self.dtype)
 
+    def task_slice(self, name: str, task: int) -> Tensor:
+        """Task ``task``'s slice of ``name`` (storage dtype): from the host cache when it holds it, else read from
+        that task's checkpoint alone -- what a merge that visits the tasks one at a time holds, whatever K is."""
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached[task]
+        column = self.columns[task]
+        return self._row(column, name, None if column.is_delta else self.pretrained[name].float())
+
     def stacked(self, name: str) -> Tensor:
         cached = self._cache.get(name)
         if cached is not None:

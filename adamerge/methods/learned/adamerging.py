@@ -216,7 +216,8 @@ def build_learned_module(
     elif isinstance(objective, Mapping):
         objective = build_objective(**objective)
     vectors = task_vectors if task_vectors is not None else pool.task_vectors()
-    module = build_learned(method, pool.fresh_backbone(), vectors, pool.heads, objective=objective, alignment=alignment,
+    # The merged model never writes its module's parameters: θ0 is the pool's own, not a second copy.
+    module = build_learned(method, pool.shared_backbone(), vectors, pool.heads, objective=objective, alignment=alignment,
                            **hyperparameters)
     if datamodule is not None:
         from adamerge.objectives.expert_targets import ExpertTargets

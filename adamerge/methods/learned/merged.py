@@ -111,8 +111,14 @@ class MergedModel(nn.Module):
                 )
         with torch.no_grad():
             for name, tensor in own.items():
-                if name in task_vectors.pretrained:
-                    tensor.copy_(task_vectors.pretrained[name])
+                if name not in task_vectors.pretrained:
+                    continue
+                source = task_vectors.pretrained[name]
+                if tensor.data_ptr() == source.data_ptr() or torch.equal(tensor, source.to(tensor.dtype)):
+                    continue  # already θ0 -- often the pool's own storage (ModelPool.shared_backbone): keep sharing it
+                # Rebind rather than copy in place: the module's tensor may share storage with the pool's backbone,
+                # which an in-place copy would silently change for every later method of the run.
+                tensor.data = source.detach().to(device=tensor.device, dtype=tensor.dtype).clone()
 
     def register_task_vectors(self, task_vectors: TaskVectors) -> None:
         """Keep the task vectors as buffers (a subclass may keep them in another form, with its own task_delta)."""
@@ -126,6 +132,10 @@ class MergedModel(nn.Module):
 
     def task_vector(self, index: int) -> Tensor:
         return getattr(self, f"_task_vector_{index}")
+
+    def task_slice(self, index: int, task: int) -> Tensor:
+        """Task ``task``'s vector of merged tensor ``index`` (a subclass that streams fetches that slice alone)."""
+        return self.task_vector(index)[task]
 
     def pretrained_tensors(self) -> dict[str, Tensor]:
         own = dict(self.module.named_parameters()) | dict(self.module.named_buffers())

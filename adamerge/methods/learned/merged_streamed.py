@@ -3,7 +3,8 @@
 :class:`StreamedMergedModel` (``modelpool.streaming``): the module's θ0 is on the device; each merged tensor's K
 slices are fetched (host → device, or disk → device) when the merge forms ``Σ_k λ_k τ_k`` in the forward pass and
 fetched *again* in the backward pass to form ``∂L/∂λ_k = ⟨∂L/∂θ, τ_k⟩`` (:class:`_StreamedTaskSum` saves the
-coefficients and the tensor's index, never τ), so the device holds one tensor's K slices at a time. Progressive
+coefficients and the tensor's index, never τ, and visits the tasks one at a time), so the device holds one task's
+slice of one tensor at a time, whatever K is. Progressive
 distillation (:func:`adamerge.methods.learned.progressive.progressive_merged_class`) fetches one block's slices per
 step. :class:`LowRankMergedModel` (``modelpool.compression``) merges the low-rank factors of
 :class:`~adamerge.pool.compressed.LowRankTaskVectors` without forming a dense task vector. :func:`merged_model_class`
@@ -32,22 +33,31 @@ __all__ = ["StreamedMergedModel", "LowRankMergedModel", "merged_model_class"]
 
 
 class _StreamedTaskSum(torch.autograd.Function):
-    """``Σ_k w_k τ_k`` of one merged tensor whose ``τ`` is fetched in the forward pass and fetched again in the
-    backward pass (``fetch(index, device)``); autograd keeps the weights and the index, never τ."""
+    """``Σ_k w_k τ_k`` of one merged tensor whose slices ``τ_k`` are fetched one task at a time
+    (``fetch(index, k, device)``) in the forward pass and again in the backward pass: autograd keeps the weights and
+    the index, never τ, and no more than one task's slice is alive at a time, so the peak does not grow with K."""
 
     @staticmethod
-    def forward(ctx: Any, weights: Tensor, fetch: Callable[[int, torch.device], Tensor], index: int) -> Tensor:
+    def forward(ctx: Any, weights: Tensor, fetch: Callable[[int, int, torch.device], Tensor], index: int) -> Tensor:
         ctx.save_for_backward(weights)
         ctx.fetch, ctx.index = fetch, index
-        stacked = fetch(index, weights.device)
-        return torch.tensordot(weights, stacked.to(weights.dtype), dims=1)
+        total = None
+        for k in range(weights.shape[0]):
+            part = fetch(index, k, weights.device)
+            if total is None:
+                total = torch.zeros(part.shape, dtype=weights.dtype, device=weights.device)
+            total.addcmul_(part, weights[k])  # promotes the stored (maybe bf16) slice as it reads: no float32 copy
+            del part
+        return total
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (weights,) = ctx.saved_tensors
-        stacked = ctx.fetch(ctx.index, grad.device)
-        flat = stacked.reshape(weights.shape[0], -1).to(grad.dtype)
-        return flat @ grad.reshape(-1), None, None
+        flat = grad.reshape(-1)
+        parts = []
+        for k in range(weights.shape[0]):
+            parts.append(torch.dot(ctx.fetch(ctx.index, k, grad.device).reshape(-1).to(grad.dtype), flat))
+        return torch.stack(parts).to(weights.dtype), None, None
 
 
 class StreamedMergedModel(MergedModel):
@@ -76,12 +86,22 @@ class StreamedMergedModel(MergedModel):
         stacked = self._host[index] if self._host is not None else self._source.vectors[self.names[index]]
         return stacked.to(device, non_blocking=stacked.device.type == "cpu" and stacked.is_pinned())
 
+    def _fetch_slice(self, index: int, task: int, device: torch.device) -> Tensor:
+        if task == 0:  # ``fetches`` counts passes over a tensor's K slices, however they are read
+            self.fetches += 1
+        part = self._host[index][task] if self._host is not None else self._source.task_slice(self.names[index], task)
+        return part.to(device, non_blocking=part.device.type == "cpu" and part.is_pinned())
+
     def task_vector(self, index: int) -> Tensor:
         """Tensor ``index``'s K slices, fetched onto the coefficients' device (not kept)."""
         return self._fetch(index, self.coefficients.device)
 
+    def task_slice(self, index: int, task: int) -> Tensor:
+        """Task ``task``'s slice of tensor ``index`` alone, fetched onto the coefficients' device (not kept)."""
+        return self._fetch_slice(index, task, self.coefficients.device)
+
     def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
-        return _StreamedTaskSum.apply(row, self._fetch, index)
+        return _StreamedTaskSum.apply(row, self._fetch_slice, index)
 
 
 class LowRankMergedModel(MergedModel):

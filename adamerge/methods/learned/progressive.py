@@ -85,35 +85,46 @@ def block_of(names: Sequence[str], path: str, count: int) -> list[int | None]:
 
 
 class ProgressiveMergedModel(MergedModel):
-    """Layer-wise merge whose coefficients may be one per task and *element* (``element_coefficients``)."""
+    """Layer-wise merge whose coefficients may be one per task and *element* (``element_coefficients``).
+
+    ``learned``: per merged tensor, whether it lies in a block (default: all do). Only those get element-wise
+    coefficients -- K × their size in float32, the method's own learned state; the tensors outside the blocks keep
+    their row (``init_value``, never learned), so the embeddings of a large vocabulary cost nothing here."""
 
     def __init__(self, module: nn.Module, task_vectors: TaskVectors, *, init_value: Sequence[float],
-                 granularity: str) -> None:
+                 granularity: str, learned: Sequence[bool] | None = None) -> None:
         super().__init__(module, task_vectors, granularity="layer_wise", init_value=list(init_value), clamp=None)
         self.element_wise = granularity == "element"
+        self.element_index: dict[int, int] = {}  # merged tensor -> its entry of element_coefficients
         if self.element_wise:
+            learned = [True] * len(self.names) if learned is None else list(learned)
             initial = torch.as_tensor(list(init_value), dtype=torch.float32)
+            self.element_index = {i: n for n, i in enumerate(i for i, yes in enumerate(learned) if yes)}
+            shapes = [tensor.shape for tensor in self.pretrained_tensors().values()]  # θ0's: nothing is fetched
             self.element_coefficients = nn.ParameterList([
-                nn.Parameter(initial.reshape(-1, *[1] * (self.task_vector(i).ndim - 1))
-                             .expand_as(self.task_vector(i)).clone())
-                for i in range(len(self.names))])
+                nn.Parameter(initial.reshape(-1, *[1] * len(shapes[i])).expand(-1, *shapes[i]).clone())
+                for i in self.element_index])
             self.coefficients.requires_grad_(False)
 
     def tensor_coefficients(self, index: int) -> Tensor:
         """What learns for merged tensor ``index``: ``[K, *shape]`` (element-wise) or its row ``[K]``."""
-        return self.element_coefficients[index] if self.element_wise else self.coefficients[index]
+        if index in self.element_index:
+            return self.element_coefficients[self.element_index[index]]
+        return self.coefficients[index]
 
     def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
-        if not self.element_wise:
+        if index not in self.element_index:
             return super().task_delta(index, row, shape)
-        alpha = self.element_coefficients[index]
+        alpha = self.element_coefficients[self.element_index[index]]
         return (alpha * self.task_vector(index).to(alpha.dtype)).sum(0)
 
     def coefficients_as_list(self) -> list:
         """Per tensor and task: the coefficient (its mean over the tensor's elements when element-wise)."""
+        rows = super().coefficients_as_list()
         if not self.element_wise:
-            return super().coefficients_as_list()
-        return [alpha.detach().flatten(1).mean(1).cpu().tolist() for alpha in self.element_coefficients]
+            return rows
+        return [self.element_coefficients[self.element_index[i]].detach().flatten(1).mean(1).cpu().tolist()
+                if i in self.element_index else row for i, row in enumerate(rows)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,14 +170,23 @@ class ProgressiveDistillationModule(AdaMergingModule):
 
     def block_weights(self, block: int) -> dict[str, Tensor]:
         """The merged weights of one block's tensors only (graph to their coefficients): a step touches nothing else."""
+        return self.merged_weights_of(self.block_tensors(block))
+
+    def merged_weights_of(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        """The merged weights of the tensors ``indices`` only."""
         pretrained, rows = self.merged.pretrained_tensors(), self.merged.coefficient_rows()
         weights = {}
-        for index in self.block_tensors(block):
+        for index in indices:
             name = self.merged.names[index]
             base = pretrained[name]
             delta = self.merged.task_delta(index, rows[index].float(), base.shape)
             weights[name] = (base.float() + delta).to(base.dtype)
         return weights
+
+    def tensors_before(self, block: int) -> list[int]:
+        """The tensors a forward runs before block ``block`` is called (those outside the blocks, and the earlier
+        blocks'): all that a capture of that block's inputs needs, rather than a whole merged or expert model."""
+        return [i for i, b in enumerate(self.tensor_block) if b is None or b < block]
 
     def after_optimizer_step(self) -> None:
         """Nothing to clamp (the authors' coefficients are free)."""
@@ -200,11 +220,14 @@ class ProgressiveDistillationModule(AdaMergingModule):
         local = {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
         return functional_call(self._block(block), local, args, kwargs)
 
-    def expert_weights(self, task: int, block: int | None = None) -> dict[str, Tensor]:
-        """θ0 + τ_task: of one block's tensors (all it takes to run that block), or of every tensor (a capture)."""
+    def expert_weights(self, task: int, block: int | None = None, indices: Sequence[int] | None = None
+                       ) -> dict[str, Tensor]:
+        """θ0 + τ_task: of one block's tensors (all it takes to run that block), of the tensors ``indices``, or of
+        every tensor. Only that task's slice of each tensor is fetched (a streamed pool reads one checkpoint)."""
         pretrained = self.merged.pretrained_tensors()
-        indices = self.block_tensors(block) if block is not None else range(len(self.merged.names))
-        return {self.merged.names[i]: (pretrained[self.merged.names[i]].float() + self.merged.task_vector(i)[task].float())
+        if indices is None:
+            indices = self.block_tensors(block) if block is not None else range(len(self.merged.names))
+        return {self.merged.names[i]: (pretrained[self.merged.names[i]].float() + self.merged.task_slice(i, task).float())
                 .to(pretrained[self.merged.names[i]].dtype) for i in indices}
 
     def _rows(self) -> dict[str, Any]:
@@ -235,17 +258,18 @@ class ProgressiveDistillationModule(AdaMergingModule):
                 fresh[task] = {"merged": _next_inputs(entry["merged"], merged_out),
                                "expert": _next_inputs(entry["expert"], entry["target"])}
             if self._propagates is None:  # check once that a block's output is what the next one is given
-                self._propagates = self._check_propagation(block, fresh, self.merged.merged_weights())
+                self._propagates = self._check_propagation(block, fresh, self.merged_weights_of(self.tensors_before(block)))
                 if not self._propagates:
                     log.warning("progressive_distillation: the blocks of %s are not a plain sequence; re-capturing each "
                                 "block's inputs by a forward through the blocks before it", self.block_path)
                     fresh = {}
         if not fresh:
             rows = self._rows() if previous is None or "rows" not in previous else previous["rows"]
-            merged_weights = self.merged.merged_weights()
+            before = self.tensors_before(block)  # the forward stops at the block: later tensors are never read
+            merged_weights = self.merged_weights_of(before)
             for t, task in enumerate(self.task_names):
                 fresh[task] = {"merged": self._capture(block, rows[task], merged_weights),
-                               "expert": self._capture(block, rows[task], self.expert_weights(t))}
+                               "expert": self._capture(block, rows[task], self.expert_weights(t, indices=before))}
         else:
             rows = previous.get("rows")
         for t, task in enumerate(self.task_names):
@@ -356,14 +380,15 @@ def _select_arguments(arguments: tuple[tuple, dict], index: Tensor, size: int) -
     return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
 
 
-def _concat(parts: list[Any]) -> Any:
+def _concat(parts: list[Any], key: str = "") -> Any:
+    """Batches of rows as one: token batches padded to their own longest row (a causal LM's prompts) are right-padded
+    to the longest of all -- attention masks with 0, labels with -100, token ids with 0 (masked anyway)."""
     if isinstance(parts[0], Mapping):
-        return {k: _concat([p[k] for p in parts]) for k in parts[0]}
-    longest = max(p.shape[1] for p in parts) if parts[0].dim() > 1 else 0
-    if any(p.shape[1] != longest for p in parts):
-        # Text batches padded each to its own longest row: zeros appended after the shorter ones, which their
-        # attention masks (padded with zeros too) leave out.
-        parts = [F.pad(p, (0, 0) * (p.dim() - 2) + (0, longest - p.shape[1])) for p in parts]
+        return {k: _concat([p[k] for p in parts], k) for k in parts[0]}
+    if parts[0].ndim >= 2 and len({p.shape[1:] for p in parts}) > 1:
+        length = max(p.shape[1] for p in parts)
+        fill = -100 if key == "labels" else 0
+        parts = [F.pad(p, (0, 0) * (p.ndim - 2) + (0, length - p.shape[1]), value=fill) for p in parts]
     return torch.cat(parts)
 
 
@@ -396,8 +421,10 @@ def build_progressive_distillation(
                           "use another learned method")
     k = task_vectors.num_tasks
     initial = [float(v) for v in init_value] if isinstance(init_value, Sequence) else [float(init_value)] * k
+    path, block_list = find_blocks(backbone, blocks)
+    learned = [b is not None for b in block_of(task_vectors.names, path, len(block_list))]
     merged = progressive_merged_class(task_vectors)(backbone, task_vectors, init_value=initial,
-                                                    granularity=granularity)
+                                                    granularity=granularity, learned=learned)
     return ProgressiveDistillationModule(
         merged, heads, blocks=blocks, steps_per_block=steps_per_block, samples_per_task=samples_per_task,
         batch_size=batch_size, seed=seed, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
