@@ -11,19 +11,17 @@ The terms follow what the code holds at its peaks (:mod:`adamerge.pool.modelpool
 * **device, one learning step** (end to end): the module's copy of θ0, the task vectors, the merged weights and
   their gradients (one per merged tensor, alive together until the merge's own backward), the activations autograd
   saves for the batch, the logits and the float32 copies the entropy takes of them, and Adam's state;
-* **device, block by block** (progressive): the same for the largest block only, plus the hidden states at the
-  block's input and output -- the working set of a merge that learns one block at a time (not yet what the trainer
-  runs; the bench reports it to size that design).
-* **streamed** (``modelpool.streaming``, :mod:`adamerge.pool.streamed`): no checkpoint is read whole, so loading holds one
-  tensor's K differences being stacked; the task vectors are resident only with ``host`` residency (on the host,
+* **device, block by block** (progressive distillation): the same for the largest block only, plus the hidden
+  states at the block's input and output -- the working set of a merge that learns one block at a time.
+* **streamed** (``modelpool.streaming``, :mod:`adamerge.pool.streamed`): no checkpoint is read whole, so loading holds
+  one tensor's K differences being stacked; the task vectors are resident only with ``host`` residency (on the host,
   page-locked), never on the device, where one task's slice of one tensor is fetched at a time ("task-vector
   slices": the slice and its float32 copy, in the forward pass and again in the backward pass, whatever K is); with
-  ``disk`` they are nowhere resident. Compression
-  (``modelpool.compression``) is not modelled: the task-vector terms are then an upper bound.
+  ``disk`` they are nowhere resident. Compression (``modelpool.compression``) is not modelled: an upper bound then.
 
-Activations are estimated for decoder LMs (Llama-like: gated MLP, SDPA attention, so no ``seq²`` term) from hidden
-size, layers, sequence length and batch; the constants are the tensors autograd saves per token and layer, counted
-with ``saved_tensors_hooks`` on transformers' Llama. Other backbones get no activation term (the plan says so).
+Activations are estimated for decoder LMs (Llama-like: gated MLP, SDPA attention, no ``seq²`` term) from hidden size,
+layers, sequence length and batch (autograd's saved tensors per token and layer, counted with ``saved_tensors_hooks``
+on transformers' Llama); other backbones get no activation term, and the plan says so.
 """
 
 from __future__ import annotations
