@@ -198,7 +198,7 @@ def partial_adamerge(run_dir: Path, seconds: float, usage: Any, log_path: Path, 
     if not saved:
         raise RuntimeError(f"adamerge was stopped at the time limit after {seconds:.0f} s before it saved a checkpoint; "
                            f"the end of {log_path}:\n{log_path.read_text()[-2000:]}")
-    state = torch.load(saved[0], map_location="cpu", weights_only=False)["adamerge"]  # this check's own file
+    state = torch.load(saved[0], map_location="cpu", weights_only=True)["adamerge"]  # as resume=true loads it
     profile, history = state["profile"], state["history"]
     # The checkpoint is written in the step-end hook before the module closes that step's profile: the profile covers
     # the steps before the last (on a GPU exactly; on the CPU its last step's phases are already in the seconds).

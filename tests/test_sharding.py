@@ -64,7 +64,7 @@ def test_two_sharded_processes_learn_the_coefficients_of_one(sharded_run, method
     assert not torch.allclose(expected, torch.tensor(worker.build_module(method).coefficients(), dtype=torch.float64),
                               atol=1e-3)  # it did learn
     # The export of the sharded merge (gathered by both ranks, written by rank 0) is the one process's merge.
-    fused = torch.load(sharded_run[0] / f"{method}.fused.pt")
+    fused = torch.load(sharded_run[0] / f"{method}.fused.pt", weights_only=True)
     for name, tensor in reference.merge_and_unload().state_dict().items():
         assert torch.allclose(fused[name], tensor, rtol=0, atol=1e-6), name
 
@@ -99,7 +99,7 @@ def test_a_sharded_run_resumes_from_its_checkpoint(sharded_run):
     resumed = torch.tensor(ranks[0]["resumed"]["coefficients"], dtype=torch.float64)
     assert torch.allclose(resumed, torch.tensor(reference.coefficients(), dtype=torch.float64), rtol=0, atol=1e-6)
     # The checkpoint holds what learns and none of the sharded tensors.
-    state = torch.load(out / worker.LAST_CHECKPOINT, weights_only=False)["state_dict"]
+    state = torch.load(out / worker.LAST_CHECKPOINT, weights_only=True)["state_dict"]
     assert "merged.coefficients" in state and not any(key.startswith("merged.blocks") for key in state)
 
 
