@@ -71,6 +71,7 @@ def _work(paths: dict[str, str], kind: str, mode: str, method: str, steps: int, 
         return {**info, **timings, "resident_task_vectors_mb": vectors.memory_bytes() / 2**20}
     vocab = pool.backbone.config.vocab_size
     module = build_learned("adamerging_layer_wise", pool.shared_backbone(), vectors, pool.heads, layer_groups="block")
+    module.set_task_batching("auto")  # streamed: merged module by module, once a step for all tasks; else sequential
     optimizer = module.configure_optimizers()
     generator = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(0, vocab, (batch, length), generator=generator),
@@ -80,7 +81,7 @@ def _work(paths: dict[str, str], kind: str, mode: str, method: str, steps: int, 
         start = time.perf_counter()
         optimizer.zero_grad()
         module.accumulate_gradients({task: {"inputs": inputs} for task in pool.task_names},
-                                    module.merged.merged_weights())
+                                    None if module.merges_per_module else module.merged.merged_weights())
         optimizer.step()
         seconds.append(time.perf_counter() - start)
     timings["step_seconds"] = sum(seconds) / len(seconds)
@@ -137,8 +138,11 @@ def render(rows: list[dict], shape: dict, machine: str) -> str:
         "so reads came from the page cache (a cold disk makes `disk` slower). What remains in the streamed rows: the "
         "pool's frozen model, the merged deltas and the merged state dict (1× the model each) for a merge, plus one "
         "tensor's K slices (the embedding's, here) being formed; for learning, the frozen model (the module shares the "
-        "pool's), the merged weights and their gradients, plus one task's slice of one tensor being read. `host` keeps the task vectors on the host, which on a CPU-only run is "
-        "where learning happens: it saves only the loading peak there (on a GPU it keeps them off the device).")
+        "pool's) and the activations of the K tasks' batches, in one forward (`task_batching=auto`): the streamed "
+        "rows merge module by module, a band of one weight at a time, so neither the merged weights nor their "
+        "gradients are ever whole (in memory they are 1× each). `host` keeps the task vectors on the host, which on a "
+        "CPU-only run is where learning happens: it saves the loading peak there (on a GPU it keeps them off the "
+        "device).")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ ARCHITECTURE_DOC = ROOT / "docs" / "architecture.md"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     ("storage",),
-    ("pool", "data", "reporting", "methods"),
+    ("pool", "data", "reporting", "methods", "methods.learned.merged_per_module"),
     ("backbones", "methods.data_free", "methods.learned.merged"),
     ("objectives",),
     ("training",),

@@ -156,11 +156,26 @@ def test_propagated_inputs_equal_a_fresh_capture_or_it_falls_back(skip, caplog):
                     samples_per_task=8, batch_size=8)
     assert module._propagates is (not skip)
     assert ("not a plain sequence" in caplog.text) is skip
-    # Whichever way, the cached inputs of the last block are the merged model's own activations there.
-    weights = module.merged.merged_weights()
-    cached = module._cache["tasks"]["task0"]["merged"]
-    captured = module._capture(2, module._cache["rows"]["task0"], weights)
-    torch.testing.assert_close(cached[0][0], captured[0][0], atol=1e-5, rtol=1e-5)
+    # Whichever way, the cached inputs of the last block are the merged model's own activations there, and the
+    # expert's inputs its own: a capture (each module merging itself, one-hot rows for the expert) gives the same.
+    rows = module._cache["rows"]["task0"]
+    cached = module._cache["tasks"]["task0"]
+    torch.testing.assert_close(cached["merged"][0][0], module._capture(2, rows)[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached["expert"][0][0], module._capture(2, rows, task=0)[0][0], atol=1e-5, rtol=1e-5)
+    # ... and a forward of the whole merge formed up front.
+    from adamerge.methods.learned.progressive import _StopForward
+
+    reached = []
+
+    def stop(_module, args):
+        reached.append(args[0])
+        raise _StopForward
+
+    handle = module._block(2).register_forward_pre_hook(stop)
+    with pytest.raises(_StopForward):
+        torch.func.functional_call(module.merged.module, module.merged.merged_weights(), (rows,))
+    handle.remove()
+    torch.testing.assert_close(cached["merged"][0][0], reached[0], atol=1e-5, rtol=1e-5)
 
 
 def test_residual_base_starts_from_the_base_and_keeps_it_outside_the_blocks():

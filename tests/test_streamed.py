@@ -280,18 +280,24 @@ def _steps(merged: MergedModel, steps: int = 3) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("granularity,groups", [("layer_wise", "block"), ("layer_wise", None), ("task_wise", None)])
 @pytest.mark.parametrize("residency", ["disk", "host"])
-def test_learned_gradients_equal_the_in_memory_path(files, granularity, groups, residency):
+@pytest.mark.parametrize("per_module", [True, False], ids=["per-module", "whole-merge"])
+def test_learned_gradients_equal_the_in_memory_path(files, granularity, groups, residency, per_module):
     memory, streamed = _in_memory(files), _streamed(files, residency)
     layer_groups = block_layer_groups(memory.names) if groups else None
     kwargs = {"granularity": granularity, "init_value": [0.3, 0.4, 0.5], "layer_groups": layer_groups}
     reference = MergedModel(Net().double(), memory, **kwargs)
     model = StreamedMergedModel(Net().double(), streamed, **kwargs)
+    model.merge_per_module = per_module
     assert not [n for n, _ in model.named_buffers() if "_task_vector_" in n]
     expected, got = _steps(reference), _steps(model)
     for step, (a, b) in enumerate(zip(expected, got)):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=f"step {step}")
     torch.testing.assert_close(model.coefficients, reference.coefficients, rtol=0, atol=1e-6)
-    assert model.fetches == 2 * len(memory.names) * 3  # every tensor's slices: once forward, once backward
+    passes = len(memory.names) * 3
+    if per_module:  # forward, and in the backward once for dL/dλ and (a linear weight past the input) once for dL/dx
+        assert 2 * passes <= model.fetches <= 3 * passes
+    else:  # every tensor's slices: once forward, once backward
+        assert model.fetches == 2 * passes
     if residency == "disk":
         assert streamed.memory_bytes() == 0
 
@@ -309,20 +315,52 @@ def test_backward_fetches_the_slices_again_instead_of_saving_them(files):
     assert model.fetches - before == len(streamed.names)
 
 
-def test_a_streamed_step_reads_one_task_s_slice_at_a_time(files, monkeypatch):
+@pytest.mark.parametrize("per_module", [True, False], ids=["per-module", "whole-merge"])
+def test_a_streamed_step_reads_one_task_s_slice_at_a_time(files, monkeypatch, per_module):
     """The peak of a streamed step must not grow with K: the merge and its backward read τ_k one task at a time and
     never form a tensor's ``[K, *shape]`` stack (for a large vocabulary's embedding that stack is K × 0.5 GB)."""
     memory, streamed = _in_memory(files), _streamed(files)
     reference = MergedModel(Net().double(), memory, init_value=[0.3, 0.4, 0.5])
     model = StreamedMergedModel(Net().double(), streamed, init_value=[0.3, 0.4, 0.5])
+    model.merge_per_module = per_module
     monkeypatch.setattr(StreamedTaskVectors, "stacked", lambda *a: pytest.fail("a [K, ...] stack was formed"))
     reads = []
     original = StreamedTaskVectors.task_slice
-    monkeypatch.setattr(StreamedTaskVectors, "task_slice", lambda self, name, task: reads.append(task) or
-                        original(self, name, task))
+    monkeypatch.setattr(StreamedTaskVectors, "task_slice", lambda self, name, task, rows=None, base=None:
+                        reads.append(task) or original(self, name, task, rows, base))
     for a, b in zip(_steps(reference, 1), _steps(model, 1)):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
-    assert reads == list(range(len(TASKS))) * 2 * len(memory.names)  # forward and backward, task by task
+    if per_module:  # task by task within every band, and every tensor read at least forward and backward
+        assert reads == list(range(len(TASKS))) * (len(reads) // len(TASKS)) and len(reads) >= 2 * len(TASKS) * len(memory.names)
+    else:
+        assert reads == list(range(len(TASKS))) * 2 * len(memory.names)  # forward and backward, task by task
+
+
+def test_per_module_merging_reads_weights_a_band_at_a_time(files, monkeypatch):
+    """Merging module by module, a linear weight is read and formed a band of rows at a time, forward and backward:
+    nothing of a weight's whole size is formed (the Qwen bench's tied 152k-row embedding is 0.5 GB in float32)."""
+    from adamerge.methods.learned import merged_per_module
+
+    monkeypatch.setattr(merged_per_module, "BAND_ELEMENTS", 8)
+    memory, streamed = _in_memory(files), _streamed(files)
+    reference = MergedModel(Net().double(), memory, init_value=[0.3, 0.4, 0.5])
+    model = StreamedMergedModel(Net().double(), streamed, init_value=[0.3, 0.4, 0.5])
+    assert model.merge_per_module  # what a streamed pool does by default
+    shapes = {name: tensor.shape for name, tensor in memory.pretrained.items()}
+    whole = []
+    original = StreamedTaskVectors.task_slice
+
+    def read(self, name, task, rows=None, base=None):
+        if len(shapes[name]) == 2 and shapes[name].numel() > 8 and rows is None:
+            whole.append(name)
+        elif rows is not None:
+            assert (rows[1] - rows[0]) * shapes[name][1] <= max(8, shapes[name][1])  # a band is one row at least
+        return original(self, name, task, rows, base)
+
+    monkeypatch.setattr(StreamedTaskVectors, "task_slice", read)
+    for a, b in zip(_steps(reference, 2), _steps(model, 2)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    assert not whole, f"weights read whole: {sorted(set(whole))}"
 
 
 def test_a_learned_module_shares_the_pool_s_pretrained_weights(llama_pool):
@@ -469,6 +507,7 @@ def test_the_export_records_how_the_task_vectors_were_held(llama_pool, tmp_path)
 
 def test_the_memory_plan_s_streamed_terms_are_what_the_streamed_objects_hold(llama_pool):
     from adamerge.cli.run_memory import plan_for_pool
+    from adamerge.pool import memory_plan
 
     finetuned = {t: p for t, p in llama_pool.items() if t != "pretrained"}
     plans = {mode: plan_for_pool(llama_pool["pretrained"], finetuned, auto_class="AutoModelForCausalLM",
@@ -480,8 +519,13 @@ def test_the_memory_plan_s_streamed_terms_are_what_the_streamed_objects_hold(lla
         plan, run, model = plans[mode]
         assert model.largest_tensor == largest
         assert plan.device["task vectors"] == 0
-        # What _StreamedTaskSum holds: one task's slice (float32 here) and its float32 copy, whatever K is.
-        assert plan.device["task-vector slices"] == largest * (4 + 4)
+        # What a step merging module by module holds: one band of one weight (float32 here), its float32 merge and
+        # gradient, whatever K is; no merged weights or gradients of the whole model.
+        from adamerge.methods.learned import merged_per_module
+
+        assert merged_per_module.BAND_ELEMENTS == memory_plan.BAND_ELEMENTS
+        assert plan.device["task-vector slices"] == min(largest, memory_plan.BAND_ELEMENTS) * (4 + 12)
+        assert plan.device["merged weights"] == plan.device["their gradients"] == 0
         assert not any("checkpoints being read" in term for term in plan.host)
     assert plans["host"][0].host["task vectors"] == memory.memory_bytes()
     assert plans["disk"][0].host["task vectors"] == 0
@@ -603,3 +647,67 @@ def test_a_streamed_run_learns_what_the_in_memory_run_learns_and_records_it(tmp_
     record = json.loads((Path(rows["disk"]["export"]) / "merge_config.json").read_text())
     assert record["task_vectors"] == {"streaming": "disk", "compression": None}
     assert "task_vectors" not in json.loads((Path(rows["false"]["export"]) / "merge_config.json").read_text())
+
+
+def test_a_streamed_step_runs_every_task_s_token_batch_through_one_per_module_merge(llama_pool):
+    """A streamed pool merges module by module; with ``task_batching=auto`` the tasks' token batches (of different
+    lengths: right-padded with their attention masks, outputs cropped back) go through one forward, so the merge is
+    made once a step, not once per task. The gradient is the in-memory, task-by-task one; so are the experts'
+    outputs, taken through one-hot views that copy nothing."""
+    from adamerge import build_learned_module
+    from adamerge.methods.learned.merged_streamed import expert_backbones
+
+    memory_pool, streamed_pool = _hf_pool(llama_pool), _hf_pool(llama_pool, streaming="disk")
+    memory = build_learned_module(memory_pool, "adamerging_layer_wise", "entropy")
+    streamed = build_learned_module(streamed_pool, "adamerging_layer_wise", "entropy")
+    streamed.set_task_batching("auto")
+    assert streamed.merges_per_module and not memory.merges_per_module
+    generator = torch.Generator().manual_seed(0)
+    batch = {}
+    for i, task in enumerate(memory.task_names):
+        mask = torch.ones(2, 4 + 2 * i, dtype=torch.long)
+        mask[1, -1] = 0  # a padded row of the task's own
+        batch[task] = {"inputs": {"input_ids": torch.randint(0, 64, (2, 4 + 2 * i), generator=generator),
+                                  "attention_mask": mask}}
+    expected = memory.accumulate_gradients(batch, memory.merged.merged_weights())
+    got = streamed.accumulate_gradients(batch, None)
+    assert streamed.task_batching_used == "joint"
+    assert got == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(streamed.merged.coefficients.grad, memory.merged.coefficients.grad, atol=1e-6, rtol=1e-4)
+    assert memory.merged.coefficients.grad.abs().max() > 1e-6  # not vacuous
+    views = expert_backbones(streamed_pool, streamed_pool.task_vectors())
+    inputs = batch[memory.task_names[0]]["inputs"]
+    for task in memory.task_names:
+        expected = memory_pool.backbone_with(memory_pool.task_vectors(), task)(**inputs).logits
+        torch.testing.assert_close(views(task)(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+    assert expert_backbones(memory_pool, memory_pool.task_vectors()) is None
+
+
+def test_a_band_read_with_theta0_in_hand_equals_one_read_from_both_checkpoints(files):
+    """A band of τ_k read alone from the checkpoints, with θ0's rows given by the caller (its float32 module) or read,
+    is the same as that band of the whole slice; a float64 θ0 is never replaced by a float32 copy."""
+    streamed = _streamed(files)
+    name = max(streamed.names, key=lambda n: streamed.pretrained[n].numel())
+    whole = streamed.task_slice(name, 1)
+    theta0 = streamed.pretrained[name]
+    assert theta0.dtype == F64
+    for base in (None, theta0[1:3].float() + 1.0):  # a wrong float32 base must be ignored for a float64 θ0
+        torch.testing.assert_close(streamed.task_slice(name, 1, (1, 3), base), whole[1:3], rtol=0, atol=0)
+
+
+def test_per_module_merging_runs_under_autocast(files):
+    """Under bfloat16 autocast (16-bit activations and gradients, float32 merged weights) the banded path gives the
+    whole merge's outputs and coefficient gradients, to bfloat16's precision."""
+    memory, streamed = _in_memory(files), _streamed(files)
+    reference = MergedModel(Net().float(), memory, init_value=[0.3, 0.4, 0.5])
+    model = StreamedMergedModel(Net().float(), streamed, init_value=[0.3, 0.4, 0.5])
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    grads, outputs = [], []
+    for merged in (reference, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = merged(x)
+        out.float().square().sum().backward()
+        outputs.append(out.float())
+        grads.append(merged.coefficients.grad)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(grads[1], grads[0], atol=5e-2, rtol=5e-2)

@@ -121,8 +121,11 @@ def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool) -> tuple[Me
     pretrained = pool.get("pretrained") or backbone.get("model")
     if pretrained is None:
         return "the pool names no pretrained checkpoint"
-    joint = cfg.get("task_batching", "sequential") == "joint"
     from adamerge.pool.streamed import streaming_mode
+
+    # auto runs a streamed pool's tasks jointly (its merge is made module by module: once a step, not once per task)
+    batching = cfg.get("task_batching", "sequential")
+    joint = batching == "joint" or (batching == "auto" and streaming_mode(pool.get("streaming", False)) is not None)
 
     try:
         planned = plan_for_pool(

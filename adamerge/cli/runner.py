@@ -22,6 +22,7 @@ from adamerge.cli.run_memory import check_memory_plan
 from adamerge.cli.settings import RunSettings, parse_outputs, parse_run_settings, run_record
 from adamerge.errors import ConfigError, adamerge_cause
 from adamerge.objectives import Objective, build_objective
+from adamerge.methods.learned.merged_streamed import expert_backbones
 from adamerge.objectives.expert_targets import ExpertTargets
 from adamerge.pool.modelpool import ModelPool
 from adamerge.pool.task_vectors import TaskVectors
@@ -30,6 +31,7 @@ from adamerge.storage.locking import run_directory_lock
 from adamerge.storage.renamed import current_path
 from adamerge.training.alignment import load_alignment
 from adamerge.training.heads_config import REPORT_KEY as HEAD_REPORT, check_adaptable, head_lines
+from adamerge.training.host_memory import release_freed_memory
 from adamerge.training.preemption import handle_preemption, stop_if_requested
 from adamerge.training.protected_config import build_protected_tasks, parse_protected
 from adamerge.training.resume import remove_checkpoints, write_run_record
@@ -63,8 +65,10 @@ def build_expert_targets(settings: RunSettings, pool: ModelPool, task_vectors: T
     objective that compares with the experts, its adaptation rows: never once per step (adamerge.objectives.expert_targets)."""
     start = time.perf_counter()
     experts = ExpertTargets.for_objective(pool, task_vectors, datamodule, device, objective,
+                                          backbone=expert_backbones(pool, task_vectors),
                                           max_bytes=settings.options.expert_cache_max_gb * 2**30,
                                           batch_size=settings.data.eval_batch_size)
+    release_freed_memory()  # each expert was a whole model for a moment: give its pages back before learning
     report = experts.report()
     print(f"expert outputs: {sum(report['examples_forwarded'].values())} inputs through the experts, "
           f"{report['cached_mb']:.1f} MB kept ({time.perf_counter() - start:.1f} s)")

@@ -15,7 +15,7 @@ caching pass still finds its tokens.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -112,18 +112,23 @@ class ExpertTargets:
 
     @classmethod
     def from_pool(cls, pool: Any, task_vectors: Any, datamodule: Any, device: torch.device, needs: Iterable[str],
-                  max_bytes: float = 4 * 2**30, batch_size: int | None = None) -> ExpertTargets:
-        """The experts of a :class:`~adamerge.pool.modelpool.ModelPool`: task k's backbone at θ0 + τ_k with its head."""
-        return cls(lambda task: (pool.backbone_with(task_vectors, task), pool.heads[task]), datamodule, device, needs,
+                  max_bytes: float = 4 * 2**30, batch_size: int | None = None,
+                  backbone: Callable[[str], nn.Module] | None = None) -> ExpertTargets:
+        """The experts of a :class:`~adamerge.pool.modelpool.ModelPool`: task k's backbone at θ0 + τ_k with its head.
+        ``backbone(task)`` builds that backbone (default: a copy of the pool's, :meth:`ModelPool.backbone_with`; a
+        streamed pool's runs pass a view that merges module by module and copies nothing)."""
+        build = backbone or (lambda task: pool.backbone_with(task_vectors, task))
+        return cls(lambda task: (build(task), pool.heads[task]), datamodule, device, needs,
                    max_bytes=max_bytes, batch_size=batch_size)
 
     @classmethod
     def for_objective(cls, pool: Any, task_vectors: Any, datamodule: Any, device: torch.device, objective: Objective,
-                      max_bytes: float = 4 * 2**30, batch_size: int | None = None) -> ExpertTargets:
+                      max_bytes: float = 4 * 2**30, batch_size: int | None = None,
+                      backbone: Callable[[str], nn.Module] | None = None) -> ExpertTargets:
         """The pool's experts run once over what a run needs: every task's evaluation rows (the agreement signal) and,
         for an objective that compares with the experts, its adaptation rows with the outputs that objective reads."""
         experts = cls.from_pool(pool, task_vectors, datamodule, device, {"logits", *objective.needs},
-                                max_bytes=max_bytes, batch_size=batch_size)
+                                max_bytes=max_bytes, batch_size=batch_size, backbone=backbone)
         experts.prepare(task_vectors.task_names, [EVALUATION, ADAPTATION] if objective.needs else [EVALUATION])
         return experts
 

@@ -1,11 +1,13 @@
 """The memory a merge will need, worked out from shapes before a byte of weights is read.
 
+Long because: one model of memory -- the terms of every working set (loading, end to end, progressive, streamed,
+LoRA) are kept side by side so they stay consistent with each other and with what the code holds.
+
 The terms follow what the code holds at its peaks (:mod:`adamerge.pool.modelpool`, :mod:`adamerge.pool.task_vectors`,
 :mod:`adamerge.methods.learned.merged`, the learning step of :mod:`adamerge.training.module`):
 
-* **host, loading**: the pool's frozen model θ0, all K fine-tuned checkpoints (``ModelPool.vectors_of`` reads every
-  one before stacking), the stacked task vectors ``[K, ...]`` in the storage dtype, and the float32 differences of
-  the largest tensor while it is stacked;
+* **host, loading**: θ0, all K fine-tuned checkpoints (``ModelPool.vectors_of`` reads every one before stacking),
+  the stacked task vectors ``[K, ...]`` (storage dtype) and the largest tensor's float32 differences being stacked;
 * **host, resident**: θ0 and the task vectors (a learned module on the host shares the pool's θ0,
   ``ModelPool.shared_backbone``; on a device it holds its own copy);
 * **device, one learning step** (end to end): the module's copy of θ0, the task vectors, the merged weights and
@@ -13,11 +15,9 @@ The terms follow what the code holds at its peaks (:mod:`adamerge.pool.modelpool
   saves for the batch, the logits and the float32 copies the entropy takes of them, and Adam's state;
 * **device, block by block** (progressive distillation): the same for the largest block only, plus the hidden
   states at the block's input and output -- the working set of a merge that learns one block at a time.
-* **streamed** (``modelpool.streaming``, :mod:`adamerge.pool.streamed`): no checkpoint is read whole, so loading holds
-  one tensor's K differences being stacked; the task vectors are resident only with ``host`` residency (on the host,
-  page-locked), never on the device, where one task's slice of one tensor is fetched at a time ("task-vector
-  slices": the slice and its float32 copy, in the forward pass and again in the backward pass, whatever K is); with
-  ``disk`` they are nowhere resident. Compression (``modelpool.compression``) is not modelled: an upper bound then.
+* **streamed** (``modelpool.streaming``): no checkpoint is read whole; ``host`` keeps the task vectors on the host
+  (stacking one tensor's K differences at a time while loading), ``disk`` nowhere; the step merges module by module,
+  one band of one weight at a time ("task-vector slices": the band, its float32 merge and gradient, whatever K is). Compression (``modelpool.compression``) is not modelled: an upper bound then.
 
 Activations are estimated for decoder LMs (Llama-like: gated MLP, SDPA attention, no ``seq²`` term) from hidden size,
 layers, sequence length and batch (autograd's saved tensors per token and layer, counted with ``saved_tensors_hooks``
@@ -36,6 +36,7 @@ from adamerge.pool.inventory import DTYPE_BYTES, TensorSpec
 from adamerge.pool.key_filters import BLOCK_PATTERN
 
 GIB = 2**30
+BAND_ELEMENTS = 1 << 22  # adamerge.methods.learned.merged_per_module.BAND_ELEMENTS (a test keeps them equal)
 WorkingSet = Literal["end_to_end", "progressive"]
 
 
@@ -76,6 +77,8 @@ class ModelShape:
     largest_tensor: int  # elements of the largest merged tensor
     largest_block: int  # merged elements of the largest block (a decoder layer, or a tensor outside the blocks)
     decoder: DecoderShape | None = None
+    largest_layer: int = 0  # merged elements of the largest numbered block (what progressive distillation learns)
+    layered_parameters: int = 0  # merged elements of all numbered blocks
 
     @property
     def bytes_per_parameter(self) -> float:
@@ -96,6 +99,7 @@ class RunShape:
     coefficient_rows: int = 1
     adapter_parameters: int = 0  # per task: LoRA pools keep adapters, and form one tensor's deltas at a time
     streaming: str | None = None  # modelpool.streaming: None (in memory), "host" or "disk" (adamerge.pool.streamed)
+    element_coefficients: bool = False  # progressive distillation's granularity=element: K per element of the blocks
 
 
 @dataclass
@@ -160,6 +164,8 @@ def model_shape(inventory: Mapping[str, TensorSpec], *, merged: Iterable[str] | 
         merged_parameters=sum(inventory[n].numel for n in names),
         largest_tensor=max((inventory[n].numel for n in names), default=0),
         largest_block=max(blocks.values(), default=0), decoder=decoder_shape(config),
+        largest_layer=max((v for k, v in blocks.items() if k.startswith("block ")), default=0),
+        layered_parameters=sum(v for k, v in blocks.items() if k.startswith("block ")),
     )
 
 
@@ -184,7 +190,8 @@ def loading_peak(model: ModelShape, run: RunShape) -> dict[str, int]:
         return {
             "frozen model": model.model_bytes,
             "task vectors": task_vector_bytes(model, run) if run.streaming == "host" else 0,
-            "stacking buffer": 2 * run.num_tasks * model.largest_tensor * 4,
+            # host residency stacks each tensor's K differences once; disk never stacks (the step reads bands)
+            "stacking buffer": 2 * run.num_tasks * model.largest_tensor * 4 if run.streaming == "host" else 0,
         }
     return {
         "frozen model": model.model_bytes,
@@ -198,27 +205,34 @@ def loading_peak(model: ModelShape, run: RunShape) -> dict[str, int]:
 def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet = "end_to_end") -> dict[str, int]:
     """What one learning step holds where the merged model runs (the task vectors included)."""
     progressive = working_set == "progressive"
-    merged = model.largest_block if progressive else model.merged_parameters
-    weight_bytes = int(merged * model.bytes_per_parameter)
-    frozen = int(model.largest_block * model.bytes_per_parameter) if progressive else model.model_bytes
-    vectors = task_vector_bytes(model, run)
-    if progressive:
-        vectors = vectors * model.largest_block // max(1, model.merged_parameters)
-    streamed = bool(run.streaming) and not run.adapter_parameters and not progressive
+    # Progressive distillation learns one numbered block at a time; the tensors outside them (an embedding) are
+    # merged module by module, never learned.
+    layer = (model.largest_layer or model.largest_block) if progressive else model.merged_parameters
+    weight_bytes = int(layer * model.bytes_per_parameter)
+    frozen = weight_bytes if progressive else model.model_bytes
+    vectors = task_vector_bytes(model, run) * layer // max(1, model.merged_parameters)
+    streamed = bool(run.streaming) and not run.adapter_parameters
+    if streamed and progressive:  # one task's slice of one of the block's tensors at a time, and the block's merge
+        return {"frozen model": frozen, "task-vector slices": min(model.largest_tensor, layer) * (run.storage_bytes + 4),
+                "merged weights": weight_bytes, "their gradients": weight_bytes, "expert block": weight_bytes,
+                # element-wise: every block's K × elements (float32) kept, Adam's gradient and moments for one block
+                "optimiser": (run.num_tasks * (4 * model.layered_parameters + 12 * layer) if run.element_coefficients
+                              else run.coefficient_rows * run.num_tasks * 16), **activation_bytes(model, run, True)}
+    # A streamed pool merges module by module (adamerge.methods.learned.merged_per_module): one band of one weight
+    # (BAND_ELEMENTS values) is read, formed in float32 and, in the backward, met by its float32 gradient; the merged
+    # model and its gradient are never whole (a norm's few merged values, kept for its backward, are left out).
+    band = min(model.largest_tensor, BAND_ELEMENTS)
     parts = {
         "frozen model": frozen,
         "task vectors": 0 if streamed else vectors,
-        # adamerge.methods.learned.merged_streamed.StreamedMergedModel: one task's slice of one tensor at a time, and
-        # its float32 copy for the backward's inner product.
-        "task-vector slices": model.largest_tensor * (run.storage_bytes + 4) if streamed else 0,
-        "merged weights": weight_bytes,
-        "their gradients": weight_bytes,
+        "task-vector slices": band * (run.storage_bytes + 12) if streamed else 0,
+        "merged weights": 0 if streamed else weight_bytes,
+        "their gradients": 0 if streamed else weight_bytes,
         # LoRA (adamerge.methods.learned.merged.LoRAMergedModel): one tensor's B_cat·diag(λ·s)·A_cat, float32, then dropped.
         "lazy deltas": model.largest_tensor * 4 if run.adapter_parameters else 0,
-        # MergedModel.merge_deltas, per tensor: float32 Σ_k λ_k τ_k and θ0 + it; a 16-bit τ is upcast for the sum
-        # (in memory all K at once; streamed, the sum reads one slice at a time).
-        "merge buffer": (2 + (run.num_tasks if run.storage_bytes < 4 and not run.adapter_parameters and not streamed
-                              else 0)) * model.largest_tensor * 4,
+        # MergedModel.merge_deltas, per tensor: float32 Σ_k λ_k τ_k and θ0 + it; a 16-bit τ is upcast (all K at once).
+        "merge buffer": 0 if streamed else (2 + (run.num_tasks if run.storage_bytes < 4 and not run.adapter_parameters
+                                                 else 0)) * model.largest_tensor * 4,
         "optimiser": run.coefficient_rows * run.num_tasks * 4 * 4,  # value, gradient, two Adam moments (float32)
     }
     parts.update(activation_bytes(model, run, progressive))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from adamerge.pool.checkpoints import describe_source
+from adamerge.pool.inventory import DTYPE_BYTES, TensorSpec
 from adamerge.pool.key_filters import drop_excluded, select_tensors
 from adamerge.pool.lazy_checkpoints import LazyStateDict, lazy_state_dict, meta_state, specs_of
 from adamerge.pool.streamed import RESIDENCIES, StreamedVectorsBase, pinned, streaming_mode
@@ -124,14 +125,31 @@ class StreamedTaskVectors(StreamedVectorsBase):
             return column.state[name].to(self.dtype)
         return (column.state[name].float() - base).to(self.dtype)
 
-    def task_slice(self, name: str, task: int) -> Tensor:
+    def task_slice(self, name: str, task: int, rows: tuple[int, int] | None = None,
+                   base: Tensor | None = None) -> Tensor:
         """Task ``task``'s slice of ``name`` (storage dtype): from the host cache when it holds it, else read from
-        that task's checkpoint alone -- what a merge that visits the tasks one at a time holds, whatever K is."""
+        that task's checkpoint alone -- what a merge that visits the tasks one at a time holds, whatever K is.
+        ``rows`` (start, stop): only that band of the first dimension, read alone from the checkpoints; ``base``:
+        θ0's values there (float32, on the host) when the caller holds them, so θ0's checkpoint is not read again."""
         cached = self._cache.get(name)
         if cached is not None:
-            return cached[task]
+            return cached[task] if rows is None else cached[task][rows[0]:rows[1]]
         column = self.columns[task]
-        return self._row(column, name, None if column.is_delta else self.pretrained[name].float())
+        if rows is None:
+            return self._row(column, name, None if column.is_delta else self.pretrained[name].float())
+        band = _rows_of(column.state, name, rows)
+        if column.is_delta:
+            return band.to(self.dtype)
+        if base is not None and DTYPE_BYTES[self.pretrained_specs()[name].dtype] > 4:
+            base = None  # a float64 θ0 is not exactly its float32 copy: read it
+        # θ_k − θ0 in float32, rounded to the storage dtype as a whole slice is (one float32 buffer, not three)
+        return band.to(torch.float32, copy=True).sub_(_rows_of(self.pretrained, name, rows) if base is None
+                                                      else base).to(self.dtype)
+
+    def pretrained_specs(self) -> dict[str, TensorSpec]:
+        if getattr(self, "_pretrained_specs", None) is None:
+            self._pretrained_specs = specs_of(self.pretrained)
+        return self._pretrained_specs
 
     def stacked(self, name: str) -> Tensor:
         cached = self._cache.get(name)
@@ -225,3 +243,10 @@ def pool_streamed_vectors(pool: Any, pretrained: Mapping[str, Tensor], sources: 
         sources={task: describe_source(source) for task, source in sources.items()},
         pretrained_source=describe_source(pool.pretrained_source or pool.backbone),
     )
+
+
+def _rows_of(state: Mapping[str, Tensor], name: str, rows: tuple[int, int]) -> Tensor:
+    """Rows ``start:stop`` of ``state[name]``: read alone from a lazy checkpoint, sliced from a tensor in memory."""
+    if isinstance(state, LazyStateDict):
+        return state.rows(name, *rows)
+    return state[name][rows[0]:rows[1]]

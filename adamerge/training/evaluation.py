@@ -121,8 +121,9 @@ class ValidationHooks:
     _COUNTS = (*SCORE_COUNTS, "batches", "changed", "compared")
 
     def on_validation_epoch_start(self) -> None:
-        with torch.no_grad():
-            self._eval_weights = {n: w.detach() for n, w in self.eval_weights().items()}
+        with torch.no_grad():  # None: each module merges itself in the forward (the merge is never whole)
+            self._eval_weights = (None if self.merges_per_module
+                                  else {n: w.detach() for n, w in self.eval_weights().items()})
         self._totals = {task: [0.0] * len(self._COUNTS) for task in self.task_names}
         self._predictions = {}
 

@@ -184,6 +184,12 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
             raise RuntimeError(f"only merge coefficients may train, but these require grad: {extra[:5]}")
         return torch.optim.Adam(self.trainable_parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
 
+    @property
+    def merges_per_module(self) -> bool:
+        """Whether steps and evaluations merge module by module (the merged model's ``merge_per_module``, which a
+        streamed pool turns on): never with protected tasks, whose losses take the whole merge."""
+        return bool(self.merged.merge_per_module) and self.protection is None
+
     def merged_weights(self) -> dict[str, Tensor]:
         """The merge used by the learning step; Concrete methods add their sampled mask here."""
         return self.merged.merged_weights()
@@ -215,14 +221,16 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
         else:
             loss.backward()
 
-    def accumulate_gradients(self, batch: Mapping[str, Batch], weights: Mapping[str, Tensor]) -> dict[str, float]:
+    def accumulate_gradients(self, batch: Mapping[str, Batch], weights: Mapping[str, Tensor] | None) -> dict[str, float]:
         """Steps 2 and 3 of the module docstring for one merge ``weights`` (graph to what trains).
 
         Returns the objective of every task's batch (their mean prediction entropies go to
         ``last_step_entropy``). ``task_batching`` decides how step 2 runs: ``sequential`` (one task's
         activations alive at a time) or ``joint`` (one forward + backward over all tasks' batches).
         """
-        leaves = {name: w.detach().requires_grad_(True) for name, w in weights.items()}
+        # Per-module merging (weights None): each module forms its merge in the pass, so the objective's backward
+        # reaches the coefficients directly; otherwise the passes differentiate detached copies (leaves) of the merge.
+        leaves = None if weights is None else {name: w.detach().requires_grad_(True) for name, w in weights.items()}
         self.last_step_entropy = {}
         if self.resolved_task_batching(batch, leaves) == "joint":
             objectives = self._joint_pass(batch, leaves)
@@ -230,7 +238,7 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
             objectives = {task: self._task_pass(task, batch[task], leaves) for task in self.task_names}
         if self.protection is not None:  # its own batches and losses: protected data never enters the objective
             self.protection.accumulate(self, leaves)
-        used = [name for name, leaf in leaves.items() if leaf.grad is not None]
+        used = [name for name, leaf in (leaves or {}).items() if leaf.grad is not None]
         if used:
             with self.profile.phase("merge"):  # dL/dλ = <τ, dL/dθ>: the merge graph's backward
                 torch.autograd.backward([weights[n] for n in used], [leaves[n].grad for n in used])
@@ -279,7 +287,7 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
         with self.profile.phase("forward"):
             with self._autocast():
                 features = run_backbone(self.merged, task_batching.concatenate(inputs, self.task_names), leaves)
-                per_task = task_batching.split(features, sizes)
+                per_task = task_batching.split(features, sizes, [task_batching.token_length(x) for x in inputs])
                 logits = [self.heads[task](part) for task, part in zip(self.task_names, per_task)]
             objectives, total = {}, None
             for task, output, task_logits in zip(self.task_names, per_task, logits):
@@ -313,8 +321,8 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
     def coefficient_step(self, batch: Mapping[str, Batch], optimizer: Any) -> dict[str, float] | None:
         """One step of ``optimizer`` on the merge's objective; None when a non-finite step was skipped."""
         optimizer.zero_grad(set_to_none=True)
-        with self.profile.phase("merge"):
-            weights = self.merged_weights()
+        with self.profile.phase("merge"):  # per-module merging forms it inside the forward instead
+            weights = None if self.merges_per_module else self.merged_weights()
         try:
             objectives = self.accumulate_gradients(batch, weights)
         except NonFiniteError as error:

@@ -9,7 +9,8 @@
   or ``track_running_stats=False``) would mix the tasks, and is refused.
 - ``auto``: joint on CUDA when a probe of one task's activation memory, times K, fits in
   ``AUTO_MEMORY_FRACTION`` of the free device memory; sequential otherwise (on CPU a joint step does the
-  same arithmetic with more memory).
+  same arithmetic with more memory) -- except that a merge made module by module (a streamed pool) is always
+  joint: sequentially it would be made K times a step.
 """
 
 from __future__ import annotations
@@ -55,9 +56,33 @@ def batch_size(inputs: Any) -> int:
     return int(inputs.shape[0])
 
 
+def token_length(inputs: Any) -> int | None:
+    """The sequence length of tokenised inputs (a mapping with ``input_ids``), None for anything else."""
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+    return int(ids.shape[1]) if isinstance(ids, Tensor) and ids.ndim >= 2 else None
+
+
+def _pad_tokens(value: Tensor, key: str, length: int) -> Tensor:
+    """Right padding to ``length`` tokens: masked by an attention mask of 0 (labels -100), so a causal LM's or an
+    encoder's outputs at the real tokens do not change."""
+    if value.ndim < 2 or value.shape[1] == length:
+        return value
+    fill = -100 if key == "labels" else 0
+    return torch.nn.functional.pad(value, (0, 0) * (value.ndim - 2) + (0, length - value.shape[1]), value=fill)
+
+
 def concatenate(inputs: Sequence[Any], task_names: Sequence[str]) -> Any:
-    """One batch from every task's inputs (tensors, or tokenised mappings of tensors)."""
+    """One batch from every task's inputs (tensors, or tokenised mappings of tensors: those of different lengths
+    are right-padded to the longest, with an attention mask, and :func:`split` crops the outputs back)."""
     if isinstance(inputs[0], Mapping):
+        lengths = [token_length(x) for x in inputs]
+        if None not in lengths and len(set(lengths)) > 1:
+            if any("attention_mask" not in x for x in inputs):
+                raise ConfigError("task_batching=joint needs an attention mask to pad the tasks' token batches to one "
+                                  "length; use task_batching=sequential")
+            longest = max(lengths)
+            inputs = [{key: _pad_tokens(value, key, longest) if isinstance(value, Tensor) else value
+                       for key, value in x.items()} for x in inputs]
         return {key: concatenate([x[key] for x in inputs], task_names) for key in inputs[0]}
     shapes = [tuple(x.shape[1:]) for x in inputs]
     if len(set(shapes)) > 1:
@@ -67,12 +92,15 @@ def concatenate(inputs: Sequence[Any], task_names: Sequence[str]) -> Any:
     return torch.cat(list(inputs))
 
 
-def split(features: Any, sizes: Sequence[int]) -> list[Any]:
-    """The joint batch's backbone output cut back into the tasks' parts (a tensor, or an output's logits)."""
-    if isinstance(features, Tensor):
-        return list(torch.split(features, list(sizes)))
-    if isinstance(getattr(features, "logits", None), Tensor):
-        return list(torch.split(features.logits, list(sizes)))
+def split(features: Any, sizes: Sequence[int], lengths: Sequence[int | None] | None = None) -> list[Any]:
+    """The joint batch's backbone output cut back into the tasks' parts (a tensor, or an output's logits); token
+    outputs (``[batch, tokens, ...]``) of tasks padded by :func:`concatenate` cropped to their own ``lengths``."""
+    tensor = features if isinstance(features, Tensor) else getattr(features, "logits", None)
+    if isinstance(tensor, Tensor):
+        parts = list(torch.split(tensor, list(sizes)))
+        if lengths is not None and tensor.ndim >= 3:
+            parts = [part[:, :length] if length is not None else part for part, length in zip(parts, lengths)]
+        return parts
     raise ConfigError(f"task_batching=joint cannot split a backbone output of type {type(features).__name__}; "
                       "use task_batching=sequential")
 
@@ -81,7 +109,14 @@ def choose(module: Any, batch: Mapping[str, Mapping[str, Any]], leaves: Mapping[
     """``auto``'s decision on the first step (a fixed mode is returned as it is)."""
     if module.task_batching != "auto":
         return module.task_batching
-    if module.device.type != "cuda" or mixing_modules(module.merged.module):
+    if mixing_modules(module.merged.module):
+        return "sequential"
+    if getattr(module, "merges_per_module", False) and all(
+            isinstance(batch[t]["inputs"], Tensor) or token_length(batch[t]["inputs"]) for t in module.task_names):
+        # Merging module by module, a sequential step merges (reads every band of every weight) once per task:
+        # the K batches go through one forward instead, on any device.
+        return "joint"
+    if module.device.type != "cuda":
         return "sequential"
     inputs = [batch[task]["inputs"] for task in module.task_names]
     first = inputs[0]

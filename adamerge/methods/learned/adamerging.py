@@ -224,7 +224,10 @@ def build_learned_module(
 
         datamodule.setup("fit")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        module.use_experts(ExpertTargets.for_objective(pool, vectors, datamodule, device, objective))
+        from adamerge.methods.learned.merged_streamed import expert_backbones
+
+        module.use_experts(ExpertTargets.for_objective(pool, vectors, datamodule, device, objective,
+                                                       backbone=expert_backbones(pool, vectors)))
     attach(module, heads, datamodule)  # heads: adapt -- per-task copies of the heads that learn; frozen: nothing
     return module
 

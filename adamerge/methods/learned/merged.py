@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from adamerge.errors import ConfigError
+from adamerge.methods.learned.merged_per_module import merging_per_module, owner_modules
 from adamerge.pool.lora import LoRATaskVectors
 from adamerge.pool.task_vectors import TaskVectors
 
@@ -133,9 +134,11 @@ class MergedModel(nn.Module):
     def task_vector(self, index: int) -> Tensor:
         return getattr(self, f"_task_vector_{index}")
 
-    def task_slice(self, index: int, task: int) -> Tensor:
-        """Task ``task``'s vector of merged tensor ``index`` (a subclass that streams fetches that slice alone)."""
-        return self.task_vector(index)[task]
+    def task_slice(self, index: int, task: int, rows: tuple[int, int] | None = None) -> Tensor:
+        """Task ``task``'s vector of merged tensor ``index`` (a subclass that streams fetches that slice alone);
+        ``rows`` (start, stop): that band of its first dimension only."""
+        part = self.task_vector(index)[task]
+        return part if rows is None else part[rows[0]:rows[1]]
 
     def pretrained_tensors(self) -> dict[str, Tensor]:
         own = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
@@ -177,7 +180,24 @@ class MergedModel(nn.Module):
             weights[name] = (base.to(compute) + delta).to(base.dtype)
         return weights
 
+    # Form each module's merged tensors when it runs instead of the whole merge up front (merged_per_module.py):
+    # what a streamed pool turns on, so the merged model and its gradient are never whole in memory.
+    merge_per_module: bool = False
+
+    def per_module_owners(self) -> list[tuple[nn.Module, dict[str, int]]]:
+        """The modules owning merged tensors (computed once: the module tree does not change)."""
+        if getattr(self, "_owners", None) is None:
+            self._owners = owner_modules(self)
+        return self._owners
+
+    def row_coefficients(self, index: int) -> bool:
+        """Whether merged tensor ``index`` has one coefficient per task (a row), as the banded per-module merge needs."""
+        return True
+
     def forward(self, *args: Any, weights: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
+        if weights is None and self.merge_per_module:
+            with merging_per_module(self):
+                return self.module(*args, **kwargs)
         if weights is None:
             weights = self.merged_weights()
         call = self._compiled_call if self._compiled_call is not None else functional_call

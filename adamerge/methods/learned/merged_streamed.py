@@ -29,7 +29,7 @@ from adamerge.pool.lora import LoRATaskVectors
 from adamerge.pool.streamed import RESIDENCIES, pinned
 from adamerge.pool.streamed_vectors import StreamedTaskVectors
 
-__all__ = ["StreamedMergedModel", "LowRankMergedModel", "merged_model_class"]
+__all__ = ["StreamedMergedModel", "LowRankMergedModel", "merged_model_class", "expert_backbones"]
 
 
 class _StreamedTaskSum(torch.autograd.Function):
@@ -63,10 +63,14 @@ class _StreamedTaskSum(torch.autograd.Function):
 class StreamedMergedModel(MergedModel):
     """:class:`~adamerge.methods.learned.merged.MergedModel` whose task vectors stay off the device: each merged
     tensor's K slices are brought to the device when its ``Σ_k λ_k τ_k`` is formed and again in the backward pass.
+    It merges module by module (``merge_per_module``, :mod:`.merged_per_module`): neither the merged model nor its
+    gradient is ever whole, so what a step holds is θ0, the activations and one band of one weight.
 
     ``residency``: ``host`` keeps every tensor's K slices on the host (page-locked with CUDA) after forming them once;
     ``disk`` keeps nothing and reads the memory-mapped checkpoints at every fetch. Default: the pool's.
     """
+
+    merge_per_module = True
 
     def __init__(self, module: nn.Module, task_vectors: Any, *, residency: str | None = None, **kwargs: Any) -> None:
         self._residency = residency or getattr(task_vectors, "residency", "host")
@@ -86,19 +90,29 @@ class StreamedMergedModel(MergedModel):
         stacked = self._host[index] if self._host is not None else self._source.vectors[self.names[index]]
         return stacked.to(device, non_blocking=stacked.device.type == "cpu" and stacked.is_pinned())
 
-    def _fetch_slice(self, index: int, task: int, device: torch.device) -> Tensor:
-        if task == 0:  # ``fetches`` counts passes over a tensor's K slices, however they are read
+    def _fetch_slice(self, index: int, task: int, device: torch.device, rows: tuple[int, int] | None = None) -> Tensor:
+        if task == 0 and (rows is None or rows[0] == 0):  # ``fetches`` counts passes over a tensor's K slices
             self.fetches += 1
-        part = self._host[index][task] if self._host is not None else self._source.task_slice(self.names[index], task)
+        if self._host is not None:
+            part = self._host[index][task] if rows is None else self._host[index][task][rows[0]:rows[1]]
+        else:
+            name = self.names[index]
+            own = self.pretrained_tensors()[name]
+            # θ0 as the module holds it, when that is exactly the checkpoint's (float32 holds any 16-bit value): a
+            # band is then read from the fine-tuned checkpoint alone, not from θ0's too.
+            base = own[rows[0]:rows[1]] if (rows is not None and own.device.type == "cpu"
+                                            and own.dtype == torch.float32) else None
+            part = self._source.task_slice(name, task, rows, base)
         return part.to(device, non_blocking=part.device.type == "cpu" and part.is_pinned())
 
     def task_vector(self, index: int) -> Tensor:
         """Tensor ``index``'s K slices, fetched onto the coefficients' device (not kept)."""
         return self._fetch(index, self.coefficients.device)
 
-    def task_slice(self, index: int, task: int) -> Tensor:
-        """Task ``task``'s slice of tensor ``index`` alone, fetched onto the coefficients' device (not kept)."""
-        return self._fetch_slice(index, task, self.coefficients.device)
+    def task_slice(self, index: int, task: int, rows: tuple[int, int] | None = None) -> Tensor:
+        """Task ``task``'s slice of tensor ``index`` alone (or its band ``rows``), fetched onto the coefficients'
+        device (not kept)."""
+        return self._fetch_slice(index, task, self.coefficients.device, rows)
 
     def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
         return _StreamedTaskSum.apply(row, self._fetch_slice, index)
@@ -157,3 +171,20 @@ def merged_model_class(task_vectors: Any) -> type[MergedModel]:
     if isinstance(task_vectors, StreamedTaskVectors):
         return StreamedMergedModel
     return MergedModel
+
+
+def expert_backbones(pool: Any, task_vectors: Any) -> Callable[[str], nn.Module] | None:
+    """For streamed task vectors: ``task -> `` that task's fine-tuned model θ0 + τ_task as a view over the pool's own
+    θ0 that merges module by module with one-hot coefficients (only that task's slices are read, a band at a time),
+    instead of a copy of the model plus a whole task vector (:meth:`ModelPool.backbone_with`); None otherwise."""
+    if not isinstance(task_vectors, StreamedTaskVectors):
+        return None
+
+    def view(task: str) -> nn.Module:
+        k = task_vectors.task_names.index(task)
+        onehot = [1.0 if i == k else 0.0 for i in range(task_vectors.num_tasks)]
+        expert = StreamedMergedModel(pool.shared_backbone(), task_vectors, granularity="task_wise", init_value=onehot,
+                                     clamp=None)
+        return expert.requires_grad_(False).eval()
+
+    return view

@@ -44,6 +44,7 @@ from adamerge.errors import NonFiniteError
 from adamerge.methods import checks
 from adamerge.methods.learned.adamerging import check_coefficient_learning, register_learned
 from adamerge.methods.learned.merged import MergedModel
+from adamerge.methods.learned.merged_per_module import merging_per_module
 from adamerge.methods.learned.merged_streamed import merged_model_class
 from adamerge.objectives import Objective
 from adamerge.objectives.expert_targets import feature_tensor
@@ -105,6 +106,9 @@ class ProgressiveMergedModel(MergedModel):
                 nn.Parameter(initial.reshape(-1, *[1] * len(shapes[i])).expand(-1, *shapes[i]).clone())
                 for i in self.element_index])
             self.coefficients.requires_grad_(False)
+
+    def row_coefficients(self, index: int) -> bool:
+        return index not in self.element_index
 
     def tensor_coefficients(self, index: int) -> Tensor:
         """What learns for merged tensor ``index``: ``[K, *shape]`` (element-wise) or its row ``[K]``."""
@@ -195,18 +199,25 @@ class ProgressiveDistillationModule(AdaMergingModule):
     def _block(self, index: int) -> nn.Module:
         return self.merged.module.get_submodule(self.block_path)[index]
 
-    def _capture(self, block: int, inputs: Any, weights: Mapping[str, Tensor]) -> tuple[tuple, dict]:
-        """The arguments the backbone passes block ``block`` when run on ``inputs`` with ``weights``."""
+    def _capture(self, block: int, inputs: Any, task: int | None = None) -> tuple[tuple, dict]:
+        """The arguments the backbone passes block ``block`` when run on ``inputs``: merged (``task`` None) or as task
+        ``task``'s expert (θ0 + τ_task). Each module before the block merges its own tensors when it runs
+        (:func:`merging_per_module`): no merged or expert model is formed whole, an embedding is looked up row by row."""
         captured: list[tuple[tuple, dict]] = []
 
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             captured.append((args, kwargs))
             raise _StopForward
 
+        rows = None
+        if task is not None:
+            rows = torch.zeros(len(self.merged.names), len(self.merged.task_names), device=self.merged.coefficients.device)
+            rows[:, task] = 1.0
         handle = self._block(block).register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            functional_call(self.merged.module, dict(weights), (inputs,) if not isinstance(inputs, Mapping) else (),
-                            dict(inputs) if isinstance(inputs, Mapping) else {})
+            with merging_per_module(self.merged, rows):
+                self.merged.module(*((inputs,) if not isinstance(inputs, Mapping) else ()),
+                                   **(dict(inputs) if isinstance(inputs, Mapping) else {}))
         except _StopForward:
             pass
         finally:
@@ -258,28 +269,25 @@ class ProgressiveDistillationModule(AdaMergingModule):
                 fresh[task] = {"merged": _next_inputs(entry["merged"], merged_out),
                                "expert": _next_inputs(entry["expert"], entry["target"])}
             if self._propagates is None:  # check once that a block's output is what the next one is given
-                self._propagates = self._check_propagation(block, fresh, self.merged_weights_of(self.tensors_before(block)))
+                self._propagates = self._check_propagation(block, fresh)
                 if not self._propagates:
                     log.warning("progressive_distillation: the blocks of %s are not a plain sequence; re-capturing each "
                                 "block's inputs by a forward through the blocks before it", self.block_path)
                     fresh = {}
         if not fresh:
             rows = self._rows() if previous is None or "rows" not in previous else previous["rows"]
-            before = self.tensors_before(block)  # the forward stops at the block: later tensors are never read
-            merged_weights = self.merged_weights_of(before)
-            for t, task in enumerate(self.task_names):
-                fresh[task] = {"merged": self._capture(block, rows[task], merged_weights),
-                               "expert": self._capture(block, rows[task], self.expert_weights(t, indices=before))}
+            for t, task in enumerate(self.task_names):  # the forward stops at the block: later tensors are never read
+                fresh[task] = {"merged": self._capture(block, rows[task]), "expert": self._capture(block, rows[task], t)}
         else:
             rows = previous.get("rows")
         for t, task in enumerate(self.task_names):
             fresh[task]["target"] = self._run_block(block, self.expert_weights(t, block), *fresh[task]["expert"])
         self._cache = {"block": block, "tasks": fresh, "rows": rows if rows is not None else self._rows()}
 
-    def _check_propagation(self, block: int, propagated: Mapping[str, Any], weights: Mapping[str, Tensor]) -> bool:
+    def _check_propagation(self, block: int, propagated: Mapping[str, Any]) -> bool:
         rows = self._cache["rows"] if self._cache and "rows" in self._cache else self._rows()
         task = self.task_names[0]
-        captured = self._capture(block, rows[task], weights)
+        captured = self._capture(block, rows[task])
         return _same_arguments(captured, propagated[task]["merged"])
 
     # -- the learning step ------------------------------------------------------------------------------

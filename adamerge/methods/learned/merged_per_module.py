@@ -1,0 +1,205 @@
+"""Merging module by module inside the forward pass: the merged model is never formed whole (``merge_per_module``).
+
+A :class:`~adamerge.methods.learned.merged.MergedModel` normally forms every merged tensor ``θ0 + Σ_k λ_k τ_k`` at
+the start of a step and keeps them -- and, in the step's backward, a gradient of the same size -- for the whole
+step: two models' worth of memory next to θ0, whatever streams the task vectors. With ``merge_per_module`` each
+module that owns merged tensors forms its own when it is called and drops them when it returns:
+
+* a linear layer's weight is formed a band of rows at a time (at most :data:`BAND_ELEMENTS` values) and applied
+  band by band; its backward forms each band again for ``∂L/∂x = g W`` and takes ``∂L/∂λ_k = ⟨τ_k, gᵀx⟩`` band by
+  band, so nothing the size of the weight is ever alive, and a streamed pool reads the bands alone from the
+  checkpoints (:meth:`~adamerge.pool.lazy_checkpoints.LazyStateDict.rows`);
+* an embedding looks its rows up in θ0 and in every τ_k, ``y = θ0[ids] + Σ_k λ_k τ_k[ids]`` (banded reads), so the
+  merged table -- a quarter of a small LLM with a large vocabulary -- is never formed;
+* any other module (norms, convolutions) gets its merged tensors formed when it is called; autograd keeps them for
+  the backward as usual (small for the transformer layers this is for).
+
+The values and the gradients are those of the whole-model merge (tests: to 1e-6, float64). What it costs: each band
+is read in the forward and twice in the backward, and a step with the tasks run one after another merges once per
+task -- memory for time, which is what a pool whose merged model does not fit asks for. Tied tensors (an LM head
+sharing the embedding) are found by identity and merged where each module uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BAND_ELEMENTS", "merging_per_module", "owner_modules"]
+
+BAND_ELEMENTS = 1 << 22  # values of a weight formed at a time: 16 MiB in float32
+
+
+def bands(rows: int, columns: int) -> list[tuple[int, int]]:
+    """Bands ``(start, stop)`` of a ``rows × columns`` tensor's first dimension, each at most BAND_ELEMENTS values."""
+    step = max(1, BAND_ELEMENTS // max(columns, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def owner_modules(merged: Any) -> list[tuple[nn.Module, dict[str, int]]]:
+    """Every module owning merged tensors, with ``{its attribute name: merged tensor index}``; a tensor shared by
+    several modules (tied weights) is listed under each."""
+    index_of = {}
+    own = dict(merged.module.named_parameters()) | dict(merged.module.named_buffers())
+    for index, name in enumerate(merged.names):
+        index_of[id(own[name])] = index
+    owners = []
+    for module in merged.module.modules():
+        local = {name: index_of[id(tensor)] for store in (module._parameters, module._buffers)
+                 for name, tensor in store.items() if tensor is not None and id(tensor) in index_of}
+        if local:
+            owners.append((module, local))
+    return owners
+
+
+def _merged_band(merged: Any, index: int, row: Tensor, base: Tensor, band: tuple[int, int], dtype: torch.dtype,
+                 tasks: Sequence[int]) -> Tensor:
+    """``θ0 + Σ_k λ_k τ_k`` over the rows ``band`` of merged tensor ``index`` (no graph)."""
+    weight = base[band[0]:band[1]].to(dtype=dtype, copy=True)
+    for k in tasks:
+        weight.addcmul_(merged.task_slice(index, k, band).to(weight.device), row[k].to(dtype))
+    return weight
+
+
+class _BandedLinear(torch.autograd.Function):
+    """``x Wᵀ`` with ``W = θ0 + Σ_k λ_k τ_k`` formed a band of rows at a time, forward and backward (module docstring);
+    autograd keeps ``x`` and the coefficients, never W."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, row: Tensor, base: Tensor, merged: Any, index: int, tasks: Sequence[int]) -> Tensor:
+        dtype = torch.promote_types(row.dtype, torch.float32)
+        out = x.new_empty((*x.shape[:-1], base.shape[0]))
+        for band in bands(*base.shape):
+            # Rounded to θ0's dtype, as the weight merged whole is (MergedModel.merge_deltas).
+            out[..., band[0]:band[1]] = F.linear(x, _merged_band(merged, index, row, base, band, dtype, tasks).to(base.dtype))
+        ctx.save_for_backward(x, row)
+        ctx.base, ctx.merged, ctx.index, ctx.tasks = base, merged, index, tuple(tasks)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
+        x, row = ctx.saved_tensors
+        need_x, need_row = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = torch.promote_types(row.dtype, torch.float32)
+        flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grad_x = torch.zeros_like(flat_x) if need_x else None
+        grad_row = torch.zeros_like(row) if need_row else None
+        for band in bands(*ctx.base.shape):
+            part = flat_grad[:, band[0]:band[1]]
+            if need_x:  # (the gradient may be 16-bit under autocast while x is float32)
+                weight = _merged_band(ctx.merged, ctx.index, row, ctx.base, band, dtype, ctx.tasks)
+                grad_x += (part @ weight.to(ctx.base.dtype).to(part.dtype)).to(grad_x.dtype)
+                del weight
+            if need_row:
+                band_grad = (part.to(dtype).t() @ flat_x.to(dtype)).reshape(-1)  # ∂L/∂W over these rows
+                for k in ctx.tasks:
+                    vector = ctx.merged.task_slice(ctx.index, k, band).to(band_grad.device)
+                    grad_row[k] += torch.dot(band_grad, vector.reshape(-1).to(dtype)).to(row.dtype)
+        return (grad_x.reshape(x.shape) if need_x else None), grad_row, None, None, None, None
+
+
+class _PerModuleState:
+    """One forward's coefficient rows (graph to what trains) and, per merged tensor, the tasks worth reading."""
+
+    def __init__(self, merged: Any, rows: Tensor | None = None) -> None:
+        self.merged = merged
+        self.fixed = rows is not None  # given rows (an expert's one-hot ones) replace every coefficient, element-wise too
+        rows = merged.coefficient_rows() if rows is None else rows
+        self.rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        if torch.is_grad_enabled() and self.rows.requires_grad:
+            self.tasks = [tuple(range(self.rows.shape[1]))] * self.rows.shape[0]  # every λ_k needs its gradient
+        else:  # evaluation, an expert (one-hot coefficients): a task with λ = 0 is never read
+            nonzero = (self.rows != 0).tolist()
+            self.tasks = [tuple(k for k, yes in enumerate(line) if yes) for line in nonzero]
+        self.base = merged.pretrained_tensors()
+        self.names = merged.names
+
+    def tensor(self, index: int) -> Tensor:
+        """Merged tensor ``index`` whole, through the merged model's own ``task_delta`` (graph to the coefficients)."""
+        base = self.base[self.names[index]]
+        if self.fixed:
+            delta = base.to(self.rows.dtype, copy=True)
+            for k in self.tasks[index]:
+                delta.addcmul_(self.merged.task_slice(index, k).to(base.device), self.rows[index, k])
+            return delta.to(base.dtype)
+        delta = self.merged.task_delta(index, self.rows[index], base.shape)
+        return (base.to(delta.dtype) + delta).to(base.dtype)
+
+
+def _linear(module: nn.Linear, local: Mapping[str, int], state: _PerModuleState, x: Tensor) -> Tensor:
+    index = local["weight"]
+    base = state.base[state.names[index]]
+    out = _BandedLinear.apply(x, state.rows[index], base, state.merged, index, state.tasks[index])
+    if "bias" in local:
+        return out + state.tensor(local["bias"]).to(out.dtype)
+    return out if module.bias is None else out + module.bias.to(out.dtype)
+
+
+def _embedding(module: nn.Embedding, local: Mapping[str, int], state: _PerModuleState, ids: Tensor) -> Tensor:
+    index = local["weight"]
+    base = state.base[state.names[index]]
+    row = state.rows[index]
+    out = F.embedding(ids, base, module.padding_idx).to(row.dtype)
+    flat = ids.reshape(-1)
+    present = torch.unique(flat).tolist()
+    used = [band for band in bands(*base.shape) if any(band[0] <= i < band[1] for i in present)]
+    for k in state.tasks[index]:
+        picked = torch.zeros((flat.shape[0], base.shape[1]), dtype=row.dtype, device=base.device)
+        for band in used:
+            inside = (flat >= band[0]) & (flat < band[1])
+            picked[inside] = state.merged.task_slice(index, k, band).to(base.device)[flat[inside] - band[0]].to(row.dtype)
+        out = out + row[k] * picked.reshape(*ids.shape, base.shape[1])
+    return out.to(base.dtype)  # as the table merged whole would give: rounded to θ0's dtype
+
+
+def _generic(module: nn.Module, local: Mapping[str, int], state: _PerModuleState, args: tuple, kwargs: dict) -> Any:
+    """Any other module: its merged tensors formed now, in place of its own for this call."""
+    saved = {}
+    try:
+        for name, index in local.items():
+            store = module._parameters if name in module._parameters else module._buffers
+            saved[name] = (store, store[name])
+            store[name] = state.tensor(index)
+        return type(module).forward(module, *args, **kwargs)
+    finally:
+        for name, (store, tensor) in saved.items():
+            store[name] = tensor
+
+
+def _override(module: nn.Module, local: Mapping[str, int], state: _PerModuleState):
+    # Exact types only: a subclass may do more in its forward (a scaled embedding, a quantised linear layer), which
+    # the generic path keeps by calling that forward on the merged tensors.
+    banded = state.fixed or state.merged.row_coefficients(local.get("weight", -1))
+    if banded and type(module) is nn.Linear and "weight" in local:
+        return lambda x: _linear(module, local, state, x)
+    if (banded and type(module) is nn.Embedding and set(local) == {"weight"} and module.max_norm is None
+            and not module.sparse):
+        return lambda ids: _embedding(module, local, state, ids)
+    return lambda *args, **kwargs: _generic(module, local, state, args, kwargs)
+
+
+@contextlib.contextmanager
+def merging_per_module(merged: Any, rows: Tensor | None = None) -> Iterator[None]:
+    """While inside, every module of ``merged.module`` that owns merged tensors merges them itself when called (see
+    the module docstring). A weight whose coefficients are not one per task (``merged.row_coefficients(index)``
+    false: progressive distillation's element-wise ones) is formed whole by its module instead of band by band.
+    ``rows`` (``[tensors, K]``) replaces the merged model's coefficients, e.g. one-hot rows: task k's expert."""
+    state = _PerModuleState(merged, rows)
+    installed = []
+    try:
+        for module, local in merged.per_module_owners():
+            previous = module.__dict__.get("forward")
+            module.forward = _override(module, local, state)
+            installed.append((module, previous))
+        yield
+    finally:
+        for module, previous in installed:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
