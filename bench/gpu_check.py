@@ -509,6 +509,8 @@ def llm_overrides(pool: dict[str, Any], part: str, preset: str, cuda: bool) -> l
                       f"method.batch_size={settings['distill_batch']}"]
     # bf16 autocast (the experiment's) is a GPU setting; the CPU smoke keeps float32 compute on bf16 storage
     overrides.append(f"method.autocast_dtype={'bfloat16' if cuda else 'null'}")
+    if str(streaming).lower() not in ("false", "none"):  # merged module by module: once a step, not once per task
+        overrides.append("task_batching=auto")
     return overrides
 
 
