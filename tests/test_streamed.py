@@ -711,3 +711,19 @@ def test_per_module_merging_runs_under_autocast(files):
         grads.append(merged.coefficients.grad)
     torch.testing.assert_close(outputs[1], outputs[0], atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(grads[1], grads[0], atol=5e-2, rtol=5e-2)
+
+
+def test_per_module_merging_refuses_a_backbone_that_recomputes_its_layers(llama_pool):
+    """Activation checkpointing would run the layers again in the backward, after the per-module merge is over (on
+    θ0): a clear error rather than a silently wrong gradient."""
+    from adamerge import build_learned_module
+    from adamerge.errors import ConfigError
+
+    module = build_learned_module(_hf_pool(llama_pool, streaming="disk"), "adamerging_layer_wise", "entropy")
+    module.merged.module.gradient_checkpointing_enable()
+    module.merged.module.train()
+    inputs = {"input_ids": torch.randint(0, 64, (1, 6)), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    with pytest.raises(ConfigError, match="checkpointing on"):
+        module.merged(**inputs)
+    with torch.no_grad():  # evaluation recomputes nothing: allowed
+        module.merged(**inputs)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adamerge.errors import ConfigError
+
 __all__ = ["BAND_ELEMENTS", "merging_per_module", "owner_modules"]
 
 BAND_ELEMENTS = 1 << 22  # values of a weight formed at a time: 16 MiB in float32
@@ -183,12 +185,28 @@ def _override(module: nn.Module, local: Mapping[str, int], state: _PerModuleStat
     return lambda *args, **kwargs: _generic(module, local, state, args, kwargs)
 
 
+def _activation_checkpointing(module: nn.Module) -> bool:
+    """Whether a transformers model recomputes its layers in the backward (its checkpointing flags)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        try:
+            if bool(getattr(module, name, False)):
+                return True
+        except Exception:  # noqa: BLE001 -- a property that is deprecated or absent on this version
+            continue
+    return False
+
+
 @contextlib.contextmanager
 def merging_per_module(merged: Any, rows: Tensor | None = None) -> Iterator[None]:
     """While inside, every module of ``merged.module`` that owns merged tensors merges them itself when called (see
     the module docstring). A weight whose coefficients are not one per task (``merged.row_coefficients(index)``
     false: progressive distillation's element-wise ones) is formed whole by its module instead of band by band.
     ``rows`` (``[tensors, K]``) replaces the merged model's coefficients, e.g. one-hot rows: task k's expert."""
+    if torch.is_grad_enabled() and _activation_checkpointing(merged.module):
+        raise ConfigError(
+            f"{type(merged.module).__name__} has activation (gradient) checkpointing on: its backward would run the "
+            "modules again after this merge's forward is over, on θ0 instead of the merge. Turn it off "
+            "(gradient_checkpointing_disable()) for a streamed pool, which merges module by module")
     state = _PerModuleState(merged, rows)
     installed = []
     try:
