@@ -71,39 +71,34 @@ class LazyStateDict(Mapping[str, Tensor]):
         self._checked: set[Any] = set()
 
     def __getitem__(self, name: str) -> Tensor:
-        if name not in self._files:
-            raise KeyError(name)
-        from safetensors import SafetensorError, safe_open
-
-        path, key = self._files[name]
-        try:
-            # Opened per read and closed at once: the tensor keeps its pages mapped only while it is alive.
-            with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
-                tensor = handle.get_tensor(key)
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"cannot read {name!r} from {str(path)!r}: {error}") from error
+        tensor = self._read(name)
         self.reads += 1
-        if self.check_finite and name not in self._checked:
-            check_finite(name, tensor, f"checkpoint {self.source!r}")
-            self._checked.add(name)
         return tensor
 
     def rows(self, name: str, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` (first dimension) of ``name``, read alone from the file: a large matrix (an embedding)
         can be merged a band of rows at a time without ever being read whole."""
+        return self._read(name, (start, stop))
+
+    def _read(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
+        """``name`` (or its rows ``start:stop``) from its file, checked for NaN/Inf the first time it is read."""
         if name not in self._files:
             raise KeyError(name)
         from safetensors import SafetensorError, safe_open
 
         path, key = self._files[name]
+        label = name if rows is None else f"{name}[{rows[0]}:{rows[1]}]"
         try:
+            # Opened per read and closed at once: the tensor keeps its pages mapped only while it is alive.
             with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
-                tensor = handle.get_slice(key)[start:stop]
+                tensor = handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows[0]:rows[1]]
         except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"cannot read rows {start}:{stop} of {name!r} from {str(path)!r}: {error}") from error
-        if self.check_finite and name not in self._checked and (name, start, stop) not in self._checked:
-            check_finite(f"{name}[{start}:{stop}]", tensor, f"checkpoint {self.source!r}")
-            self._checked.add((name, start, stop))
+            what = "" if rows is None else f"rows {rows[0]}:{rows[1]} of "
+            raise CheckpointError(f"cannot read {what}{name!r} from {str(path)!r}: {error}") from error
+        checked = name if rows is None else (name, *rows)
+        if self.check_finite and name not in self._checked and checked not in self._checked:
+            check_finite(label, tensor, f"checkpoint {self.source!r}")
+            self._checked.add(checked)
         return tensor
 
     def __iter__(self) -> Iterator[str]:

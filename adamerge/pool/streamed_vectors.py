@@ -120,10 +120,12 @@ class StreamedTaskVectors(StreamedVectorsBase):
             names = select_tensors(names, include, what="modelpool.include")
         return cls(columns, pretrained, names, dtype=dtype, aliases=aliases, residency=residency)
 
-    def _row(self, column: _Column, name: str, base: Tensor | None) -> Tensor:
+    def _row(self, column: _Column, name: str, base: Tensor | None, rows: tuple[int, int] | None = None) -> Tensor:
+        """τ_k of ``name`` (or of its rows) in the storage dtype: θ_k − θ0 in float32, or a delta as it is."""
+        value = column.state[name] if rows is None else _rows_of(column.state, name, rows)
         if column.is_delta:
-            return column.state[name].to(self.dtype)
-        return (column.state[name].float() - base).to(self.dtype)
+            return value.to(self.dtype)
+        return value.to(torch.float32, copy=True).sub_(base).to(self.dtype)
 
     def task_slice(self, name: str, task: int, rows: tuple[int, int] | None = None,
                    base: Tensor | None = None) -> Tensor:
@@ -135,16 +137,13 @@ class StreamedTaskVectors(StreamedVectorsBase):
         if cached is not None:
             return cached[task] if rows is None else cached[task][rows[0]:rows[1]]
         column = self.columns[task]
-        if rows is None:
-            return self._row(column, name, None if column.is_delta else self.pretrained[name].float())
-        band = _rows_of(column.state, name, rows)
         if column.is_delta:
-            return band.to(self.dtype)
+            return self._row(column, name, None, rows)
         if base is not None and DTYPE_BYTES[self.pretrained_specs()[name].dtype] > 4:
             base = None  # a float64 θ0 is not exactly its float32 copy: read it
-        # θ_k − θ0 in float32, rounded to the storage dtype as a whole slice is (one float32 buffer, not three)
-        return band.to(torch.float32, copy=True).sub_(_rows_of(self.pretrained, name, rows) if base is None
-                                                      else base).to(self.dtype)
+        if base is None:
+            base = self.pretrained[name] if rows is None else _rows_of(self.pretrained, name, rows)
+        return self._row(column, name, base, rows)
 
     def pretrained_specs(self) -> dict[str, TensorSpec]:
         if getattr(self, "_pretrained_specs", None) is None:

@@ -62,7 +62,7 @@ def token_length(inputs: Any) -> int | None:
     return int(ids.shape[1]) if isinstance(ids, Tensor) and ids.ndim >= 2 else None
 
 
-def _pad_tokens(value: Tensor, key: str, length: int) -> Tensor:
+def pad_tokens(value: Tensor, key: str, length: int) -> Tensor:
     """Right padding to ``length`` tokens: masked by an attention mask of 0 (labels -100), so a causal LM's or an
     encoder's outputs at the real tokens do not change."""
     if value.ndim < 2 or value.shape[1] == length:
@@ -81,7 +81,7 @@ def concatenate(inputs: Sequence[Any], task_names: Sequence[str]) -> Any:
                 raise ConfigError("task_batching=joint needs an attention mask to pad the tasks' token batches to one "
                                   "length; use task_batching=sequential")
             longest = max(lengths)
-            inputs = [{key: _pad_tokens(value, key, longest) if isinstance(value, Tensor) else value
+            inputs = [{key: pad_tokens(value, key, longest) if isinstance(value, Tensor) else value
                        for key, value in x.items()} for x in inputs]
         return {key: concatenate([x[key] for x in inputs], task_names) for key in inputs[0]}
     shapes = [tuple(x.shape[1:]) for x in inputs]

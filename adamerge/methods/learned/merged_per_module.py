@@ -59,10 +59,10 @@ def owner_modules(merged: Any) -> list[tuple[nn.Module, dict[str, int]]]:
     return owners
 
 
-def _merged_band(merged: Any, index: int, row: Tensor, base: Tensor, band: tuple[int, int], dtype: torch.dtype,
+def _merged_band(merged: Any, index: int, row: Tensor, base: Tensor, band: tuple[int, int] | None, dtype: torch.dtype,
                  tasks: Sequence[int]) -> Tensor:
-    """``θ0 + Σ_k λ_k τ_k`` over the rows ``band`` of merged tensor ``index`` (no graph)."""
-    weight = base[band[0]:band[1]].to(dtype=dtype, copy=True)
+    """``θ0 + Σ_k λ_k τ_k`` over the rows ``band`` of merged tensor ``index`` (None: all of it), no graph."""
+    weight = (base if band is None else base[band[0]:band[1]]).to(dtype=dtype, copy=True)
     for k in tasks:
         weight.addcmul_(merged.task_slice(index, k, band).to(weight.device), row[k].to(dtype))
     return weight
@@ -125,10 +125,8 @@ class _PerModuleState:
         """Merged tensor ``index`` whole, through the merged model's own ``task_delta`` (graph to the coefficients)."""
         base = self.base[self.names[index]]
         if self.fixed:
-            delta = base.to(self.rows.dtype, copy=True)
-            for k in self.tasks[index]:
-                delta.addcmul_(self.merged.task_slice(index, k).to(base.device), self.rows[index, k])
-            return delta.to(base.dtype)
+            return _merged_band(self.merged, index, self.rows[index], base, None, self.rows.dtype,
+                                self.tasks[index]).to(base.dtype)
         delta = self.merged.task_delta(index, self.rows[index], base.shape)
         return (base.to(delta.dtype) + delta).to(base.dtype)
 

@@ -50,6 +50,7 @@ from adamerge.objectives import Objective
 from adamerge.objectives.expert_targets import feature_tensor
 from adamerge.pool.task_vectors import TaskVectors
 from adamerge.training.module import AdaMergingModule, Batch
+from adamerge.training.task_batching import pad_tokens
 
 log = logging.getLogger(__name__)
 GRANULARITIES = ("element", "tensor")
@@ -186,11 +187,6 @@ class ProgressiveDistillationModule(AdaMergingModule):
             delta = self.merged.task_delta(index, rows[index].float(), base.shape)
             weights[name] = (base.float() + delta).to(base.dtype)
         return weights
-
-    def tensors_before(self, block: int) -> list[int]:
-        """The tensors a forward runs before block ``block`` is called (those outside the blocks, and the earlier
-        blocks'): all that a capture of that block's inputs needs, rather than a whole merged or expert model."""
-        return [i for i, b in enumerate(self.tensor_block) if b is None or b < block]
 
     def after_optimizer_step(self) -> None:
         """Nothing to clamp (the authors' coefficients are free)."""
@@ -395,8 +391,7 @@ def _concat(parts: list[Any], key: str = "") -> Any:
         return {k: _concat([p[k] for p in parts], k) for k in parts[0]}
     if parts[0].ndim >= 2 and len({p.shape[1:] for p in parts}) > 1:
         length = max(p.shape[1] for p in parts)
-        fill = -100 if key == "labels" else 0
-        parts = [F.pad(p, (0, 0) * (p.ndim - 2) + (0, length - p.shape[1]), value=fill) for p in parts]
+        parts = [pad_tokens(p, key, length) for p in parts]
     return torch.cat(parts)
 
 
