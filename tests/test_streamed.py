@@ -294,7 +294,7 @@ def test_learned_gradients_equal_the_in_memory_path(files, granularity, groups, 
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=f"step {step}")
     torch.testing.assert_close(model.coefficients, reference.coefficients, rtol=0, atol=1e-6)
     passes = len(memory.names) * 3
-    if per_module:  # forward, and in the backward once for dL/dλ and (a linear weight past the input) once for dL/dx
+    if per_module:  # forward and backward; a bias or norm through the whole-tensor path, also twice
         assert 2 * passes <= model.fetches <= 3 * passes
     else:  # every tensor's slices: once forward, once backward
         assert model.fetches == 2 * passes

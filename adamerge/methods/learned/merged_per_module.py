@@ -6,8 +6,8 @@ step: two models' worth of memory next to θ0, whatever streams the task vectors
 module that owns merged tensors forms its own when it is called and drops them when it returns:
 
 * a linear layer's weight is formed a band of rows at a time (at most :data:`BAND_ELEMENTS` values) and applied
-  band by band; its backward forms each band again for ``∂L/∂x = g W`` and takes ``∂L/∂λ_k = ⟨τ_k, gᵀx⟩`` band by
-  band, so nothing the size of the weight is ever alive, and a streamed pool reads the bands alone from the
+  band by band; its backward reads each band once more, for both ``∂L/∂x = g W`` and ``∂L/∂λ_k = ⟨τ_k, gᵀx⟩``,
+  so nothing the size of the weight is ever alive, and a streamed pool reads the bands alone from the
   checkpoints (:meth:`~adamerge.pool.lazy_checkpoints.LazyStateDict.rows`);
 * an embedding looks its rows up in θ0 and in every τ_k, ``y = θ0[ids] + Σ_k λ_k τ_k[ids]`` (banded reads), so the
   merged table -- a quarter of a small LLM with a large vocabulary -- is never formed;
@@ -15,7 +15,7 @@ module that owns merged tensors forms its own when it is called and drops them w
   the backward as usual (small for the transformer layers this is for).
 
 The values and the gradients are those of the whole-model merge (tests: to 1e-6, float64). What it costs: each band
-is read in the forward and twice in the backward, and a step with the tasks run one after another merges once per
+is read in the forward and again in the backward, and a step with the tasks run one after another merges once per
 task -- memory for time, which is what a pool whose merged model does not fit asks for. Tied tensors (an LM head
 sharing the embedding) are found by identity and merged where each module uses them.
 """
@@ -93,15 +93,17 @@ class _BandedLinear(torch.autograd.Function):
         grad_row = torch.zeros_like(row) if need_row else None
         for band in bands(*ctx.base.shape):
             part = flat_grad[:, band[0]:band[1]]
-            if need_x:  # (the gradient may be 16-bit under autocast while x is float32)
-                weight = _merged_band(ctx.merged, ctx.index, row, ctx.base, band, dtype, ctx.tasks)
-                grad_x += (part @ weight.to(ctx.base.dtype).to(part.dtype)).to(grad_x.dtype)
-                del weight
-            if need_row:
-                band_grad = (part.to(dtype).t() @ flat_x.to(dtype)).reshape(-1)  # ∂L/∂W over these rows
-                for k in ctx.tasks:
-                    vector = ctx.merged.task_slice(ctx.index, k, band).to(band_grad.device)
+            # Each τ_k band is read once here and serves both: the band of W for ∂L/∂x, its dot with ∂L/∂W for ∂L/∂λ_k.
+            weight = ctx.base[band[0]:band[1]].to(dtype=dtype, copy=True) if need_x else None
+            band_grad = (part.to(dtype).t() @ flat_x.to(dtype)).reshape(-1) if need_row else None  # ∂L/∂W, these rows
+            for k in ctx.tasks:
+                vector = ctx.merged.task_slice(ctx.index, k, band).to(part.device)
+                if need_x:
+                    weight.addcmul_(vector, row[k].to(dtype))
+                if need_row:
                     grad_row[k] += torch.dot(band_grad, vector.reshape(-1).to(dtype)).to(row.dtype)
+            if need_x:  # (the gradient may be 16-bit under autocast while x is float32)
+                grad_x += (part @ weight.to(ctx.base.dtype).to(part.dtype)).to(grad_x.dtype)
         return (grad_x.reshape(x.shape) if need_x else None), grad_row, None, None, None, None
 
 
