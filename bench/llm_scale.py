@@ -152,8 +152,9 @@ def planned(paths: dict[str, Path], row: str, tasks: list[str], batch: int, leng
                                      auto_class="AutoModelForCausalLM", backbone_dtype="float32",
                                      storage_dtype="bfloat16", batch_size=batch, sequence_length=length,
                                      streaming=streaming or None,
-                                     # task_batching=auto: a streamed pool's K batches in one forward
-                                     tasks_per_step=len(tasks) if row == "streamed" else 1)
+                                     # task_batching=auto: the K batches of a pool merged module by module
+                                     # (streamed, or adapters) in one forward
+                                     tasks_per_step=len(tasks) if row in ("streamed", "lora") else 1)
     if method == "progressive_distillation":
         element = "method.granularity=element" in ROWS[row][3]
         plan = plan_memory(model, dataclasses.replace(run, element_coefficients=element), on_device=False,

@@ -130,6 +130,54 @@ def test_learning_over_adapters_keeps_them_as_factors(zoo):
         get_method("ties").fn(vectors)
 
 
+def _logits(output):
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def test_merging_per_module_runs_the_adapters_low_rank_path_with_the_whole_merges_values_and_gradients(zoo, monkeypatch):
+    """Over adapters each linear layer computes x θ0ᵀ + ((x Aᵀ)·λ·s) Bᵀ: outputs and ∂/∂λ equal the whole merge's
+    (float64), no targeted matrix is formed, and one-hot rows (an expert) give θ0 + τ_k's outputs."""
+    from adamerge.backbones.heads import Identity
+    from adamerge.backbones.hf_checkpoints import HFModelPool
+    from adamerge.methods.learned.adamerging import build_learned
+    from adamerge.methods.learned.merged import LoRAMergedModel
+    from adamerge.methods.learned.merged_per_module import merging_per_module
+
+    pool = HFModelPool(backbone={"_target_": "adamerge.backbones.hf.causal_lm", "model": str(zoo["base"])},
+                       finetuned={t: str(zoo[t]) for t in TASKS}, heads={t: Identity() for t in TASKS},
+                       pretrained=str(zoo["base"]), auto_class="AutoModelForCausalLM")
+    vectors = pool.task_vectors()
+    module = build_learned("adamerging_layer_wise", pool.fresh_backbone().double(), vectors, pool.heads)
+    merged = module.merged.double()
+    assert merged.merge_per_module and module.merges_per_module
+    with torch.no_grad():
+        merged.coefficients.copy_(torch.rand(merged.coefficients.shape, generator=torch.Generator().manual_seed(3),
+                                             dtype=torch.float64))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+
+    whole = _logits(merged(input_ids=ids, weights=merged.merged_weights()))
+    (whole_grad,) = torch.autograd.grad(whole.square().mean(), merged.coefficients)
+    formed = []
+    real_delta = LoRAMergedModel.task_delta
+    monkeypatch.setattr(LoRAMergedModel, "task_delta", lambda self, *a: formed.append(a[0]) or real_delta(self, *a))
+    per_module = _logits(merged(input_ids=ids))
+    (per_module_grad,) = torch.autograd.grad(per_module.square().mean(), merged.coefficients)
+    assert formed == []  # every targeted weight is an nn.Linear here: none formed whole
+    torch.testing.assert_close(per_module, whole, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(per_module_grad, whole_grad, rtol=1e-9, atol=1e-12)
+
+    onehot = torch.zeros(len(merged.names), len(TASKS), dtype=torch.float64)
+    onehot[:, 1] = 1.0
+    with torch.no_grad(), merging_per_module(merged, onehot):
+        expert = _logits(merged.module(input_ids=ids))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(zoo["base"]).double()
+    reference.load_state_dict({n: t.double() for n, t in vectors.state_dict_from_deltas(vectors.task_vector(1)).items()})
+    torch.testing.assert_close(expert, reference(input_ids=ids).logits, rtol=1e-6, atol=1e-6)
+    for index in range(len(merged.names)):  # a band of one task's dense delta, as the banded path reads it
+        torch.testing.assert_close(merged.task_slice(index, 0, (1, 5)),
+                                   vectors.task_vector(0)[merged.names[index]][1:5].double(), rtol=1e-6, atol=1e-7)
+
+
 def test_memory_plan_of_an_adapter_pool_counts_the_adapters(zoo):
     from adamerge.cli.run_memory import plan_for_pool
 

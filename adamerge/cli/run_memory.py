@@ -123,9 +123,12 @@ def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool) -> tuple[Me
         return "the pool names no pretrained checkpoint"
     from adamerge.pool.streamed import streaming_mode
 
-    # auto runs a streamed pool's tasks jointly (its merge is made module by module: once a step, not once per task)
+    # auto runs the tasks of a pool merged module by module -- streamed, or of LoRA adapters -- jointly (the merge is
+    # then made once a step, not once per task: adamerge.training.task_batching.choose)
     batching = cfg.get("task_batching", "sequential")
-    joint = batching == "joint" or (batching == "auto" and streaming_mode(pool.get("streaming", False)) is not None)
+    per_module = streaming_mode(pool.get("streaming", False)) is not None or any(
+        is_adapter_dir(source) for source in (pool.get("finetuned") or {}).values())
+    joint = batching == "joint" or (batching == "auto" and per_module)
 
     try:
         planned = plan_for_pool(

@@ -221,18 +221,20 @@ def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet =
     # A streamed pool merges module by module (adamerge.methods.learned.merged_per_module): one band of one weight
     # (BAND_ELEMENTS values) is read, formed in float32 and, in the backward, met by its float32 gradient; the merged
     # model and its gradient are never whole (a norm's few merged values, kept for its backward, are left out).
+    # Adapters merge module by module too (LoRAMergedModel): a linear layer runs x θ0ᵀ + ((x Aᵀ)·λ·s) Bᵀ, no weight formed.
+    per_module = streamed or (bool(run.adapter_parameters) and not progressive)
     band = min(model.largest_tensor, BAND_ELEMENTS)
     parts = {
         "frozen model": frozen,
         "task vectors": 0 if streamed else vectors,
         "task-vector slices": band * (run.storage_bytes + 12) if streamed else 0,
-        "merged weights": 0 if streamed else weight_bytes,
-        "their gradients": 0 if streamed else weight_bytes,
-        # LoRA (adamerge.methods.learned.merged.LoRAMergedModel): one tensor's B_cat·diag(λ·s)·A_cat, float32, then dropped.
+        "merged weights": 0 if per_module else weight_bytes,
+        "their gradients": 0 if per_module else weight_bytes,
+        # LoRA: one targeted tensor's B_cat·diag(λ·s)·A_cat, float32, where a module that is not a linear layer owns it.
         "lazy deltas": model.largest_tensor * 4 if run.adapter_parameters else 0,
         # MergedModel.merge_deltas, per tensor: float32 Σ_k λ_k τ_k and θ0 + it; a 16-bit τ is upcast (all K at once).
-        "merge buffer": 0 if streamed else (2 + (run.num_tasks if run.storage_bytes < 4 and not run.adapter_parameters
-                                                 else 0)) * model.largest_tensor * 4,
+        "merge buffer": 0 if per_module else (2 + (run.num_tasks if run.storage_bytes < 4 and not run.adapter_parameters
+                                                   else 0)) * model.largest_tensor * 4,
         "optimiser": run.coefficient_rows * run.num_tasks * 4 * 4,  # value, gradient, two Adam moments (float32)
     }
     parts.update(activation_bytes(model, run, progressive))

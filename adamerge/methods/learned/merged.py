@@ -274,8 +274,26 @@ class LoRAMergedModel(MergedModel):
                 self.register_buffer(f"_lora_{part}_{index}", tensor, persistent=False)
             self.transposed.append(transposed)
 
+    # Each module merges its own weights when called (merged_per_module.py): a linear layer runs its adapters'
+    # low-rank path, x θ0ᵀ + ((x A_catᵀ) · λ·s) B_catᵀ, so no targeted matrix is formed whole, nor its gradient.
+    merge_per_module = True
+
     def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
-        a, b = getattr(self, f"_lora_A_{index}"), getattr(self, f"_lora_B_{index}")
-        per_rank = row[getattr(self, f"_lora_task_{index}")] * getattr(self, f"_lora_scale_{index}")
+        a, b, per_rank = self.linear_factors(index, row)
         delta = (b * per_rank) @ a
         return delta.T if self.transposed[index] else delta
+
+    def linear_factors(self, index: int, row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(A_cat [R, in], B_cat [out, R], λ·s per rank [R])`` of merged tensor ``index``: its delta is
+        ``B_cat · diag(λ·s) · A_cat`` (transposed when ``self.transposed[index]``); graph to ``row``."""
+        per_rank = row[getattr(self, f"_lora_task_{index}")] * getattr(self, f"_lora_scale_{index}")
+        return getattr(self, f"_lora_A_{index}"), getattr(self, f"_lora_B_{index}"), per_rank
+
+    def task_slice(self, index: int, task: int, rows: tuple[int, int] | None = None) -> Tensor:
+        """Task ``task``'s dense delta ``s_k B_k A_k`` of merged tensor ``index`` (``rows``: that band only)."""
+        chosen = getattr(self, f"_lora_task_{index}") == task
+        a = getattr(self, f"_lora_A_{index}")[chosen]
+        b = getattr(self, f"_lora_B_{index}")[:, chosen] * getattr(self, f"_lora_scale_{index}")[chosen]
+        if self.transposed[index]:  # the weight is (B A)ᵀ: its rows are columns of B A
+            return (b @ (a if rows is None else a[:, rows[0]:rows[1]])).T
+        return (b if rows is None else b[rows[0]:rows[1]]) @ a

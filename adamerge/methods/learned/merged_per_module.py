@@ -142,6 +142,19 @@ def _linear(module: nn.Linear, local: Mapping[str, int], state: _PerModuleState,
     return out if module.bias is None else out + module.bias.to(out.dtype)
 
 
+def _factored_linear(module: nn.Linear, local: Mapping[str, int], state: _PerModuleState, x: Tensor) -> Tensor:
+    """A linear layer whose task vectors are low-rank factors (LoRA adapters): ``x θ0ᵀ + ((x A_catᵀ) · λ·s) B_catᵀ``.
+    Autograd keeps ``x A_catᵀ`` (rank-sized), never a weight-sized tensor. Equal to the whole merge up to rounding:
+    the merged weight is not rounded to θ0's dtype first."""
+    index = local["weight"]
+    a, b, per_rank = state.merged.linear_factors(index, state.rows[index])
+    low_rank = F.linear(F.linear(x, a.to(x.dtype)) * per_rank.to(x.dtype), b.to(x.dtype))
+    out = F.linear(x, state.base[state.names[index]].to(x.dtype)) + low_rank
+    if "bias" in local:
+        return out + state.tensor(local["bias"]).to(out.dtype)
+    return out if module.bias is None else out + module.bias.to(out.dtype)
+
+
 def _embedding(module: nn.Embedding, local: Mapping[str, int], state: _PerModuleState, ids: Tensor) -> Tensor:
     index = local["weight"]
     base = state.base[state.names[index]]
@@ -177,6 +190,9 @@ def _override(module: nn.Module, local: Mapping[str, int], state: _PerModuleStat
     # Exact types only: a subclass may do more in its forward (a scaled embedding, a quantised linear layer), which
     # the generic path keeps by calling that forward on the merged tensors.
     banded = state.fixed or state.merged.row_coefficients(local.get("weight", -1))
+    factored = banded and hasattr(state.merged, "linear_factors") and "weight" in local
+    if factored and type(module) is nn.Linear and not state.merged.transposed[local["weight"]]:
+        return lambda x: _factored_linear(module, local, state, x)
     if banded and type(module) is nn.Linear and "weight" in local:
         return lambda x: _linear(module, local, state, x)
     if (banded and type(module) is nn.Embedding and set(local) == {"weight"} and module.max_norm is None
