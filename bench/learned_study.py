@@ -52,7 +52,9 @@ def base_overrides(method: str, base: str) -> list[str]:
     if form == "split":  # start at the data-free merge: λ = the method's α on its per-task pieces, not clamped to 1
         from adamerge.methods.registry import get_method
 
-        overrides += [f"{key}.init_value={get_method(name).defaults['alpha']}", f"{key}.clamp=false"]
+        overrides.append(f"{key}.init_value={get_method(name).defaults['alpha']}")
+        if "clamp" in get_method(method).defaults:  # Concrete TA's λ does not learn: nothing to clamp
+            overrides.append(f"{key}.clamp=false")
     return overrides
 
 
@@ -124,6 +126,11 @@ def cell_name(objective: str, base: str, settings: list[str]) -> str:
     return f"{safe(objective)}/{safe(base)}" + "".join(f"_{safe(s)}" for s in settings)
 
 
+def setting_groups(args: argparse.Namespace) -> list[list[str]]:
+    """``--set`` alone, then ``--set`` plus each ``--variant`` (``key=value[,key=value]``): one cell per group."""
+    return [list(args.set)] + [[*args.set, *variant.split(",")] for variant in args.variant]
+
+
 def collect(args: argparse.Namespace) -> dict:
     """{zoo: {"static": rows of seed 0, "learned": {(method, objective, base): [row per seed]}}}."""
     results: dict = {}
@@ -132,13 +139,14 @@ def collect(args: argparse.Namespace) -> dict:
         learned: dict = {}
         for objective in args.objectives:
             for base in args.bases:
-                for seed in args.seeds:
-                    settings = settings_for(args.set, base)
-                    rows = load_rows(args.runs / zoo / f"seed{seed}" / cell_name(objective, base, settings))
+                for group in setting_groups(args):
+                    settings = settings_for(group, base)
                     label = base + "".join(f" {s}" for s in settings)
-                    for method in methods_for(args.methods, base):
-                        if method in rows:
-                            learned.setdefault((method, objective, label), []).append({**rows[method], "seed": seed})
+                    for seed in args.seeds:
+                        rows = load_rows(args.runs / zoo / f"seed{seed}" / cell_name(objective, base, settings))
+                        for method in methods_for(args.methods, base):
+                            if method in rows:
+                                learned.setdefault((method, objective, label), []).append({**rows[method], "seed": seed})
         results[zoo] = {"static": static, "learned": learned}
     return results
 
@@ -217,6 +225,8 @@ def main() -> None:
                         help="learned methods run on every base; method@base: on that base only")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", nargs="*", default=[], help="key=value hyperparameters of every learned method, e.g. lr=0.01; key=value@base: on that base only")
+    parser.add_argument("--variant", nargs="*", default=[], help="key=value[,key=value] groups: each also runs as "
+                        "its own cell next to the plain one, e.g. --variant mask_lr=0.01 mask_lr=0.1 (a step-size study)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 torch thread each)")
     parser.add_argument("--runs", type=Path, default=ROOT / "bench" / "runs" / "learned_study", help="run dirs (not committed)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("ADAMERGE_CACHE_DIR", ROOT / "bench" / "runs" / "cache")))
@@ -227,6 +237,8 @@ def main() -> None:
                         "(learned-study-text for --zoos text: the transformer zoo's study is run on its own)")
     parser.add_argument("--methods-block", action="store_true", help="with --readme: rewrite the learned-study-methods "
                         "block instead (the study of every learned method on one base)")
+    parser.add_argument("--block", help="with --readme: the marked block of docs/methods.md to rewrite instead, e.g. "
+                        "learned-study-recommended")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -234,8 +246,10 @@ def main() -> None:
         build_zoos(args.zoos, args.cache)
         jobs = [(z, args.seeds[0], None, None) for z in args.zoos]
         jobs += [(z, s, o, b) for s in args.seeds for z in args.zoos for o in args.objectives for b in args.bases]
+        static, learned = jobs[:len(args.zoos)], jobs[len(args.zoos):]
+        jobs = [(*job, args.set) for job in static] + [(*job, group) for job in learned for group in setting_groups(args)]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda job: run_job(*job, args.methods, args.runs, args.cache, args.set), jobs))
+            list(pool.map(lambda job: run_job(*job[:4], args.methods, args.runs, args.cache, job[4]), jobs))
     results = collect(args)
     text = table(results, args.seeds)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -260,7 +274,9 @@ def main() -> None:
         command = " ".join(["python bench/learned_study.py", *sys.argv[1:]])
         block = (f"Generated by `{command}` ({machine}); the full table, with seconds and peak memory per run, is in "
                  f"{args.out.with_suffix('.md').resolve().relative_to(ROOT)}.\n\n" + compact(results, args.seeds))
-        if args.methods_block:
+        if args.block:
+            replace_marked_block(PAGE, args.block, block)
+        elif args.methods_block:
             replace_marked_block(PAGE, "learned-study-methods", block)
         elif args.zoos == ["text"]:
             replace_marked_block(PAGE, "learned-study-text", block)

@@ -54,6 +54,11 @@ ROWS = {
     # The authors' element-wise coefficients: K × the blocks' parameters learn, in float32.
     "progressive-element": ("full", "disk", "progressive_distillation", ("method.granularity=element",)),
     "lora": ("lora", False, "adamerging_layer_wise", ()),
+    # The streamed rows again with activation checkpointing: each decoder layer keeps its input only and runs again,
+    # with its merge, in the backward.
+    "streamed-checkpointed": ("full", "disk", "adamerging_layer_wise", ("activation_checkpointing=true",)),
+    "streamed-sequential-checkpointed": ("full", "disk", "adamerging_layer_wise",
+                                         ("task_batching=sequential", "activation_checkpointing=true")),
 }
 GOAL = 1.5  # the target for streamed and progressive learning: peak below 1.5 × one model
 WARM_UP = 1  # AdaMerging steps left out of s / step (the first allocates the optimiser and the allocator's pools)
@@ -147,14 +152,15 @@ def planned(paths: dict[str, Path], row: str, tasks: list[str], batch: int, leng
     from adamerge.cli.run_memory import plan_for_pool
     from adamerge.pool.memory_plan import plan_memory
 
-    kind, streaming, method, _ = ROWS[row]
+    kind, streaming, method, extra = ROWS[row]
+    # task_batching=auto: the K batches of a pool merged module by module (streamed, or adapters) in one forward
+    joint = (bool(streaming) or kind == "lora") and method != "progressive_distillation" and (
+        "task_batching=sequential" not in extra)
     plan, run, model = plan_for_pool(paths["pretrained"], {t: paths[f"{kind}_{t}"] for t in tasks},
                                      auto_class="AutoModelForCausalLM", backbone_dtype="float32",
                                      storage_dtype="bfloat16", batch_size=batch, sequence_length=length,
-                                     streaming=streaming or None,
-                                     # task_batching=auto: the K batches of a pool merged module by module
-                                     # (streamed, or adapters) in one forward
-                                     tasks_per_step=len(tasks) if row in ("streamed", "lora") else 1)
+                                     streaming=streaming or None, tasks_per_step=len(tasks) if joint else 1,
+                                     activation_checkpointing="activation_checkpointing=true" in extra)
     if method == "progressive_distillation":
         element = "method.granularity=element" in ROWS[row][3]
         plan = plan_memory(model, dataclasses.replace(run, element_coefficients=element), on_device=False,
@@ -285,7 +291,9 @@ def publish(rows: list[dict], meta: dict) -> str:
 
 LABELS = {"in-memory": "in memory", "streamed": "streamed (disk), tasks in one batch",
           "streamed-sequential": "streamed (disk), one task at a time", "progressive": "progressive, streamed (disk)",
-          "progressive-element": "progressive element-wise, streamed (disk)", "lora": "LoRA pool (factored)"}
+          "progressive-element": "progressive element-wise, streamed (disk)", "lora": "LoRA pool (factored)",
+          "streamed-checkpointed": "streamed (disk), tasks in one batch, activation checkpointing",
+          "streamed-sequential-checkpointed": "streamed (disk), one task at a time, activation checkpointing"}
 
 
 def main() -> None:

@@ -21,6 +21,36 @@ def random_batch(tasks, n=4):
     return {task: {"inputs": torch.randn(n, 3, 8, 8), "labels": torch.zeros(n, dtype=torch.long)} for task in tasks}
 
 
+def test_token_entropy_is_chunked_forward_and_backward_with_autograd_s_gradients(monkeypatch):
+    """Entropy a few rows at a time: the values and gradients of the plain log-softmax formula (gradcheck, float64,
+    chunks cutting the rows unevenly; bfloat16 logits give float32 entropies and logit-dtype gradients), and
+    autograd keeps the logits and the entropies only -- not four float32 copies of the logits."""
+    import adamerge.objectives.label_free as label_free
+
+    def reference(z):
+        log_probs = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), -1)
+        return -(log_probs.exp() * log_probs).sum(-1)
+
+    monkeypatch.setattr(label_free, "ENTROPY_CHUNK_ELEMENTS", 7)
+    logits = torch.randn(5, 9, 13, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(label_free.token_entropy, (logits,))
+    torch.testing.assert_close(label_free.token_entropy(logits), reference(logits))
+    half = torch.randn(4, 6, dtype=torch.bfloat16, requires_grad=True)
+    values = label_free.token_entropy(half)
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, reference(half))
+    (grad,) = torch.autograd.grad(values.sum(), half)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad, torch.autograd.grad(reference(half).sum(), half)[0])
+
+    monkeypatch.setattr(label_free, "ENTROPY_CHUNK_ELEMENTS", 1 << 22)
+    kept = []
+    big = torch.randn(64, 1000, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+        label_free.token_entropy(big).sum()
+    assert sum(kept) == big.numel() + 64  # the logits and one entropy per row
+
+
 def test_prediction_entropy_reference_and_mask():
     logits = torch.randn(3, 5, 7)
     p = logits.softmax(-1)

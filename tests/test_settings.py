@@ -46,6 +46,7 @@ def test_a_comparison_parses_into_frozen_typed_settings(tmp_path):
     assert settings.outputs.learned == ["adamerging_task_wise"]
     assert settings.outputs.exported == (["ties", "adamerging_task_wise"] if settings.outputs.export.enabled else [])
     assert settings.options.seed == 3 and settings.options.on_nonfinite == "skip" and settings.data.eval_batch_size == 32
+    assert settings.options.activation_checkpointing is False  # the default: keep every block's activations
     assert settings.hyperparameters["individual"] == {} and settings.hyperparameters["ties"]["top_k"] == 0.2
     assert settings.protected == ProtectedSettings()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -64,6 +65,7 @@ def test_the_directory_check_reads_only_what_it_needs(tmp_path):
     ("++resume=maybe", "resume='maybe' is invalid"),
     ("export.per_task_hf=often", "export.per_task_hf='often' is invalid"),
     ("data.batch_size=0", "data.batch_size=0 is invalid"),
+    ("activation_checkpointing=5", "activation_checkpointing=5 is invalid"),
 ])
 def test_a_bad_setting_fails_where_it_is_parsed_naming_key_and_value(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -246,8 +246,11 @@ def test_model_scope_methods_read_the_pool_a_fixed_number_of_times(files):
     assert host.formed == tensors and host.memory_bytes() == _in_memory(files).memory_bytes()
 
 
-def test_a_method_without_a_declared_streamed_form_is_refused(files):
+def test_a_method_without_a_declared_streamed_form_is_refused(files, monkeypatch):
+    from adamerge.methods import registry
+
     name = "test_streamed_unknown_method"
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # registered for this test only
     static_method(name, lambda num_tasks, hparams: None)(lambda task_vectors: {})
     with pytest.raises(ConfigError, match=f"method '{name}' has no streamed form.*register_block_local"):
         get_method(name).fn(_streamed(files))
@@ -727,3 +730,56 @@ def test_per_module_merging_refuses_a_backbone_that_recomputes_its_layers(llama_
         module.merged(**inputs)
     with torch.no_grad():  # evaluation recomputes nothing: allowed
         module.merged(**inputs)
+
+
+def _saved_bytes(run) -> int:
+    """Bytes of the tensors autograd keeps for the backward while ``run()`` runs the forward (views counted whole)."""
+    total = []
+
+    def pack(tensor):
+        total.append(tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = run()
+    return sum(total), out
+
+
+@pytest.mark.parametrize("pool_kind", ["streamed", "lora"])
+def test_activation_checkpointing_recomputes_each_block_with_its_merge(llama_pool, tmp_path, pool_kind):
+    """activation_checkpointing=true over a merge made module by module: each decoder layer keeps only its inputs and
+    runs again in the backward with its merge, so the coefficient gradients are those without it, for much less
+    kept; a merge formed whole up front is refused (its recomputation would run on θ0)."""
+    from adamerge import build_learned_module
+    from adamerge.errors import ConfigError
+
+    if pool_kind == "lora":
+        from tests.test_lora import _adapter
+        paths = {"pretrained": llama_pool["pretrained"]}
+        for seed, task in enumerate(("a", "b")):
+            paths[task] = _adapter(llama_pool["pretrained"], tmp_path / task, seed + 1, r=2, lora_alpha=4)
+        pool = _hf_pool(paths)
+    else:
+        pool = _hf_pool(llama_pool, streaming="disk")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    grads, kept = [], []
+    for setting in (False, True):
+        module = build_learned_module(pool, "adamerging_layer_wise", "entropy")
+        module.set_activation_checkpointing(setting)
+        merged = module.merged.double()
+        with torch.no_grad():
+            merged.coefficients.uniform_(0.1, 0.6, generator=torch.Generator().manual_seed(2))
+        size, out = _saved_bytes(lambda: merged(**inputs).logits)
+        out.square().mean().backward()
+        grads.append(merged.coefficients.grad.clone())
+        kept.append(size)
+    assert len(module.merged.checkpoint_blocks) == 2  # the decoder layers
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+    assert grads[0].abs().min() > 0 and kept[1] < kept[0] / 2, kept
+
+    memory = build_learned_module(_hf_pool(llama_pool), "adamerging_layer_wise", "entropy")
+    with pytest.raises(ConfigError, match="activation_checkpointing=true needs a merge made module by module"):
+        memory.set_activation_checkpointing(True)
+    with pytest.raises(ConfigError, match="activation_checkpointing='model.nowhere' is not a module list"):
+        build_learned_module(pool, "adamerging_layer_wise", "entropy").set_activation_checkpointing("model.nowhere")

@@ -141,6 +141,7 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
         module.protect(ctx.protected, seed=options.seed, eval_batch_size=ctx.settings.data.eval_batch_size)
     module.on_nonfinite = options.on_nonfinite
     module.set_task_batching(options.task_batching)
+    module.set_activation_checkpointing(options.activation_checkpointing)
     if module.merges_per_module and options.task_batching == "sequential":
         print(f"{name}: the merge is made module by module (a streamed pool), so task_batching=sequential makes it "
               f"once per task and step; task_batching=auto makes it once per step")

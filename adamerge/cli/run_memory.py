@@ -36,7 +36,8 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
                   include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                   batch_size: int = 1, sequence_length: int = 0, tasks_per_step: int = 1,
                   autocast_dtype: str | None = None, on_device: bool = False,
-                  streaming: str | None = None, sharded_devices: int = 1) -> tuple[MemoryPlan, RunShape, Any]:
+                  streaming: str | None = None, sharded_devices: int = 1,
+                  activation_checkpointing: bool = False) -> tuple[MemoryPlan, RunShape, Any]:
     """The plan of learning over these checkpoints; also returns the run shape and the model shape (for
     :func:`~adamerge.pool.memory_plan.smallest_fitting_change`). Raises :class:`InventoryUnavailable` when the shapes
     cannot be read without loading."""
@@ -58,6 +59,7 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
         batch_size=batch_size, sequence_length=sequence_length, tasks_per_step=tasks_per_step,
         coefficient_rows=len(merged),
         adapter_parameters=max((spec.numel for _, spec in adapters.values()), default=0), streaming=streaming,
+        activation_checkpointing=activation_checkpointing,
     )
     return plan_memory(model, run, on_device=on_device, devices=sharded_devices, sharded=sharded_devices > 1), run, model
 
@@ -139,6 +141,7 @@ def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool) -> tuple[Me
             sequence_length=_sequence_length(data), tasks_per_step=len(pool.get("finetuned") or {}) if joint else 1,
             autocast_dtype=(cfg.get("method") or {}).get("autocast_dtype"), on_device=on_device,
             streaming=streaming_mode(pool.get("streaming", False)), sharded_devices=sharded_devices(cfg, on_device),
+            activation_checkpointing=cfg.get("activation_checkpointing") not in (None, False),
         )
     except InventoryUnavailable as reason:
         return str(reason)

@@ -63,6 +63,7 @@ class RunOptions:
     keep_checkpoints: bool = False  # checkpoint.keep
     on_nonfinite: str = "stop"
     task_batching: str = "sequential"
+    activation_checkpointing: bool | str = False  # True: the backbone's blocks found by size; a str: their path
     compile: str | None = None  # a torch.compile backend, None: eager
     seed: int = 0
     num_threads: int | None = None
@@ -167,6 +168,12 @@ def parse_run_options(cfg: DictConfig) -> RunOptions:
     if policy not in NONFINITE_POLICIES:
         raise ConfigError(f"on_nonfinite={policy!r} is invalid: it must be one of {', '.join(NONFINITE_POLICIES)}")
     batching = task_batching.check_mode_name(cfg.get("task_batching", "sequential"))
+    checkpointing = cfg.get("activation_checkpointing", False)
+    if checkpointing is None:
+        checkpointing = False
+    if not isinstance(checkpointing, (bool, str)) or checkpointing in ("", "auto"):
+        raise ConfigError(f"activation_checkpointing={checkpointing!r} is invalid: it must be true, false or the path of "
+                          "the backbone's module list of blocks (e.g. model.layers)")
     backend = cfg.get("compile")
     if backend is not None and backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError(f"compile={backend!r} is invalid: use null (eager) or a torch.compile backend: "
@@ -185,7 +192,7 @@ def parse_run_options(cfg: DictConfig) -> RunOptions:
     trainer = cfg.get("trainer") or {}
     return RunOptions(
         resume=resume, checkpoint_every=int(every), keep_checkpoints=bool(checkpoint.get("keep", False)),
-        on_nonfinite=policy, task_batching=batching, compile=backend, seed=int(seed),
+        on_nonfinite=policy, task_batching=batching, activation_checkpointing=checkpointing, compile=backend, seed=int(seed),
         num_threads=int(threads) if threads else None, selection=selection,
         expert_cache_max_gb=float(cache_gb), accelerator=trainer.get("accelerator", "auto"),
         max_steps=trainer.get("max_steps", -1),

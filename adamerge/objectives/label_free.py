@@ -37,10 +37,46 @@ def at_least_float32(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+ENTROPY_CHUNK_ELEMENTS = 1 << 22  # logits upcast and softmaxed at a time: 16 MiB in float32
+
+
+class _TokenEntropy(torch.autograd.Function):
+    """``H(softmax(z))`` per row, computed a chunk of rows at a time, forward and backward: autograd keeps the logits
+    (alive anyway) and the entropies, not the log-probabilities, probabilities and their product -- four copies of a
+    causal LM's ``tokens × vocabulary`` logits. ``∂H/∂z_j = −p_j (log p_j + H)``, recomputed per chunk."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor) -> Tensor:
+        flat = logits.reshape(-1, logits.shape[-1])
+        out = torch.empty(flat.shape[0], dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+        for start, stop in _row_chunks(flat):
+            log_probs = torch.log_softmax(at_least_float32(flat[start:stop]), dim=-1)
+            out[start:stop] = -(log_probs.exp() * log_probs).sum(-1)
+        ctx.save_for_backward(logits, out)
+        return out.reshape(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        logits, entropy = ctx.saved_tensors
+        flat, grad = logits.reshape(-1, logits.shape[-1]), grad.reshape(-1)
+        out = torch.empty_like(flat)
+        for start, stop in _row_chunks(flat):
+            log_probs = torch.log_softmax(at_least_float32(flat[start:stop]), dim=-1)
+            probs = log_probs.exp()
+            part = log_probs.add_(entropy[start:stop, None]).mul_(probs).mul_(-grad[start:stop, None].to(probs.dtype))
+            out[start:stop] = part.to(out.dtype)
+        return out.reshape(logits.shape)
+
+
+def _row_chunks(flat: Tensor) -> list[tuple[int, int]]:
+    step = max(1, ENTROPY_CHUNK_ELEMENTS // max(flat.shape[-1], 1))
+    return [(start, min(start + step, flat.shape[0])) for start in range(0, flat.shape[0], step)]
+
+
 def token_entropy(logits: Tensor) -> Tensor:
-    """``H(softmax(logits))`` along the last dimension, in float32 (one value per example or token)."""
-    log_probs = torch.log_softmax(at_least_float32(logits), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1)
+    """``H(softmax(logits))`` along the last dimension, in float32 (one value per example or token); chunked over
+    rows, forward and backward, so no float32 copy of the whole logits is kept (:class:`_TokenEntropy`)."""
+    return _TokenEntropy.apply(logits)
 
 
 def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:

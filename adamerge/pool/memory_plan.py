@@ -100,6 +100,7 @@ class RunShape:
     adapter_parameters: int = 0  # per task: LoRA pools keep adapters, and form one tensor's deltas at a time
     streaming: str | None = None  # modelpool.streaming: None (in memory), "host" or "disk" (adamerge.pool.streamed)
     element_coefficients: bool = False  # progressive distillation's granularity=element: K per element of the blocks
+    activation_checkpointing: bool = False  # each decoder layer keeps its input only and runs again in the backward
 
 
 @dataclass
@@ -249,6 +250,9 @@ def activation_bytes(model: ModelShape, run: RunShape, progressive: bool = False
     layer = shape.layer_bytes_per_token(run.activation_bytes)
     if progressive:  # one block's activations, and its input and target hidden states
         return {"activations": tokens * (2 * layer + 2 * shape.hidden * run.activation_bytes)}
+    if run.activation_checkpointing:  # every layer's input, the one layer being recomputed and its backward
+        return {"activations": tokens * (2 * layer + (shape.layers + 16) * shape.hidden * run.activation_bytes),
+                "logits": tokens * shape.logits_bytes_per_token(run.activation_bytes)}
     # Every layer's saved tensors, one more layer's worth while backward runs through it, the embeddings and norms.
     return {"activations": tokens * ((shape.layers + 1) * layer + 16 * shape.hidden),
             "logits": tokens * shape.logits_bytes_per_token(run.activation_bytes)}

@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from adamerge.backbones.blocks import find_blocks
 from adamerge.data.batches import ADAPTATION
 from adamerge.errors import ConfigError, NonFiniteError
 from adamerge.methods.learned.merged import MergedModel, run_backbone
@@ -302,6 +303,22 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
         backbone whose examples would interact."""
         self.task_batching = task_batching.check_mode(mode, self.merged.module)
         self._resolved_batching: str | None = None if mode == "auto" else mode
+
+    def set_activation_checkpointing(self, setting: bool | str) -> None:
+        """Recompute each of the backbone's blocks in the backward instead of keeping its activations: one block's
+        activations alive instead of all of them, for one more forward per step. ``setting``: False, True (the blocks
+        :func:`~adamerge.backbones.blocks.find_blocks` picks) or the path of the module list of blocks. Only a merge
+        made module by module can do it (the recomputation merges again); refused otherwise."""
+        if setting is False:
+            self.merged.checkpoint_blocks = None
+            return
+        if not self.merges_per_module:
+            raise ConfigError(
+                "activation_checkpointing=true needs a merge made module by module (a streamed pool, "
+                "modelpool.streaming=disk or host, or a pool of LoRA adapters, without protected tasks): a merge formed "
+                "whole up front would be gone when the backward recomputes a block")
+        path = "auto" if setting is True else setting
+        self.merged.checkpoint_blocks = tuple(find_blocks(self.merged.module, path, setting="activation_checkpointing")[1])
 
     @property
     def task_batching_used(self) -> str:

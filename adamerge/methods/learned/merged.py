@@ -183,6 +183,8 @@ class MergedModel(nn.Module):
     # Form each module's merged tensors when it runs instead of the whole merge up front (merged_per_module.py):
     # what a streamed pool turns on, so the merged model and its gradient are never whole in memory.
     merge_per_module: bool = False
+    # Blocks a per-module merge recomputes in the backward (activation_checkpointing; a tuple: not submodules twice).
+    checkpoint_blocks: tuple[nn.Module, ...] | None = None
 
     def per_module_owners(self) -> list[tuple[nn.Module, dict[str, int]]]:
         """The modules owning merged tensors (computed once: the module tree does not change)."""
@@ -274,8 +276,7 @@ class LoRAMergedModel(MergedModel):
                 self.register_buffer(f"_lora_{part}_{index}", tensor, persistent=False)
             self.transposed.append(transposed)
 
-    # Each module merges its own weights when called (merged_per_module.py): a linear layer runs its adapters'
-    # low-rank path, x θ0ᵀ + ((x A_catᵀ) · λ·s) B_catᵀ, so no targeted matrix is formed whole, nor its gradient.
+    # Each module merges itself when called (merged_per_module.py): a linear layer runs x θ0ᵀ + ((x A_catᵀ)·λ·s) B_catᵀ.
     merge_per_module = True
 
     def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from adamerge.errors import ConfigError
@@ -213,27 +214,61 @@ def _activation_checkpointing(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def merging_per_module(merged: Any, rows: Tensor | None = None) -> Iterator[None]:
-    """While inside, every module of ``merged.module`` that owns merged tensors merges them itself when called (see
-    the module docstring). A weight whose coefficients are not one per task (``merged.row_coefficients(index)``
-    false: progressive distillation's element-wise ones) is formed whole by its module instead of band by band.
-    ``rows`` (``[tensors, K]``) replaces the merged model's coefficients, e.g. one-hot rows: task k's expert."""
-    if torch.is_grad_enabled() and _activation_checkpointing(merged.module):
-        raise ConfigError(
-            f"{type(merged.module).__name__} has activation (gradient) checkpointing on: its backward would run the "
-            "modules again after this merge's forward is over, on θ0 instead of the merge. Turn it off "
-            "(gradient_checkpointing_disable()) for a streamed pool, which merges module by module")
-    state = _PerModuleState(merged, rows)
+def _forwards(replacements: Sequence[tuple[nn.Module, Any]]) -> Iterator[None]:
+    """Each module's ``forward`` replaced while inside (an instance attribute; the one before is put back)."""
     installed = []
     try:
-        for module, local in merged.per_module_owners():
-            previous = module.__dict__.get("forward")
-            module.forward = _override(module, local, state)
-            installed.append((module, previous))
+        for module, forward in replacements:
+            installed.append((module, module.__dict__.get("forward")))
+            module.forward = forward
         yield
     finally:
-        for module, previous in installed:
+        for module, previous in reversed(installed):
             if previous is None:
                 del module.forward
             else:
                 module.forward = previous
+
+
+def _checkpointed(block: nn.Module, replacements: Sequence[tuple[nn.Module, Any]]) -> Any:
+    """``block``'s forward under activation checkpointing: only its inputs are kept for the backward, which runs the
+    block again -- with its modules' merging forwards put back for that run, so the recomputation is the merge's
+    (the same coefficient rows, so the same graph to them), not θ0's."""
+    inner = block.forward
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _forwards(replacements):
+            return inner(*args, **kwargs)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+@contextlib.contextmanager
+def merging_per_module(merged: Any, rows: Tensor | None = None) -> Iterator[None]:
+    """While inside, every module of ``merged.module`` that owns merged tensors merges them itself when called (see
+    the module docstring). A weight whose coefficients are not one per task (``merged.row_coefficients(index)``
+    false: progressive distillation's element-wise ones) is formed whole by its module instead of band by band.
+    ``rows`` (``[tensors, K]``) replaces the merged model's coefficients, e.g. one-hot rows: task k's expert.
+    With ``merged.checkpoint_blocks`` (an ``nn.ModuleList`` of the backbone's blocks) and gradients on, each block
+    keeps only its inputs for the backward and runs again there (activation checkpointing)."""
+    if torch.is_grad_enabled() and _activation_checkpointing(merged.module):
+        raise ConfigError(
+            f"{type(merged.module).__name__} has the model's own activation (gradient) checkpointing on: its backward "
+            "would run the modules again after this merge's forward is over, on θ0 instead of the merge. Turn it off "
+            "(gradient_checkpointing_disable()) and set activation_checkpointing=true, which recomputes each block "
+            "with its merge")
+    state = _PerModuleState(merged, rows)
+    replacements = [(module, _override(module, local, state)) for module, local in merged.per_module_owners()]
+    blocks = getattr(merged, "checkpoint_blocks", None)
+    if blocks is not None and torch.is_grad_enabled():
+        owners = {id(module) for module, _ in replacements}
+        for block in blocks:
+            if id(block) in owners:  # a block owning merged tensors itself: its own forward merges them
+                continue
+            inside = {id(m) for m in block.modules()}
+            replacements.append((block, _checkpointed(block, [r for r in replacements if id(r[0]) in inside])))
+    with _forwards(replacements):
+        yield

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from adamerge.backbones.blocks import find_blocks
 from adamerge.data.batches import ADAPTATION
 from adamerge.data.batches import to_device
 from adamerge.errors import ConfigError
@@ -58,22 +59,6 @@ GRANULARITIES = ("element", "tensor")
 
 class _StopForward(Exception):
     """Raised by the capture hook: nothing after the block's input is needed."""
-
-
-def find_blocks(module: nn.Module, path: str = "auto") -> tuple[str, nn.ModuleList]:
-    """The backbone's sequence of blocks: the ``nn.ModuleList`` at ``path``, or (``auto``) the one holding the most
-    parameters -- EfficientNet's ``_blocks``, a ViT's or BERT's ``encoder.layer(s)``, a causal LM's ``model.layers``."""
-    lists = {name: child for name, child in module.named_modules() if isinstance(child, nn.ModuleList) and len(child) > 1}
-    if path != "auto":
-        if path not in lists:
-            raise ConfigError(f"method 'progressive_distillation': blocks={path!r} is not a module list of "
-                              f"{type(module).__name__} with 2 or more blocks; module lists: {sorted(lists) or 'none'}")
-        return path, lists[path]
-    if not lists:
-        raise ConfigError(f"method 'progressive_distillation': {type(module).__name__} has no nn.ModuleList of blocks; "
-                          "set method.blocks to the path of the module list to distil block by block")
-    name = max(lists, key=lambda n: sum(p.numel() for p in lists[n].parameters()))
-    return name, lists[name]
 
 
 def block_of(names: Sequence[str], path: str, count: int) -> list[int | None]:
