@@ -57,3 +57,12 @@ def test_elsewhere_both_do_nothing(monkeypatch):
     monkeypatch.setattr(host_memory.platform, "system", lambda: "Darwin")
     assert host_memory.return_large_blocks_to_os() is False
     host_memory.release_freed_memory()  # no error
+
+
+def test_the_threshold_is_fixed_for_large_models_only(monkeypatch):
+    """A small model keeps glibc's dynamic threshold (a fixed one makes every 1 MiB+ allocation an mmap: half again
+    the image demo's wall time); a model of LARGE_MODEL_BYTES and up gets it, once the memory plan has sized it."""
+    calls = []
+    monkeypatch.setattr(host_memory, "return_large_blocks_to_os", lambda: calls.append(1) or True)
+    assert host_memory.adapt_to_model(host_memory.LARGE_MODEL_BYTES - 1) is False and calls == []
+    assert host_memory.adapt_to_model(host_memory.LARGE_MODEL_BYTES) is True and calls == [1]

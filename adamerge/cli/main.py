@@ -26,7 +26,6 @@ from adamerge.errors import report_cli_error
 from adamerge.methods.configs import CONF_DIR
 from adamerge.reporting.sweep import ERROR_FILE, job_score, selection_criterion
 from adamerge.storage.locking import acquire_run_lock, release_run_lock
-from adamerge.training.host_memory import return_large_blocks_to_os
 from adamerge.training.preemption import PREEMPTED_EXIT_CODE, RunPreempted
 
 
@@ -188,7 +187,6 @@ def quiet_framework_chatter() -> None:
 
 def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
-    return_large_blocks_to_os()  # freed tensors go back to the system: the resident set follows what the run holds
     quiet_framework_chatter()
     register_resolvers()
     _main()

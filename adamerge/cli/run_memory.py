@@ -22,6 +22,7 @@ from adamerge.pool.inventory import (
 from adamerge.pool.key_filters import drop_excluded, select_tensors
 from adamerge.pool.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, is_adapter_dir
 from adamerge.pool.memory_plan import MemoryPlan, RunShape, gib, model_shape, plan_memory, smallest_fitting_change
+from adamerge.training.host_memory import adapt_to_model
 from adamerge.training.sharding import STRATEGY_TARGET
 
 __all__ = ["MemoryPlanError", "plan_for_pool", "plan_for_config", "check_memory_plan", "memory_limits"]
@@ -164,6 +165,8 @@ def check_memory_plan(cfg: DictConfig, learned: bool, on_device: bool) -> Memory
         print(f"memory plan: not made ({planned})")
         return None
     plan, run, model = planned
+    # A large model's freed tensors go back to the system (the resident set follows what the run holds).
+    adapt_to_model(model.model_bytes)
     where = "a GPU" if on_device else "the CPU"
     print(f"memory plan (before loading; {run.num_tasks} tasks, learning on {where}):\n{plan.render()}")
     host_limit, device_limit = memory_limits(on_device, headroom)
