@@ -17,7 +17,8 @@ __all__ = ["find_blocks"]
 def find_blocks(module: nn.Module, path: str = "auto", *, setting: str = "method.blocks") -> tuple[str, nn.ModuleList]:
     """The ``nn.ModuleList`` of 2 or more blocks at ``path``, or (``auto``) the one holding the most parameters, with
     its path. ``setting`` names the option that picks another list, for the error messages."""
-    lists = {name: child for name, child in module.named_modules() if isinstance(child, nn.ModuleList) and len(child) > 1}
+    lists = {name: child for name, child in module.named_modules()
+             if isinstance(child, nn.ModuleList) and len(child) > 1}
     if path != "auto":
         if path not in lists:
             raise ConfigError(f"{setting}={path!r} is not a module list of {type(module).__name__} with 2 or more "

@@ -172,8 +172,8 @@ def parse_run_options(cfg: DictConfig) -> RunOptions:
     if checkpointing is None:
         checkpointing = False
     if not isinstance(checkpointing, (bool, str)) or checkpointing in ("", "auto"):
-        raise ConfigError(f"activation_checkpointing={checkpointing!r} is invalid: it must be true, false or the path of "
-                          "the backbone's module list of blocks (e.g. model.layers)")
+        raise ConfigError(f"activation_checkpointing={checkpointing!r} is invalid: it must be true, false or the "
+                          "path of the backbone's module list of blocks (e.g. model.layers)")
     backend = cfg.get("compile")
     if backend is not None and backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError(f"compile={backend!r} is invalid: use null (eager) or a torch.compile backend: "
@@ -192,7 +192,8 @@ def parse_run_options(cfg: DictConfig) -> RunOptions:
     trainer = cfg.get("trainer") or {}
     return RunOptions(
         resume=resume, checkpoint_every=int(every), keep_checkpoints=bool(checkpoint.get("keep", False)),
-        on_nonfinite=policy, task_batching=batching, activation_checkpointing=checkpointing, compile=backend, seed=int(seed),
+        on_nonfinite=policy, task_batching=batching, activation_checkpointing=checkpointing, compile=backend,
+        seed=int(seed),
         num_threads=int(threads) if threads else None, selection=selection,
         expert_cache_max_gb=float(cache_gb), accelerator=trainer.get("accelerator", "auto"),
         max_steps=trainer.get("max_steps", -1),

@@ -222,7 +222,7 @@ def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet =
     # A streamed pool merges module by module (adamerge.methods.learned.merged_per_module): one band of one weight
     # (BAND_ELEMENTS values) is read, formed in float32 and, in the backward, met by its float32 gradient; the merged
     # model and its gradient are never whole (a norm's few merged values, kept for its backward, are left out).
-    # Adapters merge module by module too (LoRAMergedModel): a linear layer runs x θ0ᵀ + ((x Aᵀ)·λ·s) Bᵀ, no weight formed.
+    # Adapters merge module by module too (LoRAMergedModel): a linear layer runs x θ0ᵀ + ((x Aᵀ)·λ·s) Bᵀ.
     per_module = streamed or (bool(run.adapter_parameters) and not progressive)
     band = min(model.largest_tensor, BAND_ELEMENTS)
     parts = {

@@ -6,7 +6,8 @@ fragmented is not given back: after loading a model tensor by tensor and running
 about 3 GiB more resident than it held (the Qwen2.5-0.5B-shaped bench, bench/llm_scale.py), which is what made
 progressive distillation need 3 × one model instead of the model plus one block. A fixed threshold keeps every
 large block mmapped (freed at once) -- set for large models only (:func:`adapt_to_model`: its mmaps cost time) --
-and :func:`release_freed_memory` trims the heap after a phase that allocated much and kept little. Elsewhere (macOS, Windows, musl) both do nothing.
+and :func:`release_freed_memory` trims the heap after a phase that allocated much and kept little. Elsewhere (macOS,
+Windows, musl) both do nothing.
 """
 
 from __future__ import annotations

@@ -315,10 +315,11 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
         if not self.merges_per_module:
             raise ConfigError(
                 "activation_checkpointing=true needs a merge made module by module (a streamed pool, "
-                "modelpool.streaming=disk or host, or a pool of LoRA adapters, without protected tasks): a merge formed "
-                "whole up front would be gone when the backward recomputes a block")
+                "modelpool.streaming=disk or host, or a pool of LoRA adapters, without protected tasks): a merge "
+                "formed whole up front would be gone when the backward recomputes a block")
         path = "auto" if setting is True else setting
-        self.merged.checkpoint_blocks = tuple(find_blocks(self.merged.module, path, setting="activation_checkpointing")[1])
+        _, blocks = find_blocks(self.merged.module, path, setting="activation_checkpointing")
+        self.merged.checkpoint_blocks = tuple(blocks)
 
     @property
     def task_batching_used(self) -> str:

@@ -134,8 +134,8 @@ for _granularity in ("task_wise", "layer_wise"):
 
 # Layer-wise AdaMerging on top of the data-free Iso-CTS in the residual form -- it starts exactly at Iso-CTS and learns
 # per-layer corrections, so it cannot start below it. The recommended merge where the model is too large for a
-# per-element mask (it streams: modelpool.streaming; it shards: trainer=fsdp); elsewhere concrete_task_arithmetic_on_iso_cts
-# learned better on every study zoo (bench/learned_study.py).
+# per-element mask (it streams: modelpool.streaming; it shards: trainer=fsdp); elsewhere
+# concrete_task_arithmetic_on_iso_cts learned better on every study zoo (bench/learned_study.py).
 register_learned(
     "adamerging_layer_wise_on_iso_cts",
     _adamerging_builder("layer_wise"),

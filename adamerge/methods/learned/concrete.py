@@ -287,7 +287,7 @@ MASK_DEFAULTS: dict[str, Any] = {
 }
 CONCRETE_TA_DEFAULTS: dict[str, Any] = {"init_value": 0.3, **MASK_DEFAULTS}
 # The recommended method's mask step size: the paper's 1e-3 hardly moves a logit from 0 within a few hundred steps;
-# chosen by bench/learned_study.py over {1e-2, 5e-2, 1e-1} on two zoos, three seeds (docs/methods.md).
+# chosen by bench/learned_study.py over {1e-2, 5e-2, 1e-1} on two zoos, three seeds (1e-1 ties it; docs/methods.md).
 RECOMMENDED_MASK_LR = 0.05
 CONCRETE_AM_DEFAULTS: dict[str, Any] = {
     "init_value": 0.3,
@@ -329,11 +329,12 @@ register_learned(
     "Concrete task arithmetic: a shared Concrete mask on the task vectors learned by the objective, λ fixed",
     lambda num_tasks, hparams: _check_mask("concrete_task_arithmetic", num_tasks, hparams),
 )
-# adamerge's recommended learned merge (bench/learned_study.py, docs/methods.md "Every learned method on the recommended
-# base"): a Concrete mask, one logit per element, learned over Iso-CTS's update kept whole (the residual form with its
-# scale at 1 and the per-task corrections at 0, both frozen here), θ = θ0 + (m / mean m) ⊙ (θ_Iso-CTS − θ0). Its
-# evaluation mask starts at 1 everywhere (sigmoid(0) / mean), so learning starts exactly at Iso-CTS. It was the best
-# learned row on all three study zoos, 1.3 to 3.9 points above layer-wise AdaMerging on the same base.
+# adamerge's recommended learned merge (bench/learned_study.py, docs/methods.md "Which learned method, on the
+# recommended base"): a Concrete mask, one logit per element, learned over Iso-CTS's update kept whole (the residual
+# form with its scale at 1 and the per-task corrections at 0, both frozen here),
+# θ = θ0 + (m / mean m) ⊙ (θ_Iso-CTS − θ0). Its evaluation mask starts at 1 everywhere (sigmoid(0) / mean), so learning
+# starts exactly at Iso-CTS. It was the best learned row on all three study zoos, above layer-wise AdaMerging on the
+# same base.
 RECOMMENDED_METHOD = "concrete_task_arithmetic_on_iso_cts"
 register_learned(
     RECOMMENDED_METHOD, build_concrete_task_arithmetic,
