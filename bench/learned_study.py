@@ -244,10 +244,9 @@ def main() -> None:
     start = time.perf_counter()
     if not args.collect_only:
         build_zoos(args.zoos, args.cache)
-        jobs = [(z, args.seeds[0], None, None) for z in args.zoos]
-        jobs += [(z, s, o, b) for s in args.seeds for z in args.zoos for o in args.objectives for b in args.bases]
-        static, learned = jobs[:len(args.zoos)], jobs[len(args.zoos):]
-        jobs = [(*job, args.set) for job in static] + [(*job, group) for job in learned for group in setting_groups(args)]
+        jobs = [(z, args.seeds[0], None, None, args.set) for z in args.zoos]  # the static rows: one run per zoo
+        jobs += [(z, s, o, b, group) for s in args.seeds for z in args.zoos for o in args.objectives for b in args.bases
+                 for group in setting_groups(args)]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda job: run_job(*job[:4], args.methods, args.runs, args.cache, job[4]), jobs))
     results = collect(args)

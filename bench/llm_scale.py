@@ -149,14 +149,15 @@ def command(conf: Path, run_dir: Path, row: str, k: int, steps: int, threads: in
 
 def planned(paths: dict[str, Path], row: str, tasks: list[str], batch: int, length: int) -> dict:
     """The memory plan of this row's run (what preflight prints), with progressive's working set for ProDistill."""
-    from adamerge.cli.run_memory import plan_for_pool
+    from adamerge.cli.run_memory import plan_for_pool, runs_tasks_jointly
     from adamerge.pool.memory_plan import plan_memory
 
     kind, streaming, method, extra = ROWS[row]
-    # task_batching=auto: the K batches of a pool merged module by module (streamed, or adapters) in one forward
-    joint = (bool(streaming) or kind == "lora") and method != "progressive_distillation" and (
-        "task_batching=sequential" not in extra)
-    plan, run, model = plan_for_pool(paths["pretrained"], {t: paths[f"{kind}_{t}"] for t in tasks},
+    finetuned = {t: paths[f"{kind}_{t}"] for t in tasks}
+    batching = "sequential" if "task_batching=sequential" in extra else "auto"  # as command() sets it
+    # progressive distillation runs its own block steps, one task's cached inputs at a time
+    joint = method != "progressive_distillation" and runs_tasks_jointly(batching, streaming or None, finetuned)
+    plan, run, model = plan_for_pool(paths["pretrained"], finetuned,
                                      auto_class="AutoModelForCausalLM", backbone_dtype="float32",
                                      storage_dtype="bfloat16", batch_size=batch, sequence_length=length,
                                      streaming=streaming or None, tasks_per_step=len(tasks) if joint else 1,

@@ -140,7 +140,7 @@ def test_merging_per_module_runs_the_adapters_low_rank_path_with_the_whole_merge
     from adamerge.backbones.heads import Identity
     from adamerge.backbones.hf_checkpoints import HFModelPool
     from adamerge.methods.learned.adamerging import build_learned
-    from adamerge.methods.learned.merged import LoRAMergedModel
+    from adamerge.methods.learned.merged_streamed import LoRAMergedModel
     from adamerge.methods.learned.merged_per_module import merging_per_module
 
     pool = HFModelPool(backbone={"_target_": "adamerge.backbones.hf.causal_lm", "model": str(zoo["base"])},

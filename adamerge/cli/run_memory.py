@@ -25,7 +25,8 @@ from adamerge.pool.memory_plan import MemoryPlan, RunShape, gib, model_shape, pl
 from adamerge.training.host_memory import adapt_to_model
 from adamerge.training.sharding import STRATEGY_TARGET
 
-__all__ = ["MemoryPlanError", "plan_for_pool", "plan_for_config", "check_memory_plan", "memory_limits"]
+__all__ = ["MemoryPlanError", "plan_for_pool", "plan_for_config", "check_memory_plan", "memory_limits",
+           "runs_tasks_jointly"]
 
 
 class MemoryPlanError(ConfigError):
@@ -63,6 +64,14 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
         activation_checkpointing=activation_checkpointing,
     )
     return plan_memory(model, run, on_device=on_device, devices=sharded_devices, sharded=sharded_devices > 1), run, model
+
+
+def runs_tasks_jointly(task_batching: str, streaming: str | None, finetuned: Mapping[str, Any]) -> bool:
+    """Whether a learning step takes the K tasks' batches in one forward: ``joint``, or ``auto`` over a pool merged
+    module by module -- streamed, or of LoRA adapters -- whose merge is then made once a step rather than once per
+    task (what :func:`adamerge.training.task_batching.choose` decides on the first step)."""
+    per_module = streaming is not None or any(is_adapter_dir(source) for source in finetuned.values())
+    return task_batching == "joint" or (task_batching == "auto" and per_module)
 
 
 def sharded_devices(cfg: DictConfig, on_device: bool) -> int:
@@ -126,12 +135,8 @@ def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool) -> tuple[Me
         return "the pool names no pretrained checkpoint"
     from adamerge.pool.streamed import streaming_mode
 
-    # auto runs the tasks of a pool merged module by module -- streamed, or of LoRA adapters -- jointly (the merge is
-    # then made once a step, not once per task: adamerge.training.task_batching.choose)
-    batching = cfg.get("task_batching", "sequential")
-    per_module = streaming_mode(pool.get("streaming", False)) is not None or any(
-        is_adapter_dir(source) for source in (pool.get("finetuned") or {}).values())
-    joint = batching == "joint" or (batching == "auto" and per_module)
+    joint = runs_tasks_jointly(cfg.get("task_batching", "sequential"), streaming_mode(pool.get("streaming", False)),
+                               pool.get("finetuned") or {})
 
     try:
         planned = plan_for_pool(

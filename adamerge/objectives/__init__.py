@@ -9,7 +9,8 @@
   ``weighted_sum``); :mod:`.expert_targets` computes those experts' outputs once, before learning.
 
 May import: ``adamerge.errors``, ``adamerge.pool``, ``adamerge.data`` and the differentiable merged model
-(``adamerge.methods.learned.merged``, to run a backbone); never the training machinery or a learned method.
+(``adamerge.methods.learned.merged``, to run a backbone; ``merged_per_module.bands``, to cut a tensor into row
+chunks); never the training machinery or a learned method.
 Importing this package registers every built-in objective.
 """
 

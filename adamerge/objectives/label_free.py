@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adamerge.methods.learned.merged_per_module import bands
 from adamerge.objectives.registry import Objective, ObjectiveError, register_objective
 
 
@@ -69,8 +70,7 @@ class _TokenEntropy(torch.autograd.Function):
 
 
 def _row_chunks(flat: Tensor) -> list[tuple[int, int]]:
-    step = max(1, ENTROPY_CHUNK_ELEMENTS // max(flat.shape[-1], 1))
-    return [(start, min(start + step, flat.shape[0])) for start in range(0, flat.shape[0], step)]
+    return bands(*flat.shape, ENTROPY_CHUNK_ELEMENTS)
 
 
 def token_entropy(logits: Tensor) -> Tensor:

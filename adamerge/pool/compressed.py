@@ -18,9 +18,9 @@ elements and the share of ``Σ‖τ‖²_F`` kept -- is :meth:`LowRankTaskVector
 
 Merges use the factors: a data-free method runs block by block on the reconstructed block (see
 :mod:`adamerge.methods.data_free.streamed`), and learning merges ``Σ_k λ_k U_k S_k V_kᵀ`` as one product of the
-concatenated factors (:class:`adamerge.methods.learned.merged_streamed.LowRankMergedModel`, as
-:class:`adamerge.methods.learned.merged.LoRAMergedModel` does for adapters), which is also all autograd keeps. SVDs
-run in float64 for float64 storage, else in float32 (float64 if LAPACK fails to converge), with ``torch.linalg``:
+concatenated factors (:class:`adamerge.methods.learned.merged_streamed.LowRankMergedModel`, as its
+:class:`~adamerge.methods.learned.merged_streamed.LoRAMergedModel` does for adapters), which is also all autograd
+keeps. SVDs run in float64 for float64 storage, else in float32 (float64 if LAPACK fails to converge), with ``torch.linalg``:
 the pool sits below the data-free methods and their spectral helpers.
 """
 

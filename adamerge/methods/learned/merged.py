@@ -19,7 +19,6 @@ from torch.func import functional_call
 
 from adamerge.errors import ConfigError
 from adamerge.methods.learned.merged_per_module import merging_per_module, owner_modules
-from adamerge.pool.lora import LoRATaskVectors
 from adamerge.pool.task_vectors import TaskVectors
 
 Granularity = Literal["task_wise", "layer_wise"]
@@ -196,6 +195,11 @@ class MergedModel(nn.Module):
         """Whether merged tensor ``index`` has one coefficient per task (a row), as the banded per-module merge needs."""
         return True
 
+    def factored(self, index: int) -> bool:
+        """Whether merged tensor ``index``'s delta is ``B · diag(λ per rank) · A`` of a linear layer's weight, which
+        the per-module merge applies through ``linear_factors`` without forming it (LoRA adapters)."""
+        return False
+
     def forward(self, *args: Any, weights: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
         if weights is None and self.merge_per_module:
             with merging_per_module(self):
@@ -262,39 +266,3 @@ def run_backbone(backbone: nn.Module, inputs: Any, weights: Mapping[str, Tensor]
             return backbone(weights=weights, **inputs)
         return backbone(inputs, weights=weights)
     return backbone(**inputs) if isinstance(inputs, Mapping) else backbone(inputs)
-
-
-class LoRAMergedModel(MergedModel):
-    """:class:`MergedModel` over adapters (:class:`~adamerge.pool.lora.LoRATaskVectors`): each step's delta of a targeted weight is
-    ``B_cat · diag(λ·s) · A_cat``, so neither the step nor autograd ever holds a dense task vector."""
-
-    def register_task_vectors(self, task_vectors: LoRATaskVectors) -> None:
-        self.transposed = []
-        for index, name in enumerate(self.names):
-            a, b, task, scale, transposed = task_vectors.concatenated(name)
-            for part, tensor in (("A", a), ("B", b), ("task", task), ("scale", scale)):
-                self.register_buffer(f"_lora_{part}_{index}", tensor, persistent=False)
-            self.transposed.append(transposed)
-
-    # Each module merges itself when called (merged_per_module.py): a linear layer runs x θ0ᵀ + ((x A_catᵀ)·λ·s) B_catᵀ.
-    merge_per_module = True
-
-    def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
-        a, b, per_rank = self.linear_factors(index, row)
-        delta = (b * per_rank) @ a
-        return delta.T if self.transposed[index] else delta
-
-    def linear_factors(self, index: int, row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(A_cat [R, in], B_cat [out, R], λ·s per rank [R])`` of merged tensor ``index``: its delta is
-        ``B_cat · diag(λ·s) · A_cat`` (transposed when ``self.transposed[index]``); graph to ``row``."""
-        per_rank = row[getattr(self, f"_lora_task_{index}")] * getattr(self, f"_lora_scale_{index}")
-        return getattr(self, f"_lora_A_{index}"), getattr(self, f"_lora_B_{index}"), per_rank
-
-    def task_slice(self, index: int, task: int, rows: tuple[int, int] | None = None) -> Tensor:
-        """Task ``task``'s dense delta ``s_k B_k A_k`` of merged tensor ``index`` (``rows``: that band only)."""
-        chosen = getattr(self, f"_lora_task_{index}") == task
-        a = getattr(self, f"_lora_A_{index}")[chosen]
-        b = getattr(self, f"_lora_B_{index}")[:, chosen] * getattr(self, f"_lora_scale_{index}")[chosen]
-        if self.transposed[index]:  # the weight is (B A)ᵀ: its rows are columns of B A
-            return (b @ (a if rows is None else a[:, rows[0]:rows[1]])).T
-        return (b if rows is None else b[rows[0]:rows[1]]) @ a

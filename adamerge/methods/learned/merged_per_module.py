@@ -38,9 +38,10 @@ __all__ = ["BAND_ELEMENTS", "merging_per_module", "owner_modules"]
 BAND_ELEMENTS = 1 << 22  # values of a weight formed at a time: 16 MiB in float32
 
 
-def bands(rows: int, columns: int) -> list[tuple[int, int]]:
-    """Bands ``(start, stop)`` of a ``rows × columns`` tensor's first dimension, each at most BAND_ELEMENTS values."""
-    step = max(1, BAND_ELEMENTS // max(columns, 1))
+def bands(rows: int, columns: int, limit: int | None = None) -> list[tuple[int, int]]:
+    """Bands ``(start, stop)`` of a ``rows × columns`` tensor's first dimension, each at most ``limit`` values
+    (default: :data:`BAND_ELEMENTS`, read when called)."""
+    step = max(1, (BAND_ELEMENTS if limit is None else limit) // max(columns, 1))
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -137,7 +138,12 @@ class _PerModuleState:
 def _linear(module: nn.Linear, local: Mapping[str, int], state: _PerModuleState, x: Tensor) -> Tensor:
     index = local["weight"]
     base = state.base[state.names[index]]
-    out = _BandedLinear.apply(x, state.rows[index], base, state.merged, index, state.tasks[index])
+    return _with_bias(module, local, state, _BandedLinear.apply(x, state.rows[index], base, state.merged, index,
+                                                                 state.tasks[index]))
+
+
+def _with_bias(module: nn.Linear, local: Mapping[str, int], state: _PerModuleState, out: Tensor) -> Tensor:
+    """``out`` plus the layer's bias: merged when it is a merged tensor, else the module's own."""
     if "bias" in local:
         return out + state.tensor(local["bias"]).to(out.dtype)
     return out if module.bias is None else out + module.bias.to(out.dtype)
@@ -150,10 +156,7 @@ def _factored_linear(module: nn.Linear, local: Mapping[str, int], state: _PerMod
     index = local["weight"]
     a, b, per_rank = state.merged.linear_factors(index, state.rows[index])
     low_rank = F.linear(F.linear(x, a.to(x.dtype)) * per_rank.to(x.dtype), b.to(x.dtype))
-    out = F.linear(x, state.base[state.names[index]].to(x.dtype)) + low_rank
-    if "bias" in local:
-        return out + state.tensor(local["bias"]).to(out.dtype)
-    return out if module.bias is None else out + module.bias.to(out.dtype)
+    return _with_bias(module, local, state, F.linear(x, state.base[state.names[index]].to(x.dtype)) + low_rank)
 
 
 def _embedding(module: nn.Embedding, local: Mapping[str, int], state: _PerModuleState, ids: Tensor) -> Tensor:
@@ -191,8 +194,7 @@ def _override(module: nn.Module, local: Mapping[str, int], state: _PerModuleStat
     # Exact types only: a subclass may do more in its forward (a scaled embedding, a quantised linear layer), which
     # the generic path keeps by calling that forward on the merged tensors.
     banded = state.fixed or state.merged.row_coefficients(local.get("weight", -1))
-    factored = banded and hasattr(state.merged, "linear_factors") and "weight" in local
-    if factored and type(module) is nn.Linear and not state.merged.transposed[local["weight"]]:
+    if banded and type(module) is nn.Linear and "weight" in local and state.merged.factored(local["weight"]):
         return lambda x: _factored_linear(module, local, state, x)
     if banded and type(module) is nn.Linear and "weight" in local:
         return lambda x: _linear(module, local, state, x)
@@ -262,13 +264,23 @@ def merging_per_module(merged: Any, rows: Tensor | None = None) -> Iterator[None
             "with its merge")
     state = _PerModuleState(merged, rows)
     replacements = [(module, _override(module, local, state)) for module, local in merged.per_module_owners()]
-    blocks = getattr(merged, "checkpoint_blocks", None)
-    if blocks is not None and torch.is_grad_enabled():
-        owners = {id(module) for module, _ in replacements}
-        for block in blocks:
-            if id(block) in owners:  # a block owning merged tensors itself: its own forward merges them
-                continue
-            inside = {id(m) for m in block.modules()}
-            replacements.append((block, _checkpointed(block, [r for r in replacements if id(r[0]) in inside])))
+    if merged.checkpoint_blocks is not None and torch.is_grad_enabled():
+        for block, inside in _block_owners(merged):
+            replacements.append((block, _checkpointed(block, [replacements[i] for i in inside])))
     with _forwards(replacements):
         yield
+
+
+def _block_owners(merged: Any) -> list[tuple[nn.Module, list[int]]]:
+    """Each checkpointed block with the positions, in ``merged.per_module_owners()``, of the owners inside it; a block
+    that owns merged tensors itself is left out (its own forward merges them). Worked out once per set of blocks: the
+    module tree does not change between steps."""
+    cached = merged.__dict__.get("_block_owners")
+    if cached is None or cached[0] is not merged.checkpoint_blocks:
+        owners = merged.per_module_owners()
+        positions = {id(module): i for i, (module, _) in enumerate(owners)}
+        groups = [(block, [positions[id(m)] for m in block.modules() if id(m) in positions])
+                  for block in merged.checkpoint_blocks if id(block) not in positions]
+        cached = (merged.checkpoint_blocks, groups)
+        merged.__dict__["_block_owners"] = cached
+    return cached[1]

@@ -1,4 +1,4 @@
-"""The differentiable merged model over task vectors that are never held whole: streamed or compressed.
+"""The differentiable merged model over task vectors that are never held whole: streamed, compressed or LoRA.
 
 :class:`StreamedMergedModel` (``modelpool.streaming``): the module's θ0 is on the device; each merged tensor's K
 slices are fetched (host → device, or disk → device) when the merge forms ``Σ_k λ_k τ_k`` in the forward pass and
@@ -7,7 +7,9 @@ coefficients and the tensor's index, never τ, and visits the tasks one at a tim
 slice of one tensor at a time, whatever K is. Progressive
 distillation (:func:`adamerge.methods.learned.progressive.progressive_merged_class`) fetches one block's slices per
 step. :class:`LowRankMergedModel` (``modelpool.compression``) merges the low-rank factors of
-:class:`~adamerge.pool.compressed.LowRankTaskVectors` without forming a dense task vector. :func:`merged_model_class`
+:class:`~adamerge.pool.compressed.LowRankTaskVectors` without forming a dense task vector, and
+:class:`LoRAMergedModel` the factors of PEFT adapters (:class:`~adamerge.pool.lora.LoRATaskVectors`).
+:func:`merged_model_class`
 picks the class for a pool's task vectors. Concrete masks and AdaRank keep every task vector resident and refuse a
 streamed pool (:meth:`adamerge.methods.learned.merged.MergedModel.register_task_vectors`), as does a
 ``base_form: split`` base (its per-task vectors are model-wide).
@@ -23,13 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adamerge.methods.learned.merged import LoRAMergedModel, MergedModel, weighted_task_sum
+from adamerge.methods.learned.merged import MergedModel, weighted_task_sum
 from adamerge.pool.compressed import LowRankTaskVectors
 from adamerge.pool.lora import LoRATaskVectors
 from adamerge.pool.streamed import RESIDENCIES, pinned
 from adamerge.pool.streamed_vectors import StreamedTaskVectors
 
-__all__ = ["StreamedMergedModel", "LowRankMergedModel", "merged_model_class", "expert_backbones"]
+__all__ = ["StreamedMergedModel", "LowRankMergedModel", "LoRAMergedModel", "merged_model_class", "expert_backbones"]
 
 
 class _StreamedTaskSum(torch.autograd.Function):
@@ -162,6 +164,45 @@ class LowRankMergedModel(MergedModel):
         shape = self.pretrained_tensors()[self.names[index]].shape
         with torch.no_grad():
             return torch.stack([self.task_delta(index, eye[k], shape) for k in range(len(self.task_names))])
+
+
+class LoRAMergedModel(MergedModel):
+    """:class:`MergedModel` over adapters (:class:`~adamerge.pool.lora.LoRATaskVectors`): each step's delta of a
+    targeted weight is ``B_cat · diag(λ·s) · A_cat``, so neither the step nor autograd ever holds a dense task vector."""
+
+    def register_task_vectors(self, task_vectors: LoRATaskVectors) -> None:
+        self.transposed = []
+        for index, name in enumerate(self.names):
+            a, b, task, scale, transposed = task_vectors.concatenated(name)
+            for part, tensor in (("A", a), ("B", b), ("task", task), ("scale", scale)):
+                self.register_buffer(f"_lora_{part}_{index}", tensor, persistent=False)
+            self.transposed.append(transposed)
+
+    # Each module merges itself when called (merged_per_module.py): a linear layer runs x θ0ᵀ + ((x A_catᵀ)·λ·s) B_catᵀ.
+    merge_per_module = True
+
+    def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
+        a, b, per_rank = self.linear_factors(index, row)
+        delta = (b * per_rank) @ a
+        return delta.T if self.transposed[index] else delta
+
+    def factored(self, index: int) -> bool:
+        return not self.transposed[index]  # a fan_in_fan_out layer (GPT-2's Conv1D) forms its merge instead
+
+    def linear_factors(self, index: int, row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(A_cat [R, in], B_cat [out, R], λ·s per rank [R])`` of merged tensor ``index``: its delta is
+        ``B_cat · diag(λ·s) · A_cat`` (transposed when ``self.transposed[index]``); graph to ``row``."""
+        per_rank = row[getattr(self, f"_lora_task_{index}")] * getattr(self, f"_lora_scale_{index}")
+        return getattr(self, f"_lora_A_{index}"), getattr(self, f"_lora_B_{index}"), per_rank
+
+    def task_slice(self, index: int, task: int, rows: tuple[int, int] | None = None) -> Tensor:
+        """Task ``task``'s dense delta ``s_k B_k A_k`` of merged tensor ``index`` (``rows``: that band only)."""
+        chosen = getattr(self, f"_lora_task_{index}") == task
+        a = getattr(self, f"_lora_A_{index}")[chosen]
+        b = getattr(self, f"_lora_B_{index}")[:, chosen] * getattr(self, f"_lora_scale_{index}")[chosen]
+        if self.transposed[index]:  # the weight is (B A)ᵀ: its rows are columns of B A
+            return (b @ (a if rows is None else a[:, rows[0]:rows[1]])).T
+        return (b if rows is None else b[rows[0]:rows[1]]) @ a
 
 
 def merged_model_class(task_vectors: Any) -> type[MergedModel]:
