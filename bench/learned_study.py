@@ -151,6 +151,15 @@ def collect(args: argparse.Namespace) -> dict:
     return results
 
 
+def static_lines(static: dict, before: str = "", after: str = "") -> list[str]:
+    """Table rows of the pretrained, individual and data-free models (``before`` / ``after``: cells of the caller's
+    own columns around the accuracy pair)."""
+    individual = static["individual"]["average_accuracy"]
+    return [f"| {m} | – | – |{before} {100 * static[m]['average_accuracy']:.1f} | "
+            f"{100 * static[m]['average_accuracy'] / individual:.1f} |{after} {static[m]['seconds']:.1f} | "
+            f"{static[m]['peak_memory_mb']:.0f} |" for m in STATIC]
+
+
 def table(results: dict, seeds: list[int]) -> str:
     lines = []
     for zoo, parts in results.items():
@@ -160,11 +169,7 @@ def table(results: dict, seeds: list[int]) -> str:
         lines += [f"### Zoo `{zoo}` ({', '.join(static['pretrained']['tasks'])}; seeds {seeds})", "",
                   "| row | objective | base | average accuracy | normalised | seconds | peak MB |",
                   "|---|---|---|---:|---:|---:|---:|"]
-        for method in STATIC:
-            row = static[method]
-            lines.append(f"| {method} | – | – | {100 * row['average_accuracy']:.1f} | "
-                         f"{100 * row['average_accuracy'] / individual:.1f} | {row['seconds']:.1f} | "
-                         f"{row['peak_memory_mb']:.0f} |")
+        lines += static_lines(static)
         ranked = sorted(learned.items(), key=lambda item: -statistics.mean(r["average_accuracy"] for r in item[1]))
         for (method, objective, base), rows in ranked:
             accuracy = [r["average_accuracy"] for r in rows]

@@ -20,7 +20,11 @@ import json
 import random
 from pathlib import Path
 
-TASKS = ("arith", "story", "code", "recipe")
+TASKS = ("arith", "story", "code", "recipe", "sums", "tale", "script", "bake")
+# The last four are the first four's kinds of text drawn again (other seeds): K = 8 for the memory rows, with the
+# tokenizer and so the K <= 4 pools exactly as they were built from the first four alone.
+KIND = {"sums": "arith", "tale": "story", "script": "code", "bake": "recipe"}
+TOKENIZER_TASKS = TASKS[:4]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The published Qwen2.5 configs (config.json of Qwen/Qwen2.5-0.5B and -1.5B), without the hub.
 SHAPES = {
@@ -37,6 +41,7 @@ LORA_RANK, LORA_ALPHA, FACTOR_STD = 8, 16, 0.02  # delta entries ~ (alpha/r)Â·âˆ
 def texts(task: str, count: int, seed: int) -> list[str]:
     """``count`` generated lines of one task's kind of text."""
     rng = random.Random(f"{task}-{seed}")
+    task = KIND.get(task, task)
     words = ["the", "a", "red", "small", "old", "cat", "dog", "river", "town", "baker", "ran", "saw", "found", "and"]
     lines = []
     for _ in range(count):
@@ -87,7 +92,8 @@ def build_pool(root: Path, shape: str, tasks: int, *, rows: int = 64, dtype: str
     import transformers
 
     corpora = {t: texts(t, rows, 0) for t in names}
-    tokenizer = build_tokenizer([line for lines in corpora.values() for line in lines], paths["pretrained"])
+    vocabulary = [line for t in TOKENIZER_TASKS for line in texts(t, rows, 0)]
+    tokenizer = build_tokenizer(vocabulary, paths["pretrained"])
     config = transformers.Qwen2Config(**SHAPES[shape], **COMMON)
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"the generated tokenizer has {len(tokenizer)} words, more than the vocabulary")

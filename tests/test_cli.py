@@ -154,20 +154,20 @@ def test_ddp_on_two_cpu_processes(zoo, tmp_path):
 @pytest.mark.slow
 def test_default_settings_learned_merging_beats_static(tmp_path):
     """The project's promise on a fresh (reduced) zoo with the default objective and the demo's settings: the
-    recommended learned merge (a Concrete mask over Iso-CTS) beats every data-free merge here, Iso-C and
+    recommended learned merge (a Concrete mask over TSV-M) beats every data-free merge here, Iso-C and
     Iso-CTS included, and agrees with the experts more than its start; plain layer-wise AdaMerging beats task
     arithmetic, its starting point, and the pretrained model."""
     zoo = build_demo_zoo(tmp_path / "cache", recipe=LEARNING_RECIPE, progress=False)
     run_dir = tmp_path / "run"
     data_free = ("weight_average", "task_arithmetic", "ties", "tsv_merge", "iso_c", "iso_cts")
     adamerge(run_dir, zoo, f"method.methods=[pretrained,{','.join(data_free)},adamerging_layer_wise,"
-             "concrete_task_arithmetic_on_iso_cts]", "trainer.max_steps=50", "logger=none", "export.enabled=false",
+             "concrete_task_arithmetic_on_tsv_merge]", "trainer.max_steps=50", "logger=none", "export.enabled=false",
              "data.batch_size=16")
     rows = {row["method"]: row["average_accuracy"] for row in json.loads((run_dir / "summary.json").read_text())["rows"]}
-    assert rows["concrete_task_arithmetic_on_iso_cts"] > max(rows[m] for m in data_free), rows
+    assert rows["concrete_task_arithmetic_on_tsv_merge"] > max(rows[m] for m in data_free), rows
     assert rows["adamerging_layer_wise"] > max(rows["task_arithmetic"], rows["pretrained"]), rows
 
-    result = json.loads((run_dir / "concrete_task_arithmetic_on_iso_cts" / "results.json").read_text())
+    result = json.loads((run_dir / "concrete_task_arithmetic_on_tsv_merge" / "results.json").read_text())
     assert result["objective"]["name"] == "weighted_sum"
     assert [t["name"] for t in result["objective"]["terms"]] == ["expert_kl", "information_maximization"]
     tasks = result["tasks"]

@@ -240,7 +240,7 @@ def test_adamerge_runs_data_free_and_learned_methods_on_the_tiny_text_zoo(tiny_t
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     tasks = TASKS
     command = [sys.executable, "-m", "adamerge.cli.main", "experiment=demo_text", f"zoo_dir={zoo}",
-               "method.methods=[pretrained,individual,iso_cts,concrete_task_arithmetic_on_iso_cts,progressive_distillation,"
+               "method.methods=[pretrained,individual,iso_cts,concrete_task_arithmetic_on_tsv_merge,progressive_distillation,"
                "adamerging_layer_wise]",
                "objective=expert_kl", "++method_overrides.progressive_distillation.steps_per_block=2",
                "++method_overrides.adamerging_layer_wise.base=wudi",
@@ -253,14 +253,14 @@ def test_adamerge_runs_data_free_and_learned_methods_on_the_tiny_text_zoo(tiny_t
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["tasks"] == tasks
     rows = {row["method"]: row for row in summary["rows"]}
-    assert list(rows) == ["pretrained", "individual", "iso_cts", "concrete_task_arithmetic_on_iso_cts",
+    assert list(rows) == ["pretrained", "individual", "iso_cts", "concrete_task_arithmetic_on_tsv_merge",
                          "progressive_distillation", "adamerging_layer_wise"]
     recorded = json.loads((zoo / "zoo.json").read_text())
     for task in tasks:  # the run evaluates through the HF text path exactly what the build measured
         assert rows["individual"]["accuracy"][task] == pytest.approx(recorded["individual_test_accuracy"][task])
         assert rows["pretrained"]["accuracy"][task] == pytest.approx(recorded["pretrained_test_accuracy"][task])
-    learned = json.loads((run_dir / "concrete_task_arithmetic_on_iso_cts" / "results.json").read_text())
-    assert learned["average_accuracy"] == rows["concrete_task_arithmetic_on_iso_cts"]["average_accuracy"]
+    learned = json.loads((run_dir / "concrete_task_arithmetic_on_tsv_merge" / "results.json").read_text())
+    assert learned["average_accuracy"] == rows["concrete_task_arithmetic_on_tsv_merge"]["average_accuracy"]
     on_wudi = json.loads((run_dir / "adamerging_layer_wise" / "results.json").read_text())
     assert on_wudi["config"]["base"] == "wudi" and on_wudi["config"]["base_form"] == "residual"
     assert set(on_wudi["accuracy"]) == set(tasks)  # scored on the zoo's tasks, not on the unscored base merge

@@ -25,6 +25,7 @@ from tests.helpers import TinyConvNet, finetuned_states, make_heads
 METHOD_SETTINGS = {
     "concrete_task_arithmetic": {"mask_lr": 0.2},
     "concrete_task_arithmetic_on_iso_cts": {"mask_lr": 0.2},
+    "concrete_task_arithmetic_on_tsv_merge": {"mask_lr": 0.2},
     "concrete_adamerging_task_wise": {"meta_steps": 3, "lr": 0.05, "mask_lr": 0.05},
     "concrete_adamerging_layer_wise": {"meta_steps": 3, "lr": 0.05, "mask_lr": 0.05},
     "adarank": {"lr": 0.05, "mask_lr": 0.05},

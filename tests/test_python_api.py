@@ -31,13 +31,13 @@ def test_docs_python_api_learns_exports_and_loads_back(zoo, tmp_path, monkeypatc
 
     assert trainer.global_step == 10 and len(module.history) == 10
     assert any((tmp_path / "logs").rglob("metrics.csv"))  # the user's own logger got the run's metrics
-    # The residual form over Iso-CTS: its scale 1 and the four tasks' corrections 0, frozen; the mask learned.
+    # The residual form over TSV-M: its scale 1 and the four tasks' corrections 0, frozen; the mask learned.
     assert module.merged.task_names[-1] == "base_merge" and module.coefficients() == [0.0, 0.0, 0.0, 0.0, 1.0]
     assert any(logits.abs().max() > 0 for logits in module.mask.parameters())
 
     config = json.loads((tmp_path / "merged_model" / "merge_config.json").read_text())
-    assert config["method"] == "concrete_task_arithmetic_on_iso_cts" and config["coefficients"] == module.coefficients()
-    assert config["hyperparameters"]["mask_lr"] == 0.05 and config["hyperparameters"]["base"] == "iso_cts"  # defaults
+    assert config["method"] == "concrete_task_arithmetic_on_tsv_merge" and config["coefficients"] == module.coefficients()
+    assert config["hyperparameters"]["mask_lr"] == 0.05 and config["hyperparameters"]["base"] == "tsv_merge"  # defaults
     assert config["mask"]["eval_mask"] == "continuous"
     assert config["objective"]["name"] == "weighted_sum"
     assert set(config["expert_agreement"]) == set(model.tasks)  # the experts ran once over the data it was given

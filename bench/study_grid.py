@@ -1,0 +1,168 @@
+"""The learned-merging study as one table: every learned method × objective × base cell on every study zoo.
+
+``bench/learned_study.py`` runs the cells (each invocation a slice of the grid: an objective study, a base study, a
+method study) and writes its own table. This script gathers every cell those runs produced into one table per zoo
+-- mean ± std of the average accuracy over seeds, normalised accuracy (merged ÷ individual), seconds and peak
+memory per run, against every data-free method -- and says how much of the grid (every learned method × 4
+objectives × 5 bases, plus progressive distillation, × 3 zoos × 3 seeds; ``GRID``) has been run, so a missing cell
+is visible rather than silently absent.
+
+    python bench/study_grid.py             # bench/results/learned_study_grid.{md,json}
+
+Sources, in order (a later one never replaces a seed an earlier one gave): the run directories of
+``bench/learned_study.py`` (``--runs``: bench/runs/learned_study, bench/runs/learned_study_text), then the JSON
+files it wrote (``bench/results/learned_study*.json``) for cells whose run directories are gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "methods.md"  # the page holding this script's generated block
+sys.path.insert(0, str(ROOT))
+from bench.learned_study import BASES, DATA_FREE, OBJECTIVES, cell_name, load_rows, mean_std, static_lines  # noqa: E402
+
+# Every learned method the registry offers, with the bases and objectives it is crossed with (its _on_<base>
+# variants are cells of this grid, not methods of their own). AdaMerging++ is AdaMerging over TIES's per-task vectors:
+# it carries its base, so it is crossed with the objectives only; progressive distillation minimises its own
+# block-output loss whatever the objective setting, so it is one cell per zoo (on the Iso-CTS residual base, as the
+# demo runs it).
+CROSSED = ["adamerging_task_wise", "adamerging_layer_wise", "concrete_task_arithmetic",
+           "concrete_adamerging_layer_wise", "adarank"]
+GRID = ([(m, BASES, OBJECTIVES) for m in CROSSED]
+        + [(m, ["none"], OBJECTIVES) for m in ("adamerging_task_wise_plus_plus", "adamerging_layer_wise_plus_plus")]
+        + [("progressive_distillation", ["iso_cts:residual"], ["weighted_sum"])])
+ZOO_ORDER = ["default", "second", "text"]
+SEEDS = [0, 1, 2]
+# Setting groups the studies ran as cells of their own (step sizes); the grid shows them as rows of their own too.
+SETTING_GROUPS = [[], ["lr=0.01"], ["lr=0.03"], ["mask_lr=0.01"], ["mask_lr=0.1"]]
+
+
+def brief(row: dict) -> dict:
+    return {key: row[key] for key in ("average_accuracy", "accuracy", "seconds", "peak_memory_mb")}
+
+
+def from_runs(runs: list[Path]) -> dict:
+    """{(zoo, method, objective, base label): {seed: row}} and {zoo: static rows} from run directories."""
+    cells: dict = {}
+    statics: dict = {}
+    for root in runs:
+        for zoo in ZOO_ORDER:
+            if not (root / zoo).is_dir():
+                continue
+            static = load_rows(root / zoo / f"seed{SEEDS[0]}" / "static")
+            if static:
+                statics.setdefault(zoo, {m: {**brief(r), "tasks": r["tasks"]} for m, r in static.items()})
+            for seed in SEEDS:
+                for objective in OBJECTIVES:
+                    for base in BASES:
+                        for settings in SETTING_GROUPS:
+                            rows = load_rows(root / zoo / f"seed{seed}" / cell_name(objective, base, settings))
+                            label = base + "".join(f" {s}" for s in settings)
+                            for method, row in rows.items():
+                                cells.setdefault((zoo, method, objective, label), {}).setdefault(seed, brief(row))
+    return cells, statics
+
+
+def from_json(files: list[Path], cells: dict, statics: dict) -> None:
+    """Add the seeds the result files hold that the run directories did not (runs that are gone)."""
+    for path in files:
+        raw = json.loads(path.read_text())
+        for zoo, parts in raw.items():
+            statics.setdefault(zoo, parts["static"])
+            for entry in parts["learned"]:
+                key = (zoo, entry["method"], entry["objective"], entry["base"])
+                for position, run in enumerate(entry["runs"]):
+                    # The oldest files kept no seed; their runs are seeds 0, 1, 2 in order.
+                    cells.setdefault(key, {}).setdefault(run.get("seed", SEEDS[position]), run)
+
+
+def coverage(cells: dict) -> tuple[int, int, list[str]]:
+    """(cells with every seed, cells in the grid, lines per method: how many of its cells have every seed)."""
+    done = total = 0
+    lines = []
+    for method, bases, objectives in GRID:
+        complete = 0
+        for zoo in ZOO_ORDER:
+            for objective in objectives:
+                for base in bases:
+                    seeds = {s for (z, m, o, b), runs in cells.items() if (z, m, o) == (zoo, method, objective)
+                             and b.split(" ")[0] == base for s in runs}
+                    complete += set(SEEDS) <= seeds
+        cells_of_method = len(ZOO_ORDER) * len(objectives) * len(bases)
+        done, total = done + complete, total + cells_of_method
+        lines.append(f"| {method} | {complete} / {cells_of_method} |")
+    return done, total, lines
+
+
+def zoo_table(zoo: str, static: dict, cells: dict) -> list[str]:
+    individual = static["individual"]["average_accuracy"]
+    best = max(DATA_FREE, key=lambda m: static[m]["average_accuracy"])
+    lines = [f"### Zoo `{zoo}` ({', '.join(static['pretrained'].get('tasks', [])) or 'tasks as in its run'})", "",
+             "| row | objective | base | seeds | average accuracy | normalised | vs best data-free | seconds | peak MB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += static_lines(static, before=" 1 |", after=" |")
+    ranked = sorted(((key, runs) for key, runs in cells.items() if key[0] == zoo),
+                    key=lambda item: -statistics.mean(r["average_accuracy"] for r in item[1].values()))
+    for (_, method, objective, base), runs in ranked:
+        accuracy = [runs[s]["average_accuracy"] for s in sorted(runs)]
+        gap = 100 * (statistics.mean(accuracy) - static[best]["average_accuracy"])
+        lines.append(f"| {method} | {objective} | {base} | {len(runs)} | {mean_std(accuracy)} | "
+                     f"{mean_std([a / individual for a in accuracy])} | {gap:+.1f} | "
+                     f"{statistics.mean(r['seconds'] for r in runs.values()):.0f} | "
+                     f"{statistics.mean(r['peak_memory_mb'] for r in runs.values()):.0f} |")
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, nargs="+", default=[ROOT / "bench" / "runs" / "learned_study",
+                                                                  ROOT / "bench" / "runs" / "learned_study_text"])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learned_study_grid")
+    parser.add_argument("--readme", action="store_true", help="also rewrite the learned-study-grid block of "
+                        "docs/methods.md (how much of the grid is run, by method)")
+    args = parser.parse_args()
+    cells, statics = from_runs(args.runs)
+    results = sorted(p for p in (ROOT / "bench" / "results").glob("learned_study*.json")
+                     if p.with_suffix("") != args.out)
+    from_json(results, cells, statics)
+    done, total, per_method = coverage(cells)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    text = ["# Learned-merging study: the whole grid", "",
+            f"Generated by `python bench/study_grid.py` ({machine}) from the runs of `bench/learned_study.py` and the "
+            f"result files it wrote ({', '.join(p.name for p in results)}). Average accuracy (%) after 100 steps, mean "
+            "± std over the seeds a row has; normalised = merged ÷ individual models (%); seconds and peak memory "
+            "per run (runs shared the cores two at a time). A base written with a setting (`lr=0.03`) ran with that "
+            "setting for every learned method of its cell.", "",
+            f"**Grid filled: {done} of {total} cells have all {len(SEEDS)} seeds**: {len(CROSSED)} learned methods × "
+            f"{len(OBJECTIVES)} objectives × {len(BASES)} bases, AdaMerging++ (task- and layer-wise, its TIES base "
+            f"built in) × {len(OBJECTIVES)} objectives and progressive distillation (its own loss, on the Iso-CTS "
+            f"residual base), on {len(ZOO_ORDER)} zoos. By method:", "", "| method | cells with every seed |", "|---|---:|",
+            *per_method, ""]
+    for zoo in ZOO_ORDER:
+        if zoo in statics:
+            text += zoo_table(zoo, statics[zoo], cells)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text("\n".join(text))
+    raw = [{"zoo": z, "method": m, "objective": o, "base": b, "runs": {str(s): r for s, r in sorted(runs.items())}}
+           for (z, m, o, b), runs in sorted(cells.items())]
+    args.out.with_suffix(".json").write_text(json.dumps({"filled": done, "cells": total, "rows": raw}, indent=1))
+    summary = text[4:6 + 3 + len(per_method)]
+    print("\n".join(text[:6 + 3 + len(per_method)]))
+    if args.readme:
+        from adamerge.reporting.results import replace_marked_block
+
+        replace_marked_block(PAGE, "learned-study-grid", "\n".join(
+            [f"Generated by `python bench/study_grid.py --readme` ({machine}); every cell, with seconds and peak memory "
+             f"per run: {args.out.with_suffix('.md').relative_to(ROOT)}.", "", *summary]).rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    main()
