@@ -24,7 +24,6 @@ Writes bench/results/llm_scale.{json,md}, the ``llm-scale-table`` block of docs/
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -148,24 +147,21 @@ def command(conf: Path, run_dir: Path, row: str, k: int, steps: int, threads: in
 
 
 def planned(paths: dict[str, Path], row: str, tasks: list[str], batch: int, length: int) -> dict:
-    """The memory plan of this row's run (what preflight prints), with progressive's working set for ProDistill."""
-    from adamerge.cli.run_memory import plan_for_pool, runs_tasks_jointly
-    from adamerge.pool.memory_plan import plan_memory
+    """The memory plan of this row's run: what the command's preflight prints (adamerge/cli/run_memory.py)."""
+    from adamerge.cli.run_memory import learned_working_set, plan_for_pool, runs_tasks_jointly
 
     kind, streaming, method, extra = ROWS[row]
     finetuned = {t: paths[f"{kind}_{t}"] for t in tasks}
     batching = "sequential" if "task_batching=sequential" in extra else "auto"  # as command() sets it
-    # progressive distillation runs its own block steps, one task's cached inputs at a time
-    joint = method != "progressive_distillation" and runs_tasks_jointly(batching, streaming or None, finetuned)
-    plan, run, model = plan_for_pool(paths["pretrained"], finetuned,
-                                     auto_class="AutoModelForCausalLM", backbone_dtype="float32",
-                                     storage_dtype="bfloat16", batch_size=batch, sequence_length=length,
-                                     streaming=streaming or None, tasks_per_step=len(tasks) if joint else 1,
-                                     activation_checkpointing="activation_checkpointing=true" in extra)
-    if method == "progressive_distillation":
-        element = "method.granularity=element" in ROWS[row][3]
-        plan = plan_memory(model, dataclasses.replace(run, element_coefficients=element), on_device=False,
-                           working_set="progressive")
+    granularity = [e.partition("=")[2] for e in extra if e.startswith("method.granularity=")]
+    working_set, element = learned_working_set([method], {method: {"granularity": g for g in granularity}})
+    joint = working_set == "end_to_end" and runs_tasks_jointly(batching, streaming or None, finetuned)
+    plan, _, _ = plan_for_pool(paths["pretrained"], finetuned, auto_class="AutoModelForCausalLM",
+                               backbone_dtype="float32", storage_dtype="bfloat16", batch_size=batch,
+                               sequence_length=length, streaming=streaming or None,
+                               tasks_per_step=len(tasks) if joint else 1,
+                               activation_checkpointing="activation_checkpointing=true" in extra,
+                               working_set=working_set, element_coefficients=element)
     return {"host_peak_bytes": plan.host_peak, "host": plan.host}
 
 
@@ -283,6 +279,7 @@ def render_readme(rows: list[dict], meta: dict) -> str:
 def publish(rows: list[dict], meta: dict) -> str:
     from adamerge.reporting.results import replace_marked_block
 
+    rows = sorted(rows, key=lambda r: (list(ROWS).index(r["row"]), r["tasks"]))  # ROWS' order, then K
     table = render_table(rows, meta)
     (RESULTS / "llm_scale.md").write_text(table + "\n")
     replace_marked_block(PAGE, "llm-scale-table", table)

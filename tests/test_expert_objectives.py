@@ -195,6 +195,115 @@ def test_per_token_outputs_are_found_again_under_other_padding():
     assert torch.count_nonzero(out[0, 2:]) == 0
 
 
+def test_without_an_objective_that_reads_them_only_the_experts_predictions_are_kept():
+    """The agreement signal needs each expert's arg-max alone: an objective that does not read the logits keeps one
+    integer per row (a causal LM: per token) instead of one value per class, and agreement comes out the same."""
+    from adamerge.training.evaluation import batch_scores
+
+    backbone, vectors, heads = _pool()
+    splits = TensorSplits({t: torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(i))
+                           for i, t in enumerate(vectors.task_names)})
+    with_logits = expert_targets_for(backbone, vectors, heads, splits, needs=("logits",))
+    slim = expert_targets_for(backbone, vectors, heads, splits, needs=("predictions",))
+    assert slim.report()["cached_mb"] < with_logits.report()["cached_mb"] / 2
+    task = vectors.task_names[0]
+    batch = splits.batch(task, [0, 3, 5, 11])
+    full, kept = with_logits.lookup(task, 0, batch), slim.lookup(task, 0, batch)
+    assert kept.logits is None and kept.predictions.dtype == torch.int32
+    torch.testing.assert_close(kept.predictions, full.logits.argmax(-1).to(torch.int32))
+    merged_logits = torch.randn(4, full.logits.shape[-1], generator=torch.Generator().manual_seed(9))
+    merged_logits[:2] = full.logits[:2]  # two rows agree for sure
+    objective = build_objective("entropy")
+    by_logits = batch_scores(merged_logits, batch["labels"], batch["inputs"], objective, expert=full)
+    by_predictions = batch_scores(merged_logits, batch["labels"], batch["inputs"], objective, expert=kept)
+    assert by_predictions["agreed"] == by_logits["agreed"] >= 2 and by_predictions["compared_to_expert"] == 4
+
+
+def test_per_token_predictions_give_the_agreement_of_the_per_token_logits():
+    from adamerge.objectives.expert_targets import _RowStore
+    from adamerge.training.evaluation import batch_scores
+
+    logits = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    store = _RowStore(2)
+    store.put(torch.tensor([0, 1]), logits.argmax(-1).to(torch.int32), mask.bool())
+    assert store.nbytes == 5 * 4  # five unpadded tokens, one int32 each
+    predictions = store.get(torch.tensor([0, 1]), mask.bool(), (2, 4))
+    merged = logits.clone()
+    merged[0, 1] = -merged[0, 1]  # one valid token now disagrees (its arg-max moves)
+    merged[1, 3] = -merged[1, 3]  # a padded one: not compared
+    inputs = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask}
+    objective = build_objective("entropy")
+    by_logits = batch_scores(merged, torch.zeros(2, 4, dtype=torch.long), inputs, objective,
+                             expert=ExpertOutputs(logits=logits))
+    by_predictions = batch_scores(merged, torch.zeros(2, 4, dtype=torch.long), inputs, objective,
+                                  expert=ExpertOutputs(predictions=predictions))
+    assert (by_predictions["agreed"], by_predictions["compared_to_expert"]) == (by_logits["agreed"], 5) == (4, 5)
+
+
+def test_per_token_predictions_are_cached_per_row_through_batches_padded_differently():
+    """A causal LM's arg-max predictions are per token: batches padded to different lengths are kept per row at the
+    unpadded positions (not as one dense [rows, T] tensor), and a batch padded otherwise finds them."""
+    vocab, hidden = 11, 4
+    embedding = nn.Embedding(vocab, hidden)
+    projection = nn.Linear(hidden, vocab)
+
+    class _LM(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return embedding(input_ids)
+
+    ids = torch.randint(0, vocab, (4, 6), generator=torch.Generator().manual_seed(3))
+    lengths = [2, 3, 5, 4]
+
+    def padded(rows: list[int], width: int) -> dict:
+        mask = torch.tensor([[1] * lengths[r] + [0] * (width - lengths[r]) for r in rows])
+        return {"input_ids": ids[rows, :width] * mask, "attention_mask": mask}
+
+    class _Splits:
+        def split_key(self, task, split):
+            return task, 0
+
+        def split_size(self, task, split):
+            return 4
+
+        def split_batches(self, task, split, batch_size=None):  # two batches, each padded to its own longest row
+            return [{"inputs": padded([0, 1], 3), "index": torch.tensor([0, 1])},
+                    {"inputs": padded([2, 3], 5), "index": torch.tensor([2, 3])}]
+
+    targets = ExpertTargets(lambda task: (_LM(), projection), _Splits(), torch.device("cpu"), ("predictions",))
+    targets.prepare(["lm"], [0])
+    batch = {"inputs": padded([3, 0], 6), "index": torch.tensor([3, 0])}
+    found = targets.lookup("lm", 0, batch).predictions
+    with torch.no_grad():
+        expected = projection(embedding(batch["inputs"]["input_ids"])).argmax(-1)
+    mask = batch["inputs"]["attention_mask"].bool()
+    assert torch.equal(found[mask], expected[mask].to(torch.int32))
+    assert targets.report()["cached_mb"] * 2**20 == sum(lengths) * 4  # one int32 per unpadded token
+
+
+def test_for_objective_keeps_the_logits_only_where_they_are_read():
+    backbone, vectors, heads = _pool()
+    splits = TensorSplits({t: torch.randn(4, 3, 8, 8) for t in vectors.task_names})
+
+    class _Pool:
+        def __init__(self):
+            self.heads = heads
+
+        def backbone_with(self, task_vectors, task):
+            model = TinyConvNet().eval()
+            model.load_state_dict(task_vectors.state_dict_from_deltas(task_vectors.task_vector(task)), strict=False)
+            return model
+
+    def needs(objective: str, **kwargs) -> tuple[str, ...]:
+        return ExpertTargets.for_objective(_Pool(), vectors, splits, torch.device("cpu"), build_objective(objective),
+                                           **kwargs).needs
+
+    assert needs("information_maximization") == ("predictions",)
+    assert needs("feature_matching") == ("features", "predictions")
+    assert needs("expert_kl") == ("logits",)
+    assert needs("information_maximization", logits=True) == ("logits",)  # adapted heads learn on the logits
+
+
 # --- learning: matching the experts recovers them where entropy collapses ------------------------------------------
 
 def _learn(objective: str, classes: int = 4, steps: int = 80):

@@ -140,3 +140,29 @@ def test_a_plan_without_shapes_says_why(pool_dirs, tmp_path, capsys):
     assert check_memory_plan(cfg, learned=True, on_device=False) is None
     out = capsys.readouterr().out
     assert "memory plan: not made" in out and "pickled checkpoint" in out
+
+
+def test_a_progressive_run_is_planned_as_its_block_steps_and_a_mixed_one_as_the_larger_step(pool_dirs, capsys):
+    """Progressive distillation holds one block and one task's cached inputs a step, whatever task_batching says: its
+    run is planned so (a 70B run must not be refused by the end-to-end plan); with another learned method beside it,
+    the end-to-end step is the larger and is planned."""
+    from adamerge.cli.run_memory import learned_working_set
+
+    assert learned_working_set(["progressive_distillation"], {}) == ("progressive", True)  # the authors' default
+    assert learned_working_set(["progressive_distillation"],
+                               {"progressive_distillation": {"granularity": "tensor"}}) == ("progressive", False)
+    assert learned_working_set(["progressive_distillation", "adamerging_layer_wise"], {}) == ("end_to_end", False)
+    assert learned_working_set([], {}) == ("end_to_end", False)
+
+    cfg = _run_config(pool_dirs, "task_batching=joint")
+    end_to_end = check_memory_plan(cfg, ["adamerging_layer_wise"], on_device=False)
+    tensor = check_memory_plan(cfg, ["progressive_distillation"], on_device=False,
+                               hyperparameters={"progressive_distillation": {"granularity": "tensor"}})
+    element = check_memory_plan(cfg, ["progressive_distillation"], on_device=False)
+    mixed = check_memory_plan(cfg, ["progressive_distillation", "adamerging_layer_wise"], on_device=False)
+    capsys.readouterr()
+    # Block steps never form the vocabulary's logits, and hold one task's batch through one block.
+    assert "step: logits" in end_to_end.host and "step: logits" not in tensor.host
+    assert tensor.host["step: activations"] < end_to_end.host["step: activations"] / 2
+    assert tensor.host_peak < end_to_end.host_peak and mixed.host_peak == end_to_end.host_peak
+    assert element.host["step: optimiser"] > tensor.host["step: optimiser"]  # K coefficients per element of the blocks

@@ -21,12 +21,16 @@ from adamerge.pool.inventory import (
 )
 from adamerge.pool.key_filters import drop_excluded, select_tensors
 from adamerge.pool.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, is_adapter_dir
-from adamerge.pool.memory_plan import MemoryPlan, RunShape, gib, model_shape, plan_memory, smallest_fitting_change
+from adamerge.pool.memory_plan import (
+    MemoryPlan, RunShape, WorkingSet, gib, model_shape, plan_memory, smallest_fitting_change,
+)
 from adamerge.training.host_memory import adapt_to_model
 from adamerge.training.sharding import STRATEGY_TARGET
 
 __all__ = ["MemoryPlanError", "plan_for_pool", "plan_for_config", "check_memory_plan", "memory_limits",
-           "runs_tasks_jointly"]
+           "runs_tasks_jointly", "learned_working_set"]
+
+PROGRESSIVE = "progressive_distillation"
 
 
 class MemoryPlanError(ConfigError):
@@ -39,10 +43,12 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
                   batch_size: int = 1, sequence_length: int = 0, tasks_per_step: int = 1,
                   autocast_dtype: str | None = None, on_device: bool = False,
                   streaming: str | None = None, sharded_devices: int = 1,
-                  activation_checkpointing: bool = False) -> tuple[MemoryPlan, RunShape, Any]:
+                  activation_checkpointing: bool = False, working_set: WorkingSet = "end_to_end",
+                  element_coefficients: bool = False) -> tuple[MemoryPlan, RunShape, Any]:
     """The plan of learning over these checkpoints; also returns the run shape and the model shape (for
-    :func:`~adamerge.pool.memory_plan.smallest_fitting_change`). Raises :class:`InventoryUnavailable` when the shapes
-    cannot be read without loading."""
+    :func:`~adamerge.pool.memory_plan.smallest_fitting_change`). ``working_set="progressive"``: progressive
+    distillation's block steps (``element_coefficients``: its element-wise coefficients). Raises
+    :class:`InventoryUnavailable` when the shapes cannot be read without loading."""
     inventory = drop_excluded(checkpoint_inventory(pretrained, auto_class), exclude)
     floating = [name for name, spec in inventory.items() if spec.is_floating_point]
     merged = select_tensors(floating, include, what="modelpool.include") if include is not None else floating
@@ -61,9 +67,10 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
         batch_size=batch_size, sequence_length=sequence_length, tasks_per_step=tasks_per_step,
         coefficient_rows=len(merged),
         adapter_parameters=max((spec.numel for _, spec in adapters.values()), default=0), streaming=streaming,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, element_coefficients=element_coefficients,
     )
-    return plan_memory(model, run, on_device=on_device, devices=sharded_devices, sharded=sharded_devices > 1), run, model
+    return (plan_memory(model, run, on_device=on_device, working_set=working_set, devices=sharded_devices,
+                        sharded=sharded_devices > 1), run, model)
 
 
 def runs_tasks_jointly(task_batching: str, streaming: str | None, finetuned: Mapping[str, Any]) -> bool:
@@ -72,6 +79,19 @@ def runs_tasks_jointly(task_batching: str, streaming: str | None, finetuned: Map
     task (what :func:`adamerge.training.task_batching.choose` decides on the first step)."""
     per_module = streaming is not None or any(is_adapter_dir(source) for source in finetuned.values())
     return task_batching == "joint" or (task_batching == "auto" and per_module)
+
+
+def learned_working_set(learned: Sequence[str], hyperparameters: Mapping[str, Mapping[str, Any]]
+                        ) -> tuple[WorkingSet, bool]:
+    """(the working set a run's learning holds, whether its coefficients are element-wise): progressive
+    distillation's block steps when it is the run's only learned method -- one block, one task's cached inputs at a
+    time, whatever ``task_batching`` says -- else the end-to-end step (the larger)."""
+    if learned and all(name == PROGRESSIVE for name in learned):
+        from adamerge.methods.registry import get_method
+
+        granularity = {**get_method(PROGRESSIVE).defaults, **hyperparameters.get(PROGRESSIVE, {})}["granularity"]
+        return "progressive", granularity == "element"
+    return "end_to_end", False
 
 
 def sharded_devices(cfg: DictConfig, on_device: bool) -> int:
@@ -125,8 +145,10 @@ def memory_limits(on_device: bool, headroom: float) -> tuple[float | None, float
     return host, headroom * free
 
 
-def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool) -> tuple[MemoryPlan, RunShape, Any] | str:
-    """The plan of ``cfg``'s run, or why there is none (a pickled checkpoint, a hub id not in the cache...)."""
+def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool, working_set: WorkingSet = "end_to_end",
+                    element_coefficients: bool = False) -> tuple[MemoryPlan, RunShape, Any] | str:
+    """The plan of ``cfg``'s run, or why there is none (a pickled checkpoint, a hub id not in the cache...);
+    ``working_set``, ``element_coefficients``: see :func:`learned_working_set`."""
     pool = OmegaConf.to_container(cfg.modelpool, resolve=True)
     data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else {}
     backbone = pool.get("backbone") if isinstance(pool.get("backbone"), Mapping) else {}
@@ -135,8 +157,8 @@ def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool) -> tuple[Me
         return "the pool names no pretrained checkpoint"
     from adamerge.pool.streamed import streaming_mode
 
-    joint = runs_tasks_jointly(cfg.get("task_batching", "sequential"), streaming_mode(pool.get("streaming", False)),
-                               pool.get("finetuned") or {})
+    joint = working_set == "end_to_end" and runs_tasks_jointly(
+        cfg.get("task_batching", "sequential"), streaming_mode(pool.get("streaming", False)), pool.get("finetuned") or {})
 
     try:
         planned = plan_for_pool(
@@ -148,6 +170,7 @@ def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool) -> tuple[Me
             autocast_dtype=(cfg.get("method") or {}).get("autocast_dtype"), on_device=on_device,
             streaming=streaming_mode(pool.get("streaming", False)), sharded_devices=sharded_devices(cfg, on_device),
             activation_checkpointing=cfg.get("activation_checkpointing") not in (None, False),
+            working_set=working_set, element_coefficients=element_coefficients,
         )
     except InventoryUnavailable as reason:
         return str(reason)
@@ -157,15 +180,20 @@ def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool) -> tuple[Me
     return planned
 
 
-def check_memory_plan(cfg: DictConfig, learned: bool, on_device: bool) -> MemoryPlan | None:
-    """Print the run's memory plan; refuse a run that would not fit (unless ``memory_plan.force``)."""
+def check_memory_plan(cfg: DictConfig, learned: bool | Sequence[str], on_device: bool,
+                      hyperparameters: Mapping[str, Mapping[str, Any]] | None = None) -> MemoryPlan | None:
+    """Print the run's memory plan; refuse a run that would not fit (unless ``memory_plan.force``). ``learned``: the
+    run's learned methods (or whether it has any), ``hyperparameters`` theirs: what the step holds depends on them
+    (:func:`learned_working_set`)."""
     settings = cfg.get("memory_plan") or {}
     if not settings.get("enabled", True):
         return None
     headroom = float(settings.get("headroom", 0.9))
     if not 0 < headroom <= 1:
         raise ConfigError(f"memory_plan.headroom={headroom!r} is invalid: a fraction of free memory in (0, 1]")
-    planned = plan_for_config(cfg, learned, on_device)
+    working_set, element = (learned_working_set(learned, hyperparameters or {}) if not isinstance(learned, bool)
+                            else ("end_to_end", False))
+    planned = plan_for_config(cfg, bool(learned), on_device, working_set, element)
     if isinstance(planned, str):
         print(f"memory plan: not made ({planned})")
         return None
@@ -185,8 +213,9 @@ def check_memory_plan(cfg: DictConfig, learned: bool, on_device: bool) -> Memory
         print(f"memory plan: warning: {message}; running anyway (memory_plan.force=true)")
         return plan
     shards = plan.device_count
-    fix = smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=on_device, devices=shards,
-                                                             sharded=shards > 1), host_limit, device_limit)
+    fix = smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=on_device, working_set=working_set,
+                                                             devices=shards, sharded=shards > 1),
+                                  host_limit, device_limit)
     advice = (f"it fits with {' '.join(fix[0])} (plan: host {gib(fix[1].host_peak)}"
               + (f", device {gib(fix[1].device_peak)})" if fix[1].device else ")")
               if fix else "no storage dtype, task batching or batch size makes it fit: merge fewer tasks or use a "

@@ -67,7 +67,8 @@ def build_expert_targets(settings: RunSettings, pool: ModelPool, task_vectors: T
     experts = ExpertTargets.for_objective(pool, task_vectors, datamodule, device, objective,
                                           backbone=expert_backbones(pool, task_vectors),
                                           max_bytes=settings.options.expert_cache_max_gb * 2**30,
-                                          batch_size=settings.data.eval_batch_size)
+                                          batch_size=settings.data.eval_batch_size,
+                                          logits=settings.heads.adapt)  # adapted heads learn on the experts' logits
     release_freed_memory()  # each expert was a whole model for a moment: give its pages back before learning
     report = experts.report()
     print(f"expert outputs: {sum(report['examples_forwarded'].values())} inputs through the experts, "
@@ -94,7 +95,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     check_run_dir(run_dir, settings.outputs, lambda: run_record(cfg))
     check_sharding(OmegaConf.to_container(cfg.trainer, resolve=True), settings.outputs, settings.heads.adapt)
     device = pick_device(options.accelerator)
-    check_memory_plan(cfg, bool(settings.outputs.learned), on_device=device.type == "cuda")
+    check_memory_plan(cfg, settings.outputs.learned, on_device=device.type == "cuda",
+                      hyperparameters=settings.hyperparameters)
     objective = build_objective(**OmegaConf.to_container(cfg.objective, resolve=True))
     if not options.resume:
         write_run_record(run_dir, run_record(cfg))

@@ -27,7 +27,7 @@ from adamerge.objectives.registry import ExpertOutputs, Objective
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("logits", "features")
+OUTPUTS = ("logits", "features", "predictions")
 
 
 def feature_tensor(output: Any) -> Tensor:
@@ -42,9 +42,11 @@ def feature_tensor(output: Any) -> Tensor:
     raise TypeError(f"cannot take features from a backbone output of type {type(output).__name__}")
 
 
-def token_mask(inputs: Any, output: Tensor) -> Tensor | None:
-    """The padding mask of per-token outputs ``[N, T, ...]`` of tokenised inputs; None for one output per example."""
-    if isinstance(inputs, Mapping) and "attention_mask" in inputs and output.ndim >= 3:
+def token_mask(inputs: Any, output: Tensor, per_token_ndim: int = 3) -> Tensor | None:
+    """The padding mask of per-token outputs ``[N, T, ...]`` of tokenised inputs; None for one output per example.
+    Outputs with a value per class or feature are per token from 3 dimensions on; arg-max predictions (one index per
+    example or token: ``per_token_ndim=2``) from 2."""
+    if isinstance(inputs, Mapping) and "attention_mask" in inputs and output.ndim >= per_token_ndim:
         mask = inputs["attention_mask"]
         if tuple(mask.shape) == tuple(output.shape[:2]):
             return mask.bool()
@@ -59,10 +61,11 @@ class _RowStore:
         self.filled = torch.zeros(rows, dtype=torch.bool)
 
     def put(self, index: Tensor, values: Tensor, mask: Tensor | None) -> None:
-        values = values.detach().float().cpu()
+        values = values.detach().cpu()
+        values = values.float() if values.is_floating_point() else values  # predictions stay integers
         if mask is None:
             if self.dense is None:
-                self.dense = torch.zeros(self.rows, *values.shape[1:])
+                self.dense = torch.zeros(self.rows, *values.shape[1:], dtype=values.dtype)
             self.dense[index] = values
         else:
             if self.tokens is None:
@@ -77,7 +80,8 @@ class _RowStore:
             return self.dense[index.cpu()]
         if mask is None or like_shape is None:
             raise ValueError("per-token expert outputs need the batch's padding mask to be placed")
-        out = torch.zeros(*like_shape[:2], *self.tokens[int(index[0])].shape[1:])
+        first = self.tokens[int(index[0])]
+        out = torch.zeros(*like_shape[:2], *first.shape[1:], dtype=first.dtype)
         for position, (row, keep) in enumerate(zip(index.tolist(), mask.cpu().bool())):
             out[position, keep] = self.tokens[row]
         return out
@@ -85,8 +89,8 @@ class _RowStore:
     @property
     def nbytes(self) -> int:
         if self.dense is not None:
-            return self.dense.numel() * 4
-        return sum(t.numel() * 4 for t in self.tokens or [] if t is not None)
+            return self.dense.numel() * self.dense.element_size()
+        return sum(t.numel() * t.element_size() for t in self.tokens or [] if t is not None)
 
 
 class ExpertTargets:
@@ -124,10 +128,13 @@ class ExpertTargets:
     @classmethod
     def for_objective(cls, pool: Any, task_vectors: Any, datamodule: Any, device: torch.device, objective: Objective,
                       max_bytes: float = 4 * 2**30, batch_size: int | None = None,
-                      backbone: Callable[[str], nn.Module] | None = None) -> ExpertTargets:
+                      backbone: Callable[[str], nn.Module] | None = None, logits: bool = False) -> ExpertTargets:
         """The pool's experts run once over what a run needs: every task's evaluation rows (the agreement signal) and,
-        for an objective that compares with the experts, its adaptation rows with the outputs that objective reads."""
-        experts = cls.from_pool(pool, task_vectors, datamodule, device, {"logits", *objective.needs},
+        for an objective that compares with the experts, its adaptation rows with the outputs that objective reads.
+        The logits are kept when the objective reads them or ``logits`` says so (adapted heads learn on them); else
+        the arg-max predictions alone, all the agreement needs (a causal LM's logits are a vocabulary per token)."""
+        needs = {*objective.needs, "logits" if logits or "logits" in objective.needs else "predictions"}
+        experts = cls.from_pool(pool, task_vectors, datamodule, device, needs,
                                 max_bytes=max_bytes, batch_size=batch_size, backbone=backbone)
         experts.prepare(task_vectors.task_names, [EVALUATION, ADAPTATION] if objective.needs else [EVALUATION])
         return experts
@@ -146,7 +153,8 @@ class ExpertTargets:
         backbone, head = self._expert(task)
         inputs = to_device(inputs, self.device)
         output = run_backbone(backbone, inputs)
-        values = {"features": feature_tensor(output), "logits": head(output)}
+        logits = head(output)
+        values = {"features": feature_tensor(output), "logits": logits, "predictions": logits.argmax(-1).to(torch.int32)}
         size = next(iter(values.values())).shape[0]
         self.forwarded[task] = self.forwarded.get(task, 0) + int(size)
         return {need: values[need] for need in self.needs}
@@ -173,7 +181,8 @@ class ExpertTargets:
         for batch in loader:
             outputs = self._forward(task, batch["inputs"])
             for need, values in outputs.items():
-                stores[need].put(batch["index"], values, token_mask(batch["inputs"], values))
+                per_token_ndim = 2 if need == "predictions" else 3
+                stores[need].put(batch["index"], values, token_mask(batch["inputs"], values, per_token_ndim))
             seen += len(batch["index"])
             projected = sum(store.nbytes for store in stores.values()) * rows / max(seen, 1)
             if projected > budget:
@@ -195,7 +204,8 @@ class ExpertTargets:
                 self._loaded = None
             if key in self._lazy:
                 values = self._forward(task, inputs)
-                return ExpertOutputs(**{need: values[need].float() for need in self.needs})
+                return ExpertOutputs(**{need: values[need].float() if values[need].is_floating_point() else values[need]
+                                        for need in self.needs})
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         device = batch["index"].device
         out = {}

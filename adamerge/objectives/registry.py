@@ -24,10 +24,13 @@ class ObjectiveError(AdamergeError, ValueError):
 @dataclass(frozen=True)
 class ExpertOutputs:
     """What a task's fine-tuned model (its expert) gives on the inputs of one batch, computed once before learning
-    (adamerge/objectives/expert_targets.py): its logits and its backbone features, each None when no objective needs it."""
+    (adamerge/objectives/expert_targets.py): its logits and its backbone features, each None when no objective needs it,
+    and its arg-max predictions (all the agreement signal reads: kept instead of the logits when nothing else needs
+    them -- one integer per example or token rather than one value per class)."""
 
     logits: Tensor | None = None
     features: Tensor | None = None
+    predictions: Tensor | None = None
 
 
 class Objective(ABC):

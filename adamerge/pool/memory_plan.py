@@ -213,12 +213,14 @@ def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet =
     frozen = weight_bytes if progressive else model.model_bytes
     vectors = task_vector_bytes(model, run) * layer // max(1, model.merged_parameters)
     streamed = bool(run.streaming) and not run.adapter_parameters
+    # Each coefficient's value, gradient and two Adam moments (float32); progressive element-wise: every block's
+    # K × elements kept, the gradient and moments for the block that learns.
+    optimiser = (run.num_tasks * (4 * model.layered_parameters + 12 * layer) if progressive and run.element_coefficients
+                 else run.coefficient_rows * run.num_tasks * 16)
     if streamed and progressive:  # one task's slice of one of the block's tensors at a time, and the block's merge
         return {"frozen model": frozen, "task-vector slices": min(model.largest_tensor, layer) * (run.storage_bytes + 4),
                 "merged weights": weight_bytes, "their gradients": weight_bytes, "expert block": weight_bytes,
-                # element-wise: every block's K × elements (float32) kept, Adam's gradient and moments for one block
-                "optimiser": (run.num_tasks * (4 * model.layered_parameters + 12 * layer) if run.element_coefficients
-                              else run.coefficient_rows * run.num_tasks * 16), **activation_bytes(model, run, True)}
+                "optimiser": optimiser, **activation_bytes(model, run, True)}
     # A streamed pool merges module by module (adamerge.methods.learned.merged_per_module): one band of one weight
     # (BAND_ELEMENTS values) is read, formed in float32 and, in the backward, met by its float32 gradient; the merged
     # model and its gradient are never whole (a norm's few merged values, kept for its backward, are left out).
@@ -236,7 +238,7 @@ def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet =
         # MergedModel.merge_deltas, per tensor: float32 Σ_k λ_k τ_k and θ0 + it; a 16-bit τ is upcast (all K at once).
         "merge buffer": 0 if per_module else (2 + (run.num_tasks if run.storage_bytes < 4 and not run.adapter_parameters
                                                    else 0)) * model.largest_tensor * 4,
-        "optimiser": run.coefficient_rows * run.num_tasks * 4 * 4,  # value, gradient, two Adam moments (float32)
+        "optimiser": optimiser,
     }
     parts.update(activation_bytes(model, run, progressive))
     return parts

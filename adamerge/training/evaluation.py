@@ -43,7 +43,11 @@ def entropy_mask(inputs: Any, logits: Tensor) -> Tensor | None:
 
 def valid_predictions(logits: Tensor, mask: Tensor | None) -> Tensor:
     """Arg-max predictions at the valid positions (all examples, or the unpadded tokens), flat, on CPU."""
-    predictions = logits.argmax(-1)
+    return chosen(logits.argmax(-1), mask)
+
+
+def chosen(predictions: Tensor, mask: Tensor | None) -> Tensor:
+    """Predictions (arg-max indices) at the valid positions, flat, on CPU."""
     if mask is not None:
         predictions = predictions[mask.bool()]
     return predictions.flatten().to("cpu", torch.int32)
@@ -68,9 +72,10 @@ def batch_scores(logits: Tensor, labels: Tensor, inputs: Any, objective: Objecti
     value = float(objective(logits, mask, features=features, expert=expert))
     entropy = value if is_plain_entropy(objective) else float(prediction_entropy(logits, mask))
     agreed = compared = 0
-    if expert is not None and expert.logits is not None:
+    if expert is not None and (expert.logits is not None or expert.predictions is not None):
         merged_predictions = valid_predictions(logits, mask)
-        expert_predictions = valid_predictions(expert.logits.to(logits.device), mask)
+        expert_predictions = (valid_predictions(expert.logits.to(logits.device), mask) if expert.logits is not None
+                              else chosen(expert.predictions.to(logits.device), mask))
         agreed, compared = int((merged_predictions == expert_predictions).sum()), merged_predictions.numel()
     return {"correct": correct, "seen": seen, "objective": value, "entropy": entropy, "agreed": agreed,
             "compared_to_expert": compared}

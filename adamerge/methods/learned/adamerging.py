@@ -25,7 +25,7 @@ from adamerge.pool.modelpool import ModelPool
 from adamerge.pool.task_vectors import TaskVectors
 from adamerge.training.adapted_heads import attach
 from adamerge.training.alignment import ALIGNMENT_TASK, AlignmentVector
-from adamerge.training.heads_config import REPORT_KEY
+from adamerge.training.heads_config import REPORT_KEY, head_settings
 from adamerge.training.module import AdaMergingModule
 
 ADAMERGING_DEFAULTS: dict[str, Any] = {
@@ -229,7 +229,8 @@ def build_learned_module(
         from adamerge.methods.learned.merged_streamed import expert_backbones
 
         module.use_experts(ExpertTargets.for_objective(pool, vectors, datamodule, device, objective,
-                                                       backbone=expert_backbones(pool, vectors)))
+                                                       backbone=expert_backbones(pool, vectors),
+                                                       logits=head_settings(heads).adapt))
     attach(module, heads, datamodule)  # heads: adapt -- per-task copies of the heads that learn; frozen: nothing
     return module
 
