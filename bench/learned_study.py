@@ -250,8 +250,9 @@ def main() -> None:
     if not args.collect_only:
         build_zoos(args.zoos, args.cache)
         jobs = [(z, args.seeds[0], None, None, args.set) for z in args.zoos]  # the static rows: one run per zoo
-        jobs += [(z, s, o, b, group) for s in args.seeds for z in args.zoos for o in args.objectives for b in args.bases
-                 for group in setting_groups(args)]
+        # A cell's seeds one after another: a study cut short leaves whole cells (every seed), not one seed of each.
+        jobs += [(z, s, o, b, group) for z in args.zoos for o in args.objectives for b in args.bases
+                 for group in setting_groups(args) for s in args.seeds]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda job: run_job(*job[:4], args.methods, args.runs, args.cache, job[4]), jobs))
     results = collect(args)
