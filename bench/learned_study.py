@@ -95,6 +95,8 @@ def run_job(zoo: str, seed: int, objective: str | None, base: str | None, method
         f"method.methods=[{','.join(names)}]", "logger=none", "num_threads=1", "export.enabled=false",
         "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
     ]
+    if any(run_dir.glob("*/checkpoints/last.ckpt")):  # a job stopped mid-learning: it continues where it stopped
+        command.append("resume=true")
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
