@@ -153,8 +153,8 @@ def planned(paths: dict[str, Path], row: str, tasks: list[str], batch: int, leng
     kind, streaming, method, extra = ROWS[row]
     finetuned = {t: paths[f"{kind}_{t}"] for t in tasks}
     batching = "sequential" if "task_batching=sequential" in extra else "auto"  # as command() sets it
-    granularity = [e.partition("=")[2] for e in extra if e.startswith("method.granularity=")]
-    working_set, element = learned_working_set([method], {method: {"granularity": g for g in granularity}})
+    settings = dict(e.removeprefix("method.").split("=", 1) for e in extra if e.startswith("method."))
+    working_set, element = learned_working_set([method], {method: settings})
     joint = working_set == "end_to_end" and runs_tasks_jointly(batching, streaming or None, finetuned)
     plan, _, _ = plan_for_pool(paths["pretrained"], finetuned, auto_class="AutoModelForCausalLM",
                                backbone_dtype="float32", storage_dtype="bfloat16", batch_size=batch,

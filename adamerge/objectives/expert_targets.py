@@ -154,10 +154,10 @@ class ExpertTargets:
         inputs = to_device(inputs, self.device)
         output = run_backbone(backbone, inputs)
         logits = head(output)
-        values = {"features": feature_tensor(output), "logits": logits, "predictions": logits.argmax(-1).to(torch.int32)}
-        size = next(iter(values.values())).shape[0]
-        self.forwarded[task] = self.forwarded.get(task, 0) + int(size)
-        return {need: values[need] for need in self.needs}
+        self.forwarded[task] = self.forwarded.get(task, 0) + int(logits.shape[0])
+        derive = {"features": lambda: feature_tensor(output), "logits": lambda: logits,
+                  "predictions": lambda: logits.argmax(-1).to(torch.int32)}
+        return {need: derive[need]() for need in self.needs}  # only what is kept is formed
 
     # -- caching ------------------------------------------------------------------------------------------------
     def prepare(self, tasks: Iterable[str], splits: Iterable[int]) -> None:
