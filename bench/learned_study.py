@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,14 +96,26 @@ def run_job(zoo: str, seed: int, objective: str | None, base: str | None, method
         f"method.methods=[{','.join(names)}]", "logger=none", "num_threads=1", "export.enabled=false",
         "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
     ]
-    if any(run_dir.glob("*/checkpoints/last.ckpt")):  # a job stopped mid-learning: it continues where it stopped
-        command.append("resume=true")
+    if any(run_dir.glob("*/checkpoints/last.ckpt")):
+        if recorded_methods(run_dir) == names:  # this job, stopped mid-learning: it continues where it stopped
+            command.append("resume=true")
+        else:  # another job's (other methods in the same cell), stopped: this one cannot continue it
+            for stale in run_dir.glob("*/checkpoints"):
+                shutil.rmtree(stale)
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise RuntimeError(f"{zoo}/seed{seed}/{cell} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     print(f"{zoo} seed {seed} {cell}: {time.perf_counter() - start:.0f}s", flush=True)
     return run_dir
+
+
+def recorded_methods(run_dir: Path) -> list[str] | None:
+    """The methods of the command that last ran in ``run_dir`` (its run_config.json), None when unreadable."""
+    try:
+        return list(json.loads((run_dir / "run_config.json").read_text())["method"]["methods"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_rows(run_dir: Path) -> dict[str, dict]:
