@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import datasets
@@ -12,7 +14,7 @@ import transformers
 import yaml
 
 from adamerge import load_merged
-from adamerge.pool.checkpoints import CheckpointError
+from adamerge.pool.checkpoints import CheckpointError, load_state_dict
 from adamerge.export.writer import export_merged
 from adamerge.methods.learned.adamerging import build_learned
 from adamerge.backbones.heads import Identity
@@ -161,7 +163,9 @@ def test_causal_lm_experiment_runs_end_to_end(lm_zoo, tmp_path):
 
     overrides = [
         "experiment=causal_lm_qwen25_1p5b", f"modelpool.pretrained={lm_zoo['pretrained']}",
-        "modelpool.backbone.dtype=float32", "method.autocast_dtype=null",
+        # float32 task vectors: mergekit replays the merge from the checkpoints in float32, which bfloat16 storage
+        # (the experiment's) would round away from by ~1e-4 here.
+        "modelpool.backbone.dtype=float32", "modelpool.storage_dtype=float32", "method.autocast_dtype=null",
         "trainer=cpu", "trainer.max_steps=3", "trainer.enable_progress_bar=false", "logger=none",
         "data.num_workers=0",
         "~modelpool.finetuned.instruct", "~modelpool.heads.instruct", "~data.tasks.instruct",
@@ -193,6 +197,13 @@ def test_causal_lm_experiment_runs_end_to_end(lm_zoo, tmp_path):
     recipe = yaml.safe_load((exported / "mergekit.yaml").read_text())
     assert recipe["merge_method"] == "task_arithmetic" and len(recipe["models"]) == len(TASKS)
     assert json.loads((exported / "merge_config.json").read_text())["mergekit"] == {"config": "mergekit.yaml"}
+    if shutil.which("mergekit-yaml"):  # the export's own file through mergekit's command: the exported tensors
+        replayed = tmp_path / "mergekit_out"
+        subprocess.run(["mergekit-yaml", str(exported / "mergekit.yaml"), str(replayed), "--no-copy-tokenizer",
+                        "--quiet"], check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        ours, theirs = lm.state_dict(), load_state_dict(replayed)
+        for name, tensor in theirs.items():
+            torch.testing.assert_close(tensor.float(), ours[name].float(), rtol=0, atol=1e-6, msg=name)
     card = (exported / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card and 'AutoModelForCausalLM.from_pretrained("merged_model")' in card
     assert 'AutoTokenizer.from_pretrained("merged_model")' in card

@@ -96,6 +96,10 @@ def _edited(zoo, tmp_path, **changes) -> Path:
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"r": 8}, r"with r=8 .* must be A \(8, "),
+    ({"peft_type": "IA3"}, "peft_type 'IA3' is not LORA"),
+    ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern"),
+    ({"bias": "lora_only"}, "bias='lora_only': trained biases"),
+    ({"fan_in_fan_out": True}, "must be A"),  # the factors are of a [out, in] layer, not a transposed (Conv1D) one
 ])
 def test_adapters_that_are_not_b_at_a_scale_are_refused(zoo, tmp_path, changes, message):
     with pytest.raises(CheckpointError, match=message):
@@ -126,8 +130,57 @@ def test_learning_over_adapters_keeps_them_as_factors(zoo):
     expected = vectors.state_dict_from_weights(module.merged.coefficient_rows().detach())
     for name, tensor in module.merge_and_unload().state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    with pytest.raises(ConfigError, match="dense tensor.*learned method"):
-        get_method("ties").fn(vectors)
+    with pytest.raises(ConfigError, match="dense tensor.*data-free methods run over the adapters block by block"):
+        vectors.vectors
+
+
+def _lora_cases():
+    from tests.test_streamed import METHOD_CASES
+
+    # Two adapters here: a per-task scaling has two entries.
+    return [(m, {**h, "scaling_coefficient": [0.3, 0.5]} if isinstance(h.get("scaling_coefficient"), list) else h)
+            for m, h in METHOD_CASES]
+
+
+@pytest.mark.parametrize("method,hparams", _lora_cases(), ids=[f"{m}-{'-'.join(map(str, h.values()))}"
+                                                               for m, h in _lora_cases()])
+def test_every_data_free_method_runs_over_adapters_as_over_their_dense_deltas(zoo, monkeypatch, method, hparams):
+    """A data-free merge of an adapter pool equals the same merge of the adapters' dense deltas held in memory, and
+    forms them one block at a time (a block's K dense deltas alive together, never the model's)."""
+    import weakref
+
+    from adamerge.methods.registry import get_method
+    from adamerge.pool.lora import LoRADenseVectors
+    from adamerge.pool.task_vectors import TaskVectors
+
+    vectors = _vectors(zoo)
+    view = vectors.as_streamed()
+    dense = TaskVectors(list(vectors.task_names), vectors.pretrained, {n: view.stacked(n) for n in vectors.names}, {}, ())
+    for k, task in enumerate(TASKS):  # each slice is that adapter's s·B@A (its PEFT delta: test_each_adapter_s_delta_is_peft_s)
+        one_hot = torch.zeros(len(TASKS))
+        one_hot[k] = 1.0
+        for name in vectors.names:
+            torch.testing.assert_close(dense.vectors[name][k], vectors.delta(name, one_hot), rtol=0, atol=0)
+    spec = get_method(method)
+    expected = spec.fn(dense, **spec.resolve_hparams(hparams))
+    alive: list[weakref.ref] = []
+    most = 0
+    original = LoRADenseVectors.stacked
+
+    def tracked(self, name):
+        nonlocal most
+        alive[:] = [r for r in alive if r() is not None]
+        stacked = original(self, name)
+        alive.append(weakref.ref(stacked))
+        most = max(most, len(alive))
+        return stacked
+
+    monkeypatch.setattr(LoRADenseVectors, "stacked", tracked)
+    got = spec.fn(vectors, **spec.resolve_hparams(hparams))
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=f"{method} {name}")
+    assert most <= max(len(block) for block in view.blocks()) < len(vectors.names)
 
 
 def _logits(output):
@@ -190,8 +243,9 @@ def test_memory_plan_of_an_adapter_pool_counts_the_adapters(zoo):
 
 
 def test_a_run_over_adapters_exports_the_merged_adapter(tmp_path):
-    """adamerge over a pool of adapter directories: the export holds the dense merged model and adapter/, which
-    PeftModel loads onto the base with the same outputs."""
+    """adamerge over a pool of adapter directories, learned and data-free: the export of a merge linear in the
+    adapters (learned layer-wise, task arithmetic, weight averaging) holds the dense merged model and adapter/, which
+    PeftModel loads onto the base with the same outputs; TIES's export is the dense model alone."""
     import datasets
     from hydra import compose, initialize_config_dir
 
@@ -214,13 +268,48 @@ def test_a_run_over_adapters_exports_the_merged_adapter(tmp_path):
                       f"+data.tasks.{task}.path={tmp_path / task / 'data'}", f"+data.tasks.{task}.split=test",
                       f"+data.tasks.{task}.preprocessor._target_=adamerge.backbones.hf.PromptPreprocessor",
                       f"+data.tasks.{task}.preprocessor.tokenizer={tmp_path / 'base'}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    exported = Path(run(cfg, tmp_path / "run")["rows"][0]["export"])
-    assert json.loads((exported / "merge_config.json").read_text())["merged_adapter"] == "adapter"
-    dense = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
-    adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                                             exported / "adapter").eval()
+    rows = []
+    for name, extra in (("learned", []), ("data_free", ["method=compare", "method.methods=[task_arithmetic,weight_average,ties]",
+                                                        "export.static=true"])):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[*overrides, *extra])
+        rows += run(cfg, tmp_path / name)["rows"]
+    assert [row["method"] for row in rows] == ["adamerging_layer_wise", "task_arithmetic", "weight_average", "ties"]
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        torch.testing.assert_close(adapted(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    for row in rows:
+        exported = Path(row["export"])
+        record = json.loads((exported / "merge_config.json").read_text())
+        if row["method"] == "ties":  # not linear in the adapters: the dense model alone
+            assert "merged_adapter" not in record and not (exported / "adapter").exists()
+            continue
+        assert record["merged_adapter"] == "adapter", row["method"]
+        dense = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+        adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                                 exported / "adapter").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(adapted(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_given_by_hub_id_is_read_from_the_hub_cache(zoo, tmp_path, monkeypatch):
+    """A pool entry may be a hub id of an adapter: found in the local Hugging Face cache (offline here; online it is
+    downloaded), read as the same directory would be. A hub id the cache does not hold as an adapter is not one."""
+    import huggingface_hub.constants
+
+    from adamerge.pool.lora import adapter_path, is_adapter_dir
+
+    snapshot = tmp_path / "hub" / "models--someone--alpha-lora" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (snapshot / name).write_bytes((zoo["alpha"] / name).read_bytes())
+    (tmp_path / "hub" / "models--someone--alpha-lora" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--alpha-lora" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert adapter_path("someone/alpha-lora") == snapshot
+    assert not is_adapter_dir("someone/not-cached") and not is_adapter_dir(str(tmp_path / "missing"))
+    by_id = LoRATaskVectors.from_adapters(_pretrained(zoo), {"alpha": "someone/alpha-lora", "beta": zoo["beta"]},
+                                          base_model=str(zoo["base"]))
+    expected = _vectors(zoo)
+    for name in expected.names:
+        torch.testing.assert_close(by_id.delta(name, torch.tensor([1.0, 0.5])), expected.delta(name, torch.tensor([1.0, 0.5])),
+                                   rtol=0, atol=0)

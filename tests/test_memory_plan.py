@@ -4,6 +4,8 @@ check is bench/memory_plan_check.py (bench/results/memory_plan_check.md)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import json
 from pathlib import Path
@@ -71,9 +73,28 @@ def test_fitting_settings_are_found_in_order():
     limit = plan_memory(model, RunShape(**{**run.__dict__, "storage_bytes": 2, "tasks_per_step": 1,
                                            "batch_size": 8}), on_device=False).host_peak
     changes, fitted = smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=False), limit, None)
-    assert changes == ["modelpool.storage_dtype=bfloat16", "task_batching=sequential", "data.batch_size=8"]
+    # Cheapest first: what costs nothing of the result, then reading instead of holding, then smaller batches.
+    assert changes == ["modelpool.storage_dtype=bfloat16", "task_batching=sequential", "modelpool.streaming=disk",
+                       "activation_checkpointing=true", "data.batch_size=8"]
     assert fitted.host_peak <= limit < plan.host_peak
     assert smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=False), 1.0, None) is None
+    # Eight tasks' vectors on one GPU: streaming them is the whole fix, the batch stays as it is.
+    many = RunShape(num_tasks=8, storage_bytes=2, checkpoint_bytes=model.model_bytes, activation_bytes=4, batch_size=1,
+                    sequence_length=16)
+    on_gpu = plan_memory(model, many, on_device=True)
+    streamed = plan_memory(model, dataclasses.replace(many, streaming="disk"), on_device=True)
+    assert streamed.device_peak < on_gpu.device_peak
+    changes, fitted = smallest_fitting_change(many, lambda r: plan_memory(model, r, on_device=True), None,
+                                              streamed.device_peak)
+    assert changes == ["modelpool.streaming=disk"] and fitted.device_peak <= streamed.device_peak
+    # Progressive distillation's element-wise coefficients: tensor-wise ones are the last resort.
+    element = dataclasses.replace(many, streaming="disk", activation_checkpointing=True, element_coefficients=True)
+    tensor = plan_memory(model, dataclasses.replace(element, element_coefficients=False), on_device=True,
+                         working_set="progressive")
+    changes, _ = smallest_fitting_change(element, lambda r: plan_memory(model, r, on_device=True,
+                                                                        working_set="progressive"),
+                                         None, tensor.device_peak)
+    assert changes == ["method.granularity=tensor"]
 
 
 def test_trainer_fsdp_plans_the_pretrained_weights_and_task_vectors_split_over_the_devices(pool_dirs):
@@ -124,14 +145,25 @@ def test_preflight_prints_the_plan_and_refuses_what_does_not_fit(pool_dirs, monk
     monkeypatch.setattr("adamerge.cli.run_memory.memory_limits",
                         lambda on_device, headroom: ((smaller.host_peak + plan.host_peak) / 2, None))
     with pytest.raises(MemoryPlanError, match=r"exceeds 90% of the free memory \(host .*it fits with "
-                                              r"modelpool.storage_dtype=bfloat16 data.batch_size=\d+ .*"
+                                              r"modelpool.storage_dtype=bfloat16 modelpool.streaming=disk .*"
                                               r"memory_plan.force=true runs it anyway"):
         check_memory_plan(cfg, learned=True, on_device=False)
     assert check_memory_plan(_run_config(pool_dirs, "memory_plan.force=true"), learned=True, on_device=False)
     assert "running anyway (memory_plan.force=true)" in capsys.readouterr().out
     monkeypatch.setattr("adamerge.cli.run_memory.memory_limits", lambda on_device, headroom: (1.0, None))
-    with pytest.raises(MemoryPlanError, match="no storage dtype, task batching or batch size makes it fit"):
+    with pytest.raises(MemoryPlanError, match="no storage dtype, task batching, streaming, activation checkpointing "
+                                              "or batch size makes it fit: merge fewer tasks or use a larger machine"):
         check_memory_plan(cfg, learned=True, on_device=False)
+    # On a GPU: the device's limit is checked too, and sharding is among the ways out.
+    monkeypatch.setattr("adamerge.cli.run_memory.memory_limits", lambda on_device, headroom: (1e15, None))
+    on_gpu = check_memory_plan(cfg, learned=True, on_device=True)
+    monkeypatch.setattr("adamerge.cli.run_memory.memory_limits",
+                        lambda on_device, headroom: (1e15, on_gpu.device_peak / 2))
+    with pytest.raises(MemoryPlanError, match=r"\(device .* > .*\); it fits with .*memory_plan.force=true"):
+        check_memory_plan(cfg, learned=True, on_device=True)
+    monkeypatch.setattr("adamerge.cli.run_memory.memory_limits", lambda on_device, headroom: (1e15, 1.0))
+    with pytest.raises(MemoryPlanError, match=r"shard over several GPUs \(trainer=fsdp trainer.devices=N\)"):
+        check_memory_plan(cfg, learned=True, on_device=True)
 
 
 def test_a_plan_without_shapes_says_why(pool_dirs, tmp_path, capsys):

@@ -238,9 +238,10 @@ def test_learning_holds_one_block_and_element_coefficients_only_inside_the_block
                            steps_per_block=2, samples_per_task=8, batch_size=8)
     merged = module.merged
     inside = [i for i, b in enumerate(module.tensor_block) if b is not None]
-    assert len(inside) < len(merged.names) and sorted(merged.element_index) == inside
+    assert len(inside) < len(merged.names) and sorted(merged.element_tensors) == inside
+    # What learns is the first block's coefficients alone: the later blocks have nothing allocated yet.
     assert sum(p.numel() for p in module.trainable_parameters()) == \
-        vectors.num_tasks * sum(merged.pretrained_tensors()[merged.names[i]].numel() for i in inside)
+        vectors.num_tasks * sum(merged.pretrained_tensors()[merged.names[i]].numel() for i in module.block_tensors(0))
     touched: list[int] = []
     monkeypatch.setattr(type(merged), "merged_weights", lambda *a, **k: pytest.fail("whole merged model formed"))
     original = module.expert_weights
@@ -256,7 +257,9 @@ def test_learning_holds_one_block_and_element_coefficients_only_inside_the_block
               enable_progress_bar=False, enable_model_summary=False).fit(
         module, torch.utils.data.DataLoader(_Steps(module.task_names, module.total_steps), batch_size=None))
     assert touched and max(touched) < len(merged.names)
-    outside = [i for i in range(len(merged.names)) if i not in merged.element_index]
+    # At the end: the last block learning, the others finished; together, every tensor inside the blocks.
+    assert sorted([*merged.finished.indices(), *module.block_tensors(module.num_blocks - 1)]) == inside
+    outside = [i for i in range(len(merged.names)) if i not in merged.element_tensors]
     rows = merged.coefficients_as_list()
     assert all(rows[i] == pytest.approx([0.3, 0.3]) for i in outside)  # the authors' task-arithmetic weight, not learned
     assert any(abs(rows[i][0] - 0.3) > 1e-4 for i in inside)
@@ -272,3 +275,99 @@ def test_distillation_rows_of_differently_padded_batches_are_padded_to_the_longe
     assert rows["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]
     assert rows["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
     assert _concat([torch.ones(2, 3), torch.zeros(1, 3)]).shape == (3, 3)
+
+
+# ------------------------------------------------- element-wise coefficients held one block at a time, and resumed
+
+
+def _fit(module, splits, max_steps, ckpt_path=None, state_dir=None):
+    """Learn to ``max_steps`` (from ``ckpt_path`` when given) through a Trainer; returns the trainer."""
+    module.distillation_source = splits
+    if state_dir is not None:
+        module.merged.merge_per_module = True  # what a streamed pool sets: finished blocks then go to disk
+        module.use_state_directory(state_dir)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(_Steps(module.task_names, module.total_steps), batch_size=None),
+                ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    return trainer
+
+
+def _element_module(backbone, vectors, heads):
+    return build_learned("progressive_distillation", copy.deepcopy(backbone), vectors, heads, granularity="element",
+                         lr=0.05, steps_per_block=3, samples_per_task=8, batch_size=8)
+
+
+def _all_coefficients(module):
+    merged = module.merged
+    return {i: merged.tensor_coefficients(i).detach().clone() for i in sorted(merged.element_tensors)}
+
+
+def test_finished_blocks_written_to_disk_give_the_merge_kept_in_memory(tmp_path):
+    """Over a streamed pool the finished blocks' element-wise coefficients are written out, one file per block, and
+    read back when merged: the learning and the merge are those of the run that keeps them in memory."""
+    backbone, vectors, heads, splits = _pool(num_tasks=2)
+    kept = _element_module(backbone, vectors, heads)
+    _fit(kept, splits, kept.total_steps)
+    spilled = _element_module(backbone, vectors, heads)
+    _fit(spilled, splits, spilled.total_steps, state_dir=tmp_path)
+    blocks = sorted(p.name for p in (tmp_path / "element_coefficients").iterdir())
+    assert blocks == ["block_00000", "block_00001"]  # the last block is still the learning one
+    assert [p.name for p in sorted((tmp_path / "element_coefficients" / "block_00000").iterdir())] == \
+        [f"tensor_{i:05d}.bin" for i in spilled.block_tensors(0)]
+    assert not spilled.merged.finished.state()["memory"]  # nothing finished is held in memory
+    expected, got = _all_coefficients(kept), _all_coefficients(spilled)
+    assert expected.keys() == got.keys()
+    for index in expected:
+        torch.testing.assert_close(got[index], expected[index], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(spilled.merged.merged_weights(), kept.merged.merged_weights(), rtol=0, atol=0)
+    first = spilled.block_tensors(0)[0]
+    path = tmp_path / "element_coefficients" / "block_00000" / f"tensor_{first:05d}.bin"
+    path.write_bytes(path.read_bytes()[:-4])  # a torn file is named, never read short
+    with pytest.raises(Exception, match=f"cannot read the learned coefficients of merged tensor {first} from .*"
+                                        f"tensor_{first:05d}.bin .*bytes, expected"):
+        spilled.merged.merged_weights()
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_run_stopped_inside_a_block_resumes_to_the_uninterrupted_coefficients(tmp_path, on_disk):
+    """A checkpoint taken in the third block (two finished, one learning) holds the learning block's coefficients and
+    Adam's moments, and the finished ones (in it, or as the files it names); a fresh module resumed from it ends
+    where the run that never stopped ends."""
+    backbone, vectors, heads, splits = _pool(num_tasks=2)
+    reference = _element_module(backbone, vectors, heads)
+    _fit(reference, splits, reference.total_steps, state_dir=tmp_path / "reference" if on_disk else None)
+
+    stopped = _element_module(backbone, vectors, heads)
+    trainer = _fit(stopped, splits, 7, state_dir=tmp_path / "run" if on_disk else None)  # block 2, its second step
+    assert stopped.merged.learning_block == 2
+    trainer.save_checkpoint(tmp_path / "last.ckpt", weights_only=False)
+    resumed = _element_module(backbone, vectors, heads)
+    _fit(resumed, splits, resumed.total_steps, ckpt_path=str(tmp_path / "last.ckpt"),
+         state_dir=tmp_path / "run" if on_disk else None)
+    assert resumed.global_step == reference.global_step == 9
+    expected, got = _all_coefficients(reference), _all_coefficients(resumed)
+    for index in expected:  # a resumed block re-captures its inputs: float32 rounding apart
+        torch.testing.assert_close(got[index], expected[index], rtol=0, atol=1e-5)
+
+
+def test_the_element_wise_sum_reads_one_slice_at_a_time_and_has_the_plain_gradient():
+    """Σ_k α_k ⊙ τ_k with slices fetched one at a time, forward and backward: the value and gradient of the plain
+    formula (float64 gradcheck), and each slice fetched once per pass."""
+    from adamerge.methods.learned.progressive_merged import _ElementwiseTaskSum
+
+    tau = torch.randn(3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fetched = []
+
+    def fetch(index, k):
+        fetched.append(k)
+        return tau[k]
+
+    alpha = torch.rand(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_ElementwiseTaskSum.apply(alpha, fetch, 0), (alpha * tau).sum(0), rtol=0, atol=1e-12)
+    assert fetched == [0, 1, 2]
+    assert torch.autograd.gradcheck(lambda a: _ElementwiseTaskSum.apply(a, fetch, 0), (alpha,))
+    fetched.clear()
+    _ElementwiseTaskSum.apply(alpha, fetch, 0).pow(2).sum().backward()
+    assert fetched == [0, 1, 2, 0, 1, 2]  # the backward fetched the slices again: none was kept

@@ -404,19 +404,41 @@ def test_a_shared_backbone_is_never_written_when_the_recorded_pretrained_weights
 
 
 def test_progressive_distillation_streams_one_block_and_learns_as_in_memory():
-    from tests.test_progressive import _learn, _pool
+    """Float64 throughout: the coefficients learned over a streamed pool (each tensor's slices read one task at a time,
+    one block's at a step) are the in-memory pool's to 1e-6, per tensor and per element."""
+    import copy
+
+    import lightning as L
+
+    from adamerge.methods.learned.adamerging import build_learned
+    from tests.helpers import TensorSplits
+    from tests.test_progressive import _Steps, _pool
 
     backbone, vectors, heads, splits = _pool(num_tasks=2)
-    states = {t: vectors.state_dict_from_deltas(vectors.task_vector(t)) for t in vectors.task_names}
+    backbone = backbone.double()
+    states = {t: {n: v.double() for n, v in vectors.state_dict_from_deltas(vectors.task_vector(t)).items()}
+              for t in vectors.task_names}
+    in_memory = TaskVectors.from_state_dicts(backbone.state_dict(), states)
     streamed = StreamedTaskVectors.from_states(backbone.state_dict(), states)
+    splits = TensorSplits({t: x.double() for t, x in splits.inputs.items()}, batch_size=8)
+
+    def learn(pool, **hparams):
+        module = build_learned("progressive_distillation", copy.deepcopy(backbone), pool, heads, **hparams).double()
+        module.distillation_source = splits
+        L.Trainer(max_steps=module.total_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(
+            module, torch.utils.data.DataLoader(_Steps(module.task_names, module.total_steps), batch_size=None))
+        return module
+
     for granularity in ("tensor", "element"):
         hparams = {"granularity": granularity, "lr": 0.05, "steps_per_block": 4, "samples_per_task": 8, "batch_size": 8}
-        expected = _learn(backbone, vectors, heads, splits, **hparams)
-        got = _learn(backbone, streamed, heads, splits, **hparams)
+        expected, got = learn(in_memory, **hparams), learn(streamed, **hparams)
         assert isinstance(got.merged, StreamedMergedModel)
-        # The streamed sum adds the tasks one at a time, the in-memory one in one tensordot: float32 rounding apart.
-        for a, b in zip(expected.trainable_parameters(), got.trainable_parameters()):
-            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        learned = sorted(expected.merged.element_tensors) if granularity == "element" else range(len(expected.merged.names))
+        for index in learned:  # element-wise: every block's, finished or learning
+            assert got.merged.tensor_coefficients(index).dtype == torch.float64
+            torch.testing.assert_close(got.merged.tensor_coefficients(index), expected.merged.tensor_coefficients(index),
+                                       rtol=0, atol=1e-6)
 
 
 def test_methods_that_hold_every_task_vector_refuse_a_streamed_pool(files):
@@ -556,6 +578,10 @@ def test_compression_at_full_rank_is_no_compression(files):
     assert not [n for n, _ in model.named_buffers() if "_task_vector_" in n]
     for a, b in zip(expected, _steps(model)):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    for index, name in enumerate(memory.names):  # one task's slice alone, reconstructed (element-wise distillation)
+        for task in range(memory.num_tasks):
+            torch.testing.assert_close(model.task_slice(index, task), memory.vectors[name][task], rtol=0, atol=1e-10)
+        torch.testing.assert_close(model.task_vector(index), memory.vectors[name], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("setting", [{"rank": 2}, {"rank_fraction": 0.34}, {"energy": 0.8}])
@@ -617,9 +643,14 @@ def test_streamed_merge_and_learning_hold_less_than_in_memory(tmp_path):
 # ------------------------------------------------------------------------------------------------ a whole run
 
 
-def test_a_streamed_run_learns_what_the_in_memory_run_learns_and_records_it(tmp_path):
+@pytest.mark.parametrize("method", [[], ["method=progressive_distillation", "~method.layer_groups", "method.steps_per_block=2",
+                                          "method.samples_per_task=2", "method.batch_size=2"]],
+                         ids=["default", "progressive_element_wise"])
+def test_a_streamed_run_learns_what_the_in_memory_run_learns_and_records_it(tmp_path, method):
     """The command end to end (memory plan, experts, learning under the trainer, export) with modelpool.streaming on
-    a tiny causal-LM pool of full save_pretrained checkpoints: the learned coefficients equal the in-memory run's."""
+    a tiny causal-LM pool of full save_pretrained checkpoints: the learned coefficients equal the in-memory run's.
+    Progressive distillation's element-wise coefficients of finished blocks go to the checkpoint directory over the
+    streamed pool (kept in memory otherwise) and leave with it once the results are written."""
     import datasets
     from hydra import compose, initialize_config_dir
 
@@ -633,7 +664,7 @@ def test_a_streamed_run_learns_what_the_in_memory_run_learns_and_records_it(tmp_
     overrides = ["experiment=causal_lm_qwen25_1p5b", f"modelpool.pretrained={paths['pretrained']}", "trainer=cpu",
                  "modelpool.backbone.dtype=float32", "modelpool.storage_dtype=float32", "method.autocast_dtype=null",
                  "trainer.max_steps=2", "logger=none", "trainer.enable_progress_bar=false", "data.num_workers=0",
-                 "~modelpool.finetuned", "~modelpool.heads", "~data.tasks"]
+                 "~modelpool.finetuned", "~modelpool.heads", "~data.tasks", *method]
     for task, prompts in zip(("alpha", "beta"), PROMPTS.values()):
         datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": prompts})}).save_to_disk(tmp_path / task)
         overrides += [f"+modelpool.finetuned.{task}={paths[task]}", f"+modelpool.heads.{task}._target_=adamerge.backbones.heads.Identity",
@@ -650,6 +681,7 @@ def test_a_streamed_run_learns_what_the_in_memory_run_learns_and_records_it(tmp_
     record = json.loads((Path(rows["disk"]["export"]) / "merge_config.json").read_text())
     assert record["task_vectors"] == {"streaming": "disk", "compression": None}
     assert "task_vectors" not in json.loads((Path(rows["false"]["export"]) / "merge_config.json").read_text())
+    assert not list((tmp_path / "run_disk").rglob("checkpoints"))  # the finished blocks' files went with them
 
 
 def test_a_streamed_step_runs_every_task_s_token_batch_through_one_per_module_merge(llama_pool):

@@ -149,6 +149,7 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
         module.merged.compile_forward(options.compile)
     every = options.checkpoint_every
     saved = checkpoint_path(method_dir(ctx, name))
+    module.use_state_directory(saved.parent)
     resume_from = str(saved) if options.resume and saved.is_file() else None
     # A method that sets its own length (progressive distillation: steps per block × blocks) overrides max_steps.
     trainer = make_trainer(ctx, name, logger, [StepCheckpoint(saved.parent, every)],  # also saves when stopped

@@ -20,7 +20,7 @@ from adamerge.pool.inventory import (
     DTYPE_BYTES, InventoryUnavailable, TensorSpec, checkpoint_inventory, model_config, safetensors_header,
 )
 from adamerge.pool.key_filters import drop_excluded, select_tensors
-from adamerge.pool.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, is_adapter_dir
+from adamerge.pool.peft_adapter import ADAPTER_WEIGHTS, PEFT_PREFIX, adapter_path, is_adapter_dir
 from adamerge.pool.memory_plan import (
     MemoryPlan, RunShape, WorkingSet, gib, model_shape, plan_memory, smallest_fitting_change,
 )
@@ -112,7 +112,7 @@ def sharded_devices(cfg: DictConfig, on_device: bool) -> int:
 
 def adapter_inventory(source: Any) -> tuple[set[str], TensorSpec]:
     """(the backbone weights a PEFT adapter targets, one spec summing its factors) from its safetensors header."""
-    header = safetensors_header(Path(os.fspath(source)).expanduser() / ADAPTER_WEIGHTS)
+    header = safetensors_header((adapter_path(source) or Path(os.fspath(source)).expanduser()) / ADAPTER_WEIGHTS)
     targets = {key.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0] + ".weight" for key in header}
     dtype = next(iter(header.values())).dtype if header else "F32"
     return targets, TensorSpec((sum(spec.numel for spec in header.values()),), dtype)
@@ -218,6 +218,7 @@ def check_memory_plan(cfg: DictConfig, learned: bool | Sequence[str], on_device:
                                   host_limit, device_limit)
     advice = (f"it fits with {' '.join(fix[0])} (plan: host {gib(fix[1].host_peak)}"
               + (f", device {gib(fix[1].device_peak)})" if fix[1].device else ")")
-              if fix else "no storage dtype, task batching or batch size makes it fit: merge fewer tasks or use a "
-                          "larger machine")
+              if fix else "no storage dtype, task batching, streaming, activation checkpointing or batch size makes "
+                          "it fit: merge fewer tasks" + (", shard over several GPUs (trainer=fsdp trainer.devices=N)"
+                                                        if on_device else "") + " or use a larger machine")
     raise MemoryPlanError(f"{message}; {advice}; memory_plan.force=true runs it anyway")

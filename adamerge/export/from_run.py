@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from adamerge.backbones.hf import export_extra_files
@@ -86,9 +87,9 @@ def export_merge(directory: str | Path, method: str, model: nn.Module, pool: Mod
         merge_config[REPORT_KEY] = export_record(outcome.get(REPORT_KEY) or adapted.report())
     extras: dict[str, Path | bytes] = dict(export_extra_files(model))
     if task_vectors is not None:
-        if isinstance(task_vectors, LoRATaskVectors) and method in LEARNED_AS_TASK_ARITHMETIC and module is not None:
+        weights = linear_adapter_weights(task_vectors, method, hyperparameters, module)
+        if weights is not None:
             # The linear merge of the adapters is one adapter again: PeftModel.from_pretrained(base, "<export>/adapter").
-            weights = module.merged.coefficient_rows().detach().cpu()
             extras[MERGED_ADAPTER] = save_linear_adapter(task_vectors, weights, Path(tempfile.mkdtemp()) / "adapter")
             merge_config["merged_adapter"] = MERGED_ADAPTER
         mergekit = mergekit_file(pool, task_vectors, alignment, method, hyperparameters, model, module)
@@ -112,6 +113,23 @@ def export_merge(directory: str | Path, method: str, model: nn.Module, pool: Mod
         license=license,
         sign=sign,
     )
+
+
+def linear_adapter_weights(vectors: Any, method: str, hparams: Mapping[str, Any], module: Any) -> torch.Tensor | None:
+    """The weights ``w`` (``[K]`` or one row per merged tensor) of a merge ``Σ_k w_k τ_k`` of LoRA adapters -- learned
+    task- or layer-wise coefficients, task arithmetic's λ, weight averaging's 1/K -- or None: not adapters, or a
+    merge that is not linear in them (TIES, TSV-M, ... and learned methods on a base)."""
+    if not isinstance(vectors, LoRATaskVectors):
+        return None
+    if module is not None:
+        linear = method in LEARNED_AS_TASK_ARITHMETIC and hparams.get("base") is None
+        return module.merged.coefficient_rows().detach().cpu() if linear else None
+    if method == "weight_average":
+        return torch.full((vectors.num_tasks,), 1.0 / vectors.num_tasks)
+    if method == "task_arithmetic":
+        scaling = get_method(method).resolve_hparams(hparams)["scaling_coefficient"]
+        return torch.as_tensor(scaling, dtype=torch.float32).expand(vectors.num_tasks).clone()
+    return None
 
 
 def mergekit_file(pool: ModelPool, vectors: TaskVectors, alignment: AlignmentVector | None, name: str,

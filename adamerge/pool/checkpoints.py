@@ -75,7 +75,7 @@ def looks_like_path(s: str) -> bool:
     )
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once at import time; re-reading it here lets
     # users (and tests) switch it on later and fail fast instead of retrying for ~30 s.
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
@@ -225,7 +225,7 @@ def load_hf_model(
     is_local = path.exists()
     if not is_local and (not isinstance(source, str) or looks_like_path(name)):
         raise CheckpointError(f"model directory not found: {name}")
-    if not is_local and _hub_offline():
+    if not is_local and hub_offline():
         kwargs.setdefault("local_files_only", True)
     try:
         return cls.from_pretrained(

@@ -1,24 +1,22 @@
-"""LoRA adapters as task vectors: a PEFT adapter directory is a task vector ``τ = s·B@A`` per targeted weight.
+"""LoRA adapters as task vectors: a PEFT adapter is a task vector ``τ = s·B@A`` per targeted weight.
 
 An adapter of rank 16 on every projection of a 7B model is ~40 M parameters, so a pool of K adapters is kept as
 factors, never as K dense deltas: :meth:`LoRATaskVectors.delta` forms one tensor's ``Σ_k w_k s_k B_k A_k`` at a time,
 as one product of the concatenated factors (``B_cat · diag(w·s) · A_cat``), which is also what autograd keeps.
-``s = lora_alpha / r`` (``lora_alpha / √r`` with rsLoRA).
+Reading and checking one adapter (a directory or a hub id; what is refused and why) is :mod:`adamerge.pool.peft_adapter`.
+A linear merge of the pool (task- or layer-wise coefficients) is one adapter again: :func:`save_linear_adapter`
+concatenates the ranks and folds ``w·s`` into B, so ``PeftModel.from_pretrained`` loads it with no merge code at all.
 
-:func:`load_adapter` refuses what is not such a product, naming the setting: DoRA (its magnitude vectors rescale
-the weight's columns), per-module rank or alpha patterns, ``modules_to_save`` (whole trained copies), trained biases,
-other PEFT types; and an adapter whose base model or shapes differ from the pool's. A linear merge of the pool
-(task- or layer-wise coefficients) is one adapter again: :func:`save_linear_adapter` concatenates the ranks and folds
-``w·s`` into B, so ``PeftModel.from_pretrained`` loads it with no merge code at all.
+Data-free methods run over :meth:`LoRATaskVectors.as_streamed`: each targeted weight's K dense deltas are formed when
+read and the pool is visited block by block, as a streamed pool is (:mod:`adamerge.methods.data_free.streamed`), so
+one block's dense deltas exist at a time, never the whole model's.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,111 +24,13 @@ import torch
 from torch import Tensor
 
 from adamerge.errors import ConfigError
-from adamerge.pool.checkpoints import PEFT_ADAPTER_FILES, CheckpointError
+from adamerge.pool.checkpoints import CheckpointError
+from adamerge.pool.peft_adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoRAAdapter, LoRAFactors,
+                                        adapter_path, is_adapter_dir, load_adapter)
+from adamerge.pool.streamed import StreamedVectorsBase
 
-__all__ = ["ADAPTER_CONFIG", "LoRAFactors", "LoRAAdapter", "LoRATaskVectors", "is_adapter_dir",
-           "load_adapter", "save_linear_adapter"]
-
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = PEFT_ADAPTER_FILES
-PEFT_PREFIX = "base_model.model."
-
-
-def is_adapter_dir(source: Any) -> bool:
-    return isinstance(source, (str, os.PathLike)) and (Path(os.fspath(source)).expanduser() / ADAPTER_CONFIG).is_file()
-
-
-@dataclass(frozen=True)
-class LoRAFactors:
-    """One targeted weight ``W [out, in]``: ``ΔW = scale · B @ A`` (transposed for ``fan_in_fan_out`` layers)."""
-
-    A: Tensor  # [r, in]
-    B: Tensor  # [out, r]
-    scale: float
-    fan_in_fan_out: bool = False
-
-    def dense(self) -> Tensor:
-        delta = self.scale * (self.B.float() @ self.A.float())
-        return delta.T if self.fan_in_fan_out else delta
-
-
-@dataclass(frozen=True)
-class LoRAAdapter:
-    source: str
-    config: Mapping[str, Any]
-    factors: Mapping[str, LoRAFactors]  # backbone weight name → factors
-
-    @property
-    def rank(self) -> int:
-        return int(self.config["r"])
-
-
-def _refuse(source: str, what: str) -> CheckpointError:
-    return CheckpointError(f"adapter {source!r}: {what}")
-
-
-def _check_config(source: str, config: Mapping[str, Any], base_model: str | None) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise _refuse(source, f"peft_type {config.get('peft_type')!r} is not LORA; only LoRA adapters are task vectors")
-    if config.get("use_dora"):
-        raise _refuse(source, "use_dora=true: a DoRA adapter rescales the weight's columns by learned magnitudes, so "
-                              "its update is not B@A·scale; adamerge merges plain LoRA adapters only")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise _refuse(source, f"{key} {dict(config[key])} gives some modules their own rank or alpha; adamerge "
-                                  "supports one r and lora_alpha per adapter")
-    if config.get("modules_to_save"):
-        raise _refuse(source, f"modules_to_save {config['modules_to_save']} are fully trained copies, not low-rank "
-                              "updates; merge the full fine-tuned checkpoint instead")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise _refuse(source, f"bias={config.get('bias')!r}: trained biases are not part of B@A; use bias='none'")
-    expected = config.get("base_model_name_or_path")
-    if base_model is not None and expected and not _same_model(expected, base_model):
-        raise _refuse(source, f"was trained on {expected!r}, not on the pool's pretrained model {base_model!r}")
-
-
-def _same_model(a: str, b: str) -> bool:
-    """Same hub id or directory; a local copy of a hub model counts when its directory is named like the id."""
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a.rstrip("/").split("/")[-1] == b.rstrip("/").split("/")[-1]
-
-
-def load_adapter(source: str | os.PathLike, shapes: Mapping[str, Sequence[int]], *,
-                 base_model: str | None = None) -> LoRAAdapter:
-    """Read and validate a PEFT LoRA adapter against the backbone's weight ``shapes`` (name → shape)."""
-    from safetensors.torch import load_file
-
-    name = os.fspath(source)
-    directory = Path(name).expanduser()
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
-    _check_config(name, config, base_model)
-    if not (directory / ADAPTER_WEIGHTS).is_file():
-        raise _refuse(name, f"no {ADAPTER_WEIGHTS} (a pickled adapter_model.bin is not read; re-save with safetensors)")
-    tensors = load_file(directory / ADAPTER_WEIGHTS, device="cpu")
-    rank = int(config["r"])
-    scale = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    pairs: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
-        if kind not in ("A.weight", "B.weight"):
-            raise _refuse(name, f"entry {key!r} is not a LoRA A/B factor of a linear layer (embedding LoRA, DoRA "
-                                "magnitudes and trained tokens are not supported)")
-        pairs.setdefault(f"{module}.weight", {})[kind[0]] = tensor
-    factors = {}
-    for weight, pair in pairs.items():
-        if weight not in shapes:
-            raise _refuse(name, f"targets {weight!r}, which the pool's model does not have (target_modules "
-                                f"{config.get('target_modules')})")
-        out_features, in_features = tuple(shapes[weight])[::-1] if fan_in_fan_out else tuple(shapes[weight])
-        a, b = pair.get("A"), pair.get("B")
-        if a is None or b is None or tuple(a.shape) != (rank, in_features) or tuple(b.shape) != (out_features, rank):
-            got = {k: tuple(v.shape) for k, v in pair.items()}
-            raise _refuse(name, f"factors of {weight!r} have shapes {got}; with r={rank} and the weight's shape "
-                                f"{tuple(shapes[weight])} they must be A {(rank, in_features)} and B {(out_features, rank)}")
-        factors[weight] = LoRAFactors(a, b, scale, fan_in_fan_out)
-    return LoRAAdapter(name, config, factors)
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "LoRAFactors", "LoRAAdapter", "LoRATaskVectors",
+           "LoRADenseVectors", "adapter_path", "is_adapter_dir", "load_adapter", "save_linear_adapter"]
 
 
 class LoRATaskVectors:
@@ -166,8 +66,14 @@ class LoRATaskVectors:
 
     @property
     def vectors(self) -> dict[str, Tensor]:
-        raise ConfigError("this merge needs every task vector as a dense tensor, which a pool of LoRA adapters never "
-                          "forms; over adapters use a learned method (adamerging_task_wise / adamerging_layer_wise)")
+        raise ConfigError("this step needs every task vector as a dense tensor, which a pool of LoRA adapters never "
+                          "forms; data-free methods run over the adapters block by block, and a learned method as "
+                          "adamerging_task_wise / adamerging_layer_wise (or on a base, base_form=residual)")
+
+    def as_streamed(self) -> LoRADenseVectors:
+        """The adapters as streamed task vectors: a targeted weight's K dense deltas formed when read (data-free
+        methods, block by block)."""
+        return LoRADenseVectors(self)
 
     def concatenated(self, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
         """(A_cat [R, in], B_cat [out, R], task index of each rank [R], scale of each rank [R], fan_in_fan_out) of
@@ -208,6 +114,24 @@ class LoRATaskVectors:
         for row, name in zip(rows, self.names):
             state[name] = (self.pretrained[name].float() + self.delta(name, row.float())).to(self.pretrained[name].dtype)
         return state
+
+
+class LoRADenseVectors(StreamedVectorsBase):
+    """A pool of adapters read as streamed task vectors: ``stacked(name)`` is one targeted weight's K dense deltas
+    ``s_k B_k A_k`` (zeros for a task whose adapter does not target it), in float32, formed on each read."""
+
+    def __init__(self, adapters: LoRATaskVectors) -> None:
+        self.adapters = adapters
+        self.task_names = list(adapters.task_names)
+        self.pretrained = adapters.pretrained
+        self.names = list(adapters.names)
+        self.aliases: dict[str, str] = {}
+        self.unscored_tasks = tuple(adapters.unscored_tasks)
+        self.dtype = torch.float32
+
+    def stacked(self, name: str) -> Tensor:
+        eye = torch.eye(self.num_tasks)
+        return torch.stack([self.adapters.delta(name, eye[k]) for k in range(self.num_tasks)])
 
 
 def save_linear_adapter(vectors: LoRATaskVectors, weights: Tensor, directory: str | os.PathLike, *,

@@ -213,10 +213,14 @@ def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet =
     frozen = weight_bytes if progressive else model.model_bytes
     vectors = task_vector_bytes(model, run) * layer // max(1, model.merged_parameters)
     streamed = bool(run.streaming) and not run.adapter_parameters
-    # Each coefficient's value, gradient and two Adam moments (float32); progressive element-wise: every block's
-    # K × elements kept, the gradient and moments for the block that learns.
-    optimiser = (run.num_tasks * (4 * model.layered_parameters + 12 * layer) if progressive and run.element_coefficients
-                 else run.coefficient_rows * run.num_tasks * 16)
+    # Each coefficient's value, gradient and two Adam moments (float32). Progressive element-wise
+    # (adamerge/methods/learned/progressive_merged.py): the learning block's K × elements with their gradient and
+    # moments; the finished blocks' are kept in memory too, or, over a streamed pool, written to the run directory.
+    if progressive and run.element_coefficients:
+        finished = 0 if streamed else 4 * max(0, model.layered_parameters - layer)
+        optimiser = run.num_tasks * (finished + 16 * layer)
+    else:
+        optimiser = run.coefficient_rows * run.num_tasks * 16
     if streamed and progressive:  # one task's slice of one of the block's tensors at a time, and the block's merge
         return {"frozen model": frozen, "task-vector slices": min(model.largest_tensor, layer) * (run.storage_bytes + 4),
                 "merged weights": weight_bytes, "their gradients": weight_bytes, "expert block": weight_bytes,
@@ -311,12 +315,24 @@ def smallest_fitting_change(run: RunShape, plan_of: Callable[[RunShape], MemoryP
 
 
 def _memory_settings(run: RunShape) -> Iterable[tuple[str, str, RunShape]]:
+    """The settings that shrink a run, cheapest first: what costs nothing of the result (storage dtype, one task at a
+    time), then reading instead of holding (streamed task vectors, activation checkpointing), then what changes
+    the learning (smaller batches; progressive distillation's tensor-wise coefficients)."""
     if run.storage_bytes > 2:
         run = dataclasses.replace(run, storage_bytes=2)
         yield "modelpool.storage_dtype", "bfloat16", run
     if run.tasks_per_step > 1:
         run = dataclasses.replace(run, tasks_per_step=1)
         yield "task_batching", "sequential", run
+    if run.streaming != "disk" and not run.adapter_parameters:
+        run = dataclasses.replace(run, streaming="disk")
+        yield "modelpool.streaming", "disk", run
+    if not run.activation_checkpointing:  # the merge is made module by module now (streamed, or adapters)
+        run = dataclasses.replace(run, activation_checkpointing=True)
+        yield "activation_checkpointing", "true", run
     while run.batch_size > 1:
         run = dataclasses.replace(run, batch_size=run.batch_size // 2)
         yield "data.batch_size", str(run.batch_size), run
+    if run.element_coefficients:
+        run = dataclasses.replace(run, element_coefficients=False)
+        yield "method.granularity", "tensor", run

@@ -225,6 +225,10 @@ class ResumableState:
                 raise ResumeError("the checkpoint was written without adapted heads (heads: frozen)")
             self.adapted_heads.load_state(state["adapted_heads"])
 
+    def use_state_directory(self, directory: Path) -> None:
+        """``directory`` (the method's checkpoint directory, removed once its results are written) may hold learned
+        state too large for memory; a method that has such state overrides this (progressive distillation)."""
+
     def extra_resume_state(self) -> dict[str, Any]:
         """What a subclass keeps across a resume beyond the state dict (the Concrete stage's frozen mask)."""
         return {}

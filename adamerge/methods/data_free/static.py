@@ -19,6 +19,7 @@ from adamerge.methods.checks import check_choice, check_range, check_scaling, fa
 from adamerge.methods.data_free import steps
 from adamerge.methods.data_free.streamed import merge_streamed
 from adamerge.methods.registry import get_method, register_method
+from adamerge.pool.lora import LoRATaskVectors
 from adamerge.pool.task_vectors import TaskVectors
 
 Deltas = dict[str, Tensor]
@@ -88,6 +89,8 @@ def static_method(name: str, validate: Callable[[int, Mapping[str, Any]], None])
         def checked(task_vectors: TaskVectors, **hparams: Any) -> Deltas:
             resolved = spec.resolve_hparams(hparams)
             validate(task_vectors.num_tasks, resolved)
+            if isinstance(task_vectors, LoRATaskVectors):  # adapters: each weight's K dense deltas when read
+                task_vectors = task_vectors.as_streamed()
             if getattr(task_vectors, "streamed", False):  # a streamed pool: block by block (data_free.streamed)
                 return merge_streamed(task_vectors, name, fn, resolved)
             return fn(task_vectors, **resolved)

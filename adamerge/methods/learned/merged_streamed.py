@@ -159,11 +159,17 @@ class LowRankMergedModel(MergedModel):
         return delta
 
     def task_vector(self, index: int) -> Tensor:
-        """Tensor ``index``'s K slices, reconstructed (progressive distillation's element-wise coefficients)."""
-        eye = torch.eye(len(self.task_names), dtype=self.coefficients.dtype, device=self.coefficients.device)
-        shape = self.pretrained_tensors()[self.names[index]].shape
+        """Tensor ``index``'s K slices, reconstructed."""
+        return torch.stack([self.task_slice(index, k) for k in range(len(self.task_names))])
+
+    def task_slice(self, index: int, task: int, rows: tuple[int, int] | None = None) -> Tensor:
+        """Task ``task``'s slice of tensor ``index`` alone, reconstructed from its factors (progressive distillation's
+        element-wise coefficients read one at a time)."""
+        one_hot = torch.zeros(len(self.task_names), dtype=self.coefficients.dtype, device=self.coefficients.device)
+        one_hot[task] = 1.0
         with torch.no_grad():
-            return torch.stack([self.task_delta(index, eye[k], shape) for k in range(len(self.task_names))])
+            part = self.task_delta(index, one_hot, self.pretrained_tensors()[self.names[index]].shape)
+        return part if rows is None else part[rows[0]:rows[1]]
 
 
 class LoRAMergedModel(MergedModel):

@@ -26,10 +26,10 @@ residual form (the base merge whole, per-block corrections from 0, the tensors o
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,9 +44,8 @@ from adamerge.errors import ConfigError
 from adamerge.errors import NonFiniteError
 from adamerge.methods import checks
 from adamerge.methods.learned.adamerging import check_coefficient_learning, register_learned
-from adamerge.methods.learned.merged import MergedModel
 from adamerge.methods.learned.merged_per_module import merging_per_module
-from adamerge.methods.learned.merged_streamed import merged_model_class
+from adamerge.methods.learned.progressive_merged import ProgressiveMergedModel, progressive_merged_class
 from adamerge.objectives import Objective
 from adamerge.objectives.expert_targets import feature_tensor
 from adamerge.pool.task_vectors import TaskVectors
@@ -71,65 +70,6 @@ def block_of(names: Sequence[str], path: str, count: int) -> list[int | None]:
     return out
 
 
-class ProgressiveMergedModel(MergedModel):
-    """Layer-wise merge whose coefficients may be one per task and *element* (``element_coefficients``).
-
-    ``learned``: per merged tensor, whether it lies in a block (default: all do). Only those get element-wise
-    coefficients -- K × their size in float32, the method's own learned state; the tensors outside the blocks keep
-    their row (``init_value``, never learned), so the embeddings of a large vocabulary cost nothing here."""
-
-    def __init__(self, module: nn.Module, task_vectors: TaskVectors, *, init_value: Sequence[float],
-                 granularity: str, learned: Sequence[bool] | None = None) -> None:
-        super().__init__(module, task_vectors, granularity="layer_wise", init_value=list(init_value), clamp=None)
-        self.element_wise = granularity == "element"
-        self.element_index: dict[int, int] = {}  # merged tensor -> its entry of element_coefficients
-        if self.element_wise:
-            learned = [True] * len(self.names) if learned is None else list(learned)
-            initial = torch.as_tensor(list(init_value), dtype=torch.float32)
-            self.element_index = {i: n for n, i in enumerate(i for i, yes in enumerate(learned) if yes)}
-            shapes = [tensor.shape for tensor in self.pretrained_tensors().values()]  # θ0's: nothing is fetched
-            self.element_coefficients = nn.ParameterList([
-                nn.Parameter(initial.reshape(-1, *[1] * len(shapes[i])).expand(-1, *shapes[i]).clone())
-                for i in self.element_index])
-            self.coefficients.requires_grad_(False)
-
-    def row_coefficients(self, index: int) -> bool:
-        return index not in self.element_index
-
-    def tensor_coefficients(self, index: int) -> Tensor:
-        """What learns for merged tensor ``index``: ``[K, *shape]`` (element-wise) or its row ``[K]``."""
-        if index in self.element_index:
-            return self.element_coefficients[self.element_index[index]]
-        return self.coefficients[index]
-
-    def task_delta(self, index: int, row: Tensor, shape: torch.Size) -> Tensor:
-        if index not in self.element_index:
-            return super().task_delta(index, row, shape)
-        alpha = self.element_coefficients[self.element_index[index]]
-        return (alpha * self.task_vector(index).to(alpha.dtype)).sum(0)
-
-    def coefficients_as_list(self) -> list:
-        """Per tensor and task: the coefficient (its mean over the tensor's elements when element-wise)."""
-        rows = super().coefficients_as_list()
-        if not self.element_wise:
-            return rows
-        return [self.element_coefficients[self.element_index[i]].detach().flatten(1).mean(1).cpu().tolist()
-                if i in self.element_index else row for i, row in enumerate(rows)]
-
-
-@functools.lru_cache(maxsize=None)
-def _progressive_of(base: type[MergedModel]) -> type[MergedModel]:
-    return type(f"Progressive{base.__name__}", (ProgressiveMergedModel, base), {})
-
-
-def progressive_merged_class(task_vectors: Any) -> type[MergedModel]:
-    """Progressive distillation's merged model over these task vectors: its element-wise coefficients and block steps,
-    with the pool's way of holding (or streaming) the task vectors (:mod:`.merged_streamed`)."""
-    base = merged_model_class(task_vectors)
-    return ProgressiveMergedModel if base is MergedModel or not getattr(task_vectors, "streamed", False) \
-        else _progressive_of(base)
-
-
 class ProgressiveDistillationModule(AdaMergingModule):
     """Learns one block's coefficients at a time; the block of step ``s`` is ``s // steps_per_block``."""
 
@@ -149,11 +89,37 @@ class ProgressiveDistillationModule(AdaMergingModule):
         self.distillation_source: Any = None
         self._cache: dict[str, Any] | None = None  # the current block's captured inputs and expert targets
         self._propagates: bool | None = None  # whether a block's output is the next block's input (checked once)
+        merged.begin_block(0, self.block_tensors(0))
 
     # -- what learns ------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        merged = self.merged
-        return list(merged.element_coefficients) if merged.element_wise else [merged.coefficients]
+        return self.merged.learning_parameters()
+
+    def use_state_directory(self, directory: Path) -> None:
+        """Over a streamed pool, finished blocks' element-wise coefficients go to ``directory`` (see
+        :mod:`.progressive_merged`): the method's state in memory stays one block's."""
+        if self.merged.merge_per_module:
+            self.merged.keep_finished_in(directory / "element_coefficients")
+
+    def _start_block(self, block: int, optimizer: torch.optim.Optimizer) -> None:
+        """A fresh Adam for every block, as the authors' one per layer, over what learns in that block."""
+        # The finished block's moments, gradients and the optimiser's hold on its coefficients go first, before the
+        # next block's are allocated: at no moment are two blocks' states alive.
+        optimizer.state.clear()
+        for parameter in optimizer.param_groups[0]["params"]:
+            parameter.grad = None
+        optimizer.param_groups[0]["params"] = []
+        optimizer.param_groups[0]["params"] = self.merged.begin_block(block, self.block_tensors(block))
+
+    def extra_resume_state(self) -> dict[str, Any]:
+        return {**super().extra_resume_state(), "progressive": self.merged.block_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before the state dict loads (Lightning's order): the learning block's parameters in the checkpoint's shapes.
+        state = checkpoint.get("adamerge", {}).get("progressive")
+        if state is not None:
+            self.merged.load_block_state(state)
+        super().on_load_checkpoint(checkpoint)
 
     def block_tensors(self, block: int) -> list[int]:
         return [i for i, b in enumerate(self.tensor_block) if b == block]
@@ -281,8 +247,8 @@ class ProgressiveDistillationModule(AdaMergingModule):
         block = min(step // self.steps_per_block, self.num_blocks - 1)
         optimizer = self.optimizers()
         if self._cache is None or self._cache["block"] != block:
-            if self._cache is not None or step % self.steps_per_block == 0:
-                optimizer.optimizer.state.clear()  # a fresh Adam for every block, as the authors' one per layer
+            if self._cache is not None or step % self.steps_per_block == 0:  # not a block resumed midway
+                self._start_block(block, optimizer.optimizer)
             self._prepare_block(block)
         optimizer.zero_grad(set_to_none=True)
         with self.profile.phase("merge"):
