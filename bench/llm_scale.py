@@ -50,7 +50,7 @@ ROWS = {
     "streamed-sequential": ("full", "disk", "adamerging_layer_wise", ("task_batching=sequential",)),
     # One coefficient per task and tensor: what learns is K numbers per tensor.
     "progressive": ("full", "disk", "progressive_distillation", ("method.granularity=tensor",)),
-    # The authors' element-wise coefficients: K × the blocks' parameters learn, in float32.
+    # The authors' element-wise coefficients: K × one block's parameters learn at a time, in float32.
     "progressive-element": ("full", "disk", "progressive_distillation", ("method.granularity=element",)),
     "lora": ("lora", False, "adamerging_layer_wise", ()),
     # The streamed rows again with activation checkpointing: each decoder layer keeps its input only and runs again,
@@ -226,7 +226,7 @@ def render_table(rows: list[dict], meta: dict) -> str:
         f"in bfloat16 (`modelpool.storage_dtype`). Batch: {meta['batch']} sequences of ≤ {meta['length']} tokens per "
         f"task, entropy objective, layer-wise coefficients per decoder block; ProDistill 2 steps per block over 4 cached "
         "inputs per task, with one coefficient per task and tensor (`method.granularity=tensor`) or the authors' one "
-        "per task and element (`element`, the default: K × the blocks' parameters learn, in float32). Streamed rows merge "
+        "per task and element (`element`, the default: K × one block's parameters learn at a time, in float32). Streamed rows merge "
         "module by module (`adamerge/methods/learned/merged_per_module.py`), with the tasks' batches in one forward "
         "(`task_batching=auto`) or one task at a time (`task_batching=sequential`, the default). Learning peak: the "
         "process's VmHWM from the start to the end of learning (reset at its start), absolute, imports included "

@@ -216,8 +216,8 @@ def step_working_set(model: ModelShape, run: RunShape, working_set: WorkingSet =
     # Each coefficient's value, gradient and two Adam moments (float32). Progressive element-wise
     # (adamerge/methods/learned/progressive_merged.py): the learning block's K × elements with their gradient and
     # moments; the finished blocks' are kept in memory too, or, over a streamed pool, written to the run directory.
-    if progressive and run.element_coefficients:
-        finished = 0 if streamed else 4 * max(0, model.layered_parameters - layer)
+    if progressive and run.element_coefficients:  # finished blocks go to disk where the merge is per module
+        finished = 0 if streamed or run.adapter_parameters else 4 * max(0, model.layered_parameters - layer)
         optimiser = run.num_tasks * (finished + 16 * layer)
     else:
         optimiser = run.coefficient_rows * run.num_tasks * 16

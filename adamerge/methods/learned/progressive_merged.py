@@ -213,5 +213,4 @@ def progressive_merged_class(task_vectors: Any) -> type[MergedModel]:
     """Progressive distillation's merged model over these task vectors: its element-wise coefficients and block steps,
     with the pool's way of holding (or streaming) the task vectors (:mod:`.merged_streamed`)."""
     base = merged_model_class(task_vectors)
-    return ProgressiveMergedModel if base is MergedModel or not getattr(task_vectors, "streamed", False) \
-        else _progressive_of(base)
+    return ProgressiveMergedModel if base is MergedModel else _progressive_of(base)
