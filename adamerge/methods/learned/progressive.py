@@ -153,7 +153,7 @@ class ProgressiveDistillationModule(AdaMergingModule):
         captured: list[tuple[tuple, dict]] = []
 
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.append((args, kwargs))
+            captured.append((args, _without_cache(kwargs)))
             raise _StopForward
 
         rows = None
@@ -287,6 +287,18 @@ class ProgressiveDistillationModule(AdaMergingModule):
         super().on_train_batch_end(outputs, batch, batch_idx)
         if self.global_step >= self.total_steps:
             self.trainer.should_stop = True
+
+
+# A decoder layer's key/value cache (a backbone loaded with use_cache=True): each cached call would append to it, so
+# one step's keys would meet the next step's graph; a block's step needs none.
+_CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "cache", "layer_past")
+
+
+def _without_cache(kwargs: dict) -> dict:
+    kept = {k: (None if k in _CACHE_ARGUMENTS else v) for k, v in kwargs.items()}
+    if "use_cache" in kept:
+        kept["use_cache"] = False
+    return kept
 
 
 def _first(output: Any) -> Any:
