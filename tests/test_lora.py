@@ -355,3 +355,24 @@ def test_progressive_distillation_over_adapters_learns_what_it_learns_over_their
     for index in indices:
         torch.testing.assert_close(got.merged.tensor_coefficients(index), expected.merged.tensor_coefficients(index),
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rename,message", [
+    (("q_proj.lora_", "x_proj.lora_"), r"targets 'model.layers.0.self_attn.x_proj.weight', which the pool's model "
+                                         r"does not have"),
+    (("q_proj.lora_A.weight", "q_proj.lora_embedding_A"), r"is not a LoRA A/B factor of a linear layer"),
+    (("q_proj.lora_B.weight", "q_proj.lora_magnitude_vector"), r"is not a LoRA A/B factor of a linear layer"),
+])
+def test_adapter_weights_that_are_not_factors_of_the_model_s_linear_layers_are_refused(zoo, tmp_path, rename, message):
+    """What the weights file holds is checked too: a module the model does not have, an embedding LoRA's factors,
+    a DoRA magnitude vector -- each named, with the file it came from."""
+    from safetensors.torch import load_file, save_file
+
+    edited = _edited(zoo, tmp_path)
+    tensors = load_file(edited / "adapter_model.safetensors")
+    old, new = rename
+    for key in [k for k in tensors if ".layers.0." in k and old in k]:
+        tensors[key.replace(old, new)] = tensors.pop(key)
+    save_file(tensors, str(edited / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        LoRATaskVectors.from_adapters(_pretrained(zoo), {"alpha": edited}, base_model=str(zoo["base"]))
