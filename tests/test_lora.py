@@ -245,7 +245,8 @@ def test_memory_plan_of_an_adapter_pool_counts_the_adapters(zoo):
 def test_a_run_over_adapters_exports_the_merged_adapter(tmp_path):
     """adamerge over a pool of adapter directories, learned and data-free: the export of a merge linear in the
     adapters (learned layer-wise, task arithmetic, weight averaging) holds the dense merged model and adapter/, which
-    PeftModel loads onto the base with the same outputs; TIES's export is the dense model alone."""
+    PeftModel loads onto the base with the same outputs; TIES's and progressive distillation's exports are the dense
+    model alone."""
     import datasets
     from hydra import compose, initialize_config_dir
 
@@ -270,16 +271,20 @@ def test_a_run_over_adapters_exports_the_merged_adapter(tmp_path):
                       f"+data.tasks.{task}.preprocessor.tokenizer={tmp_path / 'base'}"]
     rows = []
     for name, extra in (("learned", []), ("data_free", ["method=compare", "method.methods=[task_arithmetic,weight_average,ties]",
-                                                        "export.static=true"])):
+                                                        "export.static=true"]),
+                        ("progressive", ["method=progressive_distillation", "~method.layer_groups",
+                                         "method.steps_per_block=2", "method.samples_per_task=4", "method.batch_size=4"])):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=[*overrides, *extra])
         rows += run(cfg, tmp_path / name)["rows"]
-    assert [row["method"] for row in rows] == ["adamerging_layer_wise", "task_arithmetic", "weight_average", "ties"]
+    assert [row["method"] for row in rows] == ["adamerging_layer_wise", "task_arithmetic", "weight_average", "ties",
+                                               "progressive_distillation"]
+    assert not list((tmp_path / "progressive").rglob("checkpoints"))  # its finished blocks' files went with them
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(6))
     for row in rows:
         exported = Path(row["export"])
         record = json.loads((exported / "merge_config.json").read_text())
-        if row["method"] == "ties":  # not linear in the adapters: the dense model alone
+        if row["method"] in ("ties", "progressive_distillation"):  # not linear in the adapters: the dense model alone
             assert "merged_adapter" not in record and not (exported / "adapter").exists()
             continue
         assert record["merged_adapter"] == "adapter", row["method"]
