@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "performance.md"  # the page holding this script's generated block
 RESULTS = ROOT / "bench" / "results"
+TOLERANCE = 0.15  # the plan against the measured peak (the issue asks for 15 %)
 TASKS = ("alpha", "beta", "gamma", "delta")
 # name: (hidden, intermediate, layers, vocab, tasks, storage dtype, batch, sequence)
 SIZES = {
@@ -171,6 +172,10 @@ def main() -> None:
     print(block)
     if "<!-- memory-plan-check:start -->" in PAGE.read_text():
         replace_marked_block(PAGE, "memory-plan-check", block)
+    # The issue's bound: the plan within 15 % of the measured peak, or the check fails (written first, to be read).
+    off = [f"{row['size']}: planned / measured {row['ratio']:.3f}" for row in rows if abs(row["ratio"] - 1) > TOLERANCE]
+    if off:
+        sys.exit(f"memory plan off by more than {TOLERANCE:.0%}: " + "; ".join(off))
 
 
 if __name__ == "__main__":
