@@ -381,3 +381,42 @@ def test_adapter_weights_that_are_not_factors_of_the_model_s_linear_layers_are_r
     save_file(tensors, str(edited / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError, match=message):
         LoRATaskVectors.from_adapters(_pretrained(zoo), {"alpha": edited}, base_model=str(zoo["base"]))
+
+
+def test_a_gpt2_adapter_on_conv1d_layers_is_peft_s_delta(tmp_path):
+    """GPT-2's Conv1D layers store their weight transposed (PEFT's fan_in_fan_out): the delta adamerge forms from the
+    factors is what peft's own merge gives, and a linear merge exported as one adapter loads in peft with the dense
+    merge's outputs."""
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    adapters = {}
+    for k, task in enumerate(TASKS):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        tuned = peft.get_peft_model(model, peft.LoraConfig(target_modules=["c_attn", "c_fc"], r=2, lora_alpha=4,
+                                                           fan_in_fan_out=True))
+        generator = torch.Generator().manual_seed(k + 1)
+        with torch.no_grad():
+            for name, p in tuned.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+        tuned.save_pretrained(tmp_path / task)
+        adapters[task] = tmp_path / task
+    pretrained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    vectors = LoRATaskVectors.from_adapters(pretrained, adapters, base_model=str(tmp_path / "base"))
+    assert len(vectors.names) == 4 and all(f.fan_in_fan_out for f in vectors.adapters["alpha"].factors.values())
+    for k, task in enumerate(TASKS):
+        merged = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                                adapters[task]).merge_and_unload().state_dict()
+        ours = vectors.state_dict_from_weights(torch.eye(len(TASKS))[k])
+        for name in vectors.names:
+            torch.testing.assert_close(ours[name], merged[name], rtol=1e-5, atol=1e-6, msg=name)
+    weights = torch.rand(len(vectors.names), len(TASKS), generator=torch.Generator().manual_seed(3))
+    out = save_linear_adapter(vectors, weights, tmp_path / "merged")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    dense.load_state_dict(vectors.state_dict_from_weights(weights))
+    loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), out)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, dense.eval()(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
