@@ -324,14 +324,9 @@ def test_an_adapter_given_by_hub_id_is_read_from_the_hub_cache(zoo, tmp_path, mo
 def test_progressive_distillation_over_adapters_learns_what_it_learns_over_their_dense_deltas(zoo, granularity):
     """Progressive distillation over an adapter pool (each block's merge from the factors, an expert's slice s_k B_k A_k
     formed one task at a time) learns the coefficients it learns over the same adapters' dense deltas in memory."""
-    import copy
-
-    import lightning as L
-
-    from adamerge.methods.learned.adamerging import build_learned
     from adamerge.pool.task_vectors import TaskVectors
     from tests.helpers import TensorSplits, make_heads
-    from tests.test_progressive import _Steps
+    from tests.test_progressive import _learn
 
     vectors = _vectors(zoo)
     view = vectors.as_streamed()
@@ -341,16 +336,8 @@ def test_progressive_distillation_over_adapters_learns_what_it_learns_over_their
     splits = TensorSplits({t: torch.randint(0, 64, (8, 10), generator=torch.Generator().manual_seed(k))
                            for k, t in enumerate(TASKS)}, batch_size=4)
 
-    def learn(pool):
-        module = build_learned("progressive_distillation", copy.deepcopy(backbone), pool, make_heads(list(TASKS)),
-                               granularity=granularity, lr=0.05, steps_per_block=3, samples_per_task=8, batch_size=8)
-        module.distillation_source = splits
-        L.Trainer(max_steps=module.total_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False).fit(
-            module, torch.utils.data.DataLoader(_Steps(module.task_names, module.total_steps), batch_size=None))
-        return module
-
-    expected, got = learn(dense), learn(vectors)
+    hparams = {"granularity": granularity, "lr": 0.05, "steps_per_block": 3, "samples_per_task": 8, "batch_size": 8}
+    expected, got = (_learn(backbone, pool, make_heads(list(TASKS)), splits, **hparams) for pool in (dense, vectors))
     assert type(got.merged).__name__ == "ProgressiveLoRAMergedModel"
     assert not [n for n, _ in got.merged.named_buffers() if "_task_vector_" in n]  # no dense task vector held
     for block in range(got.num_blocks):  # the block loss falls within each block

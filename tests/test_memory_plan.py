@@ -136,7 +136,7 @@ def _run_config(pool_dirs, *overrides: str):
 
 def test_preflight_prints_the_plan_and_refuses_what_does_not_fit(pool_dirs, monkeypatch, capsys):
     cfg = _run_config(pool_dirs)
-    plan = check_memory_plan(cfg, learned=True, on_device=False)
+    plan = check_memory_plan(cfg, ["adamerging_layer_wise"], on_device=False)
     out = capsys.readouterr().out
     assert "memory plan (before loading; 2 tasks, learning on the CPU)" in out and "activations" in out
     smaller = plan_for_pool(pool_dirs["pretrained"], {t: pool_dirs[t] for t in ("alpha", "beta")},
@@ -147,29 +147,29 @@ def test_preflight_prints_the_plan_and_refuses_what_does_not_fit(pool_dirs, monk
     with pytest.raises(MemoryPlanError, match=r"exceeds 90% of the free memory \(host .*it fits with "
                                               r"modelpool.storage_dtype=bfloat16 modelpool.streaming=disk .*"
                                               r"memory_plan.force=true runs it anyway"):
-        check_memory_plan(cfg, learned=True, on_device=False)
-    assert check_memory_plan(_run_config(pool_dirs, "memory_plan.force=true"), learned=True, on_device=False)
+        check_memory_plan(cfg, ["adamerging_layer_wise"], on_device=False)
+    assert check_memory_plan(_run_config(pool_dirs, "memory_plan.force=true"), ["adamerging_layer_wise"], on_device=False)
     assert "running anyway (memory_plan.force=true)" in capsys.readouterr().out
     monkeypatch.setattr("adamerge.cli.run_memory.memory_limits", lambda on_device, headroom: (1.0, None))
     with pytest.raises(MemoryPlanError, match="no storage dtype, task batching, streaming, activation checkpointing "
                                               "or batch size makes it fit: merge fewer tasks or use a larger machine"):
-        check_memory_plan(cfg, learned=True, on_device=False)
+        check_memory_plan(cfg, ["adamerging_layer_wise"], on_device=False)
     # On a GPU: the device's limit is checked too, and sharding is among the ways out.
     monkeypatch.setattr("adamerge.cli.run_memory.memory_limits", lambda on_device, headroom: (1e15, None))
-    on_gpu = check_memory_plan(cfg, learned=True, on_device=True)
+    on_gpu = check_memory_plan(cfg, ["adamerging_layer_wise"], on_device=True)
     monkeypatch.setattr("adamerge.cli.run_memory.memory_limits",
                         lambda on_device, headroom: (1e15, on_gpu.device_peak / 2))
     with pytest.raises(MemoryPlanError, match=r"\(device .* > .*\); it fits with .*memory_plan.force=true"):
-        check_memory_plan(cfg, learned=True, on_device=True)
+        check_memory_plan(cfg, ["adamerging_layer_wise"], on_device=True)
     monkeypatch.setattr("adamerge.cli.run_memory.memory_limits", lambda on_device, headroom: (1e15, 1.0))
     with pytest.raises(MemoryPlanError, match=r"shard over several GPUs \(trainer=fsdp trainer.devices=N\)"):
-        check_memory_plan(cfg, learned=True, on_device=True)
+        check_memory_plan(cfg, ["adamerging_layer_wise"], on_device=True)
 
 
 def test_a_plan_without_shapes_says_why(pool_dirs, tmp_path, capsys):
     torch.save({"w": torch.zeros(2)}, tmp_path / "model.bin")
     cfg = _run_config(pool_dirs, f"modelpool.pretrained={tmp_path / 'model.bin'}")
-    assert check_memory_plan(cfg, learned=True, on_device=False) is None
+    assert check_memory_plan(cfg, ["adamerging_layer_wise"], on_device=False) is None
     out = capsys.readouterr().out
     assert "memory plan: not made" in out and "pickled checkpoint" in out
 

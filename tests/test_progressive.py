@@ -70,12 +70,12 @@ class _Steps(torch.utils.data.IterableDataset):
             yield {t: {"inputs": torch.zeros(1, 4)} for t in self.tasks}
 
 
-def _learn(backbone, vectors, heads, splits, **hparams):
+def _learn(backbone, vectors, heads, splits, *, dtype=None, **hparams):
+    """Progressive distillation learned to its last step (``dtype``: the module's, float64 in the exactness tests)."""
     module = build_learned("progressive_distillation", copy.deepcopy(backbone), vectors, heads, **hparams)
-    module.distillation_source = splits
-    L.Trainer(max_steps=module.total_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(
-        module, torch.utils.data.DataLoader(_Steps(module.task_names, module.total_steps), batch_size=None))
+    if dtype is not None:
+        module = module.to(dtype)
+    _fit(module, splits, module.total_steps)
     return module
 
 

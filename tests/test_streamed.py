@@ -406,13 +406,8 @@ def test_a_shared_backbone_is_never_written_when_the_recorded_pretrained_weights
 def test_progressive_distillation_streams_one_block_and_learns_as_in_memory():
     """Float64 throughout: the coefficients learned over a streamed pool (each tensor's slices read one task at a time,
     one block's at a step) are the in-memory pool's to 1e-6, per tensor and per element."""
-    import copy
-
-    import lightning as L
-
-    from adamerge.methods.learned.adamerging import build_learned
     from tests.helpers import TensorSplits
-    from tests.test_progressive import _Steps, _pool
+    from tests.test_progressive import _learn, _pool
 
     backbone, vectors, heads, splits = _pool(num_tasks=2)
     backbone = backbone.double()
@@ -422,17 +417,10 @@ def test_progressive_distillation_streams_one_block_and_learns_as_in_memory():
     streamed = StreamedTaskVectors.from_states(backbone.state_dict(), states)
     splits = TensorSplits({t: x.double() for t, x in splits.inputs.items()}, batch_size=8)
 
-    def learn(pool, **hparams):
-        module = build_learned("progressive_distillation", copy.deepcopy(backbone), pool, heads, **hparams).double()
-        module.distillation_source = splits
-        L.Trainer(max_steps=module.total_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False).fit(
-            module, torch.utils.data.DataLoader(_Steps(module.task_names, module.total_steps), batch_size=None))
-        return module
-
     for granularity in ("tensor", "element"):
         hparams = {"granularity": granularity, "lr": 0.05, "steps_per_block": 4, "samples_per_task": 8, "batch_size": 8}
-        expected, got = learn(in_memory, **hparams), learn(streamed, **hparams)
+        expected = _learn(backbone, in_memory, heads, splits, dtype=torch.float64, **hparams)
+        got = _learn(backbone, streamed, heads, splits, dtype=torch.float64, **hparams)
         assert isinstance(got.merged, StreamedMergedModel)
         learned = sorted(expected.merged.element_tensors) if granularity == "element" else range(len(expected.merged.names))
         for index in learned:  # element-wise: every block's, finished or learning

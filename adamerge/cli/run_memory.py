@@ -180,19 +180,18 @@ def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool, working_set
     return planned
 
 
-def check_memory_plan(cfg: DictConfig, learned: bool | Sequence[str], on_device: bool,
+def check_memory_plan(cfg: DictConfig, learned: Sequence[str], on_device: bool,
                       hyperparameters: Mapping[str, Mapping[str, Any]] | None = None) -> MemoryPlan | None:
     """Print the run's memory plan; refuse a run that would not fit (unless ``memory_plan.force``). ``learned``: the
-    run's learned methods (or whether it has any), ``hyperparameters`` theirs: what the step holds depends on them
-    (:func:`learned_working_set`)."""
+    run's learned methods (none: loading alone is planned), ``hyperparameters`` theirs: what the step holds depends on
+    them (:func:`learned_working_set`)."""
     settings = cfg.get("memory_plan") or {}
     if not settings.get("enabled", True):
         return None
     headroom = float(settings.get("headroom", 0.9))
     if not 0 < headroom <= 1:
         raise ConfigError(f"memory_plan.headroom={headroom!r} is invalid: a fraction of free memory in (0, 1]")
-    working_set, element = (learned_working_set(learned, hyperparameters or {}) if not isinstance(learned, bool)
-                            else ("end_to_end", False))
+    working_set, element = learned_working_set(learned, hyperparameters or {})
     planned = plan_for_config(cfg, bool(learned), on_device, working_set, element)
     if isinstance(planned, str):
         print(f"memory plan: not made ({planned})")

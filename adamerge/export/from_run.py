@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from adamerge.backbones.hf import export_extra_files
-from adamerge.export.mergekit_config import LEARNED_AS_TASK_ARITHMETIC, MERGEKIT_FILE, mergekit_config, mergekit_yaml
+from adamerge.export.mergekit_config import (LEARNED_AS_TASK_ARITHMETIC, MERGEKIT_FILE, mergekit_config, mergekit_yaml,
+                                             static_recipe)
 from adamerge.export.writer import export_merged
 from adamerge.methods.learned.adamerging import learned_outcome
 from adamerge.methods.registry import get_method
@@ -124,11 +125,10 @@ def linear_adapter_weights(vectors: Any, method: str, hparams: Mapping[str, Any]
     if module is not None:
         linear = method in LEARNED_AS_TASK_ARITHMETIC and hparams.get("base") is None
         return module.merged.coefficient_rows().detach().cpu() if linear else None
-    if method == "weight_average":
-        return torch.full((vectors.num_tasks,), 1.0 / vectors.num_tasks)
-    if method == "task_arithmetic":
-        scaling = get_method(method).resolve_hparams(hparams)["scaling_coefficient"]
-        return torch.as_tensor(scaling, dtype=torch.float32).expand(vectors.num_tasks).clone()
+    # A data-free merge is linear when mergekit would replay it as task arithmetic with plain per-model weights.
+    recipe = static_recipe(method, get_method(method).resolve_hparams(hparams), vectors.num_tasks)
+    if isinstance(recipe, tuple) and recipe[0] == "task_arithmetic" and all(set(m) == {"weight"} for m in recipe[2]):
+        return torch.tensor([m["weight"] for m in recipe[2]])
     return None
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from adamerge.pool.checkpoints import looks_like_path
 
-__all__ = ["MERGEKIT_FILE", "LEARNED_AS_TASK_ARITHMETIC", "mergekit_config", "mergekit_yaml"]
+__all__ = ["MERGEKIT_FILE", "LEARNED_AS_TASK_ARITHMETIC", "mergekit_config", "mergekit_yaml", "static_recipe"]
 
 MERGEKIT_FILE = "mergekit.yaml"
 # Learned methods whose merge is θ0 + Σ_k λ_{l,k} τ_{k,l} with nothing else (no mask, no trimmed vectors).
@@ -52,7 +52,7 @@ def _per_tensor(values: Mapping[str, float], every_tensor: bool) -> float | list
     return [*({"filter": name, "value": float(values[name])} for name in ordered), {"value": 0.0}]
 
 
-def _static_recipe(method: str, hparams: Mapping[str, Any], num_tasks: int
+def static_recipe(method: str, hparams: Mapping[str, Any], num_tasks: int
                    ) -> tuple[str, dict[str, Any], list[dict[str, Any]], list[str]] | str:
     """(merge_method, shared parameters, per-model parameters, notes) of a data-free method, or why there is none."""
     def per_task(value: Any) -> list[float]:
@@ -107,7 +107,7 @@ def mergekit_config(method: str, hparams: Mapping[str, Any], *, pretrained: Any,
         merge_method, shared = "task_arithmetic", {}
         per_model = [{"weight": {name: float(row[k]) for name, row in rows.items()}} for k in range(len(models))]
     else:
-        recipe = _static_recipe(method, hparams, len(models))
+        recipe = static_recipe(method, hparams, len(models))
         if isinstance(recipe, str):
             return recipe
         merge_method, shared, per_model, notes = recipe

@@ -76,7 +76,8 @@ def safetensors_header(path: str | os.PathLike) -> Inventory:
             raise InventoryUnavailable(f"{os.fspath(path)!r} has no readable safetensors header: {error}") from error
 
 
-def _cached_file(repo_id: str, filename: str) -> Path | None:
+def cached_hub_file(repo_id: str, filename: str) -> Path | None:
+    """``filename`` of hub repository ``repo_id`` in the local Hugging Face cache, or None (nothing is downloaded)."""
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(repo_id, filename)
@@ -85,13 +86,13 @@ def _cached_file(repo_id: str, filename: str) -> Path | None:
 
 def _hub_inventory(repo_id: str, auto_class: str) -> Inventory:
     """A hub id's tensors from the local cache only: its safetensors headers, else its config on the meta device."""
-    single = _cached_file(repo_id, "model.safetensors")
+    single = cached_hub_file(repo_id, "model.safetensors")
     if single is not None:
         return safetensors_header(single)
-    index = _cached_file(repo_id, "model.safetensors.index.json")
+    index = cached_hub_file(repo_id, "model.safetensors.index.json")
     if index is not None:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        paths = [_cached_file(repo_id, shard) for shard in shards]
+        paths = [cached_hub_file(repo_id, shard) for shard in shards]
         if all(p is not None for p in paths):
             return {name: spec for p in paths for name, spec in safetensors_header(p).items()}
     config = model_config(repo_id)
@@ -130,7 +131,7 @@ def model_config(source: Any) -> Mapping[str, Any] | None:
     elif path.exists() or looks_like_path(os.fspath(source)):
         return None
     else:
-        config = _cached_file(os.fspath(source), "config.json")
+        config = cached_hub_file(os.fspath(source), "config.json")
     return json.loads(config.read_text()) if config is not None and config.is_file() else None
 
 

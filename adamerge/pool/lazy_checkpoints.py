@@ -179,16 +179,16 @@ def _index_files(index: Path) -> list[Path]:
 
 
 def _cached_hub_files(repo_id: str) -> list[Path] | None:
-    from adamerge.pool.inventory import _cached_file
+    from adamerge.pool.inventory import cached_hub_file
 
-    single = _cached_file(repo_id, "model.safetensors")
+    single = cached_hub_file(repo_id, "model.safetensors")
     if single is not None:
         return [single]
-    index = _cached_file(repo_id, "model.safetensors.index.json")
+    index = cached_hub_file(repo_id, "model.safetensors.index.json")
     if index is None:
         return None
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    paths = [_cached_file(repo_id, shard) for shard in shards]
+    paths = [cached_hub_file(repo_id, shard) for shard in shards]
     return paths if all(p is not None for p in paths) else None
 
 

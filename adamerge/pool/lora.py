@@ -56,6 +56,9 @@ class LoRATaskVectors:
     def num_tasks(self) -> int:
         return len(self.task_names)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.pretrained[name].shape)
+
     def memory_bytes(self) -> int:
         return sum(f.A.numel() * f.A.element_size() + f.B.numel() * f.B.element_size()
                    for adapter in self.adapters.values() for f in adapter.factors.values())
@@ -130,8 +133,9 @@ class LoRADenseVectors(StreamedVectorsBase):
         self.dtype = torch.float32
 
     def stacked(self, name: str) -> Tensor:
-        eye = torch.eye(self.num_tasks)
-        return torch.stack([self.adapters.delta(name, eye[k]) for k in range(self.num_tasks)])
+        shape = self.pretrained[name].shape
+        return torch.stack([adapter.factors[name].dense() if name in adapter.factors else torch.zeros(shape)
+                            for adapter in (self.adapters.adapters[task] for task in self.task_names)])
 
 
 def save_linear_adapter(vectors: LoRATaskVectors, weights: Tensor, directory: str | os.PathLike, *,

@@ -44,15 +44,15 @@ def adapter_path(source: Any) -> Path | None:
 
 
 def _hub_adapter(repo_id: str) -> Path | None:
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
-    cached = try_to_load_from_cache(repo_id, ADAPTER_CONFIG)
-    if isinstance(cached, str):
-        config = Path(cached)
-    elif hub_offline():
+    from adamerge.pool.inventory import cached_hub_file
+
+    config = cached_hub_file(repo_id, ADAPTER_CONFIG)
+    if config is None and hub_offline():
         return None  # not an adapter this machine has: loaded as a full checkpoint, whose error says it is not cached
-    else:
+    if config is None:
         try:
             config = Path(hf_hub_download(repo_id, ADAPTER_CONFIG))
         except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
@@ -80,7 +80,7 @@ class LoRAFactors:
     fan_in_fan_out: bool = False
 
     def dense(self) -> Tensor:
-        delta = self.scale * (self.B.float() @ self.A.float())
+        delta = (self.B.float() * self.scale) @ self.A.float()  # the order LoRATaskVectors.delta folds the scale in
         return delta.T if self.fan_in_fan_out else delta
 
 

@@ -132,6 +132,10 @@ class TaskVectors:
     def num_tasks(self) -> int:
         return len(self.task_names)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Merged tensor ``name``'s shape (streamed and adapter pools give it without forming a task vector)."""
+        return tuple(self.vectors[name].shape[1:])
+
     @property
     def storage_dtype(self) -> torch.dtype:
         return next(iter(self.vectors.values())).dtype

@@ -12,6 +12,5 @@ from adamerge.pool.task_vectors import TaskVectors
 
 @register_method("pretrained", defaults={}, description="The pretrained backbone (θ0) with every task's head")
 def pretrained(task_vectors: TaskVectors | LoRATaskVectors) -> dict[str, Tensor]:
-    if isinstance(task_vectors, LoRATaskVectors):  # adapters: the shapes are θ0's, no delta is formed
-        return {name: torch.zeros(task_vectors.pretrained[name].shape) for name in task_vectors.names}
-    return {name: torch.zeros(v.shape[1:]) for name, v in task_vectors.vectors.items()}
+    # Shapes only: a streamed or adapter pool forms no task vector for them.
+    return {name: torch.zeros(task_vectors.shape(name)) for name in task_vectors.names}

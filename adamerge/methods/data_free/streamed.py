@@ -29,7 +29,7 @@ pcb   scope=tensor     one tensor            block by block
 pcb   scope=model      model-wide order      two phases, 5 reads: the magnitude clamp's two order statistics per task
                        statistics and max    (2 reads), the score threshold and per-task maximum of the balancing
                                              scores (2 reads), then the merge (1 read)
-pretrained             nothing               zeros (its function reads each tensor once for its shape)
+pretrained             nothing               zeros of each tensor's shape (from the headers: nothing read)
 =====================  ====================  ===========================================================================
 
 Each form gives the in-memory merge's values: the same functions on the same float32 values, and thresholds that are

@@ -165,10 +165,16 @@ class LowRankMergedModel(MergedModel):
     def task_slice(self, index: int, task: int, rows: tuple[int, int] | None = None) -> Tensor:
         """Task ``task``'s slice of tensor ``index`` alone, reconstructed from its factors (progressive distillation's
         element-wise coefficients read one at a time)."""
-        one_hot = torch.zeros(len(self.task_names), dtype=self.coefficients.dtype, device=self.coefficients.device)
-        one_hot[task] = 1.0
-        with torch.no_grad():
-            part = self.task_delta(index, one_hot, self.pretrained_tensors()[self.names[index]].shape)
+        factored, dense = self._parts[index]
+        like = self.coefficients
+        part = torch.zeros(self.pretrained_tensors()[self.names[index]].shape, dtype=like.dtype, device=like.device)
+        if factored:  # this task's ranks alone, not every task's with the others' weighted 0
+            chosen = getattr(self, f"_lowrank_task_{index}") == task
+            b, a = getattr(self, f"_lowrank_B_{index}")[:, chosen], getattr(self, f"_lowrank_A_{index}")[chosen]
+            part += (b.to(like.dtype) @ a.to(like.dtype)).reshape(part.shape)
+        if dense:
+            part += getattr(self, f"_lowrank_dense_{index}")[getattr(self, f"_lowrank_dense_task_{index}") == task
+                                                            ].to(like.dtype).sum(0)
         return part if rows is None else part[rows[0]:rows[1]]
 
 
