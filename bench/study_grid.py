@@ -11,7 +11,9 @@ is visible rather than silently absent.
 
 Sources, in order (a later one never replaces a seed an earlier one gave): the run directories of
 ``bench/learned_study.py`` (``--runs``: bench/runs/learned_study, bench/runs/learned_study_text), then the JSON
-files it wrote (``bench/results/learned_study*.json``) for cells whose run directories are gone.
+files it wrote (``bench/results/learned_study*.json``), then this script's own previous table
+(bench/results/learned_study_grid.json): the run directories are not committed, so the committed grid is the archive
+of every run a fresh checkout no longer has, and regenerating it only ever adds seeds.
 """
 
 from __future__ import annotations
@@ -81,7 +83,17 @@ def from_json(files: list[Path], cells: dict, statics: dict) -> None:
                 key = (zoo, entry["method"], entry["objective"], entry["base"])
                 for position, run in enumerate(entry["runs"]):
                     # The oldest files kept no seed; their runs are seeds 0, 1, 2 in order.
-                    cells.setdefault(key, {}).setdefault(run.get("seed", SEEDS[position]), run)
+                    cells.setdefault(key, {}).setdefault(run.get("seed", SEEDS[position]), brief(run))
+
+
+def from_grid(path: Path, cells: dict) -> None:
+    """Add the seeds this script's previous output holds that no other source gave (runs of earlier machines)."""
+    if not path.is_file():
+        return
+    for row in json.loads(path.read_text())["rows"]:
+        key = (row["zoo"], row["method"], row["objective"], row["base"])
+        for seed, run in row["runs"].items():
+            cells.setdefault(key, {}).setdefault(int(seed), run)
 
 
 def coverage(cells: dict) -> tuple[int, int, list[str]]:
@@ -105,12 +117,12 @@ def coverage(cells: dict) -> tuple[int, int, list[str]]:
 def zoo_table(zoo: str, static: dict, cells: dict) -> list[str]:
     individual = static["individual"]["average_accuracy"]
     best = max(DATA_FREE, key=lambda m: static[m]["average_accuracy"])
-    lines = [f"### Zoo `{zoo}` ({', '.join(static['pretrained'].get('tasks', [])) or 'tasks as in its run'})", "",
+    lines = [f"### Zoo `{zoo}` ({', '.join(static['pretrained'].get('tasks') or static['individual']['accuracy'])})", "",
              "| row | objective | base | seeds | average accuracy | normalised | vs best data-free | seconds | peak MB |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     lines += static_lines(static, before=" 1 |", after=" |")
-    ranked = sorted(((key, runs) for key, runs in cells.items() if key[0] == zoo),
-                    key=lambda item: -statistics.mean(r["average_accuracy"] for r in item[1].values()))
+    ranked = sorted(((key, runs) for key, runs in cells.items() if key[0] == zoo),  # ties in a fixed order
+                    key=lambda item: (-statistics.mean(r["average_accuracy"] for r in item[1].values()), item[0]))
     for (_, method, objective, base), runs in ranked:
         accuracy = [runs[s]["average_accuracy"] for s in sorted(runs)]
         gap = 100 * (statistics.mean(accuracy) - static[best]["average_accuracy"])
@@ -133,6 +145,7 @@ def main() -> None:
     results = sorted(p for p in (ROOT / "bench" / "results").glob("learned_study*.json")
                      if p.with_suffix("") != args.out)
     from_json(results, cells, statics)
+    from_grid(args.out.with_suffix(".json"), cells)
     done, total, per_method = coverage(cells)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     text = ["# Learned-merging study: the whole grid", "",
