@@ -8,6 +8,7 @@ single-process reference's too, so both sides learn from the same model and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -23,7 +24,8 @@ from adamerge.objectives import Entropy
 from adamerge.pool.task_vectors import TaskVectors
 from adamerge.training.module import AdaMergingModule
 from adamerge.training.resume import LAST_CHECKPOINT, AtomicCheckpointIO, StepCheckpoint
-from adamerge.training.sharding import ShardedMergeStrategy, local_shard_numel
+from adamerge.training.sharded_merge import MergeBlocks, ShardedMergedModel, local_shard_numel
+from adamerge.training.sharding import ShardedMergeStrategy
 
 TASKS = ("digits", "textures", "photos")
 STEPS = 4
@@ -93,6 +95,32 @@ def fit(module: AdaMergingModule, batches: list, steps: int, strategy: Any, devi
     return trainer
 
 
+class GatheringCounts:
+    """While inside: how many times every merged tensor was formed at once (MergeBlocks' forward, the whole-merge
+    form) and the most blocks gathered at the same time by the per-module merge (ShardedMergedModel.resident)."""
+
+    def __enter__(self) -> GatheringCounts:
+        self.whole_merges, self.most_gathered = 0, 0
+        self.forward, self.resident = MergeBlocks.forward, ShardedMergedModel.resident
+        counts = self
+
+        def forward(blocks: MergeBlocks, rows: torch.Tensor) -> list:
+            counts.whole_merges += 1
+            return counts.forward(blocks, rows)
+
+        @contextlib.contextmanager
+        def resident(merged: ShardedMergedModel, index: int):
+            with counts.resident(merged, index):
+                counts.most_gathered = max(counts.most_gathered, sum(1 for n in merged._gathered.values() if n))
+                yield
+
+        MergeBlocks.forward, ShardedMergedModel.resident = forward, resident
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        MergeBlocks.forward, ShardedMergedModel.resident = self.forward, self.resident
+
+
 def main(out: Path) -> None:
     world_size = 2
     rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning's launcher in rank 1; rank 0 starts it
@@ -100,16 +128,22 @@ def main(out: Path) -> None:
     results: dict[str, Any] = {}
     for method in METHODS:
         module = build_module(method)
-        trainer = fit(module, batches, STEPS, ShardedMergeStrategy(), world_size)
+        with GatheringCounts() as counts:  # the default: merged module by module
+            trainer = fit(module, batches, STEPS, ShardedMergeStrategy(), world_size)
         fused = module.merge_and_unload()  # every rank takes part in gathering the merge
         results[method] = {"coefficients": module.coefficients(), "shards": local_shard_numel(module.merged),
-                           "objective": [h["objective"] for h in module.history]}
+                           "objective": [h["objective"] for h in module.history],
+                           "whole_merges": counts.whole_merges, "most_gathered": counts.most_gathered}
         if trainer.global_rank == 0:
             torch.save(fused.state_dict(), out / f"{method}.fused.pt")
-    # SHARD_GRAD_OP: each block kept gathered from its forward to its backward.
-    module = build_module(RESUMED)
-    fit(module, batches, STEPS, ShardedMergeStrategy(reshard_after_forward=False), world_size)
-    results["shard_grad_op"] = {"coefficients": module.coefficients()}
+    # The whole merge formed for each step (merge_per_module=false), FSDP2's own hooks gathering each block around
+    # its forward (FULL_SHARD), or keeping it from its forward to its backward (SHARD_GRAD_OP).
+    for name, reshard in (("whole_merge", True), ("shard_grad_op", False)):
+        module = build_module(RESUMED)
+        with GatheringCounts() as counts:
+            fit(module, batches, STEPS, ShardedMergeStrategy(merge_per_module=False, reshard_after_forward=reshard),
+                world_size)
+        results[name] = {"coefficients": module.coefficients(), "whole_merges": counts.whole_merges}
     # Resume: stopped after 2 steps with its checkpoint, then a fresh module continues from it to the last step.
     fit(build_module(RESUMED), batches, 2, ShardedMergeStrategy(), world_size, checkpoints=out)
     resumed = build_module(RESUMED)

@@ -104,12 +104,18 @@ def test_trainer_fsdp_plans_the_pretrained_weights_and_task_vectors_split_over_t
     run = RunShape(num_tasks=4, storage_bytes=4, checkpoint_bytes=model.model_bytes, activation_bytes=4, batch_size=8,
                    sequence_length=0)
     whole = plan_memory(model, run, on_device=True)
-    split = plan_memory(model, run, on_device=True, devices=8, sharded=True)
-    assert split.device_count == 8 and split.device_peak < whole.device_peak
-    assert split.device["task vectors"] == -(-whole.device["task vectors"] // 8)
-    assert split.device["frozen model"] == -(-whole.device["frozen model"] // 8)  # every tensor here is merged
-    assert split.device["merged weights"] == whole.device["merged weights"]  # formed whole on every rank
-    assert split.device["gathered layers"] == 2 * model.largest_tensor * 4 * (1 + 4)  # θ0 and 4 τ, this and the next
+    merged_whole = plan_memory(model, run, on_device=True, devices=8, sharded=True, sharded_per_module=False)
+    split = plan_memory(model, run, on_device=True, devices=8, sharded=True)  # merged module by module: the default
+    assert split.device_count == 8 and split.device_peak < merged_whole.device_peak < whole.device_peak
+    for plan in (split, merged_whole):
+        assert plan.device["task vectors"] == -(-whole.device["task vectors"] // 8)
+        assert plan.device["frozen model"] == -(-whole.device["frozen model"] // 8)  # every tensor here is merged
+    assert merged_whole.device["merged weights"] == whole.device["merged weights"]  # formed whole on every rank
+    assert merged_whole.device["their gradients"] == whole.device["their gradients"]
+    assert merged_whole.device["gathered layers"] == 2 * model.largest_tensor * 4 * (1 + 4)  # θ0, 4 τ; and the next
+    assert split.device["merged weights"] == split.device["their gradients"] == 0  # never whole
+    assert split.device["gathered layers"] == model.largest_tensor * 4 * (1 + 4)  # the layer its module runs
+    assert split.device["merge band"] == model.largest_tensor * 12
     # The command plans trainer=fsdp on the devices it names (and on the CPU nothing is sharded: one process's plan).
     assert sharded_devices(_run_config(pool_dirs, "trainer=fsdp", "trainer.devices=4"), on_device=True) == 4
     assert sharded_devices(_run_config(pool_dirs, "trainer=fsdp", "trainer.devices=4"), on_device=False) == 1

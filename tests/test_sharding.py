@@ -86,11 +86,25 @@ def test_each_rank_holds_half_of_the_pretrained_weights_and_task_vectors(sharded
     assert shards[0]["task_vectors_total"] == sum(merged.task_vector(i).numel() for i in range(len(merged.names)))
 
 
-def test_keeping_each_layer_gathered_until_its_backward_learns_the_same(sharded_run):
+@pytest.mark.parametrize("method", list(worker.METHODS))
+def test_no_rank_forms_the_merged_model_whole_while_learning(sharded_run, method):
+    """The default merges module by module: each module gathers its own layer when it runs (forward and backward),
+    one layer at a time, and the merged model is never formed whole for a step."""
     _, ranks = sharded_run
-    learned = torch.tensor(ranks[0]["shard_grad_op"]["coefficients"], dtype=torch.float64)
+    for rank in (0, 1):
+        assert ranks[rank][method]["whole_merges"] == 0
+        assert ranks[rank][method]["most_gathered"] == 1
+
+
+@pytest.mark.parametrize("form", ["whole_merge", "shard_grad_op"])
+def test_the_whole_merge_form_learns_the_same(sharded_run, form):
+    """merge_per_module=false forms every merged tensor once a step (FSDP2's hooks gathering each layer for it), with
+    each layer freed after its forward or kept until its backward: the same coefficients."""
+    _, ranks = sharded_run
+    learned = torch.tensor(ranks[0][form]["coefficients"], dtype=torch.float64)
     reference = torch.tensor(single_process(worker.RESUMED).coefficients(), dtype=torch.float64)
     assert torch.allclose(learned, reference, rtol=0, atol=1e-6)
+    assert ranks[0][form]["whole_merges"] >= worker.STEPS
 
 
 def test_a_sharded_run_resumes_from_its_checkpoint(sharded_run):
@@ -112,6 +126,8 @@ def test_unsharded_merges_are_refused_with_the_method_and_the_strategy():
             module.configure_model()
     with pytest.raises(ConfigError, match="reshard_after_forward='yes' is invalid"):
         ShardedMergeStrategy(reshard_after_forward="yes")
+    with pytest.raises(ConfigError, match="merge_per_module=1 is invalid"):
+        ShardedMergeStrategy(merge_per_module=1)
     # A merge that keeps its task vectors in another form (LoRA factors, streamed, compressed) is not re-laid out.
     class LowRankLike(MergedModel):
         pass
@@ -144,18 +160,20 @@ def test_cli_composes_trainer_fsdp():
     assert trainer_cfg["strategy"]["_target_"] == "adamerge.training.sharding.ShardedMergeStrategy"
     strategy = instantiate(trainer_cfg["strategy"])
     assert isinstance(strategy, ShardedMergeStrategy) and strategy.cpu_offload and strategy.reshard_after_forward
+    assert strategy.merge_per_module  # the default: no rank forms the merged model whole
     assert trainer_cfg["use_distributed_sampler"] is False and trainer_cfg["devices"] == 2
 
 
 def test_the_command_learns_and_exports_with_trainer_fsdp_on_two_processes(zoo, tmp_path):
-    """The normal runner path on 2 CPU processes: it learns, and rank 0's export (gathered from both ranks' shards)
-    behaves as the merge rebuilt unsharded from the recorded coefficients."""
+    """The normal runner path on 2 CPU processes, merging module by module with activation checkpointing (each
+    MBConv stage run again in the backward, its layers gathered again): it learns, and rank 0's export (gathered
+    from both ranks' shards) behaves as the merge rebuilt unsharded from the recorded coefficients."""
     from tests.test_cli import adamerge
 
     run_dir = tmp_path / "fsdp"
     adamerge(run_dir, zoo, "method=adamerging_layer_wise", "trainer=fsdp", "trainer.accelerator=cpu",
              "trainer.devices=2", "trainer.max_steps=2", "++method_overrides.adamerging_layer_wise.lr=0.05",
-             "logger=none")
+             "activation_checkpointing=true", "logger=none")
     result = json.loads((run_dir / "results.json").read_text())
     assert 0 <= result["average_accuracy"] <= 1 and len(result["objective_history"]) == 2
     coefficients = torch.tensor(result["coefficients"])

@@ -38,7 +38,8 @@ from adamerge.training.preemption import keep_lightning_off_signals
 from adamerge.training.protected import ProtectedTask
 from adamerge.training.protection import static_scores
 from adamerge.training.resume import AtomicCheckpointIO, StepCheckpoint, checkpoint_path
-from adamerge.training.sharding import ShardedMergedModel, local_shard_numel
+from adamerge.training.sharded_merge import ShardedMergedModel, local_shard_numel
+from adamerge.training.sharding import merge_per_module_under
 
 
 @dataclass
@@ -140,20 +141,21 @@ def run_learned(ctx: RunContext, name: str, hparams: Mapping[str, Any], logger: 
     if ctx.protected:
         module.protect(ctx.protected, seed=options.seed, eval_batch_size=ctx.settings.data.eval_batch_size)
     module.on_nonfinite = options.on_nonfinite
-    module.set_task_batching(options.task_batching)
-    module.set_activation_checkpointing(options.activation_checkpointing)
-    if module.merges_per_module and options.task_batching == "sequential":
-        print(f"{name}: the merge is made module by module (a streamed pool), so task_batching=sequential makes it "
-              f"once per task and step; task_batching=auto makes it once per step")
-    if options.compile:
-        module.merged.compile_forward(options.compile)
     every = options.checkpoint_every
     saved = checkpoint_path(method_dir(ctx, name))
-    module.use_state_directory(saved.parent)
-    resume_from = str(saved) if options.resume and saved.is_file() else None
     # A method that sets its own length (progressive distillation: steps per block × blocks) overrides max_steps.
     trainer = make_trainer(ctx, name, logger, [StepCheckpoint(saved.parent, every)],  # also saves when stopped
                            max_steps=getattr(module, "total_steps", None))
+    merge_per_module_under(trainer.strategy, module.merged)  # trainer=fsdp: before the settings that ask
+    module.set_task_batching(options.task_batching)
+    module.set_activation_checkpointing(options.activation_checkpointing)
+    if module.merges_per_module and options.task_batching == "sequential":
+        print(f"{name}: the merge is made module by module (a streamed pool, or trainer=fsdp), so "
+              f"task_batching=sequential makes it once per task and step; task_batching=auto makes it once per step")
+    if options.compile:
+        module.merged.compile_forward(options.compile)
+    module.use_state_directory(saved.parent)
+    resume_from = str(saved) if options.resume and saved.is_file() else None
     # The starting merge is evaluated first: the reference for the label-free report (objective and
     # predictions before learning), not a labelled score anything is selected by.
     trainer.validate(module, datamodule=ctx.datamodule, verbose=False)

@@ -42,7 +42,7 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
                   include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                   batch_size: int = 1, sequence_length: int = 0, tasks_per_step: int = 1,
                   autocast_dtype: str | None = None, on_device: bool = False,
-                  streaming: str | None = None, sharded_devices: int = 1,
+                  streaming: str | None = None, sharded_devices: int = 1, sharded_per_module: bool = True,
                   activation_checkpointing: bool = False, working_set: WorkingSet = "end_to_end",
                   element_coefficients: bool = False) -> tuple[MemoryPlan, RunShape, Any]:
     """The plan of learning over these checkpoints; also returns the run shape and the model shape (for
@@ -70,7 +70,7 @@ def plan_for_pool(pretrained: Any, finetuned: Mapping[str, Any], *, auto_class: 
         activation_checkpointing=activation_checkpointing, element_coefficients=element_coefficients,
     )
     return (plan_memory(model, run, on_device=on_device, working_set=working_set, devices=sharded_devices,
-                        sharded=sharded_devices > 1), run, model)
+                        sharded=sharded_devices > 1, sharded_per_module=sharded_per_module), run, model)
 
 
 def runs_tasks_jointly(task_batching: str, streaming: str | None, finetuned: Mapping[str, Any]) -> bool:
@@ -94,11 +94,24 @@ def learned_working_set(learned: Sequence[str], hyperparameters: Mapping[str, Ma
     return "end_to_end", False
 
 
-def sharded_devices(cfg: DictConfig, on_device: bool) -> int:
-    """The devices ``trainer=fsdp`` shards θ0 and the task vectors over (1: the run is not sharded)."""
+def _sharding_strategy(cfg: DictConfig) -> tuple[dict, Mapping | None]:
+    """(the trainer config, its ``trainer=fsdp`` strategy settings or None)."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") is not None else {}
     strategy = trainer.get("strategy")
-    if not on_device or not isinstance(strategy, Mapping) or strategy.get("_target_") != STRATEGY_TARGET:
+    sharded = isinstance(strategy, Mapping) and strategy.get("_target_") == STRATEGY_TARGET
+    return trainer, strategy if sharded else None
+
+
+def sharded_per_module(cfg: DictConfig) -> bool:
+    """Whether ``trainer=fsdp`` merges module by module (``trainer.strategy.merge_per_module``, default true)."""
+    strategy = _sharding_strategy(cfg)[1]
+    return strategy is None or bool(strategy.get("merge_per_module", True))
+
+
+def sharded_devices(cfg: DictConfig, on_device: bool) -> int:
+    """The devices ``trainer=fsdp`` shards θ0 and the task vectors over (1: the run is not sharded)."""
+    trainer, strategy = _sharding_strategy(cfg)
+    if not on_device or strategy is None:
         return 1
     devices = trainer.get("devices", "auto")
     if isinstance(devices, int) and devices > 0:
@@ -169,6 +182,7 @@ def plan_for_config(cfg: DictConfig, learned: bool, on_device: bool, working_set
             sequence_length=_sequence_length(data), tasks_per_step=len(pool.get("finetuned") or {}) if joint else 1,
             autocast_dtype=(cfg.get("method") or {}).get("autocast_dtype"), on_device=on_device,
             streaming=streaming_mode(pool.get("streaming", False)), sharded_devices=sharded_devices(cfg, on_device),
+            sharded_per_module=sharded_per_module(cfg),
             activation_checkpointing=cfg.get("activation_checkpointing") not in (None, False),
             working_set=working_set, element_coefficients=element_coefficients,
         )
@@ -213,7 +227,8 @@ def check_memory_plan(cfg: DictConfig, learned: Sequence[str], on_device: bool,
         return plan
     shards = plan.device_count
     fix = smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=on_device, working_set=working_set,
-                                                             devices=shards, sharded=shards > 1),
+                                                             devices=shards, sharded=shards > 1,
+                                                             sharded_per_module=sharded_per_module(cfg)),
                                   host_limit, device_limit)
     advice = (f"it fits with {' '.join(fix[0])} (plan: host {gib(fix[1].host_peak)}"
               + (f", device {gib(fix[1].device_peak)})" if fix[1].device else ")")

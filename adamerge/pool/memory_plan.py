@@ -265,14 +265,17 @@ def activation_bytes(model: ModelShape, run: RunShape, progressive: bool = False
 
 
 def plan_memory(model: ModelShape, run: RunShape, *, on_device: bool, working_set: WorkingSet = "end_to_end",
-                devices: int = 1, split_over_devices: bool = False, sharded: bool = False) -> MemoryPlan:
+                devices: int = 1, split_over_devices: bool = False, sharded: bool = False,
+                sharded_per_module: bool = True) -> MemoryPlan:
     """The memory plan of a learned merge.
 
     ``on_device=False``: everything on the host (a CPU run: the task vectors the step uses are the pool's own).
     ``devices`` > 1 replicates the working set on every device (DDP, what ``trainer=ddp`` runs) unless
     ``split_over_devices``, which spreads the blocks over them (a model-parallel layout adamerge does not run yet), or
     ``sharded`` (``trainer=fsdp``, adamerge.training.sharding): θ0 and the task vectors of the merged tensors split
-    over the devices, one layer gathered at a time and the next prefetched.
+    over the devices; ``sharded_per_module`` (``trainer.strategy.merge_per_module``, the default): each module gathers
+    its layer, merges it a band at a time and frees it, so the merged weights and their gradients are never whole;
+    otherwise they are (one model's size each), and FSDP2 keeps one layer gathered and the next prefetched.
     """
     loading = loading_peak(model, run)
     step = step_working_set(model, run, working_set)
@@ -296,8 +299,12 @@ def plan_memory(model: ModelShape, run: RunShape, *, on_device: bool, working_se
         merged_bytes = int(model.merged_parameters * model.bytes_per_parameter)
         step["frozen model"] = step["frozen model"] - merged_bytes + -(-merged_bytes // devices)
         step["task vectors"] = -(-step["task vectors"] // devices)
-        step["gathered layers"] = int(2 * model.largest_tensor
-                                      * (model.bytes_per_parameter + run.num_tasks * run.storage_bytes))
+        layer = int(model.largest_tensor * (model.bytes_per_parameter + run.num_tasks * run.storage_bytes))
+        if sharded_per_module:  # adamerge.training.sharding: one layer gathered, one band formed with its gradient
+            step.update({"merged weights": 0, "their gradients": 0, "merge buffer": 0, "gathered layers": layer,
+                         "merge band": min(model.largest_tensor, BAND_ELEMENTS) * 12})
+        else:
+            step["gathered layers"] = 2 * layer
     return MemoryPlan(host=dict(host), device=step, device_count=devices, notes=notes)
 
 

@@ -9,8 +9,9 @@ optional shared mask (Concrete subspace). The module's own parameters hold θ0 a
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -142,6 +143,18 @@ class MergedModel(nn.Module):
     def pretrained_tensors(self) -> dict[str, Tensor]:
         own = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
         return {name: own[name] for name in self.names}
+
+    def pretrained_tensor(self, index: int) -> Tensor:
+        """θ0 of merged tensor ``index`` (read inside :meth:`resident`): the module's own tensor, looked up by name."""
+        owner, _, leaf = self.names[index].rpartition(".")
+        return getattr(self.module.get_submodule(owner), leaf)
+
+    @contextlib.contextmanager
+    def resident(self, index: int) -> Iterator[None]:
+        """While inside, merged tensor ``index``'s θ0 and task slices can be read (:meth:`pretrained_tensor`,
+        :meth:`task_slice`). Here they always can; a sharded merge (adamerge.training.sharding) gathers the tensor's
+        layer on entering and frees it on leaving, so the per-module merge reads through this."""
+        yield
 
     def coefficient_rows(self, coefficients: Tensor | None = None) -> Tensor:
         """Coefficients (the module's own, or ``coefficients`` of the same shape) as ``[num_tensors, K]``."""

@@ -75,38 +75,43 @@ class _BandedLinear(torch.autograd.Function):
     autograd keeps ``x`` and the coefficients, never W."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, row: Tensor, base: Tensor, merged: Any, index: int, tasks: Sequence[int]) -> Tensor:
+    def forward(ctx: Any, x: Tensor, row: Tensor, merged: Any, index: int, tasks: Sequence[int]) -> Tensor:
         dtype = torch.promote_types(row.dtype, torch.float32)
-        out = x.new_empty((*x.shape[:-1], base.shape[0]))
-        for band in bands(*base.shape):
-            # Rounded to θ0's dtype, as the weight merged whole is (MergedModel.merge_deltas).
-            out[..., band[0]:band[1]] = F.linear(x, _merged_band(merged, index, row, base, band, dtype, tasks).to(base.dtype))
+        with merged.resident(index):
+            base = merged.pretrained_tensor(index)
+            out = x.new_empty((*x.shape[:-1], base.shape[0]))
+            for band in bands(*base.shape):
+                # Rounded to θ0's dtype, as the weight merged whole is (MergedModel.merge_deltas).
+                out[..., band[0]:band[1]] = F.linear(x, _merged_band(merged, index, row, base, band, dtype,
+                                                                     tasks).to(base.dtype))
         ctx.save_for_backward(x, row)
-        ctx.base, ctx.merged, ctx.index, ctx.tasks = base, merged, index, tuple(tasks)
+        ctx.merged, ctx.index, ctx.tasks = merged, index, tuple(tasks)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         x, row = ctx.saved_tensors
         need_x, need_row = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dtype = torch.promote_types(row.dtype, torch.float32)
         flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_x = torch.zeros_like(flat_x) if need_x else None
         grad_row = torch.zeros_like(row) if need_row else None
-        for band in bands(*ctx.base.shape):
-            part = flat_grad[:, band[0]:band[1]]
-            # Each τ_k band is read once here and serves both: the band of W for ∂L/∂x, its dot with ∂L/∂W for ∂L/∂λ_k.
-            weight = ctx.base[band[0]:band[1]].to(dtype=dtype, copy=True) if need_x else None
-            band_grad = (part.to(dtype).t() @ flat_x.to(dtype)).reshape(-1) if need_row else None  # ∂L/∂W, these rows
-            for k in ctx.tasks:
-                vector = ctx.merged.task_slice(ctx.index, k, band).to(part.device)
-                if need_x:
-                    weight.addcmul_(vector, row[k].to(dtype))
-                if need_row:
-                    grad_row[k] += torch.dot(band_grad, vector.reshape(-1).to(dtype)).to(row.dtype)
-            if need_x:  # (the gradient may be 16-bit under autocast while x is float32)
-                grad_x += (part @ weight.to(ctx.base.dtype).to(part.dtype)).to(grad_x.dtype)
-        return (grad_x.reshape(x.shape) if need_x else None), grad_row, None, None, None, None
+        with ctx.merged.resident(ctx.index):  # θ0 and τ again (a sharded merge gathers its layer once more)
+            base = ctx.merged.pretrained_tensor(ctx.index)
+            for band in bands(*base.shape):
+                part = flat_grad[:, band[0]:band[1]]
+                # Each τ_k band is read once here and serves both: the band of W for ∂L/∂x, its dot with ∂L/∂W for ∂L/∂λ_k.
+                weight = base[band[0]:band[1]].to(dtype=dtype, copy=True) if need_x else None
+                band_grad = (part.to(dtype).t() @ flat_x.to(dtype)).reshape(-1) if need_row else None  # ∂L/∂W, these rows
+                for k in ctx.tasks:
+                    vector = ctx.merged.task_slice(ctx.index, k, band).to(part.device)
+                    if need_x:
+                        weight.addcmul_(vector, row[k].to(dtype))
+                    if need_row:
+                        grad_row[k] += torch.dot(band_grad, vector.reshape(-1).to(dtype)).to(row.dtype)
+                if need_x:  # (the gradient may be 16-bit under autocast while x is float32)
+                    grad_x += (part @ weight.to(base.dtype).to(part.dtype)).to(grad_x.dtype)
+        return (grad_x.reshape(x.shape) if need_x else None), grad_row, None, None, None
 
 
 class _PerModuleState:
@@ -122,23 +127,22 @@ class _PerModuleState:
         else:  # evaluation, an expert (one-hot coefficients): a task with λ = 0 is never read
             nonzero = (self.rows != 0).tolist()
             self.tasks = [tuple(k for k, yes in enumerate(line) if yes) for line in nonzero]
-        self.base = merged.pretrained_tensors()
-        self.names = merged.names
 
     def tensor(self, index: int) -> Tensor:
-        """Merged tensor ``index`` whole, through the merged model's own ``task_delta`` (graph to the coefficients)."""
-        base = self.base[self.names[index]]
-        if self.fixed:
-            return _merged_band(self.merged, index, self.rows[index], base, None, self.rows.dtype,
-                                self.tasks[index]).to(base.dtype)
-        delta = self.merged.task_delta(index, self.rows[index], base.shape)
-        return (base.to(delta.dtype) + delta).to(base.dtype)
+        """Merged tensor ``index`` whole, through the merged model's own ``task_delta`` (graph to the coefficients).
+        A new tensor: nothing of θ0 or τ is kept past the merged model's ``resident`` (a sharded layer is freed)."""
+        with self.merged.resident(index):
+            base = self.merged.pretrained_tensor(index)
+            if self.fixed:
+                return _merged_band(self.merged, index, self.rows[index], base, None, self.rows.dtype,
+                                    self.tasks[index]).to(base.dtype)
+            delta = self.merged.task_delta(index, self.rows[index], base.shape)
+            return (base.to(delta.dtype) + delta).to(base.dtype)
 
 
 def _linear(module: nn.Linear, local: Mapping[str, int], state: _PerModuleState, x: Tensor) -> Tensor:
     index = local["weight"]
-    base = state.base[state.names[index]]
-    return _with_bias(module, local, state, _BandedLinear.apply(x, state.rows[index], base, state.merged, index,
+    return _with_bias(module, local, state, _BandedLinear.apply(x, state.rows[index], state.merged, index,
                                                                  state.tasks[index]))
 
 
@@ -156,24 +160,25 @@ def _factored_linear(module: nn.Linear, local: Mapping[str, int], state: _PerMod
     index = local["weight"]
     a, b, per_rank = state.merged.linear_factors(index, state.rows[index])
     low_rank = F.linear(F.linear(x, a.to(x.dtype)) * per_rank.to(x.dtype), b.to(x.dtype))
-    return _with_bias(module, local, state, F.linear(x, state.base[state.names[index]].to(x.dtype)) + low_rank)
+    return _with_bias(module, local, state, F.linear(x, state.merged.pretrained_tensor(index).to(x.dtype)) + low_rank)
 
 
 def _embedding(module: nn.Embedding, local: Mapping[str, int], state: _PerModuleState, ids: Tensor) -> Tensor:
     index = local["weight"]
-    base = state.base[state.names[index]]
     row = state.rows[index]
-    out = F.embedding(ids, base, module.padding_idx).to(row.dtype)
-    flat = ids.reshape(-1)
-    present = torch.unique(flat).tolist()
-    used = [band for band in bands(*base.shape) if any(band[0] <= i < band[1] for i in present)]
-    for k in state.tasks[index]:
-        picked = torch.zeros((flat.shape[0], base.shape[1]), dtype=row.dtype, device=base.device)
-        for band in used:
-            inside = (flat >= band[0]) & (flat < band[1])
-            picked[inside] = state.merged.task_slice(index, k, band).to(base.device)[flat[inside] - band[0]].to(row.dtype)
-        out = out + row[k] * picked.reshape(*ids.shape, base.shape[1])
-    return out.to(base.dtype)  # as the table merged whole would give: rounded to θ0's dtype
+    with state.merged.resident(index):
+        base = state.merged.pretrained_tensor(index)
+        out = F.embedding(ids, base, module.padding_idx).to(row.dtype)
+        flat = ids.reshape(-1)
+        present = torch.unique(flat).tolist()
+        used = [band for band in bands(*base.shape) if any(band[0] <= i < band[1] for i in present)]
+        for k in state.tasks[index]:
+            picked = torch.zeros((flat.shape[0], base.shape[1]), dtype=row.dtype, device=base.device)
+            for band in used:
+                inside = (flat >= band[0]) & (flat < band[1])
+                picked[inside] = state.merged.task_slice(index, k, band).to(base.device)[flat[inside] - band[0]].to(row.dtype)
+            out = out + row[k] * picked.reshape(*ids.shape, base.shape[1])
+        return out.to(base.dtype)  # as the table merged whole would give: rounded to θ0's dtype
 
 
 def _generic(module: nn.Module, local: Mapping[str, int], state: _PerModuleState, args: tuple, kwargs: dict) -> Any:
