@@ -78,6 +78,8 @@ def plans_for(name: str, sizes: dict) -> list[dict]:
                     model, run, on_device=True, devices=8, sharded=True, sharded_per_module=False),
                 "8 GPUs (FSDP, trainer=fsdp), end to end": plan_memory(model, run, on_device=True, devices=8,
                                                                        sharded=True),
+                "8 GPUs (FSDP), end to end, streamed": plan_memory(model, streamed, on_device=True, devices=8,
+                                                                   sharded=True),
                 "1 GPU, progressive, streamed": plan_memory(model, streamed, on_device=True, working_set="progressive"),
                 "1 GPU, progressive element-wise, streamed": plan_memory(
                     model, dataclasses.replace(streamed, element_coefficients=True), on_device=True,
@@ -104,7 +106,9 @@ def render(rows: list[dict]) -> str:
         "task vectors in memory; the same streamed from the checkpoints (`modelpool.streaming=disk`, merged module by "
         "module; LoRA pools keep their adapters in memory and merge module by module already); over 8 GPUs replicated "
         "(`trainer=ddp`) or sharded (`trainer=fsdp`: each module gathers its layer and merges it when it runs, the "
-        "default, or the merged weights formed whole on every rank, `trainer.strategy.merge_per_module=false`); activation checkpointing keeps each decoder layer's input "
+        "default, or the merged weights formed whole on every rank, `trainer.strategy.merge_per_module=false`; "
+        "streamed: each layer read from the checkpoints and sharded before the next, so no rank's host holds a task "
+        "vector; host = the node's 8 processes together); activation checkpointing keeps each decoder layer's input "
         "only; progressive distillation, streamed, with one coefficient per task and tensor or the authors' one per "
         "task and element (one block's, with their gradient and Adam's moments). Progressive distillation runs on one "
         "GPU: its working set is one block, which one 80 GB GPU holds at every size here with tensor coefficients (the "

@@ -43,18 +43,33 @@ def _backbone() -> nn.Module:
     return TinyConvNet()
 
 
-def build_module(method: str) -> AdaMergingModule:
+def build_module(method: str, streamed_from: Path | None = None) -> AdaMergingModule:
     """``method`` on a tiny conv pool of three tasks, in float64, the paper's entropy objective (a mean over the rows
-    of each task's batch, so the mean of two halves' gradients is the whole batch's)."""
+    of each task's batch, so the mean of two halves' gradients is the whole batch's). ``streamed_from``: the same
+    pool written there as safetensors files and streamed from them (``modelpool.streaming=disk``)."""
     from tests.helpers import finetuned_states
 
     torch.manual_seed(0)
     pretrained = _backbone()
-    finetuned = finetuned_states(pretrained, len(TASKS), scale=0.3)
-    task_vectors = TaskVectors.from_state_dicts(pretrained.state_dict(), dict(zip(TASKS, finetuned.values())))
+    finetuned = dict(zip(TASKS, finetuned_states(pretrained, len(TASKS), scale=0.3).values()))
+    if streamed_from is None:
+        task_vectors = TaskVectors.from_state_dicts(pretrained.state_dict(), finetuned)
+    else:
+        from safetensors.torch import save_file
+
+        from adamerge.pool.streamed_vectors import StreamedTaskVectors
+
+        streamed_from.mkdir(parents=True, exist_ok=True)
+        floats = lambda state: {n: t.double() if t.is_floating_point() else t for n, t in state.items()}  # noqa: E731
+        save_file(floats(pretrained.state_dict()), str(streamed_from / "pretrained.safetensors"))
+        for task, state in finetuned.items():
+            save_file(floats(state), str(streamed_from / f"{task}.safetensors"))
+        task_vectors = StreamedTaskVectors.from_sources(
+            streamed_from / "pretrained.safetensors", {t: streamed_from / f"{t}.safetensors" for t in TASKS},
+            storage_dtype=torch.float64)
     # In eval mode, as a pool's backbone and heads are: BatchNorm uses its running statistics, one row at a time.
     heads = {task: nn.Linear(6, 3).eval() for task in TASKS}
-    module = build_learned(method, _backbone().eval(), task_vectors, heads, objective=Entropy(), lr=0.05)
+    module = build_learned(method, _backbone().double().eval(), task_vectors, heads, objective=Entropy(), lr=0.05)
     return module.double()
 
 
@@ -144,6 +159,13 @@ def main(out: Path) -> None:
             fit(module, batches, STEPS, ShardedMergeStrategy(merge_per_module=False, reshard_after_forward=reshard),
                 world_size)
         results[name] = {"coefficients": module.coefficients(), "whole_merges": counts.whole_merges}
+    # A streamed pool: each layer's block read from the checkpoints and sharded before the next is read.
+    module = build_module(RESUMED, streamed_from=out / f"pool-rank{rank}")
+    with GatheringCounts() as counts:
+        fit(module, batches, STEPS, ShardedMergeStrategy(), world_size)
+    results["streamed"] = {"coefficients": module.coefficients(), "names": list(module.merged.names),
+                           "shards": local_shard_numel(module.merged),
+                           "whole_merges": counts.whole_merges, "most_gathered": counts.most_gathered}
     # Resume: stopped after 2 steps with its checkpoint, then a fresh module continues from it to the last step.
     fit(build_module(RESUMED), batches, 2, ShardedMergeStrategy(), world_size, checkpoints=out)
     resumed = build_module(RESUMED)

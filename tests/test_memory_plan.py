@@ -5,7 +5,6 @@ check is bench/memory_plan_check.py (bench/results/memory_plan_check.md)."""
 from __future__ import annotations
 
 import dataclasses
-
 import importlib.util
 import json
 from pathlib import Path
@@ -116,6 +115,13 @@ def test_trainer_fsdp_plans_the_pretrained_weights_and_task_vectors_split_over_t
     assert split.device["merged weights"] == split.device["their gradients"] == 0  # never whole
     assert split.device["gathered layers"] == model.largest_tensor * 4 * (1 + 4)  # the layer its module runs
     assert split.device["merge band"] == model.largest_tensor * 12
+    # One process per device on the node, each loading the pool on the host: 8 host copies, said so.
+    assert split.host_peak == 8 * whole.host_peak and "8 processes on one node" in split.render()
+    # Streamed from disk: the same shards on the devices, and no task vector on the host of any rank.
+    streamed = plan_memory(model, dataclasses.replace(run, streaming="disk"), on_device=True, devices=8, sharded=True)
+    assert streamed.device == split.device
+    assert streamed.host_peak < split.host_peak
+    assert all(value == 0 for term, value in streamed.host.items() if "task vectors" in term)
     # The command plans trainer=fsdp on the devices it names (and on the CPU nothing is sharded: one process's plan).
     assert sharded_devices(_run_config(pool_dirs, "trainer=fsdp", "trainer.devices=4"), on_device=True) == 4
     assert sharded_devices(_run_config(pool_dirs, "trainer=fsdp", "trainer.devices=4"), on_device=False) == 1

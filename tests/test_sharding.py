@@ -96,6 +96,31 @@ def test_no_rank_forms_the_merged_model_whole_while_learning(sharded_run, method
         assert ranks[rank][method]["most_gathered"] == 1
 
 
+def test_a_streamed_pool_is_sharded_layer_by_layer_and_learns_the_same(sharded_run):
+    """modelpool.streaming=disk: each layer's task vectors are read from the checkpoints into a block that is sharded
+    before the next is read; the run learns the in-memory one-process coefficients, each rank holding half."""
+    _, ranks = sharded_run
+    single = single_process(worker.RESUMED)
+    reference = dict(zip(single.merged.names, torch.tensor(single.coefficients(), dtype=torch.float64)))
+    for rank in (0, 1):
+        streamed = ranks[rank]["streamed"]
+        assert sorted(streamed["names"]) == sorted(reference)  # (read in the checkpoints' order: one row per tensor)
+        for name, row in zip(streamed["names"], torch.tensor(streamed["coefficients"], dtype=torch.float64)):
+            assert torch.allclose(row, reference[name], rtol=0, atol=1e-6), (rank, name)
+        assert streamed["whole_merges"] == 0 and streamed["most_gathered"] == 1
+    shards = [ranks[rank]["streamed"]["shards"] for rank in (0, 1)]
+    assert shards[0]["task_vectors"] + shards[1]["task_vectors"] == shards[0]["task_vectors_total"]
+    assert shards[0]["task_vectors_total"] == ranks[0][worker.RESUMED]["shards"]["task_vectors_total"]
+
+
+def test_a_pool_streamed_to_the_host_is_refused_under_fsdp(tmp_path):
+    module = worker.build_module("adamerging_task_wise", streamed_from=tmp_path)
+    module.merged._residency = "host"
+    strategy = SimpleNamespace(device_mesh={"data_parallel": SimpleNamespace(device_type="cpu")}, cpu_offload=False)
+    with pytest.raises(ConfigError, match="modelpool.streaming=host keeps every task vector on the host"):
+        shard_merged_model(module.merged, strategy, "adamerging_task_wise")
+
+
 @pytest.mark.parametrize("form", ["whole_merge", "shard_grad_op"])
 def test_the_whole_merge_form_learns_the_same(sharded_run, form):
     """merge_per_module=false forms every merged tensor once a step (FSDP2's hooks gathering each layer for it), with

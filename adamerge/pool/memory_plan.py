@@ -298,13 +298,20 @@ def plan_memory(model: ModelShape, run: RunShape, *, on_device: bool, working_se
     elif devices > 1 and sharded:
         merged_bytes = int(model.merged_parameters * model.bytes_per_parameter)
         step["frozen model"] = step["frozen model"] - merged_bytes + -(-merged_bytes // devices)
-        step["task vectors"] = -(-step["task vectors"] // devices)
+        # A streamed pool (disk) is read layer by layer into the shards: on the devices it is sharded like any other.
+        step["task vectors"] = -(-task_vector_bytes(model, run) // devices)
+        step.pop("task-vector slices", None)
         layer = int(model.largest_tensor * (model.bytes_per_parameter + run.num_tasks * run.storage_bytes))
         if sharded_per_module:  # adamerge.training.sharding: one layer gathered, one band formed with its gradient
             step.update({"merged weights": 0, "their gradients": 0, "merge buffer": 0, "gathered layers": layer,
                          "merge band": min(model.largest_tensor, BAND_ELEMENTS) * 12})
         else:
             step["gathered layers"] = 2 * layer
+    if devices > 1 and not split_over_devices:
+        # One process per device (trainer=ddp / trainer=fsdp on one node), each loading the pool and holding θ0 and
+        # the task vectors on the host before they are moved (and, sharded, split): the node holds that many copies.
+        host = {f"{name} (× {devices} processes)": value * devices for name, value in host.items()}
+        notes.append(f"{devices} processes on one node, each with its own host copy of the pool")
     return MemoryPlan(host=dict(host), device=step, device_count=devices, notes=notes)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -212,15 +212,20 @@ class ShardedMergedModel(MergedModel):
         return merged
 
 
-def merge_blocks(merged: MergedModel) -> MergeBlocks:
-    """One block per layer (the module owning the tensors: a weight and its bias are gathered together)."""
+def merge_blocks(merged: MergedModel, shard: Callable[[MergeBlock], None]) -> MergeBlocks:
+    """One block per layer (the module owning the tensors: a weight and its bias are gathered together), each passed
+    to ``shard`` as soon as it is made: its full task vectors -- read from the checkpoints, for a streamed pool -- are
+    gone before the next layer's are formed, so no more than one layer's K task vectors exist whole."""
     layers: dict[str, list[int]] = {}
     for index, name in enumerate(merged.names):
         layers.setdefault(name.rpartition(".")[0], []).append(index)
     pretrained = MergedModel.pretrained_tensors(merged)
-    blocks = [MergeBlock(indices, [pretrained[merged.names[i]].shape for i in indices],
-                         [pretrained[merged.names[i]] for i in indices],
-                         [MergedModel.task_vector(merged, i) for i in indices]) for indices in layers.values()]
+    blocks = []
+    for indices in layers.values():
+        block = MergeBlock(indices, [pretrained[merged.names[i]].shape for i in indices],
+                           [pretrained[merged.names[i]] for i in indices], [merged.task_vector(i) for i in indices])
+        shard(block)
+        blocks.append(block)
     return MergeBlocks(blocks, len(merged.names))
 
 

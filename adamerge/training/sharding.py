@@ -20,8 +20,10 @@ FSDP2 can shard it (:func:`shard_merged_model`; the layout: :mod:`.sharded_merge
   is averaged over the ranks (:func:`average_gradients`, the strategy's all-reduce) before each step, as DDP does.
 
 What is *not* sharded: the backbone's tensors that are not merged, the heads, activations, and the pool the runner
-loads on the host of every rank. Methods that keep the task vectors in another form (Concrete masks, AdaRank, progressive
-distillation, LoRA / streamed / compressed pools) and adapted heads are refused with the method's name.
+loads on the host of every rank. A streamed pool (``modelpool.streaming=disk``) is sharded layer by
+layer as its task vectors are read from the checkpoints. Methods that keep the task vectors in another form
+(Concrete masks, AdaRank, progressive distillation, LoRA / compressed pools) and adapted heads are refused with the
+method's name.
 """
 
 from __future__ import annotations
@@ -58,19 +60,25 @@ def shard_merged_model(merged: MergedModel, strategy: ShardedMergeStrategy, meth
     strategy's ranks; idempotent (Lightning calls ``configure_model`` for every fit and validate)."""
     if isinstance(merged, ShardedMergedModel):
         return
-    if type(merged) is not MergedModel:
-        raise ConfigError(f"method {method!r} keeps its task vectors as {type(merged).__name__} (LoRA adapters, a "
-                          f"streamed or a compressed pool), which {STRATEGY_NAME} cannot shard: use the pool's dense "
-                          "task vectors (modelpool.streaming=false, modelpool.compression=null, full checkpoints) or "
-                          "trainer=ddp / trainer=gpu")
+    if not vars(type(merged)).get("shardable", False):  # declared by the class itself, not inherited
+        raise ConfigError(f"method {method!r} keeps its task vectors as {type(merged).__name__} (LoRA adapters or a "
+                          f"compressed pool), which {STRATEGY_NAME} cannot shard: use full checkpoints "
+                          "(modelpool.compression=null) or trainer=ddp / trainer=gpu")
+    if getattr(merged, "_residency", "disk") != "disk":
+        raise ConfigError(f"modelpool.streaming={merged._residency} keeps every task vector on the host of each rank, "
+                          f"which {STRATEGY_NAME} would then shard: use modelpool.streaming=disk (each layer read from "
+                          "the checkpoints and sharded before the next) or modelpool.streaming=false")
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = strategy.device_mesh["data_parallel"]
     if strategy.cpu_offload and mesh.device_type == "cpu":
         raise ConfigError("trainer.strategy.cpu_offload=true is invalid on the CPU: it moves the shards off an "
                           "accelerator, and here they already are in host memory; set it false")
+    offload = CPUOffloadPolicy() if strategy.cpu_offload else OffloadPolicy()
 
-    blocks = merge_blocks(merged)
+    # Each layer's block sharded as soon as it is made (a streamed pool's are read from the checkpoints then).
+    blocks = merge_blocks(merged, lambda block: fully_shard(
+        block, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward, offload_policy=offload))
     # The modules owning merged tensors, found by the tensors' identity while they are still the backbone's (tied
     # copies get placeholders of their own below): the per-module merge replaces these modules' forwards.
     merged.per_module_owners()
@@ -78,7 +86,7 @@ def shard_merged_model(merged: MergedModel, strategy: ShardedMergeStrategy, meth
                     for name, tensor in MergedModel.pretrained_tensors(merged).items()}
     replace_tensors(merged.module, merged.names, placeholders)  # the backbone's full copies are dropped
     for index in range(len(merged.names)):
-        del merged._buffers[f"_task_vector_{index}"]
+        merged._buffers.pop(f"_task_vector_{index}", None)  # (a streamed pool has none)
     # Only the storage of θ0 and τ changes: the coefficients, their bounds and every setting stay the same objects
     # (the optimiser is built after configure_model, on these coefficients), so the class is swapped in place.
     merged.__class__ = ShardedMergedModel
@@ -87,9 +95,6 @@ def shard_merged_model(merged: MergedModel, strategy: ShardedMergeStrategy, meth
                       for position, index in enumerate(block.indices)}
     merged._gathered = {}
     merged.merge_per_module = strategy.merge_per_module
-    offload = CPUOffloadPolicy() if strategy.cpu_offload else OffloadPolicy()
-    for block in blocks.blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward, offload_policy=offload)
     fully_shard(blocks, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
 
 

@@ -192,6 +192,11 @@ class MergedModel(nn.Module):
             weights[name] = (base.to(compute) + delta).to(base.dtype)
         return weights
 
+    # trainer=fsdp can re-lay this class out (adamerge.training.sharded_merge): task_vector(index) gives the K dense
+    # slices of one tensor. Read from the class's own namespace, so a subclass that keeps its task vectors in another
+    # form (factors, ranks, element-wise blocks) is not shardable unless it says so itself.
+    shardable: bool = True
+
     # Form each module's merged tensors when it runs instead of the whole merge up front (merged_per_module.py):
     # what a streamed pool turns on, so the merged model and its gradient are never whole in memory.
     merge_per_module: bool = False

@@ -73,6 +73,7 @@ class StreamedMergedModel(MergedModel):
     """
 
     merge_per_module = True
+    shardable = True  # trainer=fsdp builds each layer's block from the checkpoints and shards it before the next
 
     def __init__(self, module: nn.Module, task_vectors: Any, *, residency: str | None = None, **kwargs: Any) -> None:
         self._residency = residency or getattr(task_vectors, "residency", "host")
