@@ -25,19 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from peer_step import reset_peak_rss  # noqa: E402  (sibling script)
+from memory_plan_check import _rss  # noqa: E402  (sibling scripts)
+from peer_step import reset_peak_rss  # noqa: E402
 from readme_demo import cpu_name  # noqa: E402
 
 LAYERS, WIDTH, TASKS, ROWS, STEPS = 16, 2048, 4, 8, 4
 FORMS = {"per_module": True, "whole": False}
-
-
-def status(key: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process, bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def worker(form: str, out: Path) -> None:
@@ -73,10 +66,10 @@ def worker(form: str, out: Path) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if batch_idx == 0:
                 reset_peak_rss()
-                self.start = status("VmRSS")
+                self.start = _rss("VmRSS")
 
         def on_train_end(self, trainer, pl_module) -> None:
-            record = {"learning_peak_above_start": status("VmHWM") - self.start, "start_rss": self.start,
+            record = {"learning_peak_above_start": _rss("VmHWM") - self.start, "start_rss": self.start,
                       "coefficients": pl_module.coefficients()}
             (out / f"{form}-rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

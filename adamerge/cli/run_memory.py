@@ -225,10 +225,10 @@ def check_memory_plan(cfg: DictConfig, learned: Sequence[str], on_device: bool,
     if settings.get("force", False):
         print(f"memory plan: warning: {message}; running anyway (memory_plan.force=true)")
         return plan
-    shards = plan.device_count
+    shards, per_module = plan.device_count, sharded_per_module(cfg)
     fix = smallest_fitting_change(run, lambda r: plan_memory(model, r, on_device=on_device, working_set=working_set,
                                                              devices=shards, sharded=shards > 1,
-                                                             sharded_per_module=sharded_per_module(cfg)),
+                                                             sharded_per_module=per_module),
                                   host_limit, device_limit)
     advice = (f"it fits with {' '.join(fix[0])} (plan: host {gib(fix[1].host_peak)}"
               + (f", device {gib(fix[1].device_peak)})" if fix[1].device else ")")

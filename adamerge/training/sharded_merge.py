@@ -151,25 +151,25 @@ class ShardedMergedModel(MergedModel):
     _gathered: dict[int, int]  # block -> how many resident() entries hold it gathered now
 
     def _place(self, index: int) -> tuple[MergeBlock, int]:
-        block, position = self._places[index]
-        return self.blocks.blocks[block], position
+        number, position = self._places[index]
+        return self.blocks.blocks[number], position
 
     @contextlib.contextmanager
     def resident(self, index: int) -> Iterator[None]:
-        block, _ = self._place(index)
-        key = self._places[index][0]
-        if self._gathered.get(key, 0) == 0:
+        number = self._places[index][0]
+        block = self.blocks.blocks[number]
+        if self._gathered.get(number, 0) == 0:
             block.unshard()  # FSDP2: all-gather the block's θ0 and K task vectors
-        self._gathered[key] = self._gathered.get(key, 0) + 1
+        self._gathered[number] = self._gathered.get(number, 0) + 1
         try:
             yield
         finally:
-            self._gathered[key] -= 1
-            if self._gathered[key] == 0:
+            self._gathered[number] -= 1
+            if self._gathered[number] == 0:
                 block.reshard()  # FSDP2: free the gathered copies, keep this rank's shard
 
     def _gathered_parameter(self, parameter: Tensor, index: int) -> Tensor:
-        if isinstance(parameter, DTensor) or not self._gathered.get(self._places[index][0]):
+        if isinstance(parameter, DTensor):  # FSDP2 registers the full tensor only while the block is gathered
             raise RuntimeError(f"merged tensor {self.names[index]!r} of a sharded merge read outside resident(): "
                                "its layer is not gathered")
         return parameter

@@ -83,8 +83,6 @@ class StreamedMergedModel(MergedModel):
 
     def register_task_vectors(self, task_vectors: Any) -> None:
         self._source = task_vectors
-        # θ0's own tensor is looked up by name at every band read: a path walk, not a dict of the whole model
-        self._parameter_names = {name for name, _ in self.module.named_parameters()}
         self.fetches = 0  # K-slice fetches so far (2 per merged tensor per step: forward and backward)
         # Plain attributes, not buffers: .to(device) must not move them.
         self._host = ([pinned(task_vectors.vectors[name]) for name in self.names] if self._residency == "host"
@@ -102,7 +100,7 @@ class StreamedMergedModel(MergedModel):
             part = self._host[index][task] if rows is None else self._host[index][task][rows[0]:rows[1]]
         else:
             name = self.names[index]
-            own = self.module.get_parameter(name) if name in self._parameter_names else self.module.get_buffer(name)
+            own = self.pretrained_tensor(index)  # a path walk at every band read, not a dict of the whole model
             # θ0 as the module holds it, when that is exactly the checkpoint's (float32 holds any 16-bit value): a
             # band is then read from the fine-tuned checkpoint alone, not from θ0's too.
             base = own[rows[0]:rows[1]] if (rows is not None and own.device.type == "cpu"
