@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+GRID_OUT = ROOT / "bench" / "results" / "learned_study_grid"  # the committed table (.md, .json): also the archive
 PAGE = ROOT / "docs" / "methods.md"  # the page holding this script's generated block
 sys.path.insert(0, str(ROOT))
 from bench.learned_study import BASES, DATA_FREE, OBJECTIVES, cell_name, load_rows, mean_std, static_lines  # noqa: E402
@@ -137,15 +138,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, nargs="+", default=[ROOT / "bench" / "runs" / "learned_study",
                                                                   ROOT / "bench" / "runs" / "learned_study_text"])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learned_study_grid")
+    parser.add_argument("--out", type=Path, default=GRID_OUT)
     parser.add_argument("--readme", action="store_true", help="also rewrite the learned-study-grid block of "
                         "docs/methods.md (how much of the grid is run, by method)")
     args = parser.parse_args()
     cells, statics = from_runs(args.runs)
+    # This script's own tables are not study results (another format), wherever --out writes this time.
     results = sorted(p for p in (ROOT / "bench" / "results").glob("learned_study*.json")
-                     if p.with_suffix("") != args.out)
+                     if p.with_suffix("") not in (args.out, GRID_OUT))
     from_json(results, cells, statics)
-    from_grid(args.out.with_suffix(".json"), cells)
+    for archive in dict.fromkeys([args.out, GRID_OUT]):  # a table written elsewhere still keeps the committed runs
+        from_grid(archive.with_suffix(".json"), cells)
     done, total, per_method = coverage(cells)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     text = ["# Learned-merging study: the whole grid", "",

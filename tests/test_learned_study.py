@@ -41,3 +41,18 @@ def test_a_row_short_of_seeds_says_which_it_has():
     assert study.seeds_note([_row(0.5, 0), _row(0.5, 1)], [0, 1, 2]) == " (seeds 0, 1 only)"
     assert study.seeds_note([_row(0.5, 2)], [0, 1, 2]) == " (seed 2 only)"
     assert study.seeds_note([_row(0.5, s) for s in (2, 0, 1)], [0, 1, 2]) == ""
+
+
+def test_the_grid_written_elsewhere_keeps_every_committed_run(tmp_path):
+    """bench/study_grid.py --out <elsewhere> (no run directories) reads the committed table as its archive and not as
+    a study result: the same cells are filled as in the committed table."""
+    import re
+    import subprocess
+    import sys
+
+    root = _SCRIPT.parent.parent
+    committed = (root / "bench" / "results" / "learned_study_grid.md").read_text()
+    subprocess.run([sys.executable, str(root / "bench" / "study_grid.py"), "--runs", str(tmp_path / "none"),
+                    "--out", str(tmp_path / "grid")], check=True, capture_output=True, text=True, cwd=tmp_path)
+    filled = re.compile(r"Grid filled: (\d+) of (\d+) cells")
+    assert filled.search((tmp_path / "grid.md").read_text()).groups() == filled.search(committed).groups()
