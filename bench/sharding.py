@@ -37,6 +37,12 @@ METHOD = "adamerging_layer_wise"
 KEPT = ("coefficients", "average_accuracy", "seconds", "wall_seconds", "profile", "sharding")
 
 
+def coefficient_difference(first: list, second: list) -> float:
+    """The largest difference between two runs' coefficients (results.json's lists: a number or a list per task)."""
+    flat = lambda rows: [value for row in rows for value in (row if isinstance(row, list) else [row])]  # noqa: E731
+    return max(abs(a - b) for a, b in zip(flat(first), flat(second)))
+
+
 def run(kind: str, run_dir: Path, steps: int, *overrides: str) -> dict:
     command = [sys.executable, "-m", "adamerge.cli.main", f"method={METHOD}", f"trainer={kind}",
                "trainer.accelerator=cpu", "trainer.devices=2", f"trainer.max_steps={steps}", "logger=none",
@@ -93,9 +99,7 @@ def main() -> None:
                 "fsdp": run("fsdp", Path(tmp) / "fsdp", args.steps),
                 "fsdp_whole_merge": run("fsdp", Path(tmp) / "whole", args.steps,
                                         "trainer.strategy.merge_per_module=false")}
-    flat = lambda rows: [value for row in rows for value in (row if isinstance(row, list) else [row])]  # noqa: E731
-    differences = {kind: max(abs(a - b) for a, b in zip(flat(runs["ddp"]["coefficients"]),
-                                                        flat(runs[kind]["coefficients"])))
+    differences = {kind: coefficient_difference(runs["ddp"]["coefficients"], runs[kind]["coefficients"])
                    for kind in ("fsdp", "fsdp_whole_merge")}
     RESULTS.mkdir(exist_ok=True)
     record = {"machine": {"cpu": cpu_name(), "python": platform.python_version()}, "steps": args.steps,

@@ -28,6 +28,7 @@ sys.path.insert(0, str(BENCH))
 from memory_plan_check import _rss  # noqa: E402  (sibling scripts)
 from peer_step import reset_peak_rss  # noqa: E402
 from readme_demo import cpu_name  # noqa: E402
+from sharding import coefficient_difference  # noqa: E402
 
 LAYERS, WIDTH, TASKS, ROWS, STEPS = 16, 2048, 4, 8, 4
 FORMS = {"per_module": True, "whole": False}
@@ -111,9 +112,7 @@ def main() -> None:
             if done.returncode != 0:
                 raise SystemExit(f"{form} failed:\n{done.stderr[-4000:]}")
             results[form] = [json.loads((Path(tmp) / f"{form}-rank{rank}.json").read_text()) for rank in (0, 1)]
-    flat = lambda rows: [v for row in rows for v in (row if isinstance(row, list) else [row])]  # noqa: E731
-    difference = max(abs(a - b) for a, b in zip(flat(results["per_module"][0]["coefficients"]),
-                                                flat(results["whole"][0]["coefficients"])))
+    difference = coefficient_difference(results["per_module"][0]["coefficients"], results["whole"][0]["coefficients"])
     peaks = {form: max(r["learning_peak_above_start"] for r in ranks) for form, ranks in results.items()}
     record = {"machine": {"cpu": cpu_name(), "python": platform.python_version()}, "model_bytes": model_bytes,
               "layers": LAYERS, "width": WIDTH, "tasks": TASKS, "rows_per_task": ROWS, "steps": STEPS,

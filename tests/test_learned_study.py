@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,10 +49,6 @@ def test_a_row_short_of_seeds_says_which_it_has():
 def test_the_grid_written_elsewhere_keeps_every_committed_run(tmp_path):
     """bench/study_grid.py --out <elsewhere> (no run directories) reads the committed table as its archive and not as
     a study result: the same cells are filled as in the committed table."""
-    import re
-    import subprocess
-    import sys
-
     root = _SCRIPT.parent.parent
     committed = (root / "bench" / "results" / "learned_study_grid.md").read_text()
     subprocess.run([sys.executable, str(root / "bench" / "study_grid.py"), "--runs", str(tmp_path / "none"),
