@@ -5,7 +5,8 @@ method study) and writes its own table. This script gathers every cell those run
 -- mean ± std of the average accuracy over seeds, normalised accuracy (merged ÷ individual), seconds and peak
 memory per run, against every data-free method -- and says how much of the grid (every learned method × 4
 objectives × 5 bases, plus progressive distillation, × 3 zoos × 3 seeds; ``GRID``) has been run, so a missing cell
-is visible rather than silently absent.
+is visible rather than silently absent; the cells still short of a seed close the table as the
+``bench/learned_study.py`` invocations that fill them.
 
     python bench/study_grid.py             # bench/results/learned_study_grid.{md,json}
 
@@ -30,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 GRID_OUT = ROOT / "bench" / "results" / "learned_study_grid"  # the committed table (.md, .json): also the archive
 PAGE = ROOT / "docs" / "methods.md"  # the page holding this script's generated block
 sys.path.insert(0, str(ROOT))
-from bench.learned_study import BASES, DATA_FREE, OBJECTIVES, cell_name, load_rows, mean_std, static_lines  # noqa: E402
+from bench.learned_study import (BASES, DATA_FREE, OBJECTIVES, cell_name, load_rows, mean_std, safe,  # noqa: E402
+                                 static_lines)
 
 # Every learned method the registry offers, with the bases and objectives it is crossed with (its _on_<base>
 # variants are cells of this grid, not methods of their own). AdaMerging++ is AdaMerging over TIES's per-task vectors:
@@ -97,22 +99,47 @@ def from_grid(path: Path, cells: dict) -> None:
             cells.setdefault(key, {}).setdefault(int(seed), run)
 
 
-def coverage(cells: dict) -> tuple[int, int, list[str]]:
-    """(cells with every seed, cells in the grid, lines per method: how many of its cells have every seed)."""
+def coverage(cells: dict) -> tuple[int, int, list[str], dict[tuple, list[str]]]:
+    """(cells with every seed, cells in the grid, lines per method: how many of its cells have every seed, the
+    methods still short of a seed per (zoo, objective, base, the seeds they lack), in GRID's order)."""
     done = total = 0
     lines = []
+    missing: dict[tuple, list[str]] = {}
     for method, bases, objectives in GRID:
         complete = 0
         for zoo in ZOO_ORDER:
             for objective in objectives:
                 for base in bases:
                     # One row (a base with its settings) with every seed: seeds of different step sizes do not add up.
-                    complete += any(set(SEEDS) <= set(runs) for (z, m, o, b), runs in cells.items()
-                                    if (z, m, o) == (zoo, method, objective) and b.split(" ")[0] == base)
+                    # The seeds its fullest row lacks (the plain base: a study fills that row).
+                    lacking = min((sorted(set(SEEDS) - set(runs)) for (z, m, o, b), runs in cells.items()
+                                   if (z, m, o) == (zoo, method, objective) and b.split(" ")[0] == base),
+                                  key=len, default=SEEDS)
+                    complete += not lacking
+                    if lacking:
+                        missing.setdefault((zoo, objective, base, tuple(lacking)), []).append(method)
         cells_of_method = len(ZOO_ORDER) * len(objectives) * len(bases)
         done, total = done + complete, total + cells_of_method
         lines.append(f"| {method} | {complete} / {cells_of_method} |")
-    return done, total, lines
+    return done, total, lines, missing
+
+
+def to_run(missing: dict[tuple, list[str]]) -> list[str]:
+    """The cells still short of a seed, as the bench/learned_study.py invocations that fill them: one per (zoo,
+    objective, base, seeds lacking), naming only the methods and seeds that lack them (a job runs every method it
+    names in one process per seed, and seeds kept only in the committed grid have no run directory to reuse)."""
+    if not missing:
+        return []
+    lines = [f"### Still to run ({sum(map(len, missing.values()))} cells)", "",
+             "Each line fills a group of the missing cells; two may run side by side when their zoo, objective or base "
+             "differ. Their tables go under bench/runs/ (not committed); this script then gathers the runs.", "", "```"]
+    for (zoo, objective, base, seeds), methods in sorted(missing.items(),
+                                                         key=lambda item: ZOO_ORDER.index(item[0][0])):
+        runs = "learned_study_text" if zoo == "text" else "learned_study"
+        lines.append(f"python bench/learned_study.py --zoos {zoo} --objectives {objective} --bases {base} "
+                     f"--methods {' '.join(methods)} --seeds {' '.join(map(str, seeds))} --jobs 1 "
+                     f"--runs bench/runs/{runs} --out bench/runs/tables/{zoo}_{safe(objective)}_{safe(base)}")
+    return lines + ["```", ""]
 
 
 def zoo_table(zoo: str, static: dict, cells: dict) -> list[str]:
@@ -149,7 +176,7 @@ def main() -> None:
     from_json(results, cells, statics)
     for archive in dict.fromkeys([args.out, GRID_OUT]):  # a table written elsewhere still keeps the committed runs
         from_grid(archive.with_suffix(".json"), cells)
-    done, total, per_method = coverage(cells)
+    done, total, per_method, missing = coverage(cells)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     text = ["# Learned-merging study: the whole grid", "",
             f"Generated by `python bench/study_grid.py` ({machine}) from the runs of `bench/learned_study.py` and the "
@@ -165,6 +192,7 @@ def main() -> None:
     for zoo in ZOO_ORDER:
         if zoo in statics:
             text += zoo_table(zoo, statics[zoo], cells)
+    text += to_run(missing)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(text))
     raw = [{"zoo": z, "method": m, "objective": o, "base": b, "runs": {str(s): r for s, r in sorted(runs.items())}}

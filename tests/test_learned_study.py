@@ -55,3 +55,40 @@ def test_the_grid_written_elsewhere_keeps_every_committed_run(tmp_path):
                     "--out", str(tmp_path / "grid")], check=True, capture_output=True, text=True, cwd=tmp_path)
     filled = re.compile(r"Grid filled: (\d+) of (\d+) cells")
     assert filled.search((tmp_path / "grid.md").read_text()).groups() == filled.search(committed).groups()
+
+
+def _load_grid():
+    spec = importlib.util.spec_from_file_location("study_grid", _SCRIPT.parent / "study_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_grid_lists_each_missing_cell_with_only_the_methods_and_seeds_it_lacks():
+    grid = _load_grid()
+    run = {"average_accuracy": 0.5}
+    full = {seed: run for seed in grid.SEEDS}
+    cells = {(zoo, method, objective, base): dict(full) for zoo in grid.ZOO_ORDER
+             for method, bases, objectives in grid.GRID for objective in objectives for base in bases}
+    done, total, _, missing = grid.coverage(cells)
+    assert done == total and missing == {} and grid.to_run(missing) == []
+
+    # Layer-wise on the text zoo's TSV-M residual base: seed 2 missing, though a step-size row of it has all three.
+    del cells[("text", "adamerging_layer_wise", "expert_kl", "tsv_merge:residual")][2]
+    cells[("text", "adamerging_layer_wise", "expert_kl", "tsv_merge:residual lr=0.03")] = dict(full)
+    assert grid.coverage(cells)[0] == total  # a base row with a setting and every seed fills the cell
+    del cells[("text", "adamerging_layer_wise", "expert_kl", "tsv_merge:residual lr=0.03")]
+    # Task-wise and AdaRank on the default zoo without a base: no seed at all.
+    for method in ("adamerging_task_wise", "adarank"):
+        del cells[("default", method, "feature_matching", "none")]
+    done, _, _, missing = grid.coverage(cells)
+    assert done == total - 3
+    assert missing == {("text", "expert_kl", "tsv_merge:residual", (2,)): ["adamerging_layer_wise"],
+                       ("default", "feature_matching", "none", (0, 1, 2)): ["adamerging_task_wise", "adarank"]}
+    lines = grid.to_run(missing)
+    assert lines[0] == "### Still to run (3 cells)"
+    commands = [line for line in lines if line.startswith("python ")]
+    assert commands[0].startswith("python bench/learned_study.py --zoos default --objectives feature_matching "
+                                  "--bases none --methods adamerging_task_wise adarank --seeds 0 1 2 ")
+    assert "--zoos text --objectives expert_kl --bases tsv_merge:residual --methods adamerging_layer_wise --seeds 2 " \
+        in commands[1] and "--runs bench/runs/learned_study_text " in commands[1]
