@@ -92,3 +92,27 @@ def test_the_grid_lists_each_missing_cell_with_only_the_methods_and_seeds_it_lac
                                   "--bases none --methods adamerging_task_wise adarank --seeds 0 1 2 ")
     assert "--zoos text --objectives expert_kl --bases tsv_merge:residual --methods adamerging_layer_wise --seeds 2 " \
         in commands[1] and "--runs bench/runs/learned_study_text " in commands[1]
+
+
+def test_across_the_grid_compares_forms_objectives_and_bases_on_hand_made_cells():
+    grid = _load_grid()
+    bonus = {"information_maximization": 0.0, "expert_kl": 0.01, "feature_matching": 0.02, "weighted_sum": 0.03,
+             "none": 0.0, "iso_cts:residual": 0.02, "iso_cts:split": 0.01, "tsv_merge:residual": 0.0,
+             "tsv_merge:split": 0.01}
+    cells = {("default", method, objective, base): {seed: {"average_accuracy": 0.5 + bonus[objective] + bonus[base]}
+                                                    for seed in grid.SEEDS}
+             for method, bases, objectives in grid.GRID for objective in objectives for base in bases}
+    # One cell filled by a step-size row only: it stands for the cell.
+    cells[("default", "adarank", "expert_kl", "iso_cts:residual lr=0.01")] = cells.pop(
+        ("default", "adarank", "expert_kl", "iso_cts:residual"))
+    assert grid.cell_mean(cells, "default", "adarank", "expert_kl", "iso_cts:residual") == pytest.approx(53.0)
+    assert grid.cell_mean(cells, "second", "adarank", "expert_kl", "iso_cts:residual") is None
+    lines = grid.comparisons(cells, ["default"])
+    pairs = len(grid.CROSSED) * len(grid.OBJECTIVES)
+    assert f"| default | iso_cts | +1.0 | {pairs} | {pairs} |" in lines
+    assert f"| default | tsv_merge | -1.0 | 0 | {pairs} |" in lines
+    by_base = len(grid.CROSSED) * len(grid.BASES)
+    assert f"| default | weighted_sum | 53.8 | {by_base} / {by_base} |" in lines
+    assert f"| default | information_maximization | 50.8 | 0 / {by_base} |" in lines
+    assert f"| default | iso_cts:residual | 53.5 | {pairs} / {pairs} |" in lines
+    assert grid.comparisons(cells, []) == []
