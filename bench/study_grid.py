@@ -111,13 +111,12 @@ def coverage(cells: dict) -> tuple[int, int, list[str], dict[tuple, list[str]]]:
             for objective in objectives:
                 for base in bases:
                     # One row (a base with its settings) with every seed: seeds of different step sizes do not add up.
-                    # The seeds its fullest row lacks (the plain base: a study fills that row).
-                    lacking = min((sorted(set(SEEDS) - set(runs)) for (z, m, o, b), runs in cells.items()
-                                   if (z, m, o) == (zoo, method, objective) and b.split(" ")[0] == base),
-                                  key=len, default=SEEDS)
-                    complete += not lacking
-                    if lacking:
-                        missing.setdefault((zoo, objective, base, tuple(lacking)), []).append(method)
+                    filled = any(set(SEEDS) <= set(runs) for (z, m, o, b), runs in cells.items()
+                                 if (z, m, o) == (zoo, method, objective) and b.split(" ")[0] == base)
+                    complete += filled
+                    if not filled:  # what the plain row (the one to_run's command runs) lacks
+                        lacking = tuple(sorted(set(SEEDS) - set(cells.get((zoo, method, objective, base), {}))))
+                        missing.setdefault((zoo, objective, base, lacking), []).append(method)
         cells_of_method = len(ZOO_ORDER) * len(objectives) * len(bases)
         done, total = done + complete, total + cells_of_method
         lines.append(f"| {method} | {complete} / {cells_of_method} |")

@@ -78,6 +78,8 @@ def test_the_grid_lists_each_missing_cell_with_only_the_methods_and_seeds_it_lac
     cells[("text", "adamerging_layer_wise", "expert_kl", "tsv_merge:residual lr=0.03")] = dict(full)
     assert grid.coverage(cells)[0] == total  # a base row with a setting and every seed fills the cell
     del cells[("text", "adamerging_layer_wise", "expert_kl", "tsv_merge:residual lr=0.03")]
+    # A step-size row short of seeds does not stand for the plain row: the plain row's missing seed is what to run.
+    cells[("text", "adamerging_layer_wise", "expert_kl", "tsv_merge:residual lr=0.01")] = {0: run}
     # Task-wise and AdaRank on the default zoo without a base: no seed at all.
     for method in ("adamerging_task_wise", "adarank"):
         del cells[("default", method, "feature_matching", "none")]
