@@ -110,9 +110,7 @@ def coverage(cells: dict) -> tuple[int, int, list[str], dict[tuple, list[str]]]:
         for zoo in ZOO_ORDER:
             for objective in objectives:
                 for base in bases:
-                    # One row (a base with its settings) with every seed: seeds of different step sizes do not add up.
-                    filled = any(set(SEEDS) <= set(runs) for (z, m, o, b), runs in cells.items()
-                                 if (z, m, o) == (zoo, method, objective) and b.split(" ")[0] == base)
+                    filled = filling_runs(cells, zoo, method, objective, base) is not None
                     complete += filled
                     if not filled:  # what the plain row (the one to_run's command runs) lacks
                         lacking = tuple(sorted(set(SEEDS) - set(cells.get((zoo, method, objective, base), {}))))
@@ -123,14 +121,22 @@ def coverage(cells: dict) -> tuple[int, int, list[str], dict[tuple, list[str]]]:
     return done, total, lines, missing
 
 
-def cell_mean(cells: dict, zoo: str, method: str, objective: str, base: str) -> float | None:
-    """A cell's mean accuracy (%) over every seed: its plain row (the method's own step sizes), or, where only a
-    step-size row has every seed, the first such row in SETTING_GROUPS' order; None when no row has every seed."""
-    for settings in SETTING_GROUPS:
-        runs = cells.get((zoo, method, objective, base + "".join(f" {s}" for s in settings)), {})
-        if set(SEEDS) <= set(runs):
-            return 100 * statistics.mean(runs[s]["average_accuracy"] for s in SEEDS)
+def filling_runs(cells: dict, zoo: str, method: str, objective: str, base: str) -> dict | None:
+    """The seeds of the row that fills a cell -- one row with every seed, since seeds of different step sizes do not
+    add up: its plain row, else the first of its step-size rows (``<base> lr=...``) by name; None when no row has
+    every seed."""
+    labels = sorted((label != base, label) for (z, m, o, label) in cells
+                    if (z, m, o) == (zoo, method, objective) and label.split(" ")[0] == base)
+    for _, label in labels:
+        if set(SEEDS) <= set(runs := cells[(zoo, method, objective, label)]):
+            return runs
     return None
+
+
+def cell_mean(cells: dict, zoo: str, method: str, objective: str, base: str) -> float | None:
+    """A cell's mean accuracy (%) over the seeds of the row that fills it (:func:`filling_runs`), or None."""
+    runs = filling_runs(cells, zoo, method, objective, base)
+    return None if runs is None else 100 * statistics.mean(runs[s]["average_accuracy"] for s in SEEDS)
 
 
 def comparisons(cells: dict, zoos: list[str]) -> list[str]:
@@ -154,15 +160,14 @@ def comparisons(cells: dict, zoos: list[str]) -> list[str]:
     for axis, values, others in (("objective", OBJECTIVES, BASES), ("base", BASES, OBJECTIVES)):
         lines += ["", f"| zoo | {axis} | mean accuracy over {len(CROSSED)} methods × {len(others)} "
                   f"{'bases' if axis == 'objective' else 'objectives'} | best for |", "|---|---|---:|---:|"]
+        pairs = [(method, other) for method in CROSSED for other in others]
         for zoo in zoos:
-            def score(method: str, value: str, other: str) -> float:
-                objective, base = (value, other) if axis == "objective" else (other, value)
-                return cell_mean(cells, zoo, method, objective, base)
-
-            pairs = [(method, other) for method in CROSSED for other in others]
-            best = [max(values, key=lambda value: score(method, value, other)) for method, other in pairs]
+            score = {(method, value, other): cell_mean(cells, zoo, method, *((value, other) if axis == "objective"
+                                                                             else (other, value)))
+                     for method, other in pairs for value in values}
+            best = [max(values, key=lambda value: score[method, value, other]) for method, other in pairs]
             for value in values:
-                mean = statistics.mean(score(method, value, other) for method, other in pairs)
+                mean = statistics.mean(score[method, value, other] for method, other in pairs)
                 lines.append(f"| {zoo} | {value} | {mean:.1f} | {best.count(value)} / {len(pairs)} |")
     return lines + [""]
 
