@@ -4,7 +4,9 @@ Learned method × objective × base (what it learns on top of, and in which form
 weights and data (adamerge/demo/zoo.py; ``--zoos text``: the transformer zoo, adamerge/demo/text_zoo.py), several
 seeds each, with the demo's budget (100 steps, conf/experiment/demo.yaml), through the ``adamerge`` command itself,
 against every data-free method on the same zoo. One job is one run of one (zoo, seed, objective, base) cell; finished
-jobs are reused, so an interrupted or extended study resumes.
+jobs are reused, so an interrupted or extended study resumes (the static rows, deterministic, run once per zoo). A
+failed job is reported when it fails and the others go on; the tables are then written from the runs that finished
+and the script exits non-zero, naming the failed jobs.
 
     python bench/learned_study.py                                   # the default grid
     python bench/learned_study.py --zoos default --seeds 0 --objectives expert_kl --bases none iso_cts:residual
@@ -105,9 +107,17 @@ def run_job(zoo: str, seed: int, objective: str | None, base: str | None, method
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
-        raise RuntimeError(f"{zoo}/seed{seed}/{cell} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        raise JobFailed(f"{zoo}/seed{seed}/{cell}", f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     print(f"{zoo} seed {seed} {cell}: {time.perf_counter() - start:.0f}s", flush=True)
     return run_dir
+
+
+class JobFailed(RuntimeError):
+    """A job's ``adamerge`` command exited non-zero: ``job`` names its run directory (zoo/seed/cell)."""
+
+    def __init__(self, job: str, output: str) -> None:
+        super().__init__(f"{job} failed:\n{output}")
+        self.job = job
 
 
 def recorded_methods(run_dir: Path) -> list[str] | None:
@@ -146,11 +156,21 @@ def setting_groups(args: argparse.Namespace) -> list[list[str]]:
     return [list(args.set)] + [[*args.set, *variant.split(",")] for variant in args.variant]
 
 
+def static_seed(runs: Path, zoo: str, seeds: list[int]) -> int:
+    """The seed whose run directory holds (or will hold) the zoo's static rows: the lowest seed that already has
+    every one (they are deterministic, so one run serves every seed), else the first seed asked for -- a study
+    extended by ``--seeds 1 2`` reuses seed 0's rows instead of running them again."""
+    complete = sorted(int(d.parent.name.removeprefix("seed")) for d in (runs / zoo).glob("seed*/static")
+                      if d.parent.name.removeprefix("seed").isdigit()
+                      and all((d / name / "results.json").is_file() for name in STATIC))
+    return complete[0] if complete else seeds[0]
+
+
 def collect(args: argparse.Namespace) -> dict:
-    """{zoo: {"static": rows of seed 0, "learned": {(method, objective, base): [row per seed]}}}."""
+    """{zoo: {"static": the static rows (:func:`static_seed`), "learned": {(method, objective, base): [row per seed]}}}."""
     results: dict = {}
     for zoo in args.zoos:
-        static = load_rows(args.runs / zoo / f"seed{args.seeds[0]}" / "static")
+        static = load_rows(args.runs / zoo / f"seed{static_seed(args.runs, zoo, args.seeds)}" / "static")
         learned: dict = {}
         for objective in args.objectives:
             for base in args.bases:
@@ -264,12 +284,15 @@ def main() -> None:
     start = time.perf_counter()
     if not args.collect_only:
         build_zoos(args.zoos, args.cache)
-        jobs = [(z, args.seeds[0], None, None, args.set) for z in args.zoos]  # the static rows: one run per zoo
+        # The static rows: one run per zoo.
+        jobs = [(z, static_seed(args.runs, z, args.seeds), None, None, args.set) for z in args.zoos]
         # A cell's seeds one after another: a study cut short leaves whole cells (every seed), not one seed of each.
         jobs += [(z, s, o, b, group) for z in args.zoos for o in args.objectives for b in args.bases
                  for group in setting_groups(args) for s in args.seeds]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda job: run_job(*job[:4], args.methods, args.runs, args.cache, job[4]), jobs))
+            failed = [f for f in pool.map(lambda job: failure(job, args), jobs) if f]
+    else:
+        failed = []
     results = collect(args)
     text = table(results, args.seeds)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -302,6 +325,19 @@ def main() -> None:
             replace_marked_block(PAGE, "learned-study-text", block)
         else:
             replace_marked_block(PAGE, "learned-study", block)
+    if failed:  # the tables above hold every run that finished; the failed jobs' cells say they lack seeds
+        sys.exit(f"{len(failed)} of {len(jobs)} jobs failed: {', '.join(failed)}")
+
+
+def failure(job: tuple, args: argparse.Namespace) -> str | None:
+    """Run one job; on failure say so at once (stderr) and return its cell's name, so the other jobs go on -- they
+    write other run directories -- and the study still ends with the runs that finished."""
+    try:
+        run_job(*job[:4], args.methods, args.runs, args.cache, job[4])
+    except JobFailed as error:
+        print(error, file=sys.stderr, flush=True)
+        return error.job
+    return None
 
 
 if __name__ == "__main__":

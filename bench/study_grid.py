@@ -32,7 +32,7 @@ GRID_OUT = ROOT / "bench" / "results" / "learned_study_grid"  # the committed ta
 PAGE = ROOT / "docs" / "methods.md"  # the page holding this script's generated block
 sys.path.insert(0, str(ROOT))
 from bench.learned_study import (BASES, DATA_FREE, OBJECTIVES, cell_name, load_rows, mean_std, safe,  # noqa: E402
-                                 static_lines)
+                                 static_lines, static_seed)
 
 # Every learned method the registry offers, with the bases and objectives it is crossed with (its _on_<base>
 # variants are cells of this grid, not methods of their own). AdaMerging++ is AdaMerging over TIES's per-task vectors:
@@ -62,7 +62,7 @@ def from_runs(runs: list[Path]) -> dict:
         for zoo in ZOO_ORDER:
             if not (root / zoo).is_dir():
                 continue
-            static = load_rows(root / zoo / f"seed{SEEDS[0]}" / "static")
+            static = load_rows(root / zoo / f"seed{static_seed(root, zoo, SEEDS)}" / "static")
             if static:
                 statics.setdefault(zoo, {m: {**brief(r), "tasks": r["tasks"]} for m, r in static.items()})
             for seed in SEEDS:

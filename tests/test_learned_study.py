@@ -26,6 +26,34 @@ def test_methods_and_settings_written_with_a_base_apply_to_that_base_only():
     assert study.cell_name("weighted_sum", "wudi:residual", ["lr=0.03"]) == "weighted_sum/wudi_residual_lr-0.03"
 
 
+def test_the_static_rows_come_from_the_lowest_seed_that_has_them_all(tmp_path):
+    """They are deterministic: a study extended with --seeds 1 2 reuses seed 0's instead of running them again, and a
+    seed directory missing one static row does not count."""
+    assert study.static_seed(tmp_path, "text", [1, 2]) == 1  # none yet: the first seed asked for runs them
+    for seed, names in ((2, study.STATIC), (1, study.STATIC[:-1]), (0, study.STATIC)):
+        for name in names:
+            (tmp_path / "text" / f"seed{seed}" / "static" / name).mkdir(parents=True)
+            (tmp_path / "text" / f"seed{seed}" / "static" / name / "results.json").write_text("{}")
+    assert study.static_seed(tmp_path, "text", [1, 2]) == 0
+    (tmp_path / "text" / "seed0" / "static" / "wudi" / "results.json").unlink()
+    assert study.static_seed(tmp_path, "text", [1, 2]) == 2
+
+
+def test_a_failed_job_is_reported_at_once_and_the_others_go_on(monkeypatch, capsys):
+    ran = []
+
+    def run_job(zoo, seed, objective, base, methods, runs, cache, settings):
+        ran.append(seed)
+        if seed == 1:
+            raise study.JobFailed(f"{zoo}/seed{seed}/{study.cell_name(objective, base, settings)}", "the traceback")
+
+    monkeypatch.setattr(study, "run_job", run_job)
+    args = type("Args", (), {"methods": ["adamerging_task_wise"], "runs": Path("runs"), "cache": Path("cache")})
+    failed = [study.failure(("text", seed, "expert_kl", "none", []), args) for seed in (0, 1, 2)]
+    assert ran == [0, 1, 2] and failed == [None, "text/seed1/expert_kl/none", None]
+    assert "text/seed1/expert_kl/none failed:\nthe traceback" in capsys.readouterr().err
+
+
 def _row(accuracy: float, seed: int = 0) -> dict:
     return {"average_accuracy": accuracy, "seed": seed}
 
