@@ -189,32 +189,6 @@ def test_cli_composes_trainer_fsdp():
     assert trainer_cfg["use_distributed_sampler"] is False and trainer_cfg["devices"] == 2
 
 
-def test_the_command_learns_and_exports_with_trainer_fsdp_on_two_processes(zoo, tmp_path):
-    """The normal runner path on 2 CPU processes, merging module by module with activation checkpointing (each
-    MBConv stage run again in the backward, its layers gathered again): it learns, and rank 0's export (gathered
-    from both ranks' shards) behaves as the merge rebuilt unsharded from the recorded coefficients."""
-    from tests.test_cli import adamerge
-
-    run_dir = tmp_path / "fsdp"
-    adamerge(run_dir, zoo, "method=adamerging_layer_wise", "trainer=fsdp", "trainer.accelerator=cpu",
-             "trainer.devices=2", "trainer.max_steps=2", "++method_overrides.adamerging_layer_wise.lr=0.05",
-             "activation_checkpointing=true", "logger=none")
-    result = json.loads((run_dir / "results.json").read_text())
-    assert 0 <= result["average_accuracy"] <= 1 and len(result["objective_history"]) == 2
-    coefficients = torch.tensor(result["coefficients"])
-    assert not torch.allclose(coefficients, torch.full_like(coefficients, 0.3))  # it learned
-    export = run_dir / "merged_model"
-    backbone = load_backbone(export)
-    backbone.load_state_dict(load_state_dict(zoo / "pretrained.safetensors"))
-    finetuned = {t: load_state_dict(zoo / "finetuned" / f"{t}.safetensors") for t in result["tasks"]}
-    merged = MergedModel(backbone, TaskVectors.from_state_dicts(backbone.state_dict(), finetuned),
-                         granularity="layer_wise", init_value=0.0).eval()
-    with torch.no_grad():
-        merged.coefficients.copy_(coefficients)
-        images = torch.randn(4, 3, 32, 32)
-        torch.testing.assert_close(load_backbone(export)(images), merged(images), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize(("overrides", "message"), [
     (["method=concrete_adamerging_layer_wise"], "method 'concrete_adamerging_layer_wise' cannot run with trainer=fsdp"),
     (["method=adamerging_task_wise", "heads=adapt"], "heads=adapt cannot run with trainer=fsdp"),
@@ -230,16 +204,34 @@ def test_the_command_refuses_what_it_cannot_shard_before_loading(zoo, tmp_path, 
 
 
 @pytest.mark.slow
-def test_the_command_stopped_by_sigterm_resumes_a_sharded_run_to_the_uninterrupted_coefficients(zoo, tmp_path):
-    """Both ranks stop at the step boundary after a SIGTERM to rank 0, rank 0 writes the checkpoint, and resume=true
-    continues the sharded run to the coefficients of one that was never stopped."""
+def test_the_command_learns_exports_and_resumes_after_sigterm_with_trainer_fsdp_on_two_processes(zoo, tmp_path):
+    """The normal runner path on 2 CPU processes, merging module by module with activation checkpointing (each MBConv
+    stage run again in the backward, its layers gathered again). Uninterrupted, it learns, and rank 0's export
+    (gathered from both ranks' shards) behaves as the merge rebuilt unsharded from the recorded coefficients. Stopped
+    by a SIGTERM to rank 0, both ranks stop at the step boundary, rank 0 writes the checkpoint, and resume=true
+    continues the sharded run to the uninterrupted run's coefficients. (One test: the uninterrupted run serves both.)"""
     from tests.test_cli import adamerge
 
     settings = ("method=adamerging_layer_wise", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
-                "trainer.max_steps=6", "checkpoint.every_n_steps=2", "logger=none", "export.enabled=false",
+                "trainer.max_steps=6", "checkpoint.every_n_steps=2", "activation_checkpointing=true", "logger=none",
                 "trainer.enable_progress_bar=false", "++method_overrides.adamerging_layer_wise.lr=0.05")
     adamerge(tmp_path / "reference", zoo, *settings)
     reference = json.loads((tmp_path / "reference" / "results.json").read_text())
+    assert 0 <= reference["average_accuracy"] <= 1 and len(reference["objective_history"]) == 6
+    coefficients = torch.tensor(reference["coefficients"])
+    assert not torch.allclose(coefficients, torch.full_like(coefficients, 0.3))  # it learned
+    export = tmp_path / "reference" / "merged_model"
+    backbone = load_backbone(export)
+    backbone.load_state_dict(load_state_dict(zoo / "pretrained.safetensors"))
+    finetuned = {t: load_state_dict(zoo / "finetuned" / f"{t}.safetensors") for t in reference["tasks"]}
+    merged = MergedModel(backbone, TaskVectors.from_state_dicts(backbone.state_dict(), finetuned),
+                         granularity="layer_wise", init_value=0.0).eval()
+    with torch.no_grad():
+        merged.coefficients.copy_(coefficients)
+        images = torch.randn(4, 3, 32, 32)
+        torch.testing.assert_close(load_backbone(export)(images), merged(images), atol=1e-5, rtol=1e-5)
+
+    settings = (*settings, "export.enabled=false")  # the stopped run's export would not change what it learns
     stopped_dir = tmp_path / "stopped"
     command = [sys.executable, "-m", "adamerge.cli.main", f"zoo_dir={zoo}", "num_threads=1",
                f"hydra.run.dir={stopped_dir}", "data.eval_batch_size=64", "data.batch_size=8", *settings]
