@@ -160,10 +160,10 @@ def static_seed(runs: Path, zoo: str, seeds: list[int]) -> int:
     """The seed whose run directory holds (or will hold) the zoo's static rows: the lowest seed that already has
     every one (they are deterministic, so one run serves every seed), else the first seed asked for -- a study
     extended by ``--seeds 1 2`` reuses seed 0's rows instead of running them again."""
-    complete = sorted(int(d.parent.name.removeprefix("seed")) for d in (runs / zoo).glob("seed*/static")
-                      if d.parent.name.removeprefix("seed").isdigit()
-                      and all((d / name / "results.json").is_file() for name in STATIC))
-    return complete[0] if complete else seeds[0]
+    complete = [int(seed) for seed in (d.parent.name.removeprefix("seed") for d in (runs / zoo).glob("seed*/static"))
+                if seed.isdigit() and all((runs / zoo / f"seed{seed}" / "static" / name / "results.json").is_file()
+                                          for name in STATIC)]
+    return min(complete, default=seeds[0])
 
 
 def collect(args: argparse.Namespace) -> dict:
@@ -282,6 +282,7 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
+    failed: list[str] = []
     if not args.collect_only:
         build_zoos(args.zoos, args.cache)
         # The static rows: one run per zoo.
@@ -291,8 +292,6 @@ def main() -> None:
                  for group in setting_groups(args) for s in args.seeds]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             failed = [f for f in pool.map(lambda job: failure(job, args), jobs) if f]
-    else:
-        failed = []
     results = collect(args)
     text = table(results, args.seeds)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

@@ -29,13 +29,23 @@ LEARNING_RECIPE = {
 RESULT_KEYS = {"method", "config", "tasks", "accuracy", "average_accuracy", "coefficients", "seconds", "peak_memory_mb"}
 
 
-def adamerge(run_dir: Path, zoo: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+def adamerge_env() -> dict[str, str]:
+    """The environment of every ``adamerge`` command a test starts: wandb offline, no hub, no warnings."""
+    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def adamerge_command(run_dir: Path, zoo: Path, *overrides: str) -> list[str]:
+    """The ``adamerge`` command line of a test run on ``zoo`` into ``run_dir`` (``--`` flags go before the overrides),
+    for tests that start it themselves (to signal or kill it); :func:`adamerge` runs it to the end."""
     flags = [o for o in overrides if o.startswith("--")]
     overrides = tuple(o for o in overrides if not o.startswith("--"))
-    command = [sys.executable, "-m", "adamerge.cli.main", *flags, f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
-               "data.eval_batch_size=64", "data.batch_size=8", *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
+    return [sys.executable, "-m", "adamerge.cli.main", *flags, f"zoo_dir={zoo}", "num_threads=1",
+            f"hydra.run.dir={run_dir}", "data.eval_batch_size=64", "data.batch_size=8", *overrides]
+
+
+def adamerge(run_dir: Path, zoo: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(adamerge_command(run_dir, zoo, *overrides), capture_output=True, text=True,
+                            env=adamerge_env(), timeout=600, stdin=subprocess.DEVNULL)
     if check and result.returncode != 0:
         raise AssertionError(f"adamerge failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

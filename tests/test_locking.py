@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from adamerge.storage.locking import RUN_LOCK, FileLock, LockHeldError, acquire_run_lock, release_run_lock
-from tests.test_cli import adamerge
+from tests.test_cli import adamerge, adamerge_env
 
-ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+ENV = adamerge_env()
 
 
 def _wait_for(condition, process: subprocess.Popen, what: str, seconds: float = 120) -> None:

@@ -4,7 +4,6 @@ exits with PREEMPTED_EXIT_CODE and prints the command that resumes it; a second 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -12,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from adamerge.training.preemption import PREEMPTED_EXIT_CODE
+from tests.test_cli import adamerge_command, adamerge_env
 from tests.test_resume import _assert_close, _stable
 
 MAX_STEPS = 30
@@ -24,14 +23,12 @@ MAX_STEPS = 30
 SETTINGS = ("method=adamerging_task_wise", f"trainer.max_steps={MAX_STEPS}", "checkpoint.every_n_steps=1000",
             "logger=csv", "+logger.flush_logs_every_n_steps=1", "trainer.enable_progress_bar=false",
             "export.enabled=false")
-ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+ENV = adamerge_env()
 
 
 def _start(run_dir: Path, zoo: Path, *settings: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "adamerge.cli.main", f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
-               "data.eval_batch_size=64", "data.batch_size=8", *settings]
-    return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+    return subprocess.Popen(adamerge_command(run_dir, zoo, *settings), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
 def _steps_logged(run_dir: Path) -> int:

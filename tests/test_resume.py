@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 
 from adamerge.data.datamodule import _AdaptationStream
 from adamerge.training.resume import capture_rng, restore_rng
-from tests.test_cli import adamerge
+from tests.test_cli import adamerge, adamerge_command, adamerge_env
 
 # Stage 1 (mask meta-learning) for 5 steps, then stage 2 with a *sampled* frozen mask: resuming must restore
 # the stage, the sampled mask, the three optimisers, the RNG and the stream position -- and, with a protected task
@@ -32,17 +30,11 @@ SETTINGS = (
 VARYING = {"seconds", "peak_memory_mb", "heatmap", "export", "profile"}  # timings
 
 
-def _command(run_dir: Path, zoo: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "adamerge.cli.main", f"zoo_dir={zoo}", "num_threads=1", f"hydra.run.dir={run_dir}",
-            "data.eval_batch_size=64", "data.batch_size=8", *SETTINGS, *extra]
-
-
 def _kill_after_second_checkpoint(run_dir: Path, zoo: Path) -> None:
     """Start the run and SIGKILL it once the learned method's checkpoint has been replaced once (step 6,
     inside stage 2); the atomic rename gives every saved checkpoint a new inode."""
     checkpoint = run_dir / "concrete_adamerging_layer_wise" / "checkpoints" / "last.ckpt"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen(_command(run_dir, zoo), env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(adamerge_command(run_dir, zoo, *SETTINGS), env=adamerge_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     seen: set[int] = set()
     deadline = time.monotonic() + 300

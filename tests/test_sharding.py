@@ -210,7 +210,7 @@ def test_the_command_learns_exports_and_resumes_after_sigterm_with_trainer_fsdp_
     (gathered from both ranks' shards) behaves as the merge rebuilt unsharded from the recorded coefficients. Stopped
     by a SIGTERM to rank 0, both ranks stop at the step boundary, rank 0 writes the checkpoint, and resume=true
     continues the sharded run to the uninterrupted run's coefficients. (One test: the uninterrupted run serves both.)"""
-    from tests.test_cli import adamerge
+    from tests.test_cli import adamerge, adamerge_command, adamerge_env
 
     settings = ("method=adamerging_layer_wise", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
                 "trainer.max_steps=6", "checkpoint.every_n_steps=2", "activation_checkpointing=true", "logger=none",
@@ -233,11 +233,8 @@ def test_the_command_learns_exports_and_resumes_after_sigterm_with_trainer_fsdp_
 
     settings = (*settings, "export.enabled=false")  # the stopped run's export would not change what it learns
     stopped_dir = tmp_path / "stopped"
-    command = [sys.executable, "-m", "adamerge.cli.main", f"zoo_dir={zoo}", "num_threads=1",
-               f"hydra.run.dir={stopped_dir}", "data.eval_batch_size=64", "data.batch_size=8", *settings]
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(adamerge_command(stopped_dir, zoo, *settings), env=adamerge_env(),
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = stopped_dir / "checkpoints" / "last.ckpt"
     try:
         deadline = time.monotonic() + 300
