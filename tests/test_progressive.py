@@ -218,14 +218,14 @@ def test_bad_settings_name_the_setting(hparams, message):
 
 def test_cached_text_batches_of_different_lengths_are_padded_after_their_rows():
     """Tokenised batches padded each to its own longest row concatenate, shorter ones zero-padded (masked) on the right."""
-    from adamerge.methods.learned.progressive import _concat
+    from adamerge.methods.learned.block_arguments import concat_rows
 
     short = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     long = {"input_ids": torch.tensor([[8, 9, 10, 11, 12]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
-    rows = _concat([short, long])
+    rows = concat_rows([short, long])
     assert rows["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]
     assert rows["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
-    images = _concat([torch.zeros(2, 3, 4, 4), torch.ones(1, 3, 4, 4)])
+    images = concat_rows([torch.zeros(2, 3, 4, 4), torch.ones(1, 3, 4, 4)])
     assert images.shape == (3, 3, 4, 4)
 
 
@@ -267,14 +267,14 @@ def test_learning_holds_one_block_and_element_coefficients_only_inside_the_block
 
 def test_distillation_rows_of_differently_padded_batches_are_padded_to_the_longest():
     """A causal LM's prompt batches are each padded to their own longest prompt: the cached rows right-pad them."""
-    from adamerge.methods.learned.progressive import _concat
+    from adamerge.methods.learned.block_arguments import concat_rows
 
     short = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]])}
     long = {"input_ids": torch.tensor([[8, 9, 10, 11, 12]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
-    rows = _concat([short, long])
+    rows = concat_rows([short, long])
     assert rows["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]
     assert rows["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
-    assert _concat([torch.ones(2, 3), torch.zeros(1, 3)]).shape == (3, 3)
+    assert concat_rows([torch.ones(2, 3), torch.zeros(1, 3)]).shape == (3, 3)
 
 
 # ------------------------------------------------- element-wise coefficients held one block at a time, and resumed

@@ -3,7 +3,8 @@
 AdaMerging task- and layer-wise, AdaMerging++ and the builder every learned method shares (:mod:`.adamerging`);
 learning on top of a data-free method's per-task vectors (:mod:`.bases`); Concrete subspace masks
 (:mod:`.concrete_mask`, :mod:`.concrete`); AdaRank (:mod:`.adarank`); progressive layer-wise distillation
-(:mod:`.progressive`). Each registers in :mod:`adamerge.methods.registry` and subclasses the learning step of
+(:mod:`.progressive`; the arguments it captures at a block's input, :mod:`.block_arguments`). Each registers in
+:mod:`adamerge.methods.registry` and subclasses the learning step of
 :mod:`adamerge.training.module`.
 
 May import: every layer below ``adamerge.export`` (training, objectives, the data-free methods, the registry,

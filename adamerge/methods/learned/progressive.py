@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from adamerge.methods.learned.block_arguments import batch_size_of, concat_rows, first_output, next_block_arguments
+from adamerge.methods.learned.block_arguments import same_hidden_states, select_argument_rows, select_rows, without_cache
 from adamerge.backbones.blocks import find_blocks
 from adamerge.data.batches import ADAPTATION
 from adamerge.data.batches import to_device
@@ -50,7 +52,6 @@ from adamerge.objectives import Objective
 from adamerge.objectives.expert_targets import feature_tensor
 from adamerge.pool.task_vectors import TaskVectors
 from adamerge.training.module import AdaMergingModule, Batch
-from adamerge.training.task_batching import pad_tokens
 
 log = logging.getLogger(__name__)
 GRANULARITIES = ("element", "tensor")
@@ -153,7 +154,7 @@ class ProgressiveDistillationModule(AdaMergingModule):
         captured: list[tuple[tuple, dict]] = []
 
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.append((args, _without_cache(kwargs)))
+            captured.append((args, without_cache(kwargs)))
             raise _StopForward
 
         rows = None
@@ -199,8 +200,8 @@ class ProgressiveDistillationModule(AdaMergingModule):
             for batch in datamodule.split_batches(task, ADAPTATION):
                 chosen = [i for i, row in enumerate(batch["index"].tolist()) if row in wanted]
                 if chosen:
-                    parts.append(_select(batch["inputs"], torch.as_tensor(chosen)))
-            rows[task] = to_device(_concat(parts), self.device)
+                    parts.append(select_rows(batch["inputs"], torch.as_tensor(chosen)))
+            rows[task] = to_device(concat_rows(parts), self.device)
         return rows
 
     @torch.no_grad()
@@ -213,8 +214,8 @@ class ProgressiveDistillationModule(AdaMergingModule):
             learned = self.block_weights(block - 1)
             for task, entry in previous["tasks"].items():
                 merged_out = self._run_block(block - 1, learned, *entry["merged"])
-                fresh[task] = {"merged": _next_inputs(entry["merged"], merged_out),
-                               "expert": _next_inputs(entry["expert"], entry["target"])}
+                fresh[task] = {"merged": next_block_arguments(entry["merged"], merged_out),
+                               "expert": next_block_arguments(entry["expert"], entry["target"])}
             if self._propagates is None:  # check once that a block's output is what the next one is given
                 self._propagates = self._check_propagation(block, fresh)
                 if not self._propagates:
@@ -235,7 +236,7 @@ class ProgressiveDistillationModule(AdaMergingModule):
         rows = self._cache["rows"] if self._cache and "rows" in self._cache else self._rows()
         task = self.task_names[0]
         captured = self._capture(block, rows[task])
-        return _same_arguments(captured, propagated[task]["merged"])
+        return same_hidden_states(captured, propagated[task]["merged"])
 
     # -- the learning step ------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -257,11 +258,11 @@ class ProgressiveDistillationModule(AdaMergingModule):
         losses = {}
         with self.profile.phase("forward"):
             for task, entry in self._cache["tasks"].items():
-                size = _batch_size(entry["merged"])
+                size = batch_size_of(entry["merged"])
                 pick = torch.randperm(size, generator=generator)[: self.batch_size].to(self.device)
-                args, kwargs = _select_arguments(entry["merged"], pick, size)
-                output = feature_tensor(_first(self._run_block(block, weights, args, kwargs)))
-                target = feature_tensor(_first(entry["target"]))[pick]
+                args, kwargs = select_argument_rows(entry["merged"], pick, size)
+                output = feature_tensor(first_output(self._run_block(block, weights, args, kwargs)))
+                target = feature_tensor(first_output(entry["target"]))[pick]
                 losses[task] = F.mse_loss(output.float(), target.float())
             total = sum(losses.values())
         values = {task: v.item() for task, v in losses.items()}
@@ -287,75 +288,6 @@ class ProgressiveDistillationModule(AdaMergingModule):
         super().on_train_batch_end(outputs, batch, batch_idx)
         if self.global_step >= self.total_steps:
             self.trainer.should_stop = True
-
-
-# A decoder layer's key/value cache (a backbone loaded with use_cache=True): each cached call would append to it, so
-# one step's keys would meet the next step's graph; a block's step needs none.
-_CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "cache", "layer_past")
-
-
-def _without_cache(kwargs: dict) -> dict:
-    kept = {k: (None if k in _CACHE_ARGUMENTS else v) for k, v in kwargs.items()}
-    if "use_cache" in kept:
-        kept["use_cache"] = False
-    return kept
-
-
-def _first(output: Any) -> Any:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _next_inputs(arguments: tuple[tuple, dict], output: Any) -> tuple[tuple, dict]:
-    """The next block's arguments: this block's (first) output in place of the hidden states, the rest unchanged."""
-    args, kwargs = arguments
-    hidden = _first(output)
-    if args:
-        return (hidden, *args[1:]), dict(kwargs)
-    return (), {**kwargs, "hidden_states": hidden}
-
-
-def _hidden(arguments: tuple[tuple, dict]) -> Tensor:
-    args, kwargs = arguments
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _same_arguments(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
-    x, y = _hidden(a), _hidden(b)
-    return x.shape == y.shape and bool(torch.allclose(x.float(), y.float(), atol=1e-4, rtol=1e-4))
-
-
-def _batch_size(arguments: tuple[tuple, dict]) -> int:
-    return int(_hidden(arguments).shape[0])
-
-
-def _select(value: Any, index: Tensor) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _select(v, index) for k, v in value.items()}
-    return value[index.to(value.device)] if isinstance(value, Tensor) else value
-
-
-def _select_arguments(arguments: tuple[tuple, dict], index: Tensor, size: int) -> tuple[tuple, dict]:
-    """Rows ``index`` of every batch-sized tensor argument (attention masks, hidden states); others as they are."""
-    def pick(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.ndim and value.shape[0] == size:
-            return value[index]
-        if isinstance(value, tuple):
-            return tuple(pick(v) for v in value)
-        return value
-
-    args, kwargs = arguments
-    return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
-
-
-def _concat(parts: list[Any], key: str = "") -> Any:
-    """Batches of rows as one: token batches padded to their own longest row (a causal LM's prompts) are right-padded
-    to the longest of all -- attention masks with 0, labels with -100, token ids with 0 (masked anyway)."""
-    if isinstance(parts[0], Mapping):
-        return {k: _concat([p[k] for p in parts], k) for k in parts[0]}
-    if parts[0].ndim >= 2 and len({p.shape[1:] for p in parts}) > 1:
-        length = max(p.shape[1] for p in parts)
-        parts = [pad_tokens(p, key, length) for p in parts]
-    return torch.cat(parts)
 
 
 PROGRESSIVE_DEFAULTS: dict[str, Any] = {
