@@ -160,9 +160,9 @@ def static_seed(runs: Path, zoo: str, seeds: list[int]) -> int:
     """The seed whose run directory holds (or will hold) the zoo's static rows: the lowest seed that already has
     every one (they are deterministic, so one run serves every seed), else the first seed asked for -- a study
     extended by ``--seeds 1 2`` reuses seed 0's rows instead of running them again."""
-    complete = [int(seed) for seed in (d.parent.name.removeprefix("seed") for d in (runs / zoo).glob("seed*/static"))
-                if seed.isdigit() and all((runs / zoo / f"seed{seed}" / "static" / name / "results.json").is_file()
-                                          for name in STATIC)]
+    complete = [int(d.parent.name.removeprefix("seed")) for d in (runs / zoo).glob("seed*/static")
+                if d.parent.name.removeprefix("seed").isdigit()
+                and all((d / name / "results.json").is_file() for name in STATIC)]
     return min(complete, default=seeds[0])
 
 
