@@ -1,8 +1,5 @@
 """The AdaMerging learning step as a LightningModule.
 
-Long because: the learning step is one LightningModule -- the merge, the per-task (or joint) passes, non-finite
-steps and step logging share its state; its validation and checkpoint hooks live apart.
-
 Only the merge coefficients (and, for Concrete methods, mask logits) train. One step:
 
 1. merge once: ``θ(λ)`` for every merged tensor (graph to λ kept);
@@ -11,14 +8,14 @@ Only the merge coefficients (and, for Concrete methods, mask logits) train. One 
 3. one backward through the merge: ``dL/dλ = ⟨τ, dL/dθ⟩`` -- the merge graph is traversed once per
    step, not once per task.
 
-Its validation hooks (per-task scores, the label-free report) are :class:`~adamerge.training.evaluation.ValidationHooks`
-and its checkpoint hooks (what a resumed run needs) :class:`~adamerge.training.resume.ResumableState`.
+Step 2's passes (sequential or joint, autocast, activation checkpointing) are
+:class:`~adamerge.training.task_passes.TaskPasses`, its validation hooks (per-task scores, the label-free report)
+:class:`~adamerge.training.evaluation.ValidationHooks` and its checkpoint hooks (what a resumed run needs)
+:class:`~adamerge.training.resume.ResumableState`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,17 +24,15 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from adamerge.backbones.blocks import find_blocks
-from adamerge.data.batches import ADAPTATION
 from adamerge.errors import ConfigError, NonFiniteError
-from adamerge.methods.learned.merged import MergedModel, run_backbone
-from adamerge.objectives import Entropy, ExpertOutputs, Objective, ObjectiveError, prediction_entropy
-from adamerge.objectives.expert_targets import feature_tensor
-from adamerge.training import sharding, task_batching
-from adamerge.training.evaluation import Batch, ValidationHooks, entropy_mask, is_plain_entropy
+from adamerge.methods.learned.merged import MergedModel
+from adamerge.objectives import Entropy, ExpertOutputs, Objective, ObjectiveError
+from adamerge.training import sharding
+from adamerge.training.evaluation import Batch, ValidationHooks
 from adamerge.training.profiling import StepProfile
 from adamerge.training.protection import Protection
 from adamerge.training.resume import ResumableState, restore_rng
+from adamerge.training.task_passes import TaskPasses
 
 if TYPE_CHECKING:
     from adamerge.objectives.expert_targets import ExpertTargets
@@ -47,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["AdaMergingModule", "Batch", "NonFiniteError"]
 
 
-class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
+class AdaMergingModule(TaskPasses, ValidationHooks, ResumableState, L.LightningModule):
     """Learns merge coefficients of ``merged`` by the summed per-task label-free ``objective``.
 
     ``heads[task]`` maps backbone outputs to that task's logits and stays frozen. Every evaluation also
@@ -82,8 +77,7 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
         self.objective = objective if objective is not None else Entropy()
         self.automatic_optimization = False
         self.task_names = scored
-        # Protected tasks (adamerge.training.protected): their losses join every step; see protect().
-        self.protection: Protection | None = None
+        self.protection: Protection | None = None  # protected tasks' losses join every step; see protect()
         self.last_accuracy: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         # One entry per evaluation: per-task accuracy, objective and fraction of predictions changed.
@@ -102,8 +96,7 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
         self.set_task_batching(task_batching_mode)
         self.skipped_steps: list[dict[str, Any]] = []
         self._rng_to_restore: dict[str, Any] | None = None
-        # Each task's expert outputs on its inputs (adamerge.objectives.expert_targets), for expert-matching objectives and the
-        # agreement signal; see use_experts().
+        # Each task's expert outputs on its inputs, for expert-matching objectives and agreement; see use_experts().
         self.expert_targets: ExpertTargets | None = None
         self.profile = StepProfile()
         self._last_step_end: float | None = None
@@ -202,26 +195,7 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
     def after_optimizer_step(self) -> None:
         self.merged.clamp_coefficients_()
 
-    # -- the learning step ------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.autocast_dtype:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=getattr(torch, self.autocast_dtype))
-
-    def task_logits(self, task: str, inputs: Any, weights: Mapping[str, Tensor] | None) -> Tensor:
-        return self.task_outputs(task, inputs, weights)[1]
-
-    def task_outputs(self, task: str, inputs: Any, weights: Mapping[str, Tensor] | None) -> tuple[Any, Tensor]:
-        """The merged backbone's output (the head's input: features for feature matching) and the task's logits."""
-        output = run_backbone(self.merged, inputs, weights)
-        return output, self.heads[task](output)
-
-    def _backward(self, loss: Tensor) -> None:
-        if self._trainer is not None:
-            self.manual_backward(loss)
-        else:
-            loss.backward()
-
+    # -- the learning step (the per-task passes are TaskPasses') -------------------------------------
     def accumulate_gradients(self, batch: Mapping[str, Batch], weights: Mapping[str, Tensor] | None) -> dict[str, float]:
         """Steps 2 and 3 of the module docstring for one merge ``weights`` (graph to what trains).
 
@@ -250,87 +224,6 @@ class AdaMergingModule(ValidationHooks, ResumableState, L.LightningModule):
                 raise NonFiniteError(f"non-finite gradient of what trains at step {self.global_step} "
                                      f"(objectives {objectives}); stopping before the optimizer step")
         return objectives
-
-    def _task_loss(self, task: str, batch: Batch, output: Any, logits: Tensor) -> tuple[Tensor, float]:
-        """The task's objective (checked finite before any backward) and its prediction entropy, logged."""
-        inputs = batch["inputs"]
-        mask = entropy_mask(inputs, logits)
-        needs = self.objective.needs
-        expert = self.expert_outputs(task, batch, ADAPTATION) if needs else None
-        features = feature_tensor(output) if "features" in needs else None
-        loss = self.objective(logits, mask, features=features, expert=expert)
-        value = loss.item()
-        if not math.isfinite(value):  # before backward: a NaN must never reach the coefficients
-            raise NonFiniteError(
-                f"the {self.objective.name} objective is {value} on task {task!r} at step "
-                f"{self.global_step}; stopping before it reaches the merge coefficients"
-            )
-        if is_plain_entropy(self.objective):
-            self.last_step_entropy[task] = value  # the objective is the entropy: no second pass
-        else:
-            with torch.no_grad():
-                self.last_step_entropy[task] = prediction_entropy(logits, mask).item()
-        return loss, value
-
-    def _task_pass(self, task: str, batch: Batch, leaves: Mapping[str, Tensor]) -> float:
-        with self.profile.phase("forward"):
-            with self._autocast():
-                output, logits = self.task_outputs(task, batch["inputs"], leaves)
-            loss, value = self._task_loss(task, batch, output, logits)
-        with self.profile.phase("backward"):
-            self._backward(loss)
-        return value
-
-    def _joint_pass(self, batch: Mapping[str, Batch], leaves: Mapping[str, Tensor]) -> dict[str, float]:
-        """All tasks' batches through the backbone at once, split per head, one backward of the summed objective."""
-        inputs = [batch[task]["inputs"] for task in self.task_names]
-        sizes = [task_batching.batch_size(x) for x in inputs]
-        with self.profile.phase("forward"):
-            with self._autocast():
-                features = run_backbone(self.merged, task_batching.concatenate(inputs, self.task_names), leaves)
-                per_task = task_batching.split(features, sizes, [task_batching.token_length(x) for x in inputs])
-                logits = [self.heads[task](part) for task, part in zip(self.task_names, per_task)]
-            objectives, total = {}, None
-            for task, output, task_logits in zip(self.task_names, per_task, logits):
-                loss, objectives[task] = self._task_loss(task, batch[task], output, task_logits)
-                total = loss if total is None else total + loss
-        with self.profile.phase("backward"):
-            self._backward(total)
-        return objectives
-
-    def set_task_batching(self, mode: str) -> None:
-        """``sequential`` / ``joint`` / ``auto`` (see :mod:`adamerge.training.task_batching`); joint is refused for a
-        backbone whose examples would interact."""
-        self.task_batching = task_batching.check_mode(mode, self.merged.module)
-        self._resolved_batching: str | None = None if mode == "auto" else mode
-
-    def set_activation_checkpointing(self, setting: bool | str) -> None:
-        """Recompute each of the backbone's blocks in the backward instead of keeping its activations: one block's
-        activations alive instead of all of them, for one more forward per step. ``setting``: False, True (the blocks
-        :func:`~adamerge.backbones.blocks.find_blocks` picks) or the path of the module list of blocks. Only a merge
-        made module by module can do it (the recomputation merges again); refused otherwise."""
-        if setting is False:
-            self.merged.checkpoint_blocks = None
-            return
-        if not self.merges_per_module:
-            raise ConfigError(
-                "activation_checkpointing=true needs a merge made module by module (a streamed pool, "
-                "modelpool.streaming=disk or host, or a pool of LoRA adapters, without protected tasks): a merge "
-                "formed whole up front would be gone when the backward recomputes a block")
-        path = "auto" if setting is True else setting
-        _, blocks = find_blocks(self.merged.module, path, setting="activation_checkpointing")
-        self.merged.checkpoint_blocks = tuple(blocks)
-
-    @property
-    def task_batching_used(self) -> str:
-        """The mode the steps ran with (``auto`` until its first step decided)."""
-        return self._resolved_batching or self.task_batching
-
-    def resolved_task_batching(self, batch: Mapping[str, Batch], leaves: Mapping[str, Tensor]) -> str:
-        """``sequential`` / ``joint``; ``auto`` is decided once, on the first step (see task_batching.choose)."""
-        if self._resolved_batching is None:
-            self._resolved_batching = task_batching.choose(self, batch, leaves)
-        return self._resolved_batching
 
     def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> Tensor | None:
         objectives = self.coefficient_step(batch, self.optimizers())
