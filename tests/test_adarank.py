@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adamerge.methods.learned.adarank import MASK_FILE, RANKS_FILE, AdaRankModule, SpectralMergedModel, spectral_sum
+from adamerge.methods.learned.adarank import MASK_FILE, RANKS_FILE, AdaRankModule
+from adamerge.methods.learned.spectral_merged import SpectralMergedModel, spectral_sum
 from adamerge.errors import ConfigError
 from adamerge.methods.learned.adamerging import build_learned
 from adamerge.methods.registry import get_method
