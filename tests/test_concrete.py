@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from adamerge.methods.learned.concrete import MASK_FILE, ConcreteAdaMergingModule, ConcreteTaskArithmeticModule, split_batch
+from adamerge.methods.learned.concrete import MASK_FILE, ConcreteTaskArithmeticModule
+from adamerge.methods.learned.concrete_adamerging import ConcreteAdaMergingModule, split_batch
 from adamerge.methods.learned.concrete_mask import ConcreteMask, rescale
 from adamerge.pool.key_filters import select_tensors
 from adamerge.methods.learned.adamerging import build_learned

@@ -146,6 +146,7 @@ BUILTIN_METHOD_MODULES: tuple[str, ...] = (
     "adamerge.methods.data_free.reference",
     "adamerge.methods.learned.adamerging",
     "adamerge.methods.learned.concrete",
+    "adamerge.methods.learned.concrete_adamerging",
     "adamerge.methods.learned.adarank",
     "adamerge.methods.learned.progressive",
 )

@@ -2,7 +2,9 @@
 
 AdaMerging task- and layer-wise, AdaMerging++ and the builder every learned method shares (:mod:`.adamerging`);
 learning on top of a data-free method's per-task vectors (:mod:`.bases`); Concrete subspace masks
-(:mod:`.concrete_mask`, :mod:`.concrete`); AdaRank (:mod:`.adarank`); progressive layer-wise distillation
+(the mask, :mod:`.concrete_mask`; what its methods share and Concrete task arithmetic, :mod:`.concrete`; Concrete
+AdaMerging, :mod:`.concrete_adamerging`); AdaRank (:mod:`.adarank`; its SVD-factored merged model,
+:mod:`.spectral_merged`); progressive layer-wise distillation
 (:mod:`.progressive`; the arguments it captures at a block's input, :mod:`.block_arguments`). Each registers in
 :mod:`adamerge.methods.registry` and subclasses the learning step of
 :mod:`adamerge.training.module`.
