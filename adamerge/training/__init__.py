@@ -1,6 +1,7 @@
 """The training machinery every learned method runs on.
 
-The LightningModule's learning step (:mod:`.module`) with its per-task passes (:mod:`.task_passes`), its evaluation (:mod:`.evaluation`) and checkpoint hooks with
+The LightningModule's learning step (:mod:`.module`) with its per-task passes (:mod:`.task_passes`), its evaluation
+(:mod:`.evaluation`) and checkpoint hooks with
 resume (:mod:`.resume`); task batching (:mod:`.task_batching`); protected tasks -- their settings
 (:mod:`.protected_config`), losses (:mod:`.protected`), run-time state (:mod:`.protection`) and causal-LM refusal
 checks (:mod:`.safety`) -- and the alignment vector (:mod:`.alignment`); stopping on a signal (:mod:`.preemption`);
