@@ -163,7 +163,7 @@ def test_propagated_inputs_equal_a_fresh_capture_or_it_falls_back(skip, caplog):
     torch.testing.assert_close(cached["merged"][0][0], module._capture(2, rows)[0][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cached["expert"][0][0], module._capture(2, rows, task=0)[0][0], atol=1e-5, rtol=1e-5)
     # ... and a forward of the whole merge formed up front.
-    from adamerge.methods.learned.progressive import _StopForward
+    from adamerge.methods.learned.progressive_activations import _StopForward
 
     reached = []
 

@@ -5,7 +5,8 @@ learning on top of a data-free method's per-task vectors (:mod:`.bases`); Concre
 (the mask, :mod:`.concrete_mask`; what its methods share and Concrete task arithmetic, :mod:`.concrete`; Concrete
 AdaMerging, :mod:`.concrete_adamerging`); AdaRank (:mod:`.adarank`; its SVD-factored merged model,
 :mod:`.spectral_merged`); progressive layer-wise distillation
-(:mod:`.progressive`; the arguments it captures at a block's input, :mod:`.block_arguments`). Each registers in
+(:mod:`.progressive`; the block inputs it caches and propagates, :mod:`.progressive_activations`; the arguments it
+captures at a block's input, :mod:`.block_arguments`). Each registers in
 :mod:`adamerge.methods.registry` and subclasses the learning step of
 :mod:`adamerge.training.module`.
 

@@ -1,8 +1,5 @@
 """Progressive layer-wise distillation (ProDistill, Xu et al., ICML 2025) as a learned method.
 
-Long because: one algorithm -- ProDistill's block-by-block activations, per-block merged weights and its learning
-step are one unit, documented where it follows and departs from the authors' code.
-
 Block by block, the merge coefficients of one block (per task and element, or per task and tensor) learn so that the
 merged block, fed the merged model's own activations, reproduces each task's expert block fed the expert's activations:
 
@@ -26,7 +23,6 @@ residual form (the base merge whole, per-block corrections from 0, the tensors o
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,30 +31,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from adamerge.methods.learned.block_arguments import batch_size_of, concat_rows, first_output, next_block_arguments
-from adamerge.methods.learned.block_arguments import same_hidden_states, select_argument_rows, select_rows, without_cache
 from adamerge.backbones.blocks import find_blocks
-from adamerge.data.batches import ADAPTATION
-from adamerge.data.batches import to_device
 from adamerge.errors import ConfigError
 from adamerge.errors import NonFiniteError
 from adamerge.methods import checks
 from adamerge.methods.learned.adamerging import check_coefficient_learning, register_learned
-from adamerge.methods.learned.merged_per_module import merging_per_module
+from adamerge.methods.learned.block_arguments import batch_size_of, first_output, select_argument_rows
+from adamerge.methods.learned.progressive_activations import BlockActivations
 from adamerge.methods.learned.progressive_merged import ProgressiveMergedModel, progressive_merged_class
 from adamerge.objectives import Objective
 from adamerge.objectives.expert_targets import feature_tensor
 from adamerge.pool.task_vectors import TaskVectors
 from adamerge.training.module import AdaMergingModule, Batch
 
-log = logging.getLogger(__name__)
 GRANULARITIES = ("element", "tensor")
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook: nothing after the block's input is needed."""
 
 
 def block_of(names: Sequence[str], path: str, count: int) -> list[int | None]:
@@ -71,8 +58,9 @@ def block_of(names: Sequence[str], path: str, count: int) -> list[int | None]:
     return out
 
 
-class ProgressiveDistillationModule(AdaMergingModule):
-    """Learns one block's coefficients at a time; the block of step ``s`` is ``s // steps_per_block``."""
+class ProgressiveDistillationModule(BlockActivations, AdaMergingModule):
+    """Learns one block's coefficients at a time; the block of step ``s`` is ``s // steps_per_block``. The inputs and
+    targets of the block being learned come from :class:`~.progressive_activations.BlockActivations`."""
 
     def __init__(self, merged: ProgressiveMergedModel, heads: Mapping[str, nn.Module], *, blocks: str,
                  steps_per_block: int, samples_per_task: int, batch_size: int, seed: int = 0, **kwargs: Any) -> None:
@@ -142,101 +130,6 @@ class ProgressiveDistillationModule(AdaMergingModule):
 
     def after_optimizer_step(self) -> None:
         """Nothing to clamp (the authors' coefficients are free)."""
-
-    # -- capturing a block's inputs ---------------------------------------------------------------------------
-    def _block(self, index: int) -> nn.Module:
-        return self.merged.module.get_submodule(self.block_path)[index]
-
-    def _capture(self, block: int, inputs: Any, task: int | None = None) -> tuple[tuple, dict]:
-        """The arguments the backbone passes block ``block`` when run on ``inputs``: merged (``task`` None) or as task
-        ``task``'s expert (θ0 + τ_task). Each module before the block merges its own tensors when it runs
-        (:func:`merging_per_module`): no merged or expert model is formed whole, an embedding is looked up row by row."""
-        captured: list[tuple[tuple, dict]] = []
-
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.append((args, without_cache(kwargs)))
-            raise _StopForward
-
-        rows = None
-        if task is not None:
-            rows = torch.zeros(len(self.merged.names), len(self.merged.task_names), device=self.merged.coefficients.device)
-            rows[:, task] = 1.0
-        handle = self._block(block).register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with merging_per_module(self.merged, rows):
-                self.merged.module(*((inputs,) if not isinstance(inputs, Mapping) else ()),
-                                   **(dict(inputs) if isinstance(inputs, Mapping) else {}))
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"block {self.block_path}.{block} was not called by the backbone's forward")
-        return captured[0]
-
-    def _run_block(self, block: int, weights: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
-        prefix = f"{self.block_path}.{block}."
-        local = {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
-        return functional_call(self._block(block), local, args, kwargs)
-
-    def expert_weights(self, task: int, block: int | None = None, indices: Sequence[int] | None = None
-                       ) -> dict[str, Tensor]:
-        """θ0 + τ_task: of one block's tensors (all it takes to run that block), of the tensors ``indices``, or of
-        every tensor. Only that task's slice of each tensor is fetched (a streamed pool reads one checkpoint)."""
-        pretrained = self.merged.pretrained_tensors()
-        if indices is None:
-            indices = self.block_tensors(block) if block is not None else range(len(self.merged.names))
-        return {self.merged.names[i]: (pretrained[self.merged.names[i]].float() + self.merged.task_slice(i, task).float())
-                .to(pretrained[self.merged.names[i]].dtype) for i in indices}
-
-    def _rows(self) -> dict[str, Any]:
-        """Each task's distillation inputs: ``samples_per_task`` rows of its unlabeled split, drawn by the seed."""
-        datamodule = self.distillation_source if self.distillation_source is not None else self.trainer.datamodule
-        rows = {}
-        for t, task in enumerate(self.task_names):
-            size = datamodule.split_size(task, ADAPTATION)
-            keep = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed * 1009 + t))[: self.samples_per_task]
-            wanted, parts = set(keep.tolist()), []
-            for batch in datamodule.split_batches(task, ADAPTATION):
-                chosen = [i for i, row in enumerate(batch["index"].tolist()) if row in wanted]
-                if chosen:
-                    parts.append(select_rows(batch["inputs"], torch.as_tensor(chosen)))
-            rows[task] = to_device(concat_rows(parts), self.device)
-        return rows
-
-    @torch.no_grad()
-    def _prepare_block(self, block: int) -> None:
-        """Cache block ``block``'s inputs (merged and expert, per task) and the experts' outputs, by propagating the
-        previous block's cache through it when the backbone is a plain sequence of blocks, else by a fresh capture."""
-        previous = self._cache
-        fresh = {}
-        if previous is not None and previous["block"] == block - 1 and self._propagates is not False:
-            learned = self.block_weights(block - 1)
-            for task, entry in previous["tasks"].items():
-                merged_out = self._run_block(block - 1, learned, *entry["merged"])
-                fresh[task] = {"merged": next_block_arguments(entry["merged"], merged_out),
-                               "expert": next_block_arguments(entry["expert"], entry["target"])}
-            if self._propagates is None:  # check once that a block's output is what the next one is given
-                self._propagates = self._check_propagation(block, fresh)
-                if not self._propagates:
-                    log.warning("progressive_distillation: the blocks of %s are not a plain sequence; re-capturing each "
-                                "block's inputs by a forward through the blocks before it", self.block_path)
-                    fresh = {}
-        if not fresh:
-            rows = self._rows() if previous is None or "rows" not in previous else previous["rows"]
-            for t, task in enumerate(self.task_names):  # the forward stops at the block: later tensors are never read
-                fresh[task] = {"merged": self._capture(block, rows[task]), "expert": self._capture(block, rows[task], t)}
-        else:
-            rows = previous.get("rows")
-        for t, task in enumerate(self.task_names):
-            fresh[task]["target"] = self._run_block(block, self.expert_weights(t, block), *fresh[task]["expert"])
-        self._cache = {"block": block, "tasks": fresh, "rows": rows if rows is not None else self._rows()}
-
-    def _check_propagation(self, block: int, propagated: Mapping[str, Any]) -> bool:
-        rows = self._cache["rows"] if self._cache and "rows" in self._cache else self._rows()
-        task = self.task_names[0]
-        captured = self._capture(block, rows[task])
-        return same_hidden_states(captured, propagated[task]["merged"])
 
     # -- the learning step ------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
