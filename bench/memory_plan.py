@@ -52,7 +52,8 @@ def lora_parameters(inventory: dict, rank: int) -> int:
 
 def plans_for(name: str, sizes: dict) -> list[dict]:
     from adamerge.pool.inventory import meta_inventory
-    from adamerge.pool.memory_plan import RunShape, model_shape, plan_memory
+    from adamerge.pool.memory_plan import plan_memory
+    from adamerge.pool.memory_shapes import RunShape, model_shape
 
     config = llama_config(sizes)
     inventory = meta_inventory(config, "AutoModelForCausalLM", dtype="bfloat16")

@@ -15,7 +15,8 @@ import transformers
 from hydra import compose, initialize_config_dir
 
 from adamerge.pool.inventory import InventoryUnavailable, checkpoint_inventory, meta_inventory
-from adamerge.pool.memory_plan import RunShape, model_shape, plan_memory, smallest_fitting_change
+from adamerge.pool.memory_plan import plan_memory, smallest_fitting_change
+from adamerge.pool.memory_shapes import RunShape, model_shape
 from adamerge.methods.configs import CONF_DIR
 from adamerge.backbones.heads import Identity
 from adamerge.backbones.hf_checkpoints import HFModelPool

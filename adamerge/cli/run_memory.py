@@ -21,9 +21,8 @@ from adamerge.pool.inventory import (
 )
 from adamerge.pool.key_filters import drop_excluded, select_tensors
 from adamerge.pool.peft_adapter import ADAPTER_WEIGHTS, PEFT_PREFIX, adapter_path, is_adapter_dir
-from adamerge.pool.memory_plan import (
-    MemoryPlan, RunShape, WorkingSet, gib, model_shape, plan_memory, smallest_fitting_change,
-)
+from adamerge.pool.memory_plan import MemoryPlan, WorkingSet, gib, plan_memory, smallest_fitting_change
+from adamerge.pool.memory_shapes import RunShape, model_shape
 from adamerge.training.host_memory import adapt_to_model
 from adamerge.training.sharding import STRATEGY_TARGET
 
