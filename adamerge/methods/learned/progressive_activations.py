@@ -84,8 +84,11 @@ class BlockActivations:
         pretrained = self.merged.pretrained_tensors()
         if indices is None:
             indices = self.block_tensors(block) if block is not None else range(len(self.merged.names))
-        return {self.merged.names[i]: (pretrained[self.merged.names[i]].float() + self.merged.task_slice(i, task).float())
-                .to(pretrained[self.merged.names[i]].dtype) for i in indices}
+        weights = {}
+        for index in indices:
+            base = pretrained[self.merged.names[index]]
+            weights[self.merged.names[index]] = (base.float() + self.merged.task_slice(index, task).float()).to(base.dtype)
+        return weights
 
     def _rows(self) -> dict[str, Any]:
         """Each task's distillation inputs: ``samples_per_task`` rows of its unlabeled split, drawn by the seed."""
@@ -107,6 +110,7 @@ class BlockActivations:
         """Cache block ``block``'s inputs (merged and expert, per task) and the experts' outputs, by propagating the
         previous block's cache through it when the backbone is a plain sequence of blocks, else by a fresh capture."""
         previous = self._cache
+        rows = previous["rows"] if previous is not None else self._rows()  # drawn once, kept from block to block
         fresh = {}
         if previous is not None and previous["block"] == block - 1 and self._propagates is not False:
             learned = self.block_weights(block - 1)
@@ -115,23 +119,15 @@ class BlockActivations:
                 fresh[task] = {"merged": next_block_arguments(entry["merged"], merged_out),
                                "expert": next_block_arguments(entry["expert"], entry["target"])}
             if self._propagates is None:  # check once that a block's output is what the next one is given
-                self._propagates = self._check_propagation(block, fresh)
+                task = self.task_names[0]
+                self._propagates = same_hidden_states(self._capture(block, rows[task]), fresh[task]["merged"])
                 if not self._propagates:
                     log.warning("progressive_distillation: the blocks of %s are not a plain sequence; re-capturing each "
                                 "block's inputs by a forward through the blocks before it", self.block_path)
                     fresh = {}
         if not fresh:
-            rows = self._rows() if previous is None or "rows" not in previous else previous["rows"]
             for t, task in enumerate(self.task_names):  # the forward stops at the block: later tensors are never read
                 fresh[task] = {"merged": self._capture(block, rows[task]), "expert": self._capture(block, rows[task], t)}
-        else:
-            rows = previous.get("rows")
         for t, task in enumerate(self.task_names):
             fresh[task]["target"] = self._run_block(block, self.expert_weights(t, block), *fresh[task]["expert"])
-        self._cache = {"block": block, "tasks": fresh, "rows": rows if rows is not None else self._rows()}
-
-    def _check_propagation(self, block: int, propagated: Mapping[str, Any]) -> bool:
-        rows = self._cache["rows"] if self._cache and "rows" in self._cache else self._rows()
-        task = self.task_names[0]
-        captured = self._capture(block, rows[task])
-        return same_hidden_states(captured, propagated[task]["merged"])
+        self._cache = {"block": block, "tasks": fresh, "rows": rows}
